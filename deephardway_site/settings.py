@@ -1,0 +1,151 @@
+"""Django settings, read from environment variables.
+
+Defaults make a fresh checkout run on SQLite and a local etcd; production sets
+SECRET_KEY, DEBUG=0, ALLOWED_HOSTS, DATABASE_URL, ETCD_URL and MODEL_DIR.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def envstr(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def envbool(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def envint(name: str, default: str) -> int:
+    return int(os.environ.get(name, default))
+
+
+def envlist(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+SECRET_KEY = envstr("SECRET_KEY", "dev-only-insecure-key-change-me-in-production-0123456789")
+DEBUG = envbool("DEBUG", "1")
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "etcd_broker",
+    "jobs",
+    "frontend",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "deephardway_site.urls"
+WSGI_APPLICATION = "deephardway_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+VAR_DIR = Path(envstr("VAR_DIR", str(BASE_DIR / "var")))
+DATABASES = {
+    "default": dj_database_url.parse(
+        envstr("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}"), conn_max_age=60,
+    )
+}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # Several processes (web, watch_jobs) write the same file: wait for the lock.
+    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+MEDIA_URL = "/media/"
+MEDIA_ROOT = Path(envstr("MEDIA_ROOT", str(VAR_DIR / "media")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if not DEBUG else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+
+# --- etcd, Celery -----------------------------------------------------------
+#: One or more endpoints: etcdv3://h1:2379,h2:2379 or etcdv3://h1:2379;etcdv3://h2:2379.
+ETCD_URL = envstr("ETCD_URL", "etcdv3://127.0.0.1:2379")
+#: TLS and auth for etcd (used by the transport and the result backend alike).
+ETCD_OPTIONS = {
+    "ca_cert": os.environ.get("ETCD_CA_CERT"),
+    "cert_key": os.environ.get("ETCD_CERT_KEY"),
+    "cert_cert": os.environ.get("ETCD_CERT_CERT"),
+    "user": os.environ.get("ETCD_USER"),
+    "password": os.environ.get("ETCD_PASSWORD"),
+}
+ETCD_OPTIONS = {k: v for k, v in ETCD_OPTIONS.items() if v}
+#: Every key lives under this prefix (several deployments can share one cluster).
+ETCD_PREFIX = envstr("ETCD_PREFIX", "/deephardway")
+
+CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", ETCD_URL)
+CELERY_RESULT_BACKEND = envstr("CELERY_RESULT_BACKEND", ETCD_URL)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"prefix": ETCD_PREFIX, **ETCD_OPTIONS}
+CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"prefix": ETCD_PREFIX, **ETCD_OPTIONS}
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_RESULT_ACCEPT_CONTENT = ["json"]
+CELERY_RESULT_EXTENDED = True
+CELERY_RESULT_EXPIRES = envint("CELERY_RESULT_EXPIRES", "86400")
+CELERY_TASK_TRACK_STARTED = True
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_QUEUE_MAX_PRIORITY = 9
+CELERY_TASK_DEFAULT_PRIORITY = 5
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# --- models -----------------------------------------------------------------
+MODEL_DIR = Path(envstr("MODEL_DIR", str(VAR_DIR / "models")))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,224 @@
+"""Watch streams that survive reconnects without missing or repeating an event.
+
+One :class:`WatchStream` is one gRPC bidirectional stream carrying many watches.
+Each :class:`Watch` remembers the revision after the last event it delivered;
+when the stream breaks (etcd restart, leader change, failover to another
+endpoint) every watch is re-created from that revision. If etcd compacted the
+revision away, the watch's ``on_resync`` re-reads state and says where to resume.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import grpc
+from etcd3 import etcdrpc
+from etcd3.utils import prefix_range_end, to_bytes
+
+logger = logging.getLogger(__name__)
+
+#: Reconnect back-off: first and longest wait between tries (seconds).
+RECONNECT_FIRST_DELAY = 0.05
+RECONNECT_MAX_DELAY = 1.0
+EVENT_PUT = 0
+EVENT_DELETE = 1
+
+EventsCallback = Callable[[Sequence["etcdrpc.Event"]], None]
+ResyncCallback = Callable[[], int]
+
+
+@dataclass(eq=False)
+class Watch:
+    """One key or prefix watched on a :class:`WatchStream`."""
+
+    key: bytes
+    range_end: bytes | None
+    callback: EventsCallback
+    next_revision: int | None = None
+    prev_kv: bool = False
+    on_resync: ResyncCallback | None = None
+    watch_id: int | None = None
+    created: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+    def create_request(self) -> etcdrpc.WatchRequest:
+        create = etcdrpc.WatchCreateRequest(key=self.key, progress_notify=True, prev_kv=self.prev_kv)
+        if self.range_end is not None:
+            create.range_end = self.range_end
+        if self.next_revision:
+            create.start_revision = self.next_revision
+        return etcdrpc.WatchRequest(create_request=create)
+
+
+class WatchStream:
+    """A background thread holding one watch stream to etcd, re-opened when it breaks."""
+
+    def __init__(self, client, name: str = "etcd-watch") -> None:
+        self.client = client
+        self.name = name
+        self._lock = threading.Lock()
+        self._watches: list[Watch] = []
+        self._by_id: dict[int, Watch] = {}
+        self._pending: deque[Watch] = deque()
+        self._requests: queue.Queue | None = None
+        self._call = None
+        self._closed = threading.Event()
+        self._connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------
+    def watch(self, key: str | bytes, callback: EventsCallback, *, prefix: bool = False,
+              start_revision: int | None = None, prev_kv: bool = False,
+              on_resync: ResyncCallback | None = None) -> Watch:
+        """Start watching ``key`` (or every key under it with ``prefix=True``)."""
+        key = to_bytes(key)
+        watch = Watch(key=key, range_end=prefix_range_end(key) if prefix else None, callback=callback,
+                      next_revision=start_revision, prev_kv=prev_kv, on_resync=on_resync)
+        with self._lock:
+            self._watches.append(watch)
+            self._send_create(watch)
+        return watch
+
+    def wait_created(self, watch: Watch, timeout: float | None = None) -> bool:
+        """Block until etcd confirmed ``watch`` (events after this point will arrive)."""
+        return watch.created.wait(timeout)
+
+    def cancel(self, watch: Watch) -> None:
+        with self._lock:
+            watch.cancelled = True
+            if watch in self._watches:
+                self._watches.remove(watch)
+            if watch.watch_id is not None:
+                self._by_id.pop(watch.watch_id, None)
+                if self._requests is not None:
+                    self._requests.put(etcdrpc.WatchRequest(
+                        cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch.watch_id)))
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._stop_call()
+        self._thread.join(timeout=5)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- the stream thread --------------------------------------------------
+    def _send_create(self, watch: Watch) -> None:
+        if self._requests is not None:
+            self._pending.append(watch)
+            self._requests.put(watch.create_request())
+
+    def _stop_call(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)
+            self._requests = None
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _open(self):
+        with self._lock:
+            requests: queue.Queue = queue.Queue()
+            self._requests = requests
+            self._pending.clear()
+            self._by_id.clear()
+            for watch in self._watches:
+                watch.watch_id = None
+                self._send_create(watch)
+            stub = etcdrpc.WatchStub(self.client.channel)
+            metadata = tuple(self.client.metadata or ()) + (("hasleader", "true"),)
+            self._call = stub.Watch(iter(requests.get, None), metadata=metadata)
+            return self._call
+
+    def _run(self) -> None:
+        delay = RECONNECT_FIRST_DELAY
+        while not self._closed.is_set():
+            try:
+                call = self._open()
+                for response in call:
+                    self._connected.set()
+                    delay = RECONNECT_FIRST_DELAY
+                    self._handle(response)
+            except grpc.RpcError as exc:
+                if self._closed.is_set():
+                    break
+                logger.info("%s: watch stream broke (%s); reconnecting", self.name, _describe(exc))
+                self._mark_endpoint_failed(exc)
+            except Exception:  # noqa: BLE001 - keep watching whatever a callback did
+                logger.exception("%s: watch stream failed; reconnecting", self.name)
+            self._connected.clear()
+            with self._lock:
+                self._stop_call()
+            self._closed.wait(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    def _mark_endpoint_failed(self, exc: grpc.RpcError) -> None:
+        if getattr(exc, "code", lambda: None)() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            try:
+                if len(self.client.endpoints) > 1:
+                    self.client.endpoint_in_use.fail()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _handle(self, response) -> None:
+        with self._lock:
+            if response.created:
+                watch = self._pending.popleft() if self._pending else None
+                if watch is None or watch.cancelled:
+                    return
+                watch.watch_id = response.watch_id
+                self._by_id[response.watch_id] = watch
+                watch.created.set()
+            watch = self._by_id.get(response.watch_id)
+        if watch is None:
+            return
+        if response.compact_revision:
+            self._resync(watch, response.compact_revision)
+            return
+        if response.canceled:
+            if not watch.cancelled:
+                logger.warning("%s: etcd cancelled watch on %r: %s", self.name, watch.key,
+                               response.cancel_reason)
+                raise _StreamRestart()
+            return
+        if response.events:
+            watch.next_revision = response.events[-1].kv.mod_revision + 1
+            watch.callback(response.events)
+        elif not response.created:
+            # A progress notification: every event up to this revision was sent.
+            watch.next_revision = max(watch.next_revision or 0, response.header.revision + 1)
+
+    def _resync(self, watch: Watch, compact_revision: int) -> None:
+        logger.warning("%s: revision %s of %r was compacted; resyncing", self.name,
+                       watch.next_revision, watch.key)
+        revision = watch.on_resync() if watch.on_resync else compact_revision
+        with self._lock:
+            self._by_id.pop(watch.watch_id, None)
+            watch.watch_id = None
+            watch.next_revision = revision + 1 if watch.on_resync else compact_revision
+            if not watch.cancelled:
+                self._send_create(watch)
+
+
+class _StreamRestart(grpc.RpcError):
+    """Raised inside the stream loop to re-open the stream and re-create every watch."""
+
+    def code(self):
+        return grpc.StatusCode.ABORTED
+
+    def details(self):
+        return "watch cancelled by server"
+
+
+def _describe(exc: grpc.RpcError) -> str:
+    try:
+        return f"{exc.code().name}: {exc.details()}"
+    except Exception:  # noqa: BLE001
+        return repr(exc)

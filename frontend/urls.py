@@ -1,0 +1,4 @@
+"""Browser page routes."""
+from __future__ import annotations
+
+urlpatterns: list = []

@@ -1,0 +1,4 @@
+"""JSON API routes."""
+from __future__ import annotations
+
+urlpatterns: list = []

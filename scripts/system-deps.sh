@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install the Debian packages a step needs, when we are root and they are missing.
+# base:  python3-venv (Debian's python lacks ensurepip without it)
+# run:   dataset-fashion-mnist (the fashion model's training data)
+# test:  chromium (browser tests), dataset-fashion-mnist
+# bench: redis-server (the comparison broker and result backend)
+set -euo pipefail
+step="${1:-base}"
+PYTHON="${PYTHON:-python3.11}"
+
+need=()
+case "$step" in
+  base)
+    if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi ;;
+  run)
+    [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist) ;;
+  test)
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist) ;;
+  bench)
+    command -v redis-server >/dev/null 2>&1 || need+=(redis-server) ;;
+esac
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" != 0 ]; then
+  echo "note: missing Debian packages: ${need[*]} (run as root, or: sudo apt-get install ${need[*]})" >&2
+  [ "$step" = base ] && exit 1
+  exit 0
+fi
+echo "==> apt-get install ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,0 +1,50 @@
+"""A Django-free Celery app for transport and result-backend tests.
+
+Configured from the environment so a worker subprocess and the test agree:
+``ETCD_TEST_URL`` (broker and backend) and ``ETCD_TEST_PREFIX`` (key prefix).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from celery import Celery
+
+import etcd_broker  # noqa: F401 - registers etcdv3://
+
+URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
+PREFIX = os.environ.get("ETCD_TEST_PREFIX", "/deephardway-test")
+
+app = Celery("tests", broker=URL, backend=URL)
+app.conf.update(
+    broker_transport_options={"prefix": PREFIX},
+    result_backend_transport_options={"prefix": PREFIX},
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    task_queue_max_priority=9,
+)
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task
+def noop() -> None:
+    return None
+
+
+@app.task(acks_late=True)
+def sleep_then_record(seconds: float, marker: str) -> str:
+    """Sleep, then return the marker (acks_late: survives a worker kill)."""
+    time.sleep(seconds)
+    return marker
+
+
+@app.task
+def fail(message: str) -> None:
+    raise ValueError(message)

@@ -1,0 +1,138 @@
+"""Every etcd key the transport and the result backend use, built in one place.
+
+Layout (``<root>`` is ``<prefix>/<vhost>``, names are percent-quoted so a ``/``
+in a queue name cannot escape its directory)::
+
+    <root>/q/<queue>/declared                       queue exists (for _has_queue)
+    <root>/q/<queue>/ready/<band>/<seq>             waiting message; band = 9 - priority
+    <root>/q/<queue>/unacked/<lease>/<band>/<seq>   claimed by the consumer holding <lease>
+    <root>/x/<exchange>                             exchange type
+    <root>/b/<exchange>/<queue>/<routing key>       binding (JSON: routing_key, pattern, queue)
+    <root>/consumer/<lease>                         live consumer (attached to its lease)
+    <root>/dead/<queue>/<seq>                       undecodable messages
+    <prefix>/results/<task id>                      task state (result backend)
+
+``<band>/<seq>`` sorts by urgency then age, so one ascending range read returns
+the next message; a claimed message keeps its ``<band>/<seq>`` and goes back to
+the same place in line when its consumer dies.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from urllib.parse import quote, unquote
+
+DEFAULT_PREFIX = "/deephardway"
+#: Priorities as AMQP means them: 9 is the most urgent.
+MAX_PRIORITY = 9
+
+
+def _q(name: str) -> str:
+    return quote(name, safe="") or "%00"
+
+
+def range_end(prefix: str) -> str:
+    """etcd's range end for every key that starts with ``prefix`` (prefix ends in '/')."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class Sequence:
+    """Strictly increasing, zero-padded sequence numbers: wall-clock ns, unique per process."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+        self._suffix = f"{os.getpid() & 0xFFFF:04x}{id(self) & 0xFFFF:04x}"
+
+    def next(self) -> str:
+        with self._lock:
+            now = max(time.time_ns(), self._last + 1)
+            self._last = now
+        return f"{now:020d}-{self._suffix}"
+
+
+class KeySpace:
+    """Key builder for one prefix and virtual host."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, vhost: str = "/") -> None:
+        self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+        vhost = (vhost or "/").strip("/") or "default"
+        self.root = f"{self.prefix}/{_q(vhost)}"
+
+    # queues ---------------------------------------------------------------
+    def queue(self, queue: str) -> str:
+        return f"{self.root}/q/{_q(queue)}/"
+
+    def declared(self, queue: str) -> str:
+        return f"{self.queue(queue)}declared"
+
+    def ready(self, queue: str) -> str:
+        return f"{self.queue(queue)}ready/"
+
+    def ready_band(self, queue: str, band: int) -> str:
+        return f"{self.ready(queue)}{band}/"
+
+    def ready_message(self, queue: str, position: str) -> str:
+        """``position`` is ``<band>/<seq>``."""
+        return f"{self.ready(queue)}{position}"
+
+    def unacked(self, queue: str, lease: int | None = None) -> str:
+        base = f"{self.queue(queue)}unacked/"
+        return base if lease is None else f"{base}{lease:016x}/"
+
+    def unacked_message(self, queue: str, lease: int, position: str) -> str:
+        return f"{self.unacked(queue, lease)}{position}"
+
+    def queues(self) -> str:
+        return f"{self.root}/q/"
+
+    @staticmethod
+    def band(priority: int) -> int:
+        return MAX_PRIORITY - priority
+
+    def position(self, priority: int, seq: str) -> str:
+        return f"{self.band(priority)}/{seq}"
+
+    def position_of(self, key: str | bytes) -> str:
+        """The trailing ``<band>/<seq>`` of a ready or unacked message key."""
+        key = key.decode() if isinstance(key, bytes) else key
+        return "/".join(key.rsplit("/", 2)[-2:])
+
+    def queue_name_of(self, key: str | bytes) -> str:
+        key = key.decode() if isinstance(key, bytes) else key
+        return unquote(key[len(self.queues()):].split("/", 1)[0])
+
+    def lease_of_unacked(self, key: str | bytes) -> int:
+        key = key.decode() if isinstance(key, bytes) else key
+        return int(key.split("/unacked/", 1)[1].split("/", 1)[0], 16)
+
+    # exchanges and bindings ---------------------------------------------------
+    def exchange(self, exchange: str) -> str:
+        return f"{self.root}/x/{_q(exchange)}"
+
+    def bindings(self, exchange: str) -> str:
+        return f"{self.root}/b/{_q(exchange)}/"
+
+    def binding(self, exchange: str, queue: str, routing_key: str) -> str:
+        return f"{self.bindings(exchange)}{_q(queue)}/{_q(routing_key)}"
+
+    def all_bindings(self) -> str:
+        return f"{self.root}/b/"
+
+    # consumers and dead letters ------------------------------------------------
+    def consumers(self) -> str:
+        return f"{self.root}/consumer/"
+
+    def consumer(self, lease: int) -> str:
+        return f"{self.consumers()}{lease:016x}"
+
+    def dead(self, queue: str) -> str:
+        return f"{self.root}/dead/{_q(queue)}/"
+
+    # results -------------------------------------------------------------------
+    def results(self) -> str:
+        return f"{self.prefix}/results/"
+
+    def result(self, task_id: str) -> str:
+        return f"{self.results()}{_q(task_id)}"

@@ -3,7 +3,7 @@
 Layout (``<root>`` is ``<prefix>/<vhost>``, names are percent-quoted so a ``/``
 in a queue name cannot escape its directory)::
 
-    <root>/q/<queue>/declared                       queue exists (for _has_queue)
+    <root>/declared/<queue>                         queue exists (JSON: auto_delete, owner lease)
     <root>/q/<queue>/ready/<band>/<seq>             waiting message; band = 9 - priority
     <root>/q/<queue>/unacked/<lease>/<band>/<seq>   claimed by the consumer holding <lease>
     <root>/x/<exchange>                             exchange type
@@ -64,8 +64,15 @@ class KeySpace:
     def queue(self, queue: str) -> str:
         return f"{self.root}/q/{_q(queue)}/"
 
+    def declared_queues(self) -> str:
+        return f"{self.root}/declared/"
+
     def declared(self, queue: str) -> str:
-        return f"{self.queue(queue)}declared"
+        return f"{self.declared_queues()}{_q(queue)}"
+
+    def queue_of_declared(self, key: str | bytes) -> str:
+        key = key.decode() if isinstance(key, bytes) else key
+        return unquote(key[len(self.declared_queues()):])
 
     def ready(self, queue: str) -> str:
         return f"{self.queue(queue)}ready/"
@@ -84,9 +91,6 @@ class KeySpace:
     def unacked_message(self, queue: str, lease: int, position: str) -> str:
         return f"{self.unacked(queue, lease)}{position}"
 
-    def queues(self) -> str:
-        return f"{self.root}/q/"
-
     @staticmethod
     def band(priority: int) -> int:
         return MAX_PRIORITY - priority
@@ -99,9 +103,10 @@ class KeySpace:
         key = key.decode() if isinstance(key, bytes) else key
         return "/".join(key.rsplit("/", 2)[-2:])
 
-    def queue_name_of(self, key: str | bytes) -> str:
+    def queue_of(self, key: str | bytes) -> str:
+        """The queue name in a ready or unacked message key."""
         key = key.decode() if isinstance(key, bytes) else key
-        return unquote(key[len(self.queues()):].split("/", 1)[0])
+        return unquote(key[len(f"{self.root}/q/"):].split("/", 1)[0])
 
     def lease_of_unacked(self, key: str | bytes) -> int:
         key = key.decode() if isinstance(key, bytes) else key
@@ -119,6 +124,10 @@ class KeySpace:
 
     def all_bindings(self) -> str:
         return f"{self.root}/b/"
+
+    def exchange_of_binding(self, key: str | bytes) -> str:
+        key = key.decode() if isinstance(key, bytes) else key
+        return unquote(key[len(self.all_bindings()):].split("/", 1)[0])
 
     # consumers and dead letters ------------------------------------------------
     def consumers(self) -> str:

@@ -41,6 +41,8 @@ class Watch:
     next_revision: int | None = None
     prev_kv: bool = False
     on_resync: ResyncCallback | None = None
+    on_created: Callable[[], None] | None = None
+    filters: tuple[int, ...] = ()
     watch_id: int | None = None
     created: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
@@ -49,6 +51,8 @@ class Watch:
         create = etcdrpc.WatchCreateRequest(key=self.key, progress_notify=True, prev_kv=self.prev_kv)
         if self.range_end is not None:
             create.range_end = self.range_end
+        if self.filters:
+            create.filters.extend(self.filters)
         if self.next_revision:
             create.start_revision = self.next_revision
         return etcdrpc.WatchRequest(create_request=create)
@@ -74,11 +78,18 @@ class WatchStream:
     # -- public API ---------------------------------------------------------
     def watch(self, key: str | bytes, callback: EventsCallback, *, prefix: bool = False,
               start_revision: int | None = None, prev_kv: bool = False,
-              on_resync: ResyncCallback | None = None) -> Watch:
-        """Start watching ``key`` (or every key under it with ``prefix=True``)."""
+              on_resync: ResyncCallback | None = None, on_created: Callable[[], None] | None = None,
+              puts_only: bool = False) -> Watch:
+        """Start watching ``key`` (or every key under it with ``prefix=True``).
+
+        ``on_created`` runs each time etcd confirms the watch, after a reconnect too;
+        ``puts_only`` drops DELETE events at the server.
+        """
         key = to_bytes(key)
         watch = Watch(key=key, range_end=prefix_range_end(key) if prefix else None, callback=callback,
-                      next_revision=start_revision, prev_kv=prev_kv, on_resync=on_resync)
+                      next_revision=start_revision, prev_kv=prev_kv, on_resync=on_resync,
+                      on_created=on_created,
+                      filters=(etcdrpc.WatchCreateRequest.NODELETE,) if puts_only else ())
         with self._lock:
             self._watches.append(watch)
             self._send_create(watch)
@@ -179,6 +190,8 @@ class WatchStream:
             watch = self._by_id.get(response.watch_id)
         if watch is None:
             return
+        if response.created and watch.on_created is not None:
+            watch.on_created()
         if response.compact_revision:
             self._resync(watch, response.compact_revision)
             return

@@ -1,0 +1,97 @@
+"""Exchange bindings kept in etcd, mirrored in memory by a watch.
+
+Bindings must be shared by every process (a worker binds its pidbox queue, the
+``celery inspect`` process publishes to it), so they live in etcd. Publishing
+must not pay a read per message, so each process keeps a copy that a prefix
+watch keeps current: one read at start, then pushed changes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import defaultdict
+
+from etcd_broker.client import EtcdClient
+from etcd_broker.keys import KeySpace, range_end
+from etcd_broker.watch import EVENT_PUT, WatchStream
+
+logger = logging.getLogger(__name__)
+
+Binding = tuple[str, str, str]  # (routing_key, pattern, queue), kombu's table row
+
+
+class BindingTable:
+    """Every exchange's bindings under one key space, kept current by a watch."""
+
+    def __init__(self, client: EtcdClient, keys: KeySpace, watch_stream: WatchStream) -> None:
+        self.client = client
+        self.keys = keys
+        self._stream = watch_stream
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._rows: dict[str, dict[bytes, Binding]] = defaultdict(dict)
+        self._loaded = threading.Event()
+
+    def _load(self) -> None:
+        if self._loaded.is_set():
+            return
+        with self._load_lock:
+            if self._loaded.is_set():
+                return
+            revision = self._read_all()
+            watch = self._stream.watch(self.keys.all_bindings(), self._on_events, prefix=True,
+                                       start_revision=revision + 1, on_resync=self._read_all)
+            self._stream.wait_created(watch, timeout=self.client.timeout)
+            self._loaded.set()
+
+    def _read_all(self) -> int:
+        prefix = self.keys.all_bindings()
+        response = self.client.get_range_response(prefix, range_end(prefix))
+        rows: dict[str, dict[bytes, Binding]] = defaultdict(dict)
+        for kv in response.kvs:
+            rows[self.keys.exchange_of_binding(kv.key)][kv.key] = _row(kv.value)
+        with self._lock:
+            self._rows = rows
+        return response.header.revision
+
+    def _on_events(self, events) -> None:
+        with self._lock:
+            for event in events:
+                exchange = self.keys.exchange_of_binding(event.kv.key)
+                if event.type == EVENT_PUT:
+                    self._rows[exchange][event.kv.key] = _row(event.kv.value)
+                else:
+                    self._rows[exchange].pop(event.kv.key, None)
+
+    def table(self, exchange: str) -> list[Binding]:
+        self._load()
+        with self._lock:
+            return list(self._rows.get(exchange, {}).values())
+
+    def bind(self, exchange: str, routing_key: str, pattern: str, queue: str, lease: int | None = None) -> None:
+        key = self.keys.binding(exchange, queue, routing_key)
+        value = json.dumps({"routing_key": routing_key, "pattern": pattern, "queue": queue})
+        self.client.put(key, value, lease=lease)
+        with self._lock:
+            self._rows[exchange][key.encode()] = (routing_key, pattern, queue)
+
+    def unbind(self, exchange: str, queue: str, routing_key: str) -> None:
+        key = self.keys.binding(exchange, queue, routing_key)
+        self.client.delete(key)
+        with self._lock:
+            self._rows[exchange].pop(key.encode(), None)
+
+    def unbind_queue(self, queue: str) -> None:
+        """Remove every binding that routes to ``queue``, whatever the exchange."""
+        prefix = self.keys.all_bindings()
+        for value, meta in self.client.get_range(prefix, range_end(prefix)):
+            if _row(value)[2] == queue:
+                self.client.delete(meta.key)
+                with self._lock:
+                    self._rows[self.keys.exchange_of_binding(meta.key)].pop(meta.key, None)
+
+
+def _row(value: bytes) -> Binding:
+    data = json.loads(value)
+    return data["routing_key"], data["pattern"], data["queue"]

@@ -1,0 +1,256 @@
+"""A consumer's etcd lease, and the sweep that gives a dead consumer's messages back.
+
+Each consuming process holds one lease (TTL ``lease_ttl``, kept alive by a
+thread) and a ``consumer/<lease>`` key attached to it. A claimed message lives
+under ``unacked/<lease>/`` *without* a lease, so it survives anything; when a
+consumer's lease expires (SIGKILL, OOM, lost network) its consumer key vanishes
+and any live consumer moves those messages back to ``ready/`` in one
+transaction per message, at their original place in line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Iterable
+
+from etcd3 import transactions as tx
+
+from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
+from etcd_broker.keys import KeySpace, range_end
+from etcd_broker.watch import EVENT_DELETE, WatchStream
+
+logger = logging.getLogger(__name__)
+
+#: Default lease TTL (seconds): a killed consumer's messages are back within this time.
+DEFAULT_LEASE_TTL = 10
+#: Full sweep of every declared queue this often, besides the sweeps that lease expiry triggers.
+SAFETY_SWEEP_SECONDS = 30.0
+
+
+class ConsumerLease:
+    """The lease a process claims messages under; one per client and key space."""
+
+    def __init__(self, client: EtcdClient, keys: KeySpace, ttl: int = DEFAULT_LEASE_TTL) -> None:
+        self.client = client
+        self.keys = keys
+        self.ttl = ttl
+        self.queues: set[str] = set()
+        self.lease_id: int | None = None
+        self._lock = threading.RLock()
+        self._pending_deletes: list[str] = []
+        self._sweep_now = threading.Event()
+        self._closed = threading.Event()
+        self._watch_stream: WatchStream | None = None
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ------------------------------------------------------------
+    def ensure(self) -> int:
+        """Grant the lease and register the consumer key if not done yet; return the lease id."""
+        with self._lock:
+            if self.lease_id is None:
+                self._register()
+                self._start_threads()
+            return self.lease_id  # type: ignore[return-value]
+
+    def _register(self) -> None:
+        lease = self.client.lease(self.ttl)
+        self.client.put(self.keys.consumer(lease.id), self._describe(), lease=lease.id)
+        logger.info("consumer lease %016x granted (ttl %ss)", lease.id, self.ttl)
+        self.lease_id = lease.id
+
+    def _describe(self) -> str:
+        return json.dumps({"hostname": socket.gethostname(), "pid": os.getpid(),
+                           "queues": sorted(self.queues), "since": time.time()})
+
+    def add_queue(self, queue: str) -> None:
+        with self._lock:
+            if queue in self.queues:
+                return
+            self.queues.add(queue)
+            if self.lease_id is not None:
+                self.client.put(self.keys.consumer(self.lease_id), self._describe(), lease=self.lease_id)
+
+    def _start_threads(self) -> None:
+        if self._threads:
+            return
+        self._watch_stream = WatchStream(self.client, name="etcd-consumers-watch")
+        self._watch_stream.watch(self.keys.consumers(), self._on_consumer_events, prefix=True)
+        for target, name in ((self._keepalive_loop, "etcd-lease-keepalive"), (self._sweep_loop, "etcd-sweeper")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._sweep_now.set()
+
+    def close(self, revoke: bool = True) -> None:
+        """Stop the threads; revoking the lease hands our unacked messages back at once."""
+        self._closed.set()
+        self._sweep_now.set()
+        if self._watch_stream is not None:
+            self._watch_stream.close()
+        with self._lock:
+            if revoke and self.lease_id is not None:
+                try:
+                    self.client.revoke_lease(self.lease_id)
+                except CONNECTION_ERRORS:
+                    logger.warning("could not revoke lease %016x; it expires in %ss", self.lease_id, self.ttl)
+            self.lease_id = None
+
+    # -- keepalive ------------------------------------------------------------
+    def _keepalive_loop(self) -> None:
+        interval = max(self.ttl / 3.0, 0.5)
+        while not self._closed.wait(interval):
+            try:
+                self._refresh()
+                self._retry_pending_deletes()
+            except CONNECTION_ERRORS as exc:
+                logger.warning("lease keepalive failed (%s); retrying", type(exc).__name__)
+                interval = 0.5
+            else:
+                interval = max(self.ttl / 3.0, 0.5)
+
+    def _refresh(self) -> None:
+        with self._lock:
+            lease_id = self.lease_id
+        if lease_id is None:
+            return
+        responses = list(self.client.refresh_lease(lease_id))
+        if responses and responses[-1].TTL > 0:
+            return
+        self.lost(lease_id)
+
+    def lost(self, lease_id: int) -> None:
+        """Our lease expired while we were alive: take a new one and keep what we still hold."""
+        with self._lock:
+            if lease_id != self.lease_id:
+                return
+            logger.error("consumer lease %016x expired while we were alive; re-registering", lease_id)
+            self._register()
+            self._adopt(lease_id, self.lease_id)
+
+    def _adopt(self, old: int, new: int | None) -> None:
+        """Move what our expired lease still owns to the new one, unless a sweeper got there first."""
+        for queue in list(self.queues):
+            for value, meta in self.client.get_prefix(self.keys.unacked(queue, old)):
+                key = meta.key.decode()
+                position = self.keys.position_of(key)
+                self.client.transaction(
+                    compare=[tx.Mod(key) == meta.mod_revision],
+                    success=[tx.Delete(key), tx.Put(self.keys.unacked_message(queue, new, position), value)],
+                    failure=[],
+                )
+
+    def current_key(self, key: str) -> str:
+        """An unacked key under our current lease (it changes only after an adopt)."""
+        queue_part, _, position_part = key.partition("/unacked/")
+        lease_hex, _, position = position_part.partition("/")
+        if self.lease_id is not None and int(lease_hex, 16) != self.lease_id:
+            return f"{queue_part}/unacked/{self.lease_id:016x}/{position}"
+        return key
+
+    # -- acks that could not be written yet ----------------------------------------
+    def delete_later(self, key: str) -> None:
+        with self._lock:
+            self._pending_deletes.append(key)
+
+    def _retry_pending_deletes(self) -> None:
+        with self._lock:
+            pending, self._pending_deletes = self._pending_deletes, []
+        for index, key in enumerate(pending):
+            try:
+                self.client.delete(self.current_key(key))
+            except CONNECTION_ERRORS:
+                with self._lock:
+                    self._pending_deletes.extend(pending[index:])
+                raise
+
+    # -- sweeping dead consumers' messages back ---------------------------------
+    def _on_consumer_events(self, events: Iterable) -> None:
+        if any(event.type == EVENT_DELETE for event in events):
+            self._sweep_now.set()
+
+    def _sweep_loop(self) -> None:
+        while not self._closed.is_set():
+            self._sweep_now.wait(SAFETY_SWEEP_SECONDS)
+            self._sweep_now.clear()
+            if self._closed.is_set():
+                return
+            try:
+                restored = self.sweep()
+            except CONNECTION_ERRORS as exc:
+                logger.info("sweep postponed: etcd unreachable (%s)", type(exc).__name__)
+                self._closed.wait(1.0)
+                self._sweep_now.set()
+                continue
+            if restored:
+                logger.warning("restored %d message(s) from dead consumers", restored)
+
+    def sweep(self) -> int:
+        """Give back every unacked message whose consumer lease is gone; return how many."""
+        live = {int(meta.key.decode().rsplit("/", 1)[1], 16)
+                for _, meta in self.client.get_prefix(self.keys.consumers(), keys_only=True)}
+        restored = 0
+        for queue in declared_queues(self.client, self.keys):
+            prefix = self.keys.unacked(queue)
+            for value, meta in self.client.get_range(prefix, range_end(prefix)):
+                key = meta.key.decode()
+                lease = self.keys.lease_of_unacked(key)
+                if lease in live:
+                    continue
+                restored += restore_message(self.client, self.keys, queue, key, value, meta.mod_revision,
+                                            dead_lease=lease)
+        return restored
+
+
+def declared_queues(client: EtcdClient, keys: KeySpace) -> list[str]:
+    prefix = keys.declared_queues()
+    return [keys.queue_of_declared(meta.key) for _, meta in client.get_prefix(prefix, keys_only=True)]
+
+
+def mark_redelivered(value: bytes) -> bytes:
+    message = json.loads(value)
+    message["redelivered"] = True
+    message.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+    return json.dumps(message).encode()
+
+
+def restore_message(client: EtcdClient, keys: KeySpace, queue: str, key: str, value: bytes,
+                    mod_revision: int, dead_lease: int | None = None) -> int:
+    """Move one unacked message back to ready at its original position; 1 if we did it."""
+    try:
+        value = mark_redelivered(value)
+    except ValueError:
+        pass  # an undecodable message goes back as it was; the consumer dead-letters it
+    compare = [tx.Mod(key) == mod_revision]
+    if dead_lease is not None:
+        compare.append(tx.Version(keys.consumer(dead_lease)) == 0)
+    ok, _ = client.transaction(
+        compare=compare,
+        success=[tx.Delete(key), tx.Put(keys.ready_message(queue, keys.position_of(key)), value)],
+        failure=[],
+    )
+    return int(ok)
+
+
+_leases: dict[tuple[int, int, str], ConsumerLease] = {}
+_leases_lock = threading.Lock()
+
+
+def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int) -> ConsumerLease:
+    """The process's lease for this client and key space (shared by every channel)."""
+    key = (os.getpid(), id(client), keys.root)
+    with _leases_lock:
+        lease = _leases.get(key)
+        if lease is None or lease._closed.is_set():
+            lease = _leases[key] = ConsumerLease(client, keys, ttl)
+        return lease
+
+
+def close_all_leases() -> None:
+    with _leases_lock:
+        for lease in _leases.values():
+            lease.close()
+        _leases.clear()

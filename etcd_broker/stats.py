@@ -1,0 +1,47 @@
+"""Read-only views of the broker's state for operators: queue lengths and live consumers."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from etcd_broker.client import EtcdClient
+from etcd_broker.keys import MAX_PRIORITY, KeySpace, range_end
+from etcd_broker.membership import declared_queues
+
+
+def _count(client: EtcdClient, prefix: str) -> int:
+    return client.get_range_response(prefix, range_end(prefix), count_only=True).count
+
+
+def queue_stats(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
+    """Per declared queue: ready messages by priority, unacknowledged count."""
+    rows = []
+    for queue in sorted(declared_queues(client, keys)):
+        by_priority = {}
+        for priority in range(MAX_PRIORITY, -1, -1):
+            count = _count(client, keys.ready_band(queue, keys.band(priority)))
+            if count:
+                by_priority[priority] = count
+        rows.append({
+            "queue": queue,
+            "ready": sum(by_priority.values()),
+            "ready_by_priority": by_priority,
+            "unacked": _count(client, keys.unacked(queue)),
+        })
+    return rows
+
+
+def live_consumers(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
+    """Every consumer whose lease is alive: lease id, host, pid, queues, remaining TTL."""
+    consumers = []
+    for value, meta in client.get_prefix(keys.consumers()):
+        info = json.loads(value)
+        lease = client.get_lease_info(meta.lease_id) if meta.lease_id else None
+        consumers.append({"lease": f"{meta.lease_id:016x}", "ttl": lease.TTL if lease else None, **info})
+    return consumers
+
+
+def stats_for_connection(connection) -> tuple[EtcdClient, KeySpace]:
+    """The client and key space behind a ``kombu.Connection`` on this transport."""
+    transport = connection.transport
+    return transport.etcd, transport.keys

@@ -1,0 +1,453 @@
+"""etcd v3 transport for kombu (and so for Celery).
+
+Features
+========
+* Type: Virtual
+* Supports Direct: Yes
+* Supports Topic: Yes
+* Supports Fanout: Yes (bindings live in etcd, so broadcast reaches other hosts)
+* Supports Priority: Yes, 0-9, 9 the most urgent (AMQP's meaning)
+* Supports TTL: No
+
+Messages wait under ``ready/<band>/<seq>`` and are claimed by one etcd
+transaction that moves them under the consumer's lease (``unacked/<lease>/``);
+no locks, no visibility timeout. A consumer that dies loses its lease and its
+messages go back to the queue at their original place. Waiting consumers are
+woken by an etcd watch; nothing polls. See docs/transport.md.
+
+Connection string
+=================
+.. code-block::
+
+    etcdv3://[USER:PASSWORD@]HOST:PORT[/VHOST]
+    etcdv3://h1:2379;etcdv3://h2:2379;etcdv3://h3:2379     (several endpoints)
+
+Transport options
+=================
+* ``prefix``: key prefix for everything (default ``/deephardway``).
+* ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
+* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB).
+* ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
+* ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from queue import Empty
+from time import monotonic
+from urllib.parse import quote
+
+import etcd3
+import grpc
+from etcd3 import transactions as tx
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+from etcd_broker.bindings import BindingTable
+from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, get_client
+from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
+from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_message
+from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
+from etcd_broker.watch import WatchStream
+
+logger = logging.getLogger(__name__)
+
+#: etcd refuses requests over 1.5 MiB (--max-request-bytes); keep 4 KiB for key and framing.
+DEFAULT_MAX_MESSAGE_BYTES = 1_572_864 - 4_096
+#: Ready messages read per claim attempt; later ones are tried if others win the first.
+CLAIM_BATCH = 8
+#: An idle consumer re-checks its queues this often even without a watch event (safety net only).
+SAFETY_RECHECK_SECONDS = 30.0
+ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
+
+
+class MessageTooLarge(ValueError):
+    """A message bigger than etcd accepts; refused before anything is written."""
+
+
+class QoS(virtual.QoS):
+    """Acks delete the claimed key; requeue moves it back to its place in line."""
+
+    def ack(self, delivery_tag):
+        message = self._delivered.get(delivery_tag)
+        if message is not None:
+            self.channel._forget(message)
+        super().ack(delivery_tag)
+        self.channel.connection.wake()
+
+    def reject(self, delivery_tag, requeue=False):
+        message = self._delivered.get(delivery_tag)
+        if message is not None:
+            if requeue:
+                self.channel._requeue(message)
+            else:
+                self.channel._forget(message)
+        self._quick_ack(delivery_tag)
+        self.channel.connection.wake()
+
+    def restore_unacked(self):
+        """Requeue what we hold; what cannot be written now the lease gives back later."""
+        self._flush()
+        while self._delivered:
+            _, message = self._delivered.popitem()
+            try:
+                self.channel._requeue(message)
+            except CONNECTION_ERRORS:
+                logger.warning("etcd unreachable: message left under our lease, requeued when it lapses")
+        return []
+
+
+class Channel(virtual.Channel):
+    """One kombu channel over the transport's shared etcd client."""
+
+    QoS = QoS
+    supports_fanout = True
+
+    #: Key prefix; several deployments can share one etcd cluster.
+    prefix = DEFAULT_PREFIX
+    #: Seconds a dead consumer keeps its messages before they are requeued.
+    lease_ttl = DEFAULT_LEASE_TTL
+    #: Refuse larger messages at publish time.
+    max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+
+    from_transport_options = virtual.Channel.from_transport_options + (
+        "prefix", "lease_ttl", "max_message_bytes", "default_priority",
+    )
+
+    def __init__(self, connection, **kwargs):
+        super().__init__(connection, **kwargs)
+        self.keys = connection.keys
+        self.client = connection.etcd
+        self._auto_delete: set[str] = set()
+        self._no_ack_queues: set[str] = set()
+
+    # -- publishing -------------------------------------------------------------
+    def _put(self, queue, message, **kwargs):
+        priority = self._get_message_priority(message)
+        value = dumps(message).encode()
+        self._check_size(queue, value)
+        key = self.keys.ready_message(queue, self.keys.position(priority, self.connection.sequence.next()))
+        try:
+            self.client.put(key, value)
+        except grpc.RpcError as exc:
+            raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
+
+    def _put_fanout(self, exchange, message, routing_key, **kwargs):
+        for queue in {queue for _, _, queue in self.get_table(exchange)}:
+            self._put(queue, message)
+
+    def _check_size(self, queue, value: bytes) -> None:
+        if len(value) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"message for queue {queue!r} is {len(value)} bytes encoded; the limit is "
+                f"{self.max_message_bytes} bytes (etcd --max-request-bytes); nothing was written. "
+                "Store large inputs elsewhere and send a reference.")
+
+    # -- consuming ------------------------------------------------------------------
+    def _get(self, queue, timeout=None):
+        lease_id = self.connection.lease.ensure()
+        prefix = self.keys.ready(queue)
+        for value, meta in self.client.get_range(prefix, range_end(prefix), limit=CLAIM_BATCH):
+            claimed = self._claim(queue, meta, value, lease_id)
+            if claimed is not None:
+                return claimed
+        raise Empty()
+
+    def _claim(self, queue, meta, value: bytes, lease_id: int):
+        """One transaction: the ready key still unchanged and our lease alive -> it is ours."""
+        key = meta.key.decode()
+        consumer_key = self.keys.consumer(lease_id)
+        unacked = self.keys.unacked_message(queue, lease_id, self.keys.position_of(key))
+        no_ack = queue in self._no_ack_queues
+        ok, responses = self.client.transaction(
+            compare=[tx.Mod(key) == meta.mod_revision, tx.Version(consumer_key) > 0],
+            success=[tx.Delete(key)] if no_ack else [tx.Delete(key), tx.Put(unacked, value)],
+            failure=[tx.Get(consumer_key)],
+        )
+        if not ok:
+            if not responses or not responses[0]:
+                self.connection.lease.lost(lease_id)
+            return None
+        try:
+            message = json.loads(value)
+            message["properties"]["delivery_info"]["etcd_key"] = None if no_ack else unacked
+        except (ValueError, KeyError, TypeError) as exc:
+            self._dead_letter(queue, unacked if not no_ack else None, value, exc)
+            return None
+        return message
+
+    def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
+        dead = self.keys.dead(queue) + self.connection.sequence.next()
+        logger.error("undecodable message on queue %r moved to %s: %s", queue, dead, exc)
+        self.client.transaction(compare=[], success=[tx.Put(dead, value)] + ([tx.Delete(key)] if key else []),
+                                failure=[])
+
+    def _forget(self, message) -> None:
+        key = message.delivery_info.get("etcd_key")
+        if not key:
+            return
+        lease = self.connection.lease
+        try:
+            self.client.delete(lease.current_key(key))
+        except CONNECTION_ERRORS:
+            logger.warning("ack not written (etcd unreachable); retrying in the background")
+            lease.delete_later(key)
+
+    def _requeue(self, message) -> None:
+        key = message.delivery_info.get("etcd_key")
+        if not key:
+            return
+        key = self.connection.lease.current_key(key)
+        value, meta = self.client.get(key)
+        if meta is not None:
+            restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, meta.mod_revision)
+
+    def basic_consume(self, queue, no_ack, *args, **kwargs):
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        self.connection.lease.add_queue(queue)
+        self.connection.watch_queue(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None:
+            self.connection.unwatch_queue(queue)
+            if queue in self._auto_delete:
+                self._auto_delete.discard(queue)
+                self.queue_delete(queue)
+        return result
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        try:
+            return super().basic_get(queue, no_ack=no_ack, **kwargs)
+        finally:
+            if no_ack:
+                self._no_ack_queues.discard(queue)
+
+    # -- queues, exchanges, bindings ----------------------------------------------
+    def queue_declare(self, queue=None, passive=False, **kwargs):
+        if queue and (kwargs.get("auto_delete") or kwargs.get("exclusive")):
+            self._auto_delete.add(queue)
+        return super().queue_declare(queue, passive=passive, **kwargs)
+
+    def _new_queue(self, queue, **kwargs):
+        if queue in self.connection.declared:
+            return
+        lease = self.connection.lease.ensure() if queue in self._auto_delete else None
+        info = json.dumps({"auto_delete": queue in self._auto_delete})
+        self.client.put(self.keys.declared(queue), info, lease=lease)
+        self.connection.declared.add(queue)
+
+    def _has_queue(self, queue, **kwargs):
+        value, _ = self.client.get(self.keys.declared(queue))
+        return value is not None
+
+    def _size(self, queue):
+        prefix = self.keys.ready(queue)
+        return self.client.get_range_response(prefix, range_end(prefix), count_only=True).count
+
+    def _purge(self, queue):
+        prefix = self.keys.ready(queue)
+        return self.client.delete_prefix(prefix).deleted
+
+    def _delete(self, queue, *args, **kwargs):
+        self.client.delete_prefix(self.keys.queue(queue))
+        self.client.delete(self.keys.declared(queue))
+        self.connection.bindings.unbind_queue(queue)
+        self.connection.declared.discard(queue)
+
+    def exchange_declare(self, exchange=None, type="direct", *args, **kwargs):
+        result = super().exchange_declare(exchange, type, *args, **kwargs)
+        if exchange and not kwargs.get("passive"):
+            self.connection.remember_exchange(exchange, type)
+        return result
+
+    def typeof(self, exchange, default="direct"):
+        if exchange not in self.state.exchanges:
+            default = self.connection.exchange_type(exchange) or default
+        return super().typeof(exchange, default)
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        lease = self.connection.lease.ensure() if queue in self._auto_delete else None
+        self.connection.bindings.bind(exchange, routing_key, pattern, queue, lease=lease)
+
+    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+        self.connection.bindings.unbind(exchange or "amq.direct", queue, routing_key)
+
+    def get_table(self, exchange):
+        return self.connection.bindings.table(exchange)
+
+
+class Transport(virtual.Transport):
+    """kombu transport for etcd v3: ``kombu.Connection("etcdv3://host:2379")``."""
+
+    Channel = Channel
+
+    driver_type = "etcd"
+    driver_name = "python3-etcd3"
+    default_port = 2379
+    polling_interval = None
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+    connection_errors = virtual.Transport.connection_errors + CONNECTION_ERRORS
+    channel_errors = virtual.Transport.channel_errors
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        options = client.transport_options
+        self.config = EtcdConfig.from_url(self._urls(client, options),
+                                          **{k: options[k] for k in ETCD_OPTIONS if k in options})
+        self.etcd = get_client(self.config)
+        self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
+        self.lease = _LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)))
+        self.sequence = Sequence()
+        self.declared: set[str] = set()
+        self._exchange_types: dict[str, str] = {}
+        self._wakeup = threading.Event()
+        self._wakeup.set()
+        self._watch_stream: WatchStream | None = None
+        self._bindings: BindingTable | None = None
+        self._queue_watches: dict[str, list] = {}
+        self._watch_lock = threading.Lock()
+
+    @staticmethod
+    def _urls(client, options) -> list[str]:
+        if client.alt:
+            urls = [url if "://" in url else f"etcdv3://{url}" for url in client.alt]
+        else:
+            auth = f"{quote(client.userid or '')}:{quote(client.password or '')}@" if client.userid else ""
+            urls = [f"etcdv3://{auth}{client.hostname or 'localhost'}:{client.port or Transport.default_port}"]
+        return urls + [f"etcdv3://{endpoint}" for endpoint in options.get("endpoints", ())]
+
+    def driver_version(self):
+        return etcd3.__version__
+
+    def establish_connection(self):
+        self.etcd.get(self.keys.root + "/ping")  # raises a connection error if etcd is unreachable
+        return super().establish_connection()
+
+    def close_connection(self, connection):
+        super().close_connection(connection)
+        if self._watch_stream is not None:
+            self._watch_stream.close()
+            self._watch_stream = None
+
+    # -- shared state for channels -------------------------------------------------
+    @property
+    def watch_stream(self) -> WatchStream:
+        if self._watch_stream is None:
+            self._watch_stream = WatchStream(self.etcd, name="etcd-transport-watch")
+        return self._watch_stream
+
+    @property
+    def bindings(self) -> BindingTable:
+        if self._bindings is None:
+            self._bindings = BindingTable(self.etcd, self.keys, self.watch_stream)
+        return self._bindings
+
+    def remember_exchange(self, exchange: str, type: str) -> None:
+        if self._exchange_types.get(exchange) != type:
+            self.etcd.put(self.keys.exchange(exchange), type)
+            self._exchange_types[exchange] = type
+
+    def exchange_type(self, exchange: str) -> str | None:
+        if exchange not in self._exchange_types:
+            value, _ = self.etcd.get(self.keys.exchange(exchange))
+            if value is None:
+                return None
+            self._exchange_types[exchange] = value.decode()
+        return self._exchange_types[exchange]
+
+    def watch_queue(self, queue: str) -> None:
+        """Wake :meth:`drain_events` whenever a message is put on ``queue``."""
+        with self._watch_lock:
+            entry = self._queue_watches.get(queue)
+            if entry is not None:
+                entry[1] += 1
+                return
+            watch = self.watch_stream.watch(self.keys.ready(queue), self._on_ready, prefix=True,
+                                            puts_only=True, on_created=self.wake)
+            self._queue_watches[queue] = [watch, 1]
+        self.watch_stream.wait_created(watch, timeout=self.config.timeout)
+        self.wake()
+
+    def unwatch_queue(self, queue: str) -> None:
+        with self._watch_lock:
+            entry = self._queue_watches.get(queue)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._queue_watches[queue]
+                self.watch_stream.cancel(entry[0])
+
+    def _on_ready(self, events) -> None:
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def drain_events(self, connection, timeout=None):
+        """Deliver one message; wait on the watch-fed event, never a sleep loop."""
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            if self._wakeup.is_set():
+                self._wakeup.clear()
+                try:
+                    return self.cycle.get(self._deliver, timeout=timeout)
+                except Empty:
+                    pass
+            remaining = SAFETY_RECHECK_SECONDS if deadline is None else deadline - monotonic()
+            if remaining <= 0:
+                raise socket.timeout()
+            if not self._wakeup.wait(min(remaining, SAFETY_RECHECK_SECONDS)) and deadline is None:
+                self._wakeup.set()
+
+
+class _LeaseHandle:
+    """The transport's view of the process-wide consumer lease (created on first use)."""
+
+    def __init__(self, transport: Transport, ttl: int) -> None:
+        self._transport = transport
+        self._ttl = ttl
+
+    @property
+    def _lease(self):
+        return consumer_lease(self._transport.etcd, self._transport.keys, self._ttl)
+
+    def ensure(self) -> int:
+        return self._lease.ensure()
+
+    def add_queue(self, queue: str) -> None:
+        self._lease.ensure()
+        self._lease.add_queue(queue)
+
+    def lost(self, lease_id: int) -> None:
+        self._lease.lost(lease_id)
+
+    def current_key(self, key: str) -> str:
+        return self._lease.current_key(key)
+
+    def delete_later(self, key: str) -> None:
+        self._lease.delete_later(key)
+
+
+def _too_large_or(exc: grpc.RpcError, queue: str, size: int, limit: int) -> Exception:
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if "too large" in (details or ""):
+        return MessageTooLarge(
+            f"etcd refused a {size}-byte message for queue {queue!r}: {details}; "
+            f"the transport limit is {limit} bytes and the server's --max-request-bytes is lower")
+    return exc

@@ -11,6 +11,10 @@ in a queue name cannot escape its directory)::
     <root>/consumer/<lease>                         live consumer (attached to its lease)
     <root>/dead/<queue>/<seq>                       undecodable messages
     <prefix>/results/<task id>                      task state (result backend)
+    <prefix>/groups/<group id>                      saved GroupResult (result backend)
+    <prefix>/chords/<group id>/size                 chord header size (result backend)
+    <prefix>/chords/<group id>/parts/<task>.<index> one key per finished header task
+    <prefix>/cancel/<task id>                       cooperative cancel marker
 
 ``<band>/<seq>`` sorts by urgency then age, so one ascending range read returns
 the next message; a claimed message keeps its ``<band>/<seq>`` and goes back to
@@ -145,3 +149,26 @@ class KeySpace:
 
     def result(self, task_id: str) -> str:
         return f"{self.results()}{_q(task_id)}"
+
+    def task_id_of_result(self, key: str | bytes) -> str:
+        key = key.decode() if isinstance(key, bytes) else key
+        return unquote(key[len(self.results()):])
+
+    def group_result(self, group_id: str) -> str:
+        return f"{self.prefix}/groups/{_q(group_id)}"
+
+    def chord(self, group_id: str) -> str:
+        """Everything one chord counts with (deleted in one range delete when it completes)."""
+        return f"{self.prefix}/chords/{_q(group_id)}/"
+
+    def chord_size(self, group_id: str) -> str:
+        return f"{self.chord(group_id)}size"
+
+    def chord_parts(self, group_id: str) -> str:
+        return f"{self.chord(group_id)}parts/"
+
+    def chord_part(self, group_id: str, part: str) -> str:
+        return f"{self.chord_parts(group_id)}{_q(part)}"
+
+    def cancel(self, task_id: str) -> str:
+        return f"{self.prefix}/cancel/{_q(task_id)}"

@@ -144,6 +144,7 @@ class EtcdServer:
         """Start the process (same data dir on a restart) and wait until it answers."""
         if self.running:
             return self
+        os.makedirs(str(self.data_dir), exist_ok=True)
         log_path = self.log_path or os.path.join(str(self.data_dir), "etcd.log")
         self.log_path = log_path
         log = open(log_path, "ab")

@@ -406,9 +406,12 @@ class Transport(virtual.Transport):
             if self._wakeup.is_set():
                 self._wakeup.clear()
                 try:
-                    return self.cycle.get(self._deliver, timeout=timeout)
+                    result = self.cycle.get(self._deliver, timeout=timeout)
                 except Empty:
                     pass
+                else:
+                    self._wakeup.set()  # more may be waiting: look again before sleeping
+                    return result
             remaining = SAFETY_RECHECK_SECONDS if deadline is None else deadline - monotonic()
             if remaining <= 0:
                 raise socket.timeout()

@@ -162,6 +162,9 @@ class WatchStream:
                     break
                 logger.info("%s: watch stream broke (%s); reconnecting", self.name, _describe(exc))
                 self._mark_endpoint_failed(exc)
+            except ValueError as exc:  # grpc: "Cannot invoke RPC: Channel closed!"
+                logger.debug("%s: client closed (%s); watch stream ends", self.name, exc)
+                return
             except Exception:  # noqa: BLE001 - keep watching whatever a callback did
                 logger.exception("%s: watch stream failed; reconnecting", self.name)
             self._connected.clear()

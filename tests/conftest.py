@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from etcd_broker.client import forget_clients
+from etcd_broker.membership import close_all_leases
 from etcd_broker.server import EtcdServer
 from tests.helpers import WorkerProcess
 
@@ -20,8 +21,9 @@ def etcd_server(tmp_path_factory):
     server = EtcdServer(data_dir=str(tmp_path_factory.mktemp("etcd")))
     server.start()
     yield server
-    server.stop()
+    close_all_leases()
     forget_clients()
+    server.stop()
 
 
 @pytest.fixture

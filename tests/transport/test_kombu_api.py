@@ -1,0 +1,224 @@
+"""The transport through kombu's public API against a real etcd."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from collections import Counter
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+import etcd_broker  # noqa: F401
+from etcd_broker.client import get_client
+from etcd_broker.keys import KeySpace
+from etcd_broker.transport import MessageTooLarge
+
+
+@pytest.fixture
+def connect(etcd_url, etcd_prefix):
+    opened = []
+
+    def connect(**options):
+        conn = Connection(etcd_url, transport_options={"prefix": etcd_prefix, **options})
+        opened.append(conn)
+        return conn
+
+    yield connect
+    for conn in opened:
+        conn.close()
+
+
+def drain(queue, count, timeout=5.0):
+    out = []
+    for _ in range(count):
+        message = queue.get(timeout=timeout)
+        out.append(message.payload)
+        message.ack()
+    return out
+
+
+def test_it_delivers_fifo_within_a_priority_and_most_urgent_first(connect):
+    queue = connect().SimpleQueue("orders")
+    sent = [(i, p) for i, p in enumerate([0, 9, 5, 9, 0, 5, 1, None, 9])]
+    for i, priority in sent:
+        queue.put({"i": i}, priority=priority)
+    got = [payload["i"] for payload in drain(queue, len(sent))]
+    # 9s first in sending order, then 5s, then 1, then the 0s and the default (None -> 0) in order.
+    assert got == [1, 3, 8, 2, 5, 6, 0, 4, 7]
+
+
+def test_it_treats_priority_none_as_the_configured_default(connect):
+    queue = connect(default_priority=5).SimpleQueue("defaults")
+    queue.put({"name": "low"}, priority=1)
+    queue.put({"name": "default"})
+    queue.put({"name": "high"}, priority=9)
+    assert [p["name"] for p in drain(queue, 3)] == ["high", "default", "low"]
+
+
+def test_it_gives_each_message_to_exactly_one_of_many_competing_consumers(connect):
+    total, consumers = 300, 6
+    producer_queue = connect().SimpleQueue("contended")
+    for i in range(total):
+        producer_queue.put({"i": i})
+    received: list[int] = []
+    lock = threading.Lock()
+
+    def consume():
+        queue = connect().SimpleQueue("contended")
+        while True:
+            try:
+                message = queue.get(timeout=1.5)
+            except queue.Empty:
+                return
+            with lock:
+                received.append(message.payload["i"])
+            message.ack()
+
+    threads = [threading.Thread(target=consume) for _ in range(consumers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    counts = Counter(received)
+    assert sorted(counts) == list(range(total))
+    assert max(counts.values()) == 1
+
+
+def test_it_requeues_a_rejected_message_and_drops_one_rejected_without_requeue(connect):
+    queue = connect().SimpleQueue("rejects")
+    queue.put({"n": 1})
+    queue.put({"n": 2})
+    first = queue.get(timeout=2)
+    first.requeue()
+    again = queue.get(timeout=2)
+    assert again.payload == {"n": 1}
+    assert again.delivery_info.get("redelivered") is True
+    again.reject()
+    second = queue.get(timeout=2)
+    assert second.payload == {"n": 2}
+    second.ack()
+    assert queue.qsize() == 0
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.3)
+
+
+def test_it_requeues_unacked_messages_when_the_channel_closes(connect):
+    conn = connect()
+    queue = conn.SimpleQueue("closing")
+    for i in range(3):
+        queue.put({"i": i})
+    held = [queue.get(timeout=2) for _ in range(2)]
+    assert [m.payload["i"] for m in held] == [0, 1]
+    queue.close()
+    conn.close()
+    assert [p["i"] for p in drain(connect().SimpleQueue("closing"), 3)] == [0, 1, 2]
+
+
+def test_it_reports_size_purges_and_deletes_queues(connect):
+    conn = connect()
+    queue = conn.SimpleQueue("sized")
+    for i in range(7):
+        queue.put({"i": i})
+    assert queue.qsize() == 7
+    assert queue.clear() == 7
+    assert queue.qsize() == 0
+    queue.put({"i": 99})
+    channel = conn.default_channel
+    channel.queue_delete("sized")
+    assert channel._size("sized") == 0
+    assert not channel._has_queue("sized")
+
+
+def test_it_refuses_a_message_over_the_limit_and_writes_nothing(connect, etcd_url, etcd_prefix):
+    conn = connect(max_message_bytes=10_000)
+    queue = conn.SimpleQueue("big")
+    with pytest.raises(MessageTooLarge) as info:
+        queue.put({"blob": "x" * 20_000})
+    assert "10000 bytes" in str(info.value) and "'big'" in str(info.value)
+    assert queue.qsize() == 0
+    queue.put({"blob": "x" * 1_000})
+    assert queue.qsize() == 1
+
+
+def test_it_refuses_a_message_etcd_itself_would_refuse(connect):
+    queue = connect().SimpleQueue("huge")
+    with pytest.raises(MessageTooLarge) as info:
+        queue.put({"blob": "x" * 2_000_000})
+    assert "limit is" in str(info.value)
+    assert queue.qsize() == 0
+
+
+def test_it_moves_an_undecodable_message_to_dead_letters_and_keeps_consuming(connect, etcd_url, etcd_prefix):
+    conn = connect()
+    queue = conn.SimpleQueue("poisoned")
+    keys = KeySpace(etcd_prefix, "/")
+    client = get_client(etcd_url)
+    client.put(keys.ready_message("poisoned", keys.position(9, "00000000000000000001-zz")), b"{not json")
+    queue.put({"ok": True})
+    assert queue.get(timeout=2).payload == {"ok": True}
+    dead = list(client.get_prefix(keys.dead("poisoned")))
+    assert [value for value, _ in dead] == [b"{not json"]
+
+
+def test_it_routes_through_topic_and_fanout_exchanges_declared_by_another_connection(connect):
+    topic = Exchange("events", type="topic")
+    fanout = Exchange("broadcast", type="fanout")
+    consumer_conn, producer_conn = connect(), connect()
+    q_images = Queue("images", topic, routing_key="image.*")
+    q_all = Queue("all-events", topic, routing_key="#")
+    q_a = Queue("bcast-a", fanout)
+    q_b = Queue("bcast-b", fanout)
+    channel = consumer_conn.channel()
+    for queue in (q_images, q_all, q_a, q_b):
+        queue(channel).declare()
+    producer = Producer(producer_conn.channel())
+    producer.publish({"e": 1}, exchange=topic, routing_key="image.resized", declare=[topic])
+    producer.publish({"e": 2}, exchange=topic, routing_key="text.done", declare=[topic])
+    producer.publish({"e": 3}, exchange=fanout, routing_key="", declare=[fanout])
+    got: dict[str, list] = {}
+
+    def on_message(body, message):
+        got.setdefault(message.delivery_info["routing_key"] or "fanout", []).append(body["e"])
+        message.ack()
+
+    for queue, expected in ((q_images, [1]), (q_all, [1, 2]), (q_a, [3]), (q_b, [3])):
+        got.clear()
+        with Consumer(channel, [queue], callbacks=[on_message]):
+            for _ in expected:
+                consumer_conn.drain_events(timeout=3)
+        assert sorted(e for values in got.values() for e in values) == expected, queue.name
+
+
+def test_an_idle_consumer_does_not_poll_etcd(connect, etcd_server):
+    queue = connect().SimpleQueue("idle")
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)  # warm up: consumer registered, watch created
+    before = _range_requests(etcd_server)
+    assert before > 0, "etcd's range counter is not being read"
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=3.0)
+    after = _range_requests(etcd_server)
+    # A poller at kombu's default 1 s interval would make 3+ reads here; a watch makes none.
+    assert after - before <= 1, f"{after - before} range reads while idle"
+
+
+def _range_requests(server) -> int:
+    body = urllib.request.urlopen(f"{server.client_url}/metrics", timeout=5).read().decode()
+    total = 0
+    for line in body.splitlines():
+        if line.startswith("etcd_debugging_mvcc_range_total") or (
+                line.startswith("grpc_server_handled_total") and 'grpc_method="Range"' in line):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def test_it_keeps_every_key_under_the_configured_prefix(connect, etcd_url, etcd_prefix):
+    queue = connect().SimpleQueue("prefixed")
+    queue.put({"x": 1})
+    client = get_client(etcd_url)
+    keys = [meta.key.decode() for _, meta in client.get_prefix(etcd_prefix + "/", keys_only=True)]
+    assert keys and all(key.startswith(etcd_prefix + "/") for key in keys)
+    message = queue.get(timeout=2)
+    assert json.loads(json.dumps(message.payload)) == {"x": 1}
+    message.ack()

@@ -9,6 +9,7 @@ transaction per message, at their original place in line.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: Default lease TTL (seconds): a killed consumer's messages are back within this time.
 DEFAULT_LEASE_TTL = 10
+#: Most acks deleted in one transaction (etcd allows 128 operations per transaction).
+ACK_BATCH = 100
 #: Full sweep of every declared queue this often, besides the sweeps that lease expiry triggers.
 SAFETY_SWEEP_SECONDS = 30.0
 
@@ -43,6 +46,7 @@ class ConsumerLease:
         self._lock = threading.RLock()
         self._pending_deletes: list[str] = []
         self._sweep_now = threading.Event()
+        self._acks_waiting = threading.Event()
         self._closed = threading.Event()
         self._watch_stream: WatchStream | None = None
         self._threads: list[threading.Thread] = []
@@ -79,14 +83,16 @@ class ConsumerLease:
             return
         self._watch_stream = WatchStream(self.client, name="etcd-consumers-watch")
         self._watch_stream.watch(self.keys.consumers(), self._on_consumer_events, prefix=True)
-        for target, name in ((self._keepalive_loop, "etcd-lease-keepalive"), (self._sweep_loop, "etcd-sweeper")):
+        for target, name in ((self._keepalive_loop, "etcd-lease-keepalive"), (self._sweep_loop, "etcd-sweeper"),
+                             (self._ack_loop, "etcd-acks")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         self._sweep_now.set()
 
     def close(self, revoke: bool = True) -> None:
-        """Stop the threads; revoking the lease hands our unacked messages back at once."""
+        """Write pending acks, stop the threads; revoking the lease hands the rest back at once."""
+        self.flush_acks()
         self._closed.set()
         self._sweep_now.set()
         if self._watch_stream is not None:
@@ -105,7 +111,6 @@ class ConsumerLease:
         while not self._closed.wait(interval):
             try:
                 self._refresh()
-                self._retry_pending_deletes()
             except CONNECTION_ERRORS as exc:
                 logger.warning("lease keepalive failed (%s); retrying", type(exc).__name__)
                 interval = 0.5
@@ -151,21 +156,41 @@ class ConsumerLease:
             return f"{queue_part}/unacked/{self.lease_id:016x}/{position}"
         return key
 
-    # -- acks that could not be written yet ----------------------------------------
+    # -- acks: deleted in batches by one thread ---------------------------------------
     def delete_later(self, key: str) -> None:
+        """Ack: the key goes in the next delete transaction (acks in flight batch together)."""
         with self._lock:
             self._pending_deletes.append(key)
+        self._acks_waiting.set()
 
-    def _retry_pending_deletes(self) -> None:
-        with self._lock:
-            pending, self._pending_deletes = self._pending_deletes, []
-        for index, key in enumerate(pending):
+    def flush_acks(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._pending_deletes and time.monotonic() < deadline:
             try:
-                self.client.delete(self.current_key(key))
+                self._write_acks()
             except CONNECTION_ERRORS:
-                with self._lock:
-                    self._pending_deletes.extend(pending[index:])
-                raise
+                time.sleep(0.2)
+
+    def _ack_loop(self) -> None:
+        while not self._closed.is_set():
+            self._acks_waiting.wait(1.0)
+            self._acks_waiting.clear()
+            try:
+                while self._pending_deletes:
+                    self._write_acks()
+            except CONNECTION_ERRORS as exc:
+                logger.warning("acks not written (%s); retrying", type(exc).__name__)
+                self._closed.wait(0.2)
+                self._acks_waiting.set()
+
+    def _write_acks(self) -> None:
+        with self._lock:
+            batch = self._pending_deletes[:ACK_BATCH]
+        if not batch:
+            return
+        self.client.transaction(compare=[], success=[tx.Delete(self.current_key(k)) for k in batch], failure=[])
+        with self._lock:
+            del self._pending_deletes[:len(batch)]
 
     # -- sweeping dead consumers' messages back ---------------------------------
     def _on_consumer_events(self, events: Iterable) -> None:
@@ -249,6 +274,7 @@ def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int) -> ConsumerLeas
         return lease
 
 
+@atexit.register
 def close_all_leases() -> None:
     with _leases_lock:
         for lease in _leases.values():

@@ -36,6 +36,8 @@ import json
 import logging
 import socket
 import threading
+from collections import deque
+from functools import partial
 from queue import Empty
 from time import monotonic
 from urllib.parse import quote
@@ -57,8 +59,10 @@ logger = logging.getLogger(__name__)
 
 #: etcd refuses requests over 1.5 MiB (--max-request-bytes); keep 4 KiB for key and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 1_572_864 - 4_096
-#: Ready messages read per claim attempt; later ones are tried if others win the first.
-CLAIM_BATCH = 8
+#: Most messages claimed in one transaction (2 ops each; etcd allows 128 ops per txn).
+CLAIM_BATCH = 32
+#: Most message bytes claimed in one transaction (etcd refuses requests over 1.5 MiB).
+CLAIM_BATCH_BYTES = 1_048_576
 #: An idle consumer re-checks its queues this often even without a watch event (safety net only).
 SAFETY_RECHECK_SECONDS = 30.0
 ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
@@ -123,6 +127,7 @@ class Channel(virtual.Channel):
         self.client = connection.etcd
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
+        self._buffer: dict[str, deque] = {}
 
     # -- publishing -------------------------------------------------------------
     def _put(self, queue, message, **kwargs):
@@ -148,36 +153,90 @@ class Channel(virtual.Channel):
 
     # -- consuming ------------------------------------------------------------------
     def _get(self, queue, timeout=None):
+        buffered = self._buffer.get(queue)
+        if buffered:
+            return buffered.popleft()
         lease_id = self.connection.lease.ensure()
-        prefix = self.keys.ready(queue)
-        for value, meta in self.client.get_range(prefix, range_end(prefix), limit=CLAIM_BATCH):
-            claimed = self._claim(queue, meta, value, lease_id)
-            if claimed is not None:
-                return claimed
-        raise Empty()
+        candidates = self.connection.take_hints(queue) or self._read_ready(queue)
+        messages = self._claim_many(queue, candidates, lease_id)
+        if not messages and candidates:
+            messages = self._claim_many(queue, self._read_ready(queue), lease_id)
+        if not messages:
+            raise Empty()
+        self._buffer.setdefault(queue, deque()).extend(messages[1:])
+        return messages[0]
 
-    def _claim(self, queue, meta, value: bytes, lease_id: int):
-        """One transaction: the ready key still unchanged and our lease alive -> it is ours."""
-        key = meta.key.decode()
+    def _allowance(self) -> int:
+        """How many messages we may claim now without passing the prefetch limit."""
+        room = self.qos.can_consume_max_estimate()
+        return CLAIM_BATCH if room is None else max(1, min(room, CLAIM_BATCH))
+
+    def _read_ready(self, queue) -> list[tuple[bytes, bytes, int]]:
+        limit = self._allowance()
+        prefix = self.keys.ready(queue)
+        rows = [(meta.key, value, meta.mod_revision)
+                for value, meta in self.client.get_range(prefix, range_end(prefix), limit=limit)]
+        self.connection.expect_hints(queue, collecting=len(rows) < limit)
+        return rows
+
+    def _claim_many(self, queue, candidates, lease_id: int) -> list[dict]:
+        """One transaction claims the batch; if another consumer won any, claim one by one."""
+        batch, size = [], 0
+        for row in candidates:
+            if batch and size + len(row[1]) > CLAIM_BATCH_BYTES:
+                break
+            batch.append(row)
+            size += len(row[1])
+        if not batch:
+            return []
+        claimed = self._claim(queue, batch, lease_id)
+        if claimed is None and len(batch) > 1:
+            claimed = [m for row in batch for m in (self._claim(queue, [row], lease_id) or [])]
+        return claimed or []
+
+    def _claim(self, queue, rows, lease_id: int) -> list[dict] | None:
+        """The ready keys unchanged and our lease alive -> all of them are ours, atomically."""
         consumer_key = self.keys.consumer(lease_id)
-        unacked = self.keys.unacked_message(queue, lease_id, self.keys.position_of(key))
         no_ack = queue in self._no_ack_queues
-        ok, responses = self.client.transaction(
-            compare=[tx.Mod(key) == meta.mod_revision, tx.Version(consumer_key) > 0],
-            success=[tx.Delete(key)] if no_ack else [tx.Delete(key), tx.Put(unacked, value)],
-            failure=[tx.Get(consumer_key)],
-        )
+        compare = [tx.Version(consumer_key) > 0]
+        success, unacked_keys = [], []
+        for key, value, revision in rows:
+            key = key.decode()
+            unacked = None if no_ack else self.keys.unacked_message(queue, lease_id, self.keys.position_of(key))
+            compare.append(tx.Mod(key) == revision)
+            success.append(tx.Delete(key))
+            if unacked:
+                success.append(tx.Put(unacked, value))
+            unacked_keys.append(unacked)
+        ok, responses = self.client.transaction(compare=compare, success=success, failure=[tx.Get(consumer_key)])
         if not ok:
             if not responses or not responses[0]:
                 self.connection.lease.lost(lease_id)
             return None
+        return [m for (_, value, _), unacked in zip(rows, unacked_keys)
+                if (m := self._decode(queue, value, unacked)) is not None]
+
+    def _decode(self, queue, value: bytes, unacked: str | None) -> dict | None:
         try:
             message = json.loads(value)
-            message["properties"]["delivery_info"]["etcd_key"] = None if no_ack else unacked
+            message["properties"]["delivery_info"]["etcd_key"] = unacked
         except (ValueError, KeyError, TypeError) as exc:
-            self._dead_letter(queue, unacked if not no_ack else None, value, exc)
+            self._dead_letter(queue, unacked, value, exc)
             return None
         return message
+
+    def _requeue_buffered(self, queue=None) -> None:
+        for name in [queue] if queue is not None else list(self._buffer):
+            for raw in self._buffer.pop(name, ()):
+                self._requeue(self.Message(raw, channel=self))
+
+    def close(self):
+        if not self.closed:
+            try:
+                self._requeue_buffered()
+            except CONNECTION_ERRORS:
+                logger.warning("etcd unreachable: prefetched messages return when our lease lapses")
+        super().close()
 
     def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
         dead = self.keys.dead(queue) + self.connection.sequence.next()
@@ -187,14 +246,8 @@ class Channel(virtual.Channel):
 
     def _forget(self, message) -> None:
         key = message.delivery_info.get("etcd_key")
-        if not key:
-            return
-        lease = self.connection.lease
-        try:
-            self.client.delete(lease.current_key(key))
-        except CONNECTION_ERRORS:
-            logger.warning("ack not written (etcd unreachable); retrying in the background")
-            lease.delete_later(key)
+        if key:
+            self.connection.lease.delete_later(key)
 
     def _requeue(self, message) -> None:
         key = message.delivery_info.get("etcd_key")
@@ -216,6 +269,7 @@ class Channel(virtual.Channel):
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None:
+            self._requeue_buffered(queue)
             self.connection.unwatch_queue(queue)
             if queue in self._auto_delete:
                 self._auto_delete.discard(queue)
@@ -320,6 +374,7 @@ class Transport(virtual.Transport):
         self._watch_stream: WatchStream | None = None
         self._bindings: BindingTable | None = None
         self._queue_watches: dict[str, list] = {}
+        self._hints: dict[str, list | None] = {}
         self._watch_lock = threading.Lock()
 
     @staticmethod
@@ -377,7 +432,7 @@ class Transport(virtual.Transport):
             if entry is not None:
                 entry[1] += 1
                 return
-            watch = self.watch_stream.watch(self.keys.ready(queue), self._on_ready, prefix=True,
+            watch = self.watch_stream.watch(self.keys.ready(queue), partial(self._on_ready, queue), prefix=True,
                                             puts_only=True, on_created=self.wake)
             self._queue_watches[queue] = [watch, 1]
         self.watch_stream.wait_created(watch, timeout=self.config.timeout)
@@ -393,8 +448,29 @@ class Transport(virtual.Transport):
                 del self._queue_watches[queue]
                 self.watch_stream.cancel(entry[0])
 
-    def _on_ready(self, events) -> None:
+    def _on_ready(self, queue: str, events) -> None:
+        with self._watch_lock:
+            hints = self._hints.get(queue)
+            if hints is not None:
+                if len(hints) + len(events) <= CLAIM_BATCH:
+                    hints.extend((e.kv.key, e.kv.value, e.kv.mod_revision) for e in events)
+                else:
+                    self._hints[queue] = None
         self._wakeup.set()
+
+    def expect_hints(self, queue: str, collecting: bool) -> None:
+        """After a range read: collect new messages from watch events only if the read drained it."""
+        with self._watch_lock:
+            self._hints[queue] = [] if collecting else None
+
+    def take_hints(self, queue: str) -> list | None:
+        """Messages seen arriving on a queue known to be empty: claimable without a range read."""
+        with self._watch_lock:
+            hints = self._hints.get(queue)
+            if not hints:
+                return None
+            self._hints[queue] = []
+        return sorted(hints)
 
     def wake(self) -> None:
         self._wakeup.set()

@@ -87,6 +87,7 @@ def test_it_gives_each_message_to_exactly_one_of_many_competing_consumers(connec
 
 def test_it_requeues_a_rejected_message_and_drops_one_rejected_without_requeue(connect):
     queue = connect().SimpleQueue("rejects")
+    queue.consumer.qos(prefetch_count=1)  # nothing prefetched: a requeued message is next again
     queue.put({"n": 1})
     queue.put({"n": 2})
     first = queue.get(timeout=2)

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table with our etcd path and its comparison measured in the same run."""

@@ -1,0 +1,386 @@
+"""etcd operations behind the result backend: task states, bucketed leases, chord counting.
+
+Shared per process: one :class:`ResultStore` per (etcd configuration, prefix), one
+WatchStream and one :class:`LeaseBuckets` per etcd configuration. This module speaks
+bytes and revisions; Celery's meta encoding stays in backend.py.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import grpc
+from etcd3 import etcdrpc
+from etcd3.utils import prefix_range_end, to_bytes
+
+from etcd_broker.client import EtcdConfig, get_client
+from etcd_broker.keys import KeySpace
+from etcd_broker.watch import WatchStream
+
+logger = logging.getLogger(__name__)
+
+#: A lease bucket is a tenth of the TTL, clamped to [1 s, 1 h]: a key lives between its TTL
+#: and its TTL plus one bucket, and a process holds at most ~11-25 leases per TTL in use.
+BUCKET_FRACTION = 0.1
+MIN_BUCKET_SECONDS = 1.0
+MAX_BUCKET_SECONDS = 3600.0
+#: etcd's default --max-txn-ops; reads of many keys are split into transactions this big.
+MAX_TXN_OPS = 128
+#: Task ids whose last write we remember (id -> mod revision), so the next write skips a read.
+LAST_WRITE_MEMORY = 4096
+#: Compare-and-put attempts on one key before giving up (only a concurrent writer forces a retry).
+MAX_WRITE_ATTEMPTS = 32
+SUCCESS = "SUCCESS"
+
+
+class WriteOutcome(enum.Enum):
+    WRITTEN = "written"
+    KEPT_SUCCESS = "kept-success"  # a SUCCESS is stored already; like Celery, keep it
+    CANCELLED = "cancelled"  # a cancel marker exists (checked for progress writes only)
+
+
+class WriteConflict(RuntimeError):
+    """A key kept changing under a compare-and-put."""
+
+
+class _LeaseMissing(Exception):
+    """etcd no longer knows the lease we attached (expired early, or etcd lost it)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored value and the revisions that order it."""
+
+    value: bytes
+    mod_revision: int
+    create_revision: int = 0
+
+    @classmethod
+    def from_kv(cls, kv: Any) -> Stored:
+        return cls(kv.value, kv.mod_revision, kv.create_revision)
+
+
+@dataclass(frozen=True)
+class ChordCount:
+    """What the transaction that recorded one chord part saw."""
+
+    done: int
+    size: int | None
+
+
+def bucket_seconds(ttl: int) -> float:
+    """Width of the time bucket whose writes share one lease of ``ttl`` seconds."""
+    return min(max(ttl * BUCKET_FRACTION, MIN_BUCKET_SECONDS), MAX_BUCKET_SECONDS)
+
+
+class LeaseBuckets:
+    """One etcd lease per (TTL, time bucket), shared by every key written in that bucket.
+
+    A key written at time t in bucket [b*W, (b+1)*W) gets the bucket's lease, which
+    expires at (b+1)*W + TTL: between TTL and TTL + W after the write.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._leases: dict[tuple[int, int], int] = {}
+
+    def lease_for(self, ttl: int | None) -> int:
+        """The lease id for a key written now with ``ttl`` seconds to live (0: no lease)."""
+        if not ttl:
+            return 0
+        width = bucket_seconds(ttl)
+        now = time.time()
+        bucket = int(now // width)
+        with self._lock:
+            lease_id = self._leases.get((ttl, bucket))
+            if lease_id is None:
+                lease_id = self._grant(ttl, bucket, width, now)
+        return lease_id
+
+    def _grant(self, ttl: int, bucket: int, width: float, now: float) -> int:
+        grant_ttl = math.ceil((bucket + 1) * width + ttl - now)
+        lease_id = self.client.lease(grant_ttl).id
+        self._leases = {k: v for k, v in self._leases.items() if k[0] != ttl or k[1] > bucket}
+        self._leases[(ttl, bucket)] = lease_id
+        logger.debug("granted result lease %x (ttl %ss) for bucket %s", lease_id, grant_ttl, bucket)
+        return lease_id
+
+    def discard(self, lease_id: int) -> None:
+        with self._lock:
+            self._leases = {k: v for k, v in self._leases.items() if v != lease_id}
+
+
+def _range_op(key: str | bytes, count_only: bool = False, prefix: bool = False) -> etcdrpc.RequestOp:
+    key = to_bytes(key)
+    request = etcdrpc.RangeRequest(key=key, count_only=count_only)
+    if prefix:
+        request.range_end = prefix_range_end(key)
+    return etcdrpc.RequestOp(request_range=request)
+
+
+def _put_op(key: str | bytes, value: bytes, lease: int) -> etcdrpc.RequestOp:
+    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=to_bytes(key), value=value, lease=lease))
+
+
+def _delete_op(key: str | bytes, prefix: bool = False) -> etcdrpc.RequestOp:
+    key = to_bytes(key)
+    request = etcdrpc.DeleteRangeRequest(key=key)
+    if prefix:
+        request.range_end = prefix_range_end(key)
+    return etcdrpc.RequestOp(request_delete_range=request)
+
+
+def _compare(key: str | bytes, target: str, value: int) -> etcdrpc.Compare:
+    targets = {"mod_revision": etcdrpc.Compare.MOD, "version": etcdrpc.Compare.VERSION}
+    return etcdrpc.Compare(key=to_bytes(key), target=targets[target], result=etcdrpc.Compare.EQUAL,
+                           **{target: value})
+
+
+def _first_kv(response_op: Any) -> Stored | None:
+    kvs = response_op.response_range.kvs
+    return Stored.from_kv(kvs[0]) if kvs else None
+
+
+def status_of(value: bytes) -> str | None:
+    """The Celery state in a stored JSON value (None if it is not one)."""
+    try:
+        return json.loads(value).get("status")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _lease_missing(exc: grpc.RpcError) -> bool:
+    code = exc.code() if hasattr(exc, "code") else None
+    return code == grpc.StatusCode.NOT_FOUND and "lease not found" in (exc.details() or "")
+
+
+class ResultStore:
+    """Task states, group results, chord counters and cancel markers under one key prefix."""
+
+    def __init__(self, config: EtcdConfig, keys: KeySpace) -> None:
+        self.config = config
+        self.keys = keys
+        self.client = get_client(config)
+        self.leases = _shared(_leases, config, lambda: LeaseBuckets(self.client))
+        #: The newest etcd revision this process has seen (a safe place to resume a watch from).
+        self.revision = 0
+        self._last_write: OrderedDict[str, int] = OrderedDict()
+        self._memory_lock = threading.Lock()
+
+    @property
+    def stream(self) -> WatchStream:
+        """The one watch stream of this process for this etcd cluster."""
+        return shared_stream(self.config)
+
+    def saw_revision(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+
+    # -- task states ------------------------------------------------------------
+    def read(self, task_id: str) -> tuple[Stored | None, int]:
+        """The stored state of ``task_id`` (or None) and the revision it was read at."""
+        response = self._rpc("Range", etcdrpc.RangeRequest(key=to_bytes(self.keys.result(task_id))))
+        stored = Stored.from_kv(response.kvs[0]) if response.kvs else None
+        return stored, response.header.revision
+
+    def read_many(self, task_ids: Iterable[str]) -> dict[str, Stored]:
+        """Stored states of every id that has one, read in as few transactions as etcd allows."""
+        ids = list(dict.fromkeys(task_ids))
+        found: dict[str, Stored] = {}
+        for start in range(0, len(ids), MAX_TXN_OPS):
+            chunk = ids[start:start + MAX_TXN_OPS]
+            ops = [_range_op(self.keys.result(task_id)) for task_id in chunk]
+            response = self._rpc("Txn", etcdrpc.TxnRequest(success=ops))
+            for task_id, op in zip(chunk, response.responses):
+                stored = _first_kv(op)
+                if stored is not None:
+                    found[task_id] = stored
+        return found
+
+    def write_state(self, task_id: str, value: bytes, *, ttl: int | None,
+                    check_cancel: bool = False) -> WriteOutcome:
+        """Store ``value`` unless SUCCESS is stored already; one transaction when uncontended."""
+        key = self.keys.result(task_id)
+        cancel_key = self.keys.cancel(task_id) if check_cancel else None
+        expected = self._remembered(task_id)
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            response = self._with_lease(ttl, lambda lease: self._put_if_unchanged(
+                key, value, expected, lease, cancel_key))
+            if response.succeeded:
+                self._remember(task_id, response.header.revision)
+                return WriteOutcome.WRITTEN
+            current = _first_kv(response.responses[0])
+            if cancel_key is not None and response.responses[1].response_range.count:
+                return WriteOutcome.CANCELLED
+            if current is not None and status_of(current.value) == SUCCESS:
+                return WriteOutcome.KEPT_SUCCESS
+            expected = current.mod_revision if current is not None else 0
+        raise WriteConflict(f"result of task {task_id} changed {MAX_WRITE_ATTEMPTS} times while we wrote it")
+
+    def _put_if_unchanged(self, key: str, value: bytes, expected: int, lease: int,
+                          cancel_key: str | None) -> Any:
+        compare = [_compare(key, "mod_revision", expected)]
+        failure = [_range_op(key)]
+        if cancel_key is not None:
+            compare.append(_compare(cancel_key, "version", 0))
+            failure.append(_range_op(cancel_key, count_only=True))
+        request = etcdrpc.TxnRequest(compare=compare, success=[_put_op(key, value, lease)], failure=failure)
+        return self._rpc("Txn", request)
+
+    def forget(self, task_id: str) -> None:
+        """Delete the state and any cancel marker of ``task_id`` now."""
+        self._rpc("Txn", etcdrpc.TxnRequest(success=[
+            _delete_op(self.keys.result(task_id)), _delete_op(self.keys.cancel(task_id))]))
+        with self._memory_lock:
+            self._last_write.pop(task_id, None)
+
+    def _remembered(self, task_id: str) -> int:
+        with self._memory_lock:
+            return self._last_write.get(task_id, 0)
+
+    def _remember(self, task_id: str, revision: int) -> None:
+        with self._memory_lock:
+            self._last_write[task_id] = revision
+            self._last_write.move_to_end(task_id)
+            while len(self._last_write) > LAST_WRITE_MEMORY:
+                self._last_write.popitem(last=False)
+
+    # -- plain keys (saved groups) --------------------------------------------------
+    def get(self, key: str | bytes) -> bytes | None:
+        response = self._rpc("Range", etcdrpc.RangeRequest(key=to_bytes(key)))
+        return response.kvs[0].value if response.kvs else None
+
+    def get_many(self, keys: Iterable[str | bytes]) -> list[bytes | None]:
+        keys = list(keys)
+        values: list[bytes | None] = []
+        for start in range(0, len(keys), MAX_TXN_OPS):
+            ops = [_range_op(key) for key in keys[start:start + MAX_TXN_OPS]]
+            response = self._rpc("Txn", etcdrpc.TxnRequest(success=ops))
+            values.extend(kv.value if kv else None for kv in map(_first_kv, response.responses))
+        return values
+
+    def put(self, key: str | bytes, value: bytes, ttl: int | None) -> None:
+        self._with_lease(ttl, lambda lease: self._rpc("Put", etcdrpc.PutRequest(
+            key=to_bytes(key), value=to_bytes(value), lease=lease)))
+
+    def delete(self, key: str | bytes) -> None:
+        self._rpc("DeleteRange", etcdrpc.DeleteRangeRequest(key=to_bytes(key)))
+
+    # -- chords -------------------------------------------------------------------------
+    def reset_chord(self, group_id: str) -> None:
+        """Forget any earlier run of this chord (a frozen chord applied again reuses its id)."""
+        self._rpc("Txn", etcdrpc.TxnRequest(success=[_delete_op(self.keys.chord(group_id), prefix=True)]))
+
+    def set_chord_size(self, group_id: str, size: int, ttl: int | None) -> None:
+        self.put(self.keys.chord_size(group_id), str(size).encode(), ttl)
+
+    def grow_chord(self, group_id: str, ttl: int | None) -> None:
+        """One more header task (``Task.add_to_chord``): add 1 to the size, compare-and-put."""
+        key = self.keys.chord_size(group_id)
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            current = _first_kv(self._rpc("Txn", etcdrpc.TxnRequest(success=[_range_op(key)])).responses[0])
+            size = int(current.value) + 1 if current is not None else 1
+            expected = current.mod_revision if current is not None else 0
+            request = etcdrpc.TxnRequest(compare=[_compare(key, "mod_revision", expected)], success=[
+                _put_op(key, str(size).encode(), self.leases.lease_for(ttl))])
+            if self._rpc("Txn", request).succeeded:
+                return
+        raise WriteConflict(f"chord {group_id} size changed {MAX_WRITE_ATTEMPTS} times while we grew it")
+
+    def chord_part_done(self, group_id: str, part: str, ttl: int | None) -> ChordCount | None:
+        """Record one finished header task; None if this part was counted before (a redelivery).
+
+        One transaction creates the part's key only if it is absent and, in the same
+        revision, counts the parts and reads the size: exactly one part sees done == size.
+        """
+        part_key = self.keys.chord_part(group_id, part)
+        response = self._with_lease(ttl, lambda lease: self._rpc("Txn", etcdrpc.TxnRequest(
+            compare=[_compare(part_key, "version", 0)],
+            success=[_put_op(part_key, b"", lease),
+                     _range_op(self.keys.chord_parts(group_id), count_only=True, prefix=True),
+                     _range_op(self.keys.chord_size(group_id))])))
+        if not response.succeeded:
+            return None
+        size = _first_kv(response.responses[2])
+        return ChordCount(done=response.responses[1].response_range.count,
+                          size=int(size.value) if size is not None else None)
+
+    def delete_chord(self, group_id: str) -> None:
+        self.reset_chord(group_id)
+
+    # -- cooperative cancel ----------------------------------------------------------
+    def request_cancel(self, task_id: str, ttl: int | None) -> None:
+        self.put(self.keys.cancel(task_id), b"1", ttl)
+
+    def is_cancelled(self, task_id: str) -> bool:
+        response = self._rpc("Range", etcdrpc.RangeRequest(key=to_bytes(self.keys.cancel(task_id)),
+                                                           count_only=True))
+        return response.count > 0
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _with_lease(self, ttl: int | None, call: Callable[[int], Any]) -> Any:
+        lease = self.leases.lease_for(ttl)
+        try:
+            return call(lease)
+        except _LeaseMissing:
+            logger.info("result lease %x is gone; granting a new one", lease)
+            self.leases.discard(lease)
+            return call(self.leases.lease_for(ttl))
+
+    def _rpc(self, method: str, request: Any) -> Any:
+        client = self.client
+        try:
+            response = getattr(client.kvstub, method)(
+                request, client.timeout, credentials=client.call_credentials, metadata=client.metadata)
+        except grpc.RpcError as exc:
+            if _lease_missing(exc):
+                raise _LeaseMissing() from exc
+            client._manage_grpc_errors(exc)  # raises a CONNECTION_ERRORS member, or exc itself
+            raise
+        self.saw_revision(response.header.revision)
+        return response
+
+
+_registry_lock = threading.RLock()  # store_for -> ResultStore() -> _shared(_leases)
+_streams: dict[tuple[int, EtcdConfig], WatchStream] = {}
+_leases: dict[tuple[int, EtcdConfig], LeaseBuckets] = {}
+_stores: dict[tuple[int, EtcdConfig, str], ResultStore] = {}
+
+
+def _shared(registry: dict, config: EtcdConfig, make: Callable[[], Any], *extra: str) -> Any:
+    key = (os.getpid(), config, *extra)
+    with _registry_lock:
+        item = registry.get(key)
+        if item is None:
+            item = registry[key] = make()
+        return item
+
+
+def shared_stream(config: EtcdConfig) -> WatchStream:
+    """This process's one result watch stream for ``config`` (a new one after fork)."""
+    return _shared(_streams, config, lambda: WatchStream(get_client(config), name="etcd-results-watch"))
+
+
+def store_for(config: EtcdConfig, prefix: str) -> ResultStore:
+    """The shared :class:`ResultStore` for ``config`` and key ``prefix`` in this process."""
+    return _shared(_stores, config, lambda: ResultStore(config, KeySpace(prefix)), prefix)
+
+
+def close_shared() -> None:
+    """Close this process's result watch streams and forget stores (tests, shutdown)."""
+    with _registry_lock:
+        streams = [s for (pid, _), s in _streams.items() if pid == os.getpid()]
+        _streams.clear()
+        _leases.clear()
+        _stores.clear()
+    for stream in streams:
+        stream.close()

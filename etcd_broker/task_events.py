@@ -1,0 +1,151 @@
+"""Task state changes as a stream of :class:`TaskEvent`, for the web tier (SSE, polling views).
+
+Each event carries the etcd revision of the write that made it; revisions are the
+event ids: resume with ``after_revision`` and nothing is missed or repeated. The public
+entry point is :func:`etcd_broker.backend.watch_task`.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+from celery import states
+
+from etcd_broker.result_store import ResultStore, Stored, status_of
+from etcd_broker.watch import EVENT_PUT
+
+logger = logging.getLogger(__name__)
+
+FINAL_STATES = frozenset({states.SUCCESS, states.FAILURE, states.REVOKED})
+#: Inbox marker for a deleted key (forget() or expiry): the task reads as PENDING again.
+DELETED = b""
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One state of one task, JSON-safe (``to_dict()``), ordered by ``revision``."""
+
+    task_id: str
+    state: str
+    result: Any
+    progress: int | None
+    revision: int
+    date_done: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def pending(cls, task_id: str, revision: int = 0) -> TaskEvent:
+        return cls(task_id=task_id, state=states.PENDING, result=None, progress=None, revision=revision)
+
+    @classmethod
+    def from_meta(cls, task_id: str, meta: dict[str, Any], revision: int) -> TaskEvent:
+        """Build from Celery's stored meta as decoded from JSON (exceptions still as dicts)."""
+        state = meta.get("status", states.PENDING)
+        result = meta.get("result")
+        if state in states.EXCEPTION_STATES:
+            result = _exception_dict(result)
+        return cls(task_id=task_id, state=state, result=result, progress=_progress(state, result),
+                   revision=revision, date_done=meta.get("date_done"))
+
+
+def _exception_dict(result: Any) -> dict[str, str]:
+    if not isinstance(result, dict):
+        return {"exc_type": "Exception", "exc_message": str(result)}
+    args = result.get("exc_message", ())
+    if isinstance(args, (list, tuple)):
+        message = "" if not args else str(args[0]) if len(args) == 1 else str(tuple(args))
+    else:
+        message = str(args)
+    return {"exc_type": str(result.get("exc_type", "Exception")), "exc_message": message}
+
+
+def _progress(state: str, result: Any) -> int | None:
+    if state == states.SUCCESS:
+        return 100
+    value = result.get("progress") if isinstance(result, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return max(0, min(100, int(round(value))))
+
+
+class TaskFeed:
+    """One task's watch on the shared stream, starting where the caller left off.
+
+    Reads the key first, then watches from the read's revision + 1 (or, to replay
+    what a resuming caller missed, from ``after_revision + 1``). Items come out in
+    revision order; the caller drops any at or below the last revision it yielded.
+    """
+
+    def __init__(self, store: ResultStore, task_id: str, after_revision: int | None) -> None:
+        self.store = store
+        self.task_id = task_id
+        self.after = after_revision
+        self._inbox: queue.SimpleQueue[Stored] = queue.SimpleQueue()
+        self._watch = None
+        self.finished = False
+
+    def open(self) -> TaskFeed:
+        stored, header = self.store.read(self.task_id)
+        start = header + 1
+        if self.after is None:
+            self._inbox.put(stored or Stored(DELETED, 0))
+        elif stored is not None and stored.mod_revision > self.after:
+            start = max(self.after + 1, stored.create_revision)  # replay what the caller missed
+        elif stored is not None and status_of(stored.value) in FINAL_STATES:
+            self.finished = True  # the caller has seen the final state already
+            return self
+        self._watch = self.store.stream.watch(self.store.keys.result(self.task_id), self._on_events,
+                                              start_revision=start, on_resync=self._on_resync)
+        return self
+
+    def next(self, timeout: float | None) -> Stored:
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no state change of task {self.task_id} within {timeout}s") from None
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self.store.stream.cancel(self._watch)
+            self._watch = None
+
+    def _on_events(self, events: Any) -> None:
+        for event in events:
+            value = event.kv.value if event.type == EVENT_PUT else DELETED
+            self._inbox.put(Stored(value, event.kv.mod_revision))
+
+    def _on_resync(self) -> int:
+        stored, header = self.store.read(self.task_id)
+        logger.info("task %s: history compacted; resuming from its current state", self.task_id)
+        self._inbox.put(stored or Stored(DELETED, header))
+        return header
+
+
+def iter_events(feed: TaskFeed, decode: Callable[[bytes], dict], timeout: float | None) -> Iterator[TaskEvent]:
+    """Yield the feed's events once each, in revision order, ending after a final state."""
+    last = -1 if feed.after is None else feed.after
+    try:
+        while not feed.finished:
+            stored = feed.next(timeout)
+            if stored.mod_revision <= last:
+                continue  # replayed after a reconnect, or both read and watched
+            last = stored.mod_revision
+            event = _to_event(feed.task_id, stored, decode)
+            yield event
+            feed.finished = event.final
+    finally:
+        feed.close()
+
+
+def _to_event(task_id: str, stored: Stored, decode: Callable[[bytes], dict]) -> TaskEvent:
+    if stored.value == DELETED:
+        return TaskEvent.pending(task_id, stored.mod_revision)
+    return TaskEvent.from_meta(task_id, decode(stored.value), stored.mod_revision)

@@ -149,3 +149,31 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
 }
+
+# --- jobs, API and browser pages (jobs/, frontend/) ---------------------------
+#: Queued jobs one owner (user or anonymous session) may have waiting at once; more gets 429.
+JOBS_MAX_QUEUED_PER_OWNER = envint("JOBS_MAX_QUEUED_PER_OWNER", "5")
+#: Largest request body POST /api/jobs accepts (bytes); larger gets 413. Photos fit in 4 MiB.
+JOBS_MAX_REQUEST_BYTES = envint("JOBS_MAX_REQUEST_BYTES", str(4 * 1024 * 1024))
+DATA_UPLOAD_MAX_MEMORY_SIZE = JOBS_MAX_REQUEST_BYTES
+#: Highest priority a non-staff caller may ask for (0-9, 9 most urgent); staff may use 9.
+JOBS_MAX_PRIORITY_NON_STAFF = envint("JOBS_MAX_PRIORITY_NON_STAFF", "5")
+JOBS_DEFAULT_PRIORITY = envint("JOBS_DEFAULT_PRIORITY", "5")
+#: Jobs per page in GET /api/jobs.
+JOBS_PAGE_SIZE = envint("JOBS_PAGE_SIZE", "20")
+#: Seconds between SSE heartbeat comments (keeps proxies from closing idle streams).
+JOBS_SSE_HEARTBEAT_SECONDS = envint("JOBS_SSE_HEARTBEAT_SECONDS", "15")
+#: While a job waits, its event stream re-counts the jobs ahead of it this often (seconds).
+JOBS_SSE_POSITION_SECONDS = envint("JOBS_SSE_POSITION_SECONDS", "3")
+#: Threads in watch_jobs following tasks when the backend offers no prefix watch.
+JOBS_WATCH_THREADS = envint("JOBS_WATCH_THREADS", "32")
+if not DEBUG:
+    # Production (DEBUG=0): `manage.py check --deploy` is clean with these defaults.
+    SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", "1")
+    if envbool("BEHIND_TLS_PROXY", "0"):  # only when the proxy sets X-Forwarded-Proto itself
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", "31536000")
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", "1")
+    SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", "0")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True

@@ -1,4 +1,14 @@
 """Browser page routes."""
 from __future__ import annotations
 
-urlpatterns: list = []
+from django.urls import path
+
+from frontend import views
+
+app_name = "frontend"
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("models/<str:name>/", views.model_page, name="model"),
+    path("jobs/", views.my_jobs, name="jobs"),
+]

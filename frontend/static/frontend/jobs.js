@@ -1,0 +1,170 @@
+// One job on screen: status, place in line, progress, result; kept live by its event stream.
+import { cancelJob, errorText } from "./api.js";
+
+const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+const models = JSON.parse(document.getElementById("models-data")?.textContent || "[]");
+const titles = Object.fromEntries(models.map((m) => [m.name, m.title]));
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== null && value !== undefined) node.setAttribute(key, value);
+  }
+  for (const child of children) if (child) node.append(child);
+  return node;
+}
+
+function ago(iso) {
+  if (!iso) return "";
+  const seconds = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
+  if (seconds < 60) return `${seconds} s ago`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min ago`;
+  return new Date(iso).toLocaleString();
+}
+
+function aheadText(ahead) {
+  if (ahead === 0) return "Next in line";
+  if (ahead === 1) return "1 job ahead of yours";
+  return `${ahead} jobs ahead of yours`;
+}
+
+function renderBars(top) {
+  const list = el("ul", { class: "bars" });
+  for (const item of top) {
+    const pct = Math.round(item.probability * 1000) / 10;
+    list.append(el("li", { "data-label": item.label },
+      el("span", { class: "label", text: item.label }),
+      el("span", { class: "track" }, el("span", { class: "fill", style: `width:${Math.max(pct, 0.5)}%` })),
+      el("span", { class: "pct", text: `${pct.toFixed(1)}%` })));
+  }
+  return list;
+}
+
+function renderText(prompt, text, live) {
+  return el("div", { class: `generated${live ? " is-live" : ""}` },
+    el("span", { class: "prompt", text: prompt || "" }),
+    el("span", { class: "cont", text: text || "" }));
+}
+
+export function renderResult(job, onSuggestion) {
+  const result = job.result || {};
+  if (Array.isArray(result.top)) return renderBars(result.top);
+  if (Array.isArray(result.suggestions)) {
+    const chips = el("div", { class: "chips" });
+    for (const word of result.suggestions) {
+      const label = typeof word === "string" ? word : word.word || word.label;
+      chips.append(el("button", { type: "button", class: "chip", text: label,
+        onclick: () => onSuggestion && onSuggestion(label) }));
+    }
+    return chips;
+  }
+  if (typeof result.text === "string") return renderText(job.input?.prompt, result.text, false);
+  return el("pre", { class: "schema", text: JSON.stringify(result, null, 2) });
+}
+
+export class JobView {
+  constructor(job, { onSuggestion, compact = false } = {}) {
+    this.job = job;
+    this.onSuggestion = onSuggestion;
+    this.compact = compact;
+    this.node = el("article", { class: "job", "data-job": job.id });
+    this.source = null;
+    this.render();
+  }
+
+  render() {
+    const job = this.job;
+    this.node.dataset.status = job.status;
+    this.node.replaceChildren(this.thumb(), this.main(), this.actions());
+  }
+
+  thumb() {
+    if (job_has_image(this.job)) return el("div", { class: "job-thumb" }, el("img", { src: this.job.input_url, alt: "input" }));
+    return el("div", { class: "job-thumb", text: this.job.model === "text" ? "¶" : "" });
+  }
+
+  main() {
+    const job = this.job;
+    const head = el("div", { class: "job-head" },
+      el("span", { class: "job-title", text: titles[job.model] || job.model }),
+      el("span", { class: `status status-${job.status}`, text: this.statusText() }),
+      el("span", { class: "job-id", text: job.id.slice(0, 8) }),
+      el("span", { class: "job-time", text: ago(job.created_at) }));
+    const body = el("div", { class: "job-main" }, head);
+    if (job.input?.prompt !== undefined && job.status !== "running" && !job.result)
+      body.append(el("p", { class: "job-input", text: `“${job.input.prompt}”` }));
+    const line = this.lineText();
+    if (line) body.append(el("div", { class: `job-line${job.jobs_ahead != null ? " ahead" : ""}`, text: line }));
+    if (!FINAL.has(job.status))
+      body.append(el("div", { class: "progress" }, el("div", { class: "progress-bar", style: `width:${job.progress || 0}%` })));
+    if (job.status === "running" && job.partial && typeof job.partial.text === "string")
+      body.append(renderText(job.input?.prompt, job.partial.text, true));
+    if (job.status === "succeeded") body.append(renderResult(job, this.onSuggestion));
+    if (job.error && job.status !== "succeeded") body.append(el("div", { class: "job-error", text: job.error }));
+    return body;
+  }
+
+  statusText() {
+    if (this.job.cancel_requested && !FINAL.has(this.job.status)) return "cancelling";
+    return this.job.status;
+  }
+
+  lineText() {
+    const job = this.job;
+    if (job.status === "queued" && job.jobs_ahead != null) return aheadText(job.jobs_ahead);
+    if (job.status === "queued") return "Waiting for a worker";
+    if (job.status === "running") return `Running on ${job.worker || "a worker"} · ${job.progress || 0}%`;
+    return "";
+  }
+
+  actions() {
+    const box = el("div", { class: "job-actions" });
+    if (!FINAL.has(this.job.status) && !this.job.cancel_requested)
+      box.append(el("button", { type: "button", class: "btn btn-small btn-danger", text: "Cancel",
+        "data-action": "cancel", onclick: () => this.cancel() }));
+    return box;
+  }
+
+  async cancel() {
+    const answer = await cancelJob(this.job);
+    if (answer.ok) this.update(answer.data);
+    else this.update({ error: errorText(answer) });
+  }
+
+  update(fields) {
+    Object.assign(this.job, fields);
+    if (FINAL.has(this.job.status)) this.job.jobs_ahead = null;
+    this.render();
+  }
+
+  follow() {
+    if (FINAL.has(this.job.status) || this.source) return this;
+    const source = new EventSource(this.job.events_url);
+    this.source = source;
+    source.addEventListener("position", (event) => this.update({ jobs_ahead: JSON.parse(event.data).jobs_ahead }));
+    source.addEventListener("state", (event) => {
+      const data = JSON.parse(event.data);
+      const fields = { status: data.status, progress: data.progress ?? this.job.progress };
+      if (data.status !== "queued") fields.jobs_ahead = null;
+      if (data.partial) fields.partial = data.partial;
+      if (data.result !== undefined) fields.result = data.result;
+      if (data.error) fields.error = data.error;
+      if (data.worker) fields.worker = data.worker;
+      this.update(fields);
+      if (FINAL.has(data.status)) this.close();
+    });
+    return this;
+  }
+
+  close() {
+    if (this.source) this.source.close();
+    this.source = null;
+  }
+}
+
+function job_has_image(job) {
+  return Boolean(job.input_url);
+}

@@ -1,0 +1,1 @@
+"""The JSON API: views, the Server-Sent Events stream, and caller authentication."""

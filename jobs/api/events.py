@@ -1,0 +1,144 @@
+"""GET /api/jobs/<id>/events: Server-Sent Events straight from the result backend's watch.
+
+One ``state`` event per task state change (``id:`` is the etcd revision, so a reconnecting
+EventSource sends Last-Event-ID and misses nothing), ``position`` events while the job
+waits, a heartbeat comment every JOBS_SSE_HEARTBEAT_SECONDS, and the stream ends at a
+final state. Each open stream holds one server thread: run gunicorn with gthread workers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.http import HttpRequest, StreamingHttpResponse
+
+from jobs.api.auth import api, get_job
+from jobs.models import CELERY_STATES, FINAL_STATUSES, Job, Status
+from jobs.services import describe_error
+
+logger = logging.getLogger(__name__)
+
+#: How long a disconnected EventSource waits before reconnecting (milliseconds).
+RETRY_MS = 2000
+
+
+@api("GET")
+def job_events(request: HttpRequest, job_id: str) -> StreamingHttpResponse:
+    job = get_job(request, job_id)
+    after = last_event_id(request)
+    response = StreamingHttpResponse(stream(job, after), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache, no-transform"
+    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return response
+
+
+def last_event_id(request: HttpRequest) -> int | None:
+    """The revision a reconnecting client last saw (header, or ?last_event_id= for tests)."""
+    raw = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def stream(job: Job, after: int | None) -> Iterator[str]:
+    """The event stream for one job; closes its DB connection while it waits."""
+    yield f"retry: {RETRY_MS}\n\n"
+    if job.is_final and (after is None or after < job.revision):
+        yield sse(job_event(job), "state", job.revision or None)
+        return
+    position = job.jobs_ahead()
+    if position is not None:
+        yield sse({"id": str(job.id), "jobs_ahead": position}, "position")
+    _release_db()
+    for item in follow(str(job.id), after, tick=_tick_seconds(position)):
+        if item is None:
+            update = _position_update(job, position)
+            if update is not None:
+                position = update
+                yield sse({"id": str(job.id), "jobs_ahead": position}, "position")
+            else:
+                yield ": heartbeat\n\n"
+            continue
+        data = task_event(item)
+        if data["status"] != Status.QUEUED:
+            position = None
+        yield sse(data, "state", item.revision)
+        if data["status"] in FINAL_STATUSES:
+            return
+
+
+def follow(task_id: str, after: int | None, *, tick: float) -> Iterator[Any]:
+    """The backend's watch for one task: TaskEvents, and None each ``tick`` seconds of quiet."""
+    from etcd_broker.backend import watch_task
+
+    from deephardway_site.celery import app
+
+    while True:
+        started = time.monotonic()
+        for event in watch_task(task_id, app=app, after_revision=after, timeout=tick):
+            yield event
+            after = event.revision or after
+            if CELERY_STATES.get(event.state) in FINAL_STATUSES:
+                return
+        if time.monotonic() - started < tick / 2:
+            time.sleep(tick / 2)  # the watch ended early (etcd away?): do not spin
+        yield None
+
+
+def _tick_seconds(position: int | None) -> float:
+    if position is not None:
+        return min(settings.JOBS_SSE_POSITION_SECONDS, settings.JOBS_SSE_HEARTBEAT_SECONDS)
+    return settings.JOBS_SSE_HEARTBEAT_SECONDS
+
+
+def _position_update(job: Job, position: int | None) -> int | None:
+    """The job's new place in line if it still waits and moved; None otherwise."""
+    if position is None:
+        return None
+    close_old_connections()
+    try:
+        fresh = Job.objects.filter(pk=job.pk).first()
+        now = fresh.jobs_ahead() if fresh is not None else None
+    finally:
+        _release_db()
+    return now if now is not None and now != position else None
+
+
+def _release_db() -> None:
+    """A stream may stay open for minutes: do not hold a database connection meanwhile."""
+    connection.close()
+
+
+def task_event(event: Any) -> dict[str, Any]:
+    """A TaskEvent as the JSON a browser wants: status, progress, partial/result/error."""
+    status = CELERY_STATES.get(event.state, Status.RUNNING)
+    data: dict[str, Any] = {"id": event.task_id, "state": event.state, "status": status,
+                            "progress": event.progress}
+    result = event.result
+    if event.state == "PROGRESS" and isinstance(result, dict):
+        data["partial"] = {k: v for k, v in result.items() if k not in ("progress", "worker")}
+    elif status == Status.SUCCEEDED:
+        data["result"], data["progress"] = result, 100
+    elif status in (Status.FAILED, Status.CANCELLED):
+        data["error"] = describe_error(result, cancelled=status == Status.CANCELLED)
+    return data
+
+
+def job_event(job: Job) -> dict[str, Any]:
+    """The same shape from the Job row (for a job that finished before the stream opened)."""
+    return {"id": str(job.id), "state": None, "status": job.status, "progress": job.progress,
+            "result": job.result, "error": job.error}
+
+
+def sse(data: dict[str, Any], event: str, event_id: int | None = None) -> str:
+    lines = [f"event: {event}"]
+    if event_id:
+        lines.append(f"id: {event_id}")
+    lines.append("data: " + json.dumps(data, separators=(",", ":")))
+    return "\n".join(lines) + "\n\n"

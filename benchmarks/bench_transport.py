@@ -2,63 +2,52 @@
 
     python -m benchmarks.bench_transport [--tasks 2000] [--rounds 200]
 
-Throughput: publish N no-op tasks, time until the worker has run all of them.
-Latency: one task at a time on an idle worker; publish-to-execution start.
-Both brokers get the same worker (-P threads -c 8) and the same Redis counter.
+For each broker, the same worker (``-P threads -c 8``) and the same Redis counter:
+* publish: tasks/s one producer thread sends (etcd makes each message durable first);
+* drain: tasks/s a worker runs from a backlog published before it started;
+* end-to-end: tasks/s from the first publish to the last execution, publishing
+  while the worker runs, with 1 and with 4 producer threads (a web tier publishes
+  from many threads at once);
+* latency: one task at a time on an idle worker, publish to execution start.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
 from benchmarks.common import RedisServer, percentile, print_table, progress, start_worker, stop_worker
 from etcd_broker.server import EtcdServer
 
+PRODUCER_THREADS = (1, 4)
 
-def run_broker(name: str, broker_url: str, counter_url: str, tasks: int, rounds: int) -> list:
-    env = {"BENCH_BROKER_URL": broker_url, "BENCH_COUNTER_URL": counter_url, "BENCH_PREFIX": f"/bench-{uuid.uuid4().hex[:6]}"}
+
+def load_app(env: dict[str, str]):
     os.environ.update(env)
-    import importlib
-
     from benchmarks import transport_app
-    importlib.reload(transport_app)
-    counter = redis.Redis.from_url(counter_url)
-    worker = start_worker("benchmarks.transport_app", env, concurrency=8)
-    try:
-        app = transport_app.app
-        with app.connection_for_write() as conn, app.producer_or_acquire() as producer:
-            conn.ensure_connection()
-            # warm-up
-            run = f"warm-{uuid.uuid4().hex}"
-            for _ in range(50):
-                transport_app.noop.apply_async((run,), producer=producer)
-            _wait(counter, run, 50)
-            progress(f"{name}: throughput, {tasks} tasks")
-            run = f"tp-{uuid.uuid4().hex}"
-            start = time.perf_counter()
-            for _ in range(tasks):
-                transport_app.noop.apply_async((run,), producer=producer)
-            published = time.perf_counter() - start
-            _wait(counter, run, tasks)
-            elapsed = time.perf_counter() - start
-            progress(f"{name}: latency, {rounds} rounds")
-            run = f"lat-{uuid.uuid4().hex}"
-            for i in range(rounds):
-                transport_app.stamp.apply_async((run, time.time()), producer=producer)
-                _wait_len(counter, run, i + 1)
-                time.sleep(0.01)
-            latencies = [float(v) * 1000 for v in counter.lrange(run, 0, -1)]
-    finally:
-        stop_worker(worker)
-    return [name, tasks / published, tasks / elapsed, percentile(latencies, 50), percentile(latencies, 95),
-            percentile(latencies, 99)]
+
+    return importlib.reload(transport_app)
 
 
-def _wait(counter, key: str, target: int, timeout: float = 300) -> None:
+def publish(module, run: str, count: int, threads: int) -> float:
+    """Send ``count`` no-op tasks from ``threads`` threads; return the seconds it took."""
+    def send(share: int) -> None:
+        with module.app.producer_or_acquire() as producer:
+            for _ in range(share):
+                module.noop.apply_async((run,), producer=producer)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(send, [count // threads] * threads))
+    return time.perf_counter() - start
+
+
+def wait_count(counter, key: str, target: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while int(counter.get(key) or 0) < target:
         if time.monotonic() > deadline:
@@ -66,12 +55,43 @@ def _wait(counter, key: str, target: int, timeout: float = 300) -> None:
         time.sleep(0.002)
 
 
-def _wait_len(counter, key: str, target: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while counter.llen(key) < target:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"latency round {target} did not finish")
-        time.sleep(0.0005)
+def measure(name: str, broker_url: str, counter_url: str, tasks: int, rounds: int) -> list:
+    env = {"BENCH_BROKER_URL": broker_url, "BENCH_COUNTER_URL": counter_url,
+           "BENCH_PREFIX": f"/bench-{uuid.uuid4().hex[:6]}"}
+    module = load_app(env)
+    counter = redis.Redis.from_url(counter_url)
+    progress(f"{name}: publishing a backlog of {tasks}")
+    backlog = f"drain-{uuid.uuid4().hex}"
+    publish_seconds = publish(module, backlog, tasks, 1)
+    worker = start_worker("benchmarks.transport_app", env, concurrency=8)
+    try:
+        while not int(counter.get(backlog) or 0):
+            time.sleep(0.001)
+        start = time.perf_counter()
+        wait_count(counter, backlog, tasks)
+        drain_rate = tasks / (time.perf_counter() - start)
+        end_to_end = []
+        for threads in PRODUCER_THREADS:
+            progress(f"{name}: end-to-end, {tasks} tasks from {threads} producer thread(s)")
+            run = f"e2e-{uuid.uuid4().hex}"
+            start = time.perf_counter()
+            publish(module, run, tasks, threads)
+            wait_count(counter, run, tasks)
+            end_to_end.append(tasks / (time.perf_counter() - start))
+        progress(f"{name}: idle latency, {rounds} rounds")
+        run = f"lat-{uuid.uuid4().hex}"
+        with module.app.producer_or_acquire() as producer:
+            for i in range(rounds):
+                module.stamp.apply_async((run, time.time()), producer=producer)
+                while counter.llen(run) < i + 1:
+                    time.sleep(0.0005)
+                time.sleep(0.005)
+        latencies = [float(v) * 1000 for v in counter.lrange(run, 0, -1)]
+    finally:
+        stop_worker(worker)
+        module.app.pool.force_close_all()
+    return [name, tasks / publish_seconds, drain_rate, *end_to_end,
+            percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99)]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -83,15 +103,16 @@ def main(argv: list[str] | None = None) -> str:
     etcd = EtcdServer().start()
     try:
         rows = [
-            run_broker("etcdv3 (ours)", etcd.url, redis_server.url(15), args.tasks, args.rounds),
-            run_broker("redis", redis_server.url(0), redis_server.url(15), args.tasks, args.rounds),
+            measure("etcdv3 (ours)", etcd.url, redis_server.url(15), args.tasks, args.rounds),
+            measure("redis", redis_server.url(0), redis_server.url(15), args.tasks, args.rounds),
         ]
     finally:
         etcd.cleanup()
         redis_server.stop()
-    return print_table(
-        f"Celery no-op tasks, worker -P threads -c 8, {args.tasks} tasks, {args.rounds} latency rounds",
-        ["broker", "publish tasks/s", "end-to-end tasks/s", "latency p50 ms", "p95 ms", "p99 ms"], rows)
+    headers = ["broker", "publish/s (1 thread)", "drain/s", *[f"end-to-end/s ({n} prod.)" for n in PRODUCER_THREADS],
+               "latency p50 ms", "p95 ms", "p99 ms"]
+    return print_table(f"Celery no-op tasks, worker -P threads -c 8, {args.tasks} tasks, "
+                       f"{args.rounds} latency rounds", headers, rows)
 
 
 if __name__ == "__main__":

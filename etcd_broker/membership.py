@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from etcd3 import transactions as tx
 
@@ -45,6 +45,7 @@ class ConsumerLease:
         self.lease_id: int | None = None
         self._lock = threading.RLock()
         self._pending_deletes: list[str] = []
+        self._dead_queues: set[str] = set()
         self._sweep_now = threading.Event()
         self._acks_waiting = threading.Event()
         self._closed = threading.Event()
@@ -82,7 +83,7 @@ class ConsumerLease:
         if self._threads:
             return
         self._watch_stream = WatchStream(self.client, name="etcd-consumers-watch")
-        self._watch_stream.watch(self.keys.consumers(), self._on_consumer_events, prefix=True)
+        self._watch_stream.watch(self.keys.consumers(), self._on_consumer_events, prefix=True, prev_kv=True)
         for target, name in ((self._keepalive_loop, "etcd-lease-keepalive"), (self._sweep_loop, "etcd-sweeper"),
                              (self._ack_loop, "etcd-acks")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -194,7 +195,15 @@ class ConsumerLease:
 
     # -- sweeping dead consumers' messages back ---------------------------------
     def _on_consumer_events(self, events: Iterable) -> None:
-        if any(event.type == EVENT_DELETE for event in events):
+        for event in events:
+            if event.type != EVENT_DELETE:
+                continue
+            try:
+                queues = json.loads(event.prev_kv.value).get("queues", []) if event.prev_kv.value else []
+            except ValueError:
+                queues = []
+            with self._lock:
+                self._dead_queues.update(queues)
             self._sweep_now.set()
 
     def _sweep_loop(self) -> None:
@@ -212,6 +221,18 @@ class ConsumerLease:
                 continue
             if restored:
                 logger.warning("restored %d message(s) from dead consumers", restored)
+            self._drop_orphaned_queues()
+
+    def _drop_orphaned_queues(self) -> None:
+        """A dead consumer's auto-delete queues (events, replies) vanish with its lease: drop their messages."""
+        with self._lock:
+            queues, self._dead_queues = self._dead_queues, set()
+        for queue in queues:
+            value, _ = self.client.get(self.keys.declared(queue))
+            if value is None:
+                deleted = self.client.delete_prefix(self.keys.queue(queue)).deleted
+                if deleted:
+                    logger.info("dropped %d message(s) left in auto-delete queue %r", deleted, queue)
 
     def sweep(self) -> int:
         """Give back every unacked message whose consumer lease is gone; return how many."""

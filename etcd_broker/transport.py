@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 from collections import deque
 from functools import partial
@@ -157,7 +156,10 @@ class Channel(virtual.Channel):
         if buffered:
             return buffered.popleft()
         lease_id = self.connection.lease.ensure()
-        candidates = self.connection.take_hints(queue) or self._read_ready(queue)
+        candidates = self.connection.take_hints(queue)
+        if candidates is None and self.connection.known_empty(queue):
+            raise Empty()
+        candidates = candidates or self._read_ready(queue)
         messages = self._claim_many(queue, candidates, lease_id)
         if not messages and candidates:
             messages = self._claim_many(queue, self._read_ready(queue), lease_id)
@@ -174,9 +176,9 @@ class Channel(virtual.Channel):
     def _read_ready(self, queue) -> list[tuple[bytes, bytes, int]]:
         limit = self._allowance()
         prefix = self.keys.ready(queue)
-        rows = [(meta.key, value, meta.mod_revision)
-                for value, meta in self.client.get_range(prefix, range_end(prefix), limit=limit)]
-        self.connection.expect_hints(queue, collecting=len(rows) < limit)
+        response = self.client.get_range_response(prefix, range_end(prefix), limit=limit)
+        rows = [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs]
+        self.connection.after_read(queue, response.header.revision, drained=len(rows) < limit)
         return rows
 
     def _claim_many(self, queue, candidates, lease_id: int) -> list[dict]:
@@ -213,7 +215,7 @@ class Channel(virtual.Channel):
             if not responses or not responses[0]:
                 self.connection.lease.lost(lease_id)
             return None
-        return [m for (_, value, _), unacked in zip(rows, unacked_keys)
+        return [m for (_, value, _), unacked in zip(rows, unacked_keys, strict=False)
                 if (m := self._decode(queue, value, unacked)) is not None]
 
     def _decode(self, queue, value: bytes, unacked: str | None) -> dict | None:
@@ -375,6 +377,9 @@ class Transport(virtual.Transport):
         self._bindings: BindingTable | None = None
         self._queue_watches: dict[str, list] = {}
         self._hints: dict[str, list | None] = {}
+        self._read_revision: dict[str, int] = {}
+        self._forgotten_at = monotonic()
+        self._event_revision: dict[str, int] = {}
         self._watch_lock = threading.Lock()
 
     @staticmethod
@@ -433,7 +438,7 @@ class Transport(virtual.Transport):
                 entry[1] += 1
                 return
             watch = self.watch_stream.watch(self.keys.ready(queue), partial(self._on_ready, queue), prefix=True,
-                                            puts_only=True, on_created=self.wake)
+                                            puts_only=True, on_created=self.forget_reads)
             self._queue_watches[queue] = [watch, 1]
         self.watch_stream.wait_created(watch, timeout=self.config.timeout)
         self.wake()
@@ -450,6 +455,7 @@ class Transport(virtual.Transport):
 
     def _on_ready(self, queue: str, events) -> None:
         with self._watch_lock:
+            self._event_revision[queue] = events[-1].kv.mod_revision
             hints = self._hints.get(queue)
             if hints is not None:
                 if len(hints) + len(events) <= CLAIM_BATCH:
@@ -458,10 +464,27 @@ class Transport(virtual.Transport):
                     self._hints[queue] = None
         self._wakeup.set()
 
-    def expect_hints(self, queue: str, collecting: bool) -> None:
-        """After a range read: collect new messages from watch events only if the read drained it."""
+    def after_read(self, queue: str, revision: int, drained: bool) -> None:
+        """After a range read at ``revision``: if it saw the whole queue, new messages come by watch."""
         with self._watch_lock:
-            self._hints[queue] = [] if collecting else None
+            self._hints[queue] = [] if drained else None
+            if drained:
+                self._read_revision[queue] = revision
+            else:
+                self._read_revision.pop(queue, None)
+
+    def known_empty(self, queue: str) -> bool:
+        """True if a read found ``queue`` empty and no put has been seen since (no need to read)."""
+        with self._watch_lock:
+            read = self._read_revision.get(queue)
+            return read is not None and self._event_revision.get(queue, 0) <= read
+
+    def forget_reads(self) -> None:
+        """Trust nothing remembered about queue contents (after a reconnect, or as a safety net)."""
+        with self._watch_lock:
+            self._read_revision.clear()
+            self._forgotten_at = monotonic()
+        self._wakeup.set()
 
     def take_hints(self, queue: str) -> list | None:
         """Messages seen arriving on a queue known to be empty: claimable without a range read."""
@@ -479,6 +502,8 @@ class Transport(virtual.Transport):
         """Deliver one message; wait on the watch-fed event, never a sleep loop."""
         deadline = None if timeout is None else monotonic() + timeout
         while True:
+            if monotonic() - self._forgotten_at > SAFETY_RECHECK_SECONDS:
+                self.forget_reads()
             if self._wakeup.is_set():
                 self._wakeup.clear()
                 try:
@@ -490,9 +515,8 @@ class Transport(virtual.Transport):
                     return result
             remaining = SAFETY_RECHECK_SECONDS if deadline is None else deadline - monotonic()
             if remaining <= 0:
-                raise socket.timeout()
-            if not self._wakeup.wait(min(remaining, SAFETY_RECHECK_SECONDS)) and deadline is None:
-                self._wakeup.set()
+                raise TimeoutError()
+            self._wakeup.wait(min(remaining, SAFETY_RECHECK_SECONDS))
 
 
 class _LeaseHandle:

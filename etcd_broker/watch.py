@@ -12,8 +12,8 @@ import logging
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import grpc
 from etcd3 import etcdrpc

@@ -9,8 +9,9 @@ import json
 import sys
 import time
 
-import etcd_broker  # noqa: F401
 from kombu import Connection
+
+import etcd_broker  # noqa: F401
 
 
 def main() -> None:

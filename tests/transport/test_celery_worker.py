@@ -49,7 +49,7 @@ def test_a_worker_runs_every_task_once(markers, worker_factory, etcd_url, etcd_p
     worker_factory(app=APP, env=env_for(etcd_url, etcd_prefix), concurrency=4)
     for i in range(40):
         marker_app.record.delay("ran", i)
-    rows = wait_until(lambda: len(markers("ran")) >= 40 and markers("ran"), timeout=30, message="40 tasks ran")
+    wait_until(lambda: len(markers("ran")) >= 40 and markers("ran"), timeout=30, message="40 tasks ran")
     time.sleep(0.5)
     assert sorted(row["value"] for row in markers("ran")) == list(range(40))
 
@@ -124,3 +124,35 @@ def test_a_worker_keeps_consuming_across_an_etcd_restart(private_etcd, worker_fa
                                           retry=True, retry_policy={"max_retries": 20, "interval_start": 0.5})
     wait_until(lambda: count("restart") == 10, timeout=60, message="5 more ran after the restart")
     assert worker.process.poll() is None, "the worker died instead of reconnecting"
+
+
+def test_celery_events_from_a_worker_reach_an_event_receiver(markers, worker_factory, etcd_url, etcd_prefix):
+    import threading
+
+    worker_factory(app=APP, env=env_for(etcd_url, etcd_prefix), extra_args=["-E"])
+    app = marker_app.app
+    seen: list[str] = []
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": lambda event: seen.append(event["type"])})
+        capture = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": 30}, daemon=True)
+        capture.start()
+        wait_until(lambda: "worker-heartbeat" in seen, timeout=20, message="a heartbeat (receiver bound)")
+        marker_app.record.delay("evented", 1)
+        wait_until(lambda: "task-succeeded" in seen, timeout=20, message="task events")
+        receiver.should_stop = True
+        capture.join(10)
+    assert {"task-received", "task-started", "task-succeeded"} <= set(seen)
+
+
+def test_a_producer_gets_a_clear_error_when_etcd_is_down(private_etcd, etcd_prefix, monkeypatch):
+    from kombu.exceptions import OperationalError
+
+    point_app_at(private_etcd.url, etcd_prefix, monkeypatch)
+    marker_app.record.delay("before", 0)  # connected and working
+    private_etcd.stop()
+    started = time.monotonic()
+    with pytest.raises(OperationalError) as info:
+        marker_app.record.apply_async(("down", 1), retry=True,
+                                      retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2})
+    assert time.monotonic() - started < 30
+    assert "etcd" in str(info.value).lower()

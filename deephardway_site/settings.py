@@ -10,6 +10,8 @@ from pathlib import Path
 
 import dj_database_url
 
+from etcd_broker.client import kombu_url, url_credentials
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -119,10 +121,13 @@ ETCD_OPTIONS = {
     "password": os.environ.get("ETCD_PASSWORD"),
 }
 ETCD_OPTIONS = {k: v for k, v in ETCD_OPTIONS.items() if v}
+# Credentials written in the URL (etcdv3://user:pass@host:2379) count as options too.
+ETCD_OPTIONS = {**url_credentials(ETCD_URL), **ETCD_OPTIONS}
 #: Every key lives under this prefix (several deployments can share one cluster).
 ETCD_PREFIX = envstr("ETCD_PREFIX", "/deephardway")
 
-CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", ETCD_URL)
+# kombu cannot parse "h1:2379,h2:2379" in one URL: hand it the failover-list form instead.
+CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", kombu_url(ETCD_URL))
 CELERY_RESULT_BACKEND = envstr("CELERY_RESULT_BACKEND", ETCD_URL)
 CELERY_BROKER_TRANSPORT_OPTIONS = {"prefix": ETCD_PREFIX, **ETCD_OPTIONS}
 CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"prefix": ETCD_PREFIX, **ETCD_OPTIONS}

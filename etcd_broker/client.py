@@ -117,6 +117,21 @@ def _coerce(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def kombu_url(url: str) -> str:
+    """The same endpoints as kombu's failover list (``etcdv3://h1:p1;etcdv3://h2:p2``), no credentials.
+
+    kombu cannot parse several hosts in one URL; credentials travel as transport options.
+    """
+    config = EtcdConfig.from_url(url)
+    return ";".join(f"etcdv3://{host}:{port}" for host, port in config.endpoints)
+
+
+def url_credentials(url: str) -> dict[str, str]:
+    """``user`` and ``password`` written in an etcd URL, if any."""
+    config = EtcdConfig.from_url(url)
+    return {k: v for k, v in (("user", config.user), ("password", config.password)) if v}
+
+
 class EtcdClient(etcd3.MultiEndpointEtcd3Client):
     """python3-etcd3's client with fast endpoint retry and re-authentication.
 

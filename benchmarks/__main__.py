@@ -1,0 +1,28 @@
+"""Run every benchmark in turn: ``python -m benchmarks [name ...]`` (``make bench``).
+
+Each prints its own Markdown table with the comparison measured in the same run.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+
+BENCHMARKS = ("bench_transport", "bench_results", "bench_batching", "bench_web")
+
+
+def main(names: list[str]) -> None:
+    for name in names or BENCHMARKS:
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError as exc:
+            print(f"skipping {name}: {exc}", file=sys.stderr)
+            continue
+        print(f"\n== {name} ==", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        module.main([])
+        print(f"({name} took {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -182,3 +182,13 @@ if not DEBUG:
     SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", "0")
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+
+# --- model serving (ml/, jobs/tasks.py) -------------------------------------
+#: Model tasks run on the gpu queue (GPU hosts: `worker -Q gpu -P threads -c 64`; CPU hosts: `-Q gpu,default`).
+CELERY_TASK_ROUTES = {"jobs.tasks.run_model": {"queue": "gpu"}, "jobs.tasks.train_model": {"queue": "gpu"}}
+#: Micro-batching of concurrent classify requests in one worker: at most this many per forward pass...
+BATCH_MAX_SIZE = envint("BATCH_MAX_SIZE", "64")
+#: ...collected for at most this long (ms) once callers are queueing; a lone caller never waits.
+BATCH_WINDOW_MS = envint("BATCH_WINDOW_MS", "5")
+#: Set BATCHING=0 to run every request on its own (for comparisons).
+BATCHING = envbool("BATCHING", "1")

@@ -127,6 +127,7 @@ class Channel(virtual.Channel):
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
         self._buffer: dict[str, deque] = {}
+        self._single_get = False
 
     # -- publishing -------------------------------------------------------------
     def _put(self, queue, message, **kwargs):
@@ -170,6 +171,8 @@ class Channel(virtual.Channel):
 
     def _allowance(self) -> int:
         """How many messages we may claim now without passing the prefetch limit."""
+        if self._single_get:
+            return 1
         room = self.qos.can_consume_max_estimate()
         return CLAIM_BATCH if room is None else max(1, min(room, CLAIM_BATCH))
 
@@ -279,11 +282,14 @@ class Channel(virtual.Channel):
         return result
 
     def basic_get(self, queue, no_ack=False, **kwargs):
+        """Take exactly one message (no batch claimed ahead for a synchronous get)."""
         if no_ack:
             self._no_ack_queues.add(queue)
+        self._single_get = True
         try:
             return super().basic_get(queue, no_ack=no_ack, **kwargs)
         finally:
+            self._single_get = False
             if no_ack:
                 self._no_ack_queues.discard(queue)
 

@@ -223,3 +223,41 @@ def test_it_keeps_every_key_under_the_configured_prefix(connect, etcd_url, etcd_
     message = queue.get(timeout=2)
     assert json.loads(json.dumps(message.payload)) == {"x": 1}
     message.ack()
+
+
+@pytest.mark.reliability
+def test_a_killed_consumers_messages_come_back_in_their_original_order(connect, etcd_url, etcd_prefix):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO_ROOT
+
+    queue = connect().SimpleQueue("orphans")
+    queue.consumer.consume()  # a live consumer (not draining yet): it sees the other one's lease expire
+    for i in range(5):
+        queue.put({"i": i})
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "tests.transport.consumer_proc", etcd_url, etcd_prefix, "orphans", "3", "3"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = [consumer.stdout.readline() for _ in range(4)]
+        assert lines[-1].strip() == "holding", lines
+        assert queue.qsize() == 2
+        os.killpg(consumer.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+    finally:
+        consumer.kill()
+        consumer.wait()
+    from tests.helpers import wait_until
+
+    wait_until(lambda: queue.qsize() == 5, timeout=20, message="the 3 claimed messages back on the queue")
+    back_after = time.monotonic() - killed_at
+    got = [queue.get(timeout=5) for _ in range(5)]
+    for message in got:
+        message.ack()
+    assert [m.payload["i"] for m in got] == [0, 1, 2, 3, 4]
+    assert [bool(m.delivery_info.get("redelivered")) for m in got] == [True, True, True, False, False]
+    assert back_after < 3 + 5, f"back {back_after:.1f}s after the kill with a 3 s lease"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -127,12 +128,12 @@ def _delete_file(job: Job) -> None:
 def cancel_task(task_id: str, queued: bool) -> None:
     """Revoke the task and ask a running one to stop at its next progress point."""
     from deephardway_site.celery import app
-    from etcd_broker.backend import request_cancel
 
     app.control.revoke(task_id)
-    request_cancel(task_id, app=app)
+    app.backend.request_cancel(task_id)
     if queued:
         # No worker has it yet: record REVOKED now, so the job ends without waiting for one.
+        # A worker that takes it later finds the cancel marker at its first progress point.
         app.backend.mark_as_revoked(task_id, reason="cancelled before it started")
 
 
@@ -167,46 +168,58 @@ def retry(job: Job, sender: Sender | None = None) -> Job:
 
 
 # -- following the result backend ------------------------------------------------
-def apply_event(event: Any) -> Job | None:
+def apply_event(event: Any, worker: str | None = None) -> Job | None:
     """Apply one task state change (a TaskEvent) to its Job; returns the Job, or None if unknown.
 
     Idempotent and ordered: an event at or below the job's last applied revision, or
-    after the job reached a final status, changes nothing.
+    after the job reached a final status, changes nothing. A PENDING event (the state
+    expired or was forgotten) never moves a started job back to queued.
     """
     status = CELERY_STATES.get(event.state)
     if status is None:
         logger.warning("task %s: unknown state %r ignored", event.task_id, event.state)
         return None
+    try:
+        job_id = uuid.UUID(str(event.task_id))
+    except ValueError:
+        return None  # another kind of task (training, tests): not a job
     with transaction.atomic():
-        job = Job.objects.select_for_update().filter(pk=event.task_id).first()
+        job = Job.objects.select_for_update().filter(pk=job_id).first()
         if job is None or job.is_final or (event.revision or 0) <= job.revision:
             return job
-        changed = _apply_state(job, status, event)
-        job.revision = event.revision or job.revision
+        if status == Status.QUEUED and job.status != Status.QUEUED:
+            return job
+        changed = _apply_state(job, status, event, worker)
+        job.revision = event.revision
         job.save(update_fields=[*changed, "revision"])
     return job
 
 
-def _apply_state(job: Job, status: str, event: Any) -> list[str]:
+def _apply_state(job: Job, status: str, event: Any, worker: str | None) -> list[str]:
     now = timezone.now()
     job.status = status
     changed = ["status", "progress"]
-    meta = event.result if isinstance(event.result, dict) else {}
-    worker = getattr(event, "worker", None) or meta.get("worker")
     if worker:
-        job.worker, changed = str(worker)[:200], [*changed, "worker"]
+        job.worker, changed = worker[:200], [*changed, "worker"]
     if status == Status.RUNNING and job.started_at is None:
         job.started_at, changed = now, [*changed, "started_at"]
     if event.progress is not None:
         job.progress = max(0, min(100, int(event.progress)))
     if event.state == "PROGRESS":
-        job.partial = {k: v for k, v in meta.items() if k not in ("progress", "worker")} or None
+        job.partial = partial_of(event.result)
         changed.append("partial")
     if status in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED):
         job.finished_at = _done_at(event) or now
         changed.append("finished_at")
         changed += _apply_outcome(job, status, event)
     return changed
+
+
+def partial_of(result: Any) -> dict[str, Any] | None:
+    """What a PROGRESS meta carries besides the percentage (e.g. the text so far)."""
+    if not isinstance(result, dict):
+        return None
+    return {k: v for k, v in result.items() if k != "progress"} or None
 
 
 def _apply_outcome(job: Job, status: str, event: Any) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -19,7 +19,7 @@ from django.http import HttpRequest, StreamingHttpResponse
 
 from jobs.api.auth import api, get_job
 from jobs.models import CELERY_STATES, FINAL_STATUSES, Job, Status
-from jobs.services import describe_error
+from jobs.services import describe_error, partial_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,48 +47,68 @@ def last_event_id(request: HttpRequest) -> int | None:
 
 
 def stream(job: Job, after: int | None) -> Iterator[str]:
-    """The event stream for one job; closes its DB connection while it waits."""
+    """The event stream for one job; holds no database connection while it waits."""
     yield f"retry: {RETRY_MS}\n\n"
-    if job.is_final and (after is None or after < job.revision):
+    if job.is_final:
         yield sse(job_event(job), "state", job.revision or None)
         return
-    position = job.jobs_ahead()
-    if position is not None:
-        yield sse({"id": str(job.id), "jobs_ahead": position}, "position")
+    waiting = {"ahead": job.jobs_ahead()}
+    if waiting["ahead"] is not None:
+        yield sse({"id": str(job.id), "jobs_ahead": waiting["ahead"]}, "position")
     _release_db()
-    for item in follow(str(job.id), after, tick=_tick_seconds(position)):
+    try:
+        yield from _follow_job(job, after, waiting)
+    except Exception:  # noqa: BLE001 - etcd away: end the stream; the browser reconnects with Last-Event-ID
+        logger.warning("event stream of job %s broke; the client will reconnect", job.id, exc_info=True)
+
+
+def _follow_job(job: Job, after: int | None, waiting: dict[str, int | None]) -> Iterator[str]:
+    quiet_since = time.monotonic()
+    tick = lambda: _tick_seconds(waiting["ahead"])  # noqa: E731 - re-read after every event
+    for item in follow(str(job.id), after, tick=tick):
         if item is None:
-            update = _position_update(job, position)
-            if update is not None:
-                position = update
-                yield sse({"id": str(job.id), "jobs_ahead": position}, "position")
-            else:
+            moved = _position_update(job, waiting["ahead"])
+            if moved is not None:
+                waiting["ahead"] = moved
+                yield sse({"id": str(job.id), "jobs_ahead": moved}, "position")
+            elif time.monotonic() - quiet_since >= settings.JOBS_SSE_HEARTBEAT_SECONDS - 0.5:
                 yield ": heartbeat\n\n"
+            else:
+                continue
+            quiet_since = time.monotonic()
             continue
         data = task_event(item)
         if data["status"] != Status.QUEUED:
-            position = None
+            waiting["ahead"] = None
         yield sse(data, "state", item.revision)
+        quiet_since = time.monotonic()
         if data["status"] in FINAL_STATUSES:
             return
 
 
-def follow(task_id: str, after: int | None, *, tick: float) -> Iterator[Any]:
-    """The backend's watch for one task: TaskEvents, and None each ``tick`` seconds of quiet."""
+def follow(task_id: str, after: int | None, *, tick: Callable[[], float]) -> Iterator[Any]:
+    """The backend's watch for one task: TaskEvents, and None after each ``tick`` seconds of quiet."""
+    from deephardway_site.celery import app
     from etcd_broker.backend import watch_task
 
-    from deephardway_site.celery import app
-
     while True:
-        started = time.monotonic()
-        for event in watch_task(task_id, app=app, after_revision=after, timeout=tick):
-            yield event
-            after = event.revision or after
-            if CELERY_STATES.get(event.state) in FINAL_STATUSES:
-                return
-        if time.monotonic() - started < tick / 2:
-            time.sleep(tick / 2)  # the watch ended early (etcd away?): do not spin
-        yield None
+        try:
+            for event in watch_task(task_id, app=app, after_revision=after, timeout=tick()):
+                yield event
+                after = event.revision
+                if event.final:
+                    return
+        except TimeoutError:
+            yield None
+            continue
+        # The watch ended at once: the client saw the final state already. Say it again, so
+        # the browser closes its EventSource instead of reconnecting.
+        events = watch_task(task_id, app=app)
+        try:
+            yield next(events)
+        finally:
+            events.close()
+        return
 
 
 def _tick_seconds(position: int | None) -> float:
@@ -121,8 +141,8 @@ def task_event(event: Any) -> dict[str, Any]:
     data: dict[str, Any] = {"id": event.task_id, "state": event.state, "status": status,
                             "progress": event.progress}
     result = event.result
-    if event.state == "PROGRESS" and isinstance(result, dict):
-        data["partial"] = {k: v for k, v in result.items() if k not in ("progress", "worker")}
+    if event.state == "PROGRESS":
+        data["partial"] = partial_of(result)
     elif status == Status.SUCCEEDED:
         data["result"], data["progress"] = result, 100
     elif status in (Status.FAILED, Status.CANCELLED):

@@ -1,0 +1,153 @@
+"""``manage.py watch_jobs``: keep every Job row in step with its task's state in etcd.
+
+One prefix watch over all task states (the result backend's keys) feeds an inbox; the
+main thread applies each change to its Job within a second. On start, and after etcd
+compacted history it had not read, it re-reads the state of every unfinished job.
+Workers never write to the database: this process is the only writer of job states.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from django.core.management.base import BaseCommand
+from django.db import close_old_connections
+
+from jobs import services
+from jobs.models import Job
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the main loop waits for a state change before checking whether to stop.
+INBOX_WAIT = 1.0
+#: Seconds to wait for etcd to confirm the watch before catching up anyway.
+WATCH_CREATE_TIMEOUT = 10.0
+#: A task id never used: reading its state returns nothing but etcd's current revision.
+REVISION_PROBE = "watch-jobs-revision-probe"
+#: Value of a deleted (expired or forgotten) state key in the inbox.
+DELETED = b""
+
+
+def worker_of(meta: dict[str, Any]) -> str | None:
+    """The worker host from Celery's stored meta (extended results, or STARTED's hostname)."""
+    result = meta.get("result")
+    if meta.get("worker"):
+        return str(meta["worker"])
+    if meta.get("status") == "STARTED" and isinstance(result, dict) and result.get("hostname"):
+        return str(result["hostname"])
+    return None
+
+
+class JobWatcher:
+    """Follows every task state under the backend's prefix and applies it to its Job."""
+
+    def __init__(self, app: Any) -> None:
+        from etcd_broker.backend import EtcdBackend
+
+        backend = app.backend
+        if not isinstance(backend, EtcdBackend):
+            raise TypeError(f"watch_jobs needs the etcd result backend, not {type(backend).__name__}")
+        self.backend = backend
+        self.store = backend.store
+        self.inbox: queue.SimpleQueue[tuple[str, bytes, int]] = queue.SimpleQueue()
+        self.watch = None
+        self.applied = 0
+
+    def start(self) -> JobWatcher:
+        """Watch first, then read: a change in between arrives both ways and is applied once."""
+        keys = self.store.keys
+        self.watch = self.store.stream.watch(keys.results(), self._on_events, prefix=True,
+                                             on_resync=self._on_resync)
+        if not self.store.stream.wait_created(self.watch, WATCH_CREATE_TIMEOUT):
+            logger.warning("etcd has not confirmed the results watch yet; catching up anyway")
+        caught = self.catch_up()
+        logger.info("watching task states under %s; %d unfinished jobs re-read", keys.results(), caught)
+        return self
+
+    def stop(self) -> None:
+        if self.watch is not None:
+            self.store.stream.cancel(self.watch)
+            self.watch = None
+
+    def catch_up(self, job_ids: Iterable[str] | None = None) -> int:
+        """Queue the stored state of every unfinished job (after a restart or a compaction)."""
+        ids = list(job_ids) if job_ids is not None else [str(pk) for pk in
+                                                           Job.objects.active().values_list("pk", flat=True)]
+        for task_id, stored in self.store.read_many(ids).items():
+            self.inbox.put((task_id, stored.value, stored.mod_revision))
+        return len(ids)
+
+    def apply_pending(self, timeout: float = INBOX_WAIT) -> int:
+        """Apply every queued change (waiting up to ``timeout`` for the first); returns how many."""
+        applied = 0
+        try:
+            item = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return 0
+        while True:
+            applied += self._apply(*item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+        self.applied += applied
+        return applied
+
+    def run(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            while not stop.is_set():
+                close_old_connections()
+                self.apply_pending()
+        finally:
+            self.stop()
+
+    # -- the watch stream's thread only fills the inbox -------------------------------
+    def _on_events(self, events: Any) -> None:
+        from etcd_broker.watch import EVENT_PUT
+
+        for event in events:
+            task_id = self.store.keys.task_id_of_result(event.kv.key)
+            value = event.kv.value if event.type == EVENT_PUT else DELETED
+            self.inbox.put((task_id, value, event.kv.mod_revision))
+
+    def _on_resync(self) -> int:
+        logger.warning("results history was compacted; re-reading every unfinished job")
+        _, revision = self.store.read(REVISION_PROBE)
+        close_old_connections()
+        self.catch_up()
+        return revision
+
+    def _apply(self, task_id: str, value: bytes, revision: int) -> int:
+        from etcd_broker.task_events import TaskEvent
+
+        try:
+            meta = self.backend.decode(value) if value else {}
+            event = (TaskEvent.from_meta(task_id, meta, revision) if value
+                     else TaskEvent.pending(task_id, revision))
+            job = services.apply_event(event, worker=worker_of(meta))
+        except Exception:  # noqa: BLE001 - one bad value must not stop the watcher
+            logger.exception("could not apply the state of task %s at revision %s", task_id, revision)
+            return 0
+        if job is not None:
+            logger.debug("job %s: %s %s%%", job.id, job.status, job.progress)
+        return int(job is not None)
+
+
+class Command(BaseCommand):
+    help = "Keep Job rows in step with their tasks' states (a prefix watch on the result backend)."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        from deephardway_site.celery import app
+
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        watcher = JobWatcher(app)
+        self.stdout.write(f"watch_jobs: following task states in etcd ({app.conf.result_backend})")
+        watcher.run(stop)
+        self.stdout.write(f"watch_jobs: stopped after applying {watcher.applied} state changes")

@@ -11,8 +11,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
@@ -152,13 +153,20 @@ class ResultConsumer(BaseResultConsumer):
         return watch
 
     def _wait_created(self, task_ids: Iterable[str], timeout: float | None) -> None:
+        """Make the read that follows cover whatever the watch misses.
+
+        On a connected stream, wait (one round trip) until etcd confirms each watch. If
+        it is not connected, do not wait: the key is read again once etcd confirms it.
+        """
+        stream = self.store.stream
         limit = self.store.config.timeout if timeout is None else min(timeout, self.store.config.timeout)
         deadline = time.monotonic() + limit
         for task_id in task_ids:
             watch = self._watches.get(task_id)
-            if watch is not None and not self.store.stream.wait_created(watch, max(deadline - time.monotonic(), 0)):
-                logger.warning("etcd did not confirm the watch on task %s in %.1fs", task_id, limit)
-                return
+            if watch is None or watch.created.is_set():
+                continue
+            if not (stream.connected and stream.wait_created(watch, max(deadline - time.monotonic(), 0))):
+                self._created.add(task_id)  # so _on_created posts a re-read
 
     def _flush_cancels(self) -> None:
         while self._cancels:

@@ -14,8 +14,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import grpc
 from etcd3 import etcdrpc
@@ -200,23 +201,25 @@ class ResultStore:
             chunk = ids[start:start + MAX_TXN_OPS]
             ops = [_range_op(self.keys.result(task_id)) for task_id in chunk]
             response = self._rpc("Txn", etcdrpc.TxnRequest(success=ops))
-            for task_id, op in zip(chunk, response.responses):
+            for task_id, op in zip(chunk, response.responses, strict=True):
                 stored = _first_kv(op)
                 if stored is not None:
                     found[task_id] = stored
         return found
 
-    def write_state(self, task_id: str, value: bytes, *, ttl: int | None,
+    def write_state(self, task_id: str, value: bytes, *, ttl: int | None, success: bool = False,
                     check_cancel: bool = False) -> WriteOutcome:
-        """Store ``value`` unless SUCCESS is stored already; one transaction when uncontended."""
+        """Store ``value`` unless SUCCESS is stored already; one transaction when uncontended.
+
+        ``success``: ``value`` is a SUCCESS, after which this process must read before writing.
+        """
         key = self.keys.result(task_id)
         cancel_key = self.keys.cancel(task_id) if check_cancel else None
         expected = self._remembered(task_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
-            response = self._with_lease(ttl, lambda lease: self._put_if_unchanged(
-                key, value, expected, lease, cancel_key))
+            response = self._with_lease(ttl, self._put_if_unchanged, key, value, expected, cancel_key)
             if response.succeeded:
-                self._remember(task_id, response.header.revision)
+                self._remember(task_id, 0 if success else response.header.revision)
                 return WriteOutcome.WRITTEN
             current = _first_kv(response.responses[0])
             if cancel_key is not None and response.responses[1].response_range.count:
@@ -226,8 +229,8 @@ class ResultStore:
             expected = current.mod_revision if current is not None else 0
         raise WriteConflict(f"result of task {task_id} changed {MAX_WRITE_ATTEMPTS} times while we wrote it")
 
-    def _put_if_unchanged(self, key: str, value: bytes, expected: int, lease: int,
-                          cancel_key: str | None) -> Any:
+    def _put_if_unchanged(self, key: str, value: bytes, expected: int, cancel_key: str | None,
+                          *, lease: int) -> Any:
         compare = [_compare(key, "mod_revision", expected)]
         failure = [_range_op(key)]
         if cancel_key is not None:
@@ -249,6 +252,9 @@ class ResultStore:
 
     def _remember(self, task_id: str, revision: int) -> None:
         with self._memory_lock:
+            if not revision:
+                self._last_write.pop(task_id, None)
+                return
             self._last_write[task_id] = revision
             self._last_write.move_to_end(task_id)
             while len(self._last_write) > LAST_WRITE_MEMORY:
@@ -269,8 +275,10 @@ class ResultStore:
         return values
 
     def put(self, key: str | bytes, value: bytes, ttl: int | None) -> None:
-        self._with_lease(ttl, lambda lease: self._rpc("Put", etcdrpc.PutRequest(
-            key=to_bytes(key), value=to_bytes(value), lease=lease)))
+        self._with_lease(ttl, self._put, key, value)
+
+    def _put(self, key: str | bytes, value: bytes, *, lease: int) -> Any:
+        return self._rpc("Put", etcdrpc.PutRequest(key=to_bytes(key), value=to_bytes(value), lease=lease))
 
     def delete(self, key: str | bytes) -> None:
         self._rpc("DeleteRange", etcdrpc.DeleteRangeRequest(key=to_bytes(key)))
@@ -302,17 +310,20 @@ class ResultStore:
         One transaction creates the part's key only if it is absent and, in the same
         revision, counts the parts and reads the size: exactly one part sees done == size.
         """
-        part_key = self.keys.chord_part(group_id, part)
-        response = self._with_lease(ttl, lambda lease: self._rpc("Txn", etcdrpc.TxnRequest(
-            compare=[_compare(part_key, "version", 0)],
-            success=[_put_op(part_key, b"", lease),
-                     _range_op(self.keys.chord_parts(group_id), count_only=True, prefix=True),
-                     _range_op(self.keys.chord_size(group_id))])))
+        response = self._with_lease(ttl, self._count_part, group_id, part)
         if not response.succeeded:
             return None
         size = _first_kv(response.responses[2])
         return ChordCount(done=response.responses[1].response_range.count,
                           size=int(size.value) if size is not None else None)
+
+    def _count_part(self, group_id: str, part: str, *, lease: int) -> Any:
+        part_key = self.keys.chord_part(group_id, part)
+        return self._rpc("Txn", etcdrpc.TxnRequest(
+            compare=[_compare(part_key, "version", 0)],
+            success=[_put_op(part_key, b"", lease),
+                     _range_op(self.keys.chord_parts(group_id), count_only=True, prefix=True),
+                     _range_op(self.keys.chord_size(group_id))]))
 
     def delete_chord(self, group_id: str) -> None:
         self.reset_chord(group_id)
@@ -327,14 +338,15 @@ class ResultStore:
         return response.count > 0
 
     # -- plumbing -------------------------------------------------------------------------
-    def _with_lease(self, ttl: int | None, call: Callable[[int], Any]) -> Any:
+    def _with_lease(self, ttl: int | None, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args, lease=...)`` with the bucket's lease; a lease etcd lost is replaced once."""
         lease = self.leases.lease_for(ttl)
         try:
-            return call(lease)
+            return call(*args, lease=lease)
         except _LeaseMissing:
             logger.info("result lease %x is gone; granting a new one", lease)
             self.leases.discard(lease)
-            return call(self.leases.lease_for(ttl))
+            return call(*args, lease=self.leases.lease_for(ttl))
 
     def _rpc(self, method: str, request: Any) -> Any:
         client = self.client

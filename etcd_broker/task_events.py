@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from celery import states
 
@@ -133,6 +134,7 @@ def iter_events(feed: TaskFeed, decode: Callable[[bytes], dict], timeout: float 
     """Yield the feed's events once each, in revision order, ending after a final state."""
     last = -1 if feed.after is None else feed.after
     try:
+        feed.open()
         while not feed.finished:
             stored = feed.next(timeout)
             if stored.mod_revision <= last:

@@ -48,3 +48,34 @@ def sleep_then_record(seconds: float, marker: str) -> str:
 @app.task
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+# --- result backend tests (tests/backend/) -------------------------------------------
+if os.environ.get("ETCD_TEST_RESULT_EXPIRES"):
+    app.conf.result_expires = int(os.environ["ETCD_TEST_RESULT_EXPIRES"])
+
+
+@app.task(bind=True)
+def count_with_progress(self, steps: int, delay: float) -> int:
+    """Report PROGRESS after each step (progress 0-100), return the number of steps."""
+    for step in range(1, steps + 1):
+        time.sleep(delay)
+        self.update_state(state="PROGRESS", meta={"progress": 100 * step // steps, "step": step})
+    return steps
+
+
+@app.task
+def chord_total(values: list[int], marker: str) -> int:
+    """A chord callback that leaves one put per run under <prefix>/markers/<marker>."""
+    from etcd_broker.client import get_client
+
+    get_client(URL).put(f"{PREFIX}/markers/{marker}", str(sum(values)))
+    return sum(values)
+
+
+@app.task
+def fail_with(exc_type: str, message: str) -> None:
+    """Raise a builtin exception of the given type (KeyError, RuntimeError, ...)."""
+    import builtins
+
+    raise getattr(builtins, exc_type)(message)

@@ -1,0 +1,285 @@
+"""Celery result backend on etcd v3: results pushed through watches, progress, task streams.
+
+``result_backend = "etcdv3://host:2379"`` once ``etcd_broker`` is imported (or through the
+``celery.result_backends`` entry point). Options come from the URL and from
+``result_backend_transport_options``: ``prefix``, ``user``, ``password``, ``ca_cert``,
+``cert_key``, ``cert_cert``, ``timeout`` (the transport's). Key layout and guarantees:
+docs/results.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from celery import current_app, maybe_signature, states
+from celery._state import get_current_task
+from celery.backends.asynchronous import AsyncBackendMixin
+from celery.backends.base import Backend, BaseKeyValueStoreBackend, _create_chord_error_with_cause
+from celery.exceptions import ChordError, Ignore, ImproperlyConfigured
+from celery.result import GroupResult, allow_join_result, task_join_will_block
+from kombu.utils.encoding import bytes_to_str, ensure_bytes
+from kombu.utils.functional import retry_over_time
+
+from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, EtcdConfigError
+from etcd_broker.keys import DEFAULT_PREFIX, KeySpace
+from etcd_broker.result_consumer import ResultConsumer
+from etcd_broker.result_store import ResultStore, WriteOutcome, store_for
+from etcd_broker.task_events import TaskEvent, TaskFeed, iter_events
+
+logger = logging.getLogger(__name__)
+
+__all__ = ("EtcdBackend", "TaskEvent", "watch_task")
+
+DEFAULT_URL = "etcdv3://127.0.0.1:2379"
+ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
+#: Keys of result_backend_transport_options that Celery itself reads; accepted as they are.
+CELERY_OPTIONS = ("retry_policy", "global_keyprefix")
+KNOWN_OPTIONS = ("prefix", *ETCD_OPTIONS, *CELERY_OPTIONS)
+
+
+class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
+    """Task states in etcd, one key per task; waiters are woken by etcd watch events.
+
+    Base classes in redis.py's order, so AsyncBackendMixin (not SyncBackendMixin's
+    polling) provides get(), join_native() and iter_native().
+    """
+
+    ResultConsumer = ResultConsumer
+
+    supports_autoexpire = True
+    supports_native_join = True
+
+    def __init__(self, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(expires_type=int, url=url, **kwargs)
+        options = dict(self.app.conf.get("result_backend_transport_options") or {})
+        _check_options(options)
+        self.url = url or DEFAULT_URL
+        try:
+            self.config = EtcdConfig.from_url(self.url, **{k: options[k] for k in ETCD_OPTIONS if k in options})
+        except EtcdConfigError as exc:
+            raise ImproperlyConfigured(f"result_backend: {exc}") from exc
+        self.prefix = options.get("prefix", DEFAULT_PREFIX)
+        self.keys = KeySpace(self.prefix)
+        self.retry_policy = {**Backend.retry_policy, **options.get("retry_policy", {})}
+        self._store: ResultStore | None = None
+        self._store_pid = 0
+        self.result_consumer = self.ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages)
+
+    @property
+    def store(self) -> ResultStore:
+        """This process's shared store for our etcd cluster and prefix."""
+        if self._store is None or self._store_pid != os.getpid():
+            self._store, self._store_pid = store_for(self.config, self.prefix), os.getpid()
+        return self._store
+
+    # -- keys: every one comes from KeySpace -----------------------------------------
+    def get_key_for_task(self, task_id: str, key: str = "") -> bytes:
+        _require_id(task_id, "task_id")
+        return self.keys.result(bytes_to_str(task_id)).encode()
+
+    def get_key_for_group(self, group_id: str, key: str = "") -> bytes:
+        _require_id(group_id, "group_id")
+        return self.keys.group_result(bytes_to_str(group_id)).encode()
+
+    def get_key_for_chord(self, group_id: str, key: str = "") -> bytes:
+        _require_id(group_id, "group_id")
+        return self.keys.chord(bytes_to_str(group_id)).encode()
+
+    # -- KeyValueStoreBackend's primitives ----------------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        return self.store.get(key)
+
+    def mget(self, keys: Iterable[bytes]) -> list[bytes | None]:
+        return self.store.get_many(keys)
+
+    def set(self, key: bytes, value: str | bytes) -> None:
+        self._ensure(self.store.put, key, ensure_bytes(value), self.expires)
+
+    def delete(self, key: bytes) -> None:
+        self._ensure(self.store.delete, key)
+
+    def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None,
+                      request: Any = None, **kwargs: Any) -> Any:
+        """One compare-and-put; never overwrites SUCCESS; a progress write may stop a cancelled task."""
+        task_id = bytes_to_str(task_id)
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = task_id
+        progress_point = state not in states.ALL_STATES and _running_here(task_id)
+        if progress_point and _revoked_here(task_id):
+            self._stop_cancelled(task_id)
+        outcome = self._ensure(self.store.write_state, task_id, ensure_bytes(self.encode(meta)),
+                               ttl=self.expires, success=state == states.SUCCESS, check_cancel=progress_point)
+        if outcome is WriteOutcome.CANCELLED:
+            self._stop_cancelled(task_id)
+        return result
+
+    def _forget(self, task_id: str) -> None:
+        self._ensure(self.store.forget, bytes_to_str(task_id))
+
+    def forget(self, task_id: str) -> None:
+        super().forget(task_id)
+        self.result_consumer.cancel_for(task_id)
+
+    def on_task_call(self, producer: Any, task_id: str) -> dict:
+        if not task_join_will_block():
+            self.result_consumer.consume_from(task_id)
+        return {}
+
+    def get_many(self, task_ids: Iterable[str], timeout: float | None = None, interval: float = 0.5,
+                 no_ack: bool = True, on_message: Callable | None = None, on_interval: Callable | None = None,
+                 max_iterations: int | None = None, **kwargs: Any) -> Iterator[tuple[str, dict]]:
+        """(task_id, meta) for each finished task: one read, then watches instead of Celery's 0.5 s poll."""
+        ids = list(dict.fromkeys(bytes_to_str(task_id) for task_id in task_ids))
+        for task_id, stored in self.store.read_many(ids).items():
+            meta = self.meta_from_decoded(self.decode_result(stored.value))
+            if meta["status"] in states.READY_STATES:
+                ids.remove(task_id)
+                yield task_id, meta
+        if ids and max_iterations != 1:
+            waiting = self.app.ResultSet([self.app.AsyncResult(task_id, backend=self) for task_id in ids])
+            yield from self.iter_native(waiting, timeout=timeout, on_message=on_message, on_interval=on_interval)
+
+    # -- chords: counted in one etcd transaction, no chord_unlock -----------------------
+    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        self.ensure_chords_allowed()
+        header = self.app.GroupResult(*header_result_args)
+        self._ensure(self.store.reset_chord, header.id)
+        self._ensure(self.store.put, self.get_key_for_group(header.id),
+                     ensure_bytes(self.encode({"result": header.as_tuple()})), self._chord_result_expires)
+
+    def set_chord_size(self, group_id: str, chord_size: int) -> None:
+        self._ensure(self.store.set_chord_size, group_id, chord_size, self.chord_expires)
+
+    def add_to_chord(self, group_id: str, result: Any) -> None:
+        self._ensure(self.store.grow_chord, group_id, self.chord_expires)
+
+    def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
+        group_id, task_id = request.group, request.id
+        if not group_id or not task_id:
+            return
+        part = f"{task_id}.{request.group_index}"
+        count = self._ensure(self.store.chord_part_done, group_id, part, self.chord_expires)
+        if count is None or count.size is None or count.done < count.size:
+            return  # a redelivered part, or more parts to come
+        if count.done > count.size:
+            logger.warning("chord %s: %d parts finished for size %d", group_id, count.done, count.size)
+            return
+        self._complete_chord(request, group_id)
+
+    def _complete_chord(self, request: Any, group_id: str) -> None:
+        callback = maybe_signature(request.chord, app=self.app)
+        deps = GroupResult.restore(group_id, backend=self)
+        try:
+            if deps is None:
+                raise ChordError(f"GroupResult {group_id} no longer exists")
+            with allow_join_result():
+                values = deps.join_native(timeout=self.app.conf.result_chord_join_timeout, propagate=True)
+        except Exception as exc:  # noqa: BLE001 - any failure fails the chord, as in Celery
+            self._chord_failed(callback, group_id, deps, exc)
+        else:
+            self._chord_publish(callback, group_id, values)
+        finally:
+            self._ensure(self.store.delete_chord, group_id)
+            self._ensure(self.store.delete, self.get_key_for_group(group_id))
+
+    def _chord_failed(self, callback: Any, group_id: str, deps: GroupResult | None, exc: Exception) -> None:
+        culprit = next(deps._failed_join_report(), None) if deps is not None else None
+        reason = f"Dependency {culprit.id} raised {exc!r}" if culprit is not None else repr(exc)
+        logger.error("chord %s failed: %s", group_id, reason)
+        self.chord_error_from_stack(callback, _create_chord_error_with_cause(message=reason, original_exc=exc))
+
+    def _chord_publish(self, callback: Any, group_id: str, values: list) -> None:
+        try:
+            self.app.amqp._retry_publish(callback.delay, values)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("chord %s: publishing the callback failed", group_id)
+            self.chord_error_from_stack(callback, _create_chord_error_with_cause(
+                message=f"Callback error: {exc!r}", original_exc=exc))
+
+    # -- cooperative cancel ----------------------------------------------------------------
+    def request_cancel(self, task_id: str) -> None:
+        """Ask ``task_id`` to stop: it ends as REVOKED at its next progress update."""
+        self._ensure(self.store.request_cancel, task_id, self.expires)
+
+    def is_cancelled(self, task_id: str) -> bool:
+        """True once a revoke reached this worker or someone called :meth:`request_cancel`."""
+        return _revoked_here(task_id) or self.store.is_cancelled(task_id)
+
+    def _stop_cancelled(self, task_id: str) -> None:
+        task = get_current_task()
+        logger.info("task %s was cancelled: stopping it at this progress point", task_id)
+        self.mark_as_revoked(task_id, reason="cancelled", request=task.request if task else None)
+        raise Ignore(f"task {task_id} was cancelled")
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        return isinstance(exc, CONNECTION_ERRORS)
+
+    def _ensure(self, fun: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run a write, retrying while etcd is unreachable (the retry_policy, ~20 s by default)."""
+        policy = self.retry_policy
+        return retry_over_time(fun, CONNECTION_ERRORS, args, kwargs, self._on_connection_error,
+                               max_retries=policy.get("max_retries"),
+                               interval_start=policy.get("interval_start", 0),
+                               interval_step=policy.get("interval_step", 1),
+                               interval_max=policy.get("interval_max", 1))
+
+    def _on_connection_error(self, exc: BaseException, intervals: Iterator[float], retries: int) -> float:
+        wait = next(intervals)
+        logger.warning("etcd result backend unreachable (%r); retry %d in %.1fs", exc, retries, wait)
+        return wait
+
+    def __reduce__(self, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return super().__reduce__(args, dict(kwargs or {}, expires=self.expires, url=self.url))
+
+
+def watch_task(task_id: str, *, app: Any = None, after_revision: int | None = None,
+               timeout: float | None = None) -> Iterator[TaskEvent]:
+    """Yield ``task_id``'s states as they happen, ending after SUCCESS, FAILURE or REVOKED.
+
+    First the current state (PENDING with revision 0 if nothing is stored yet), then
+    each change. Pass the last ``revision`` you saw as ``after_revision`` to resume
+    without missing or repeating an update. ``timeout`` bounds the wait for the next
+    event (TimeoutError). Iterators in one process share one etcd watch stream.
+    """
+    backend = _etcd_backend(app)
+    if after_revision is not None and after_revision < 0:
+        raise ValueError(f"after_revision must be a revision >= 0 (got {after_revision})")
+    return iter_events(TaskFeed(backend.store, task_id, after_revision), backend.decode, timeout)
+
+
+def _etcd_backend(app: Any) -> EtcdBackend:
+    app = app or current_app
+    backend = app.backend
+    if not isinstance(backend, EtcdBackend):
+        raise TypeError(f"watch_task needs the etcd result backend, but app {app.main!r} uses "
+                        f"{type(backend).__name__} (result_backend={app.conf.result_backend!r})")
+    return backend
+
+
+def _check_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(KNOWN_OPTIONS))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"unknown result_backend_transport_options {unknown} for the etcd backend; known: {list(KNOWN_OPTIONS)}")
+
+
+def _require_id(value: Any, name: str) -> None:
+    if not value:
+        raise ValueError(f"{name} must not be empty. Got {value!r} instead.")
+
+
+def _running_here(task_id: str) -> bool:
+    task = get_current_task()
+    return task is not None and getattr(task.request, "id", None) == task_id
+
+
+def _revoked_here(task_id: str) -> bool:
+    """True if this worker process received a revoke for ``task_id`` (pidbox broadcast)."""
+    from celery.worker import state as worker_state
+
+    return task_id in worker_state.revoked
+

@@ -1,0 +1,155 @@
+"""The etcd result backend on its own (no worker): storing, get(), progress, forget, expiry, options."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from celery import states
+from celery.exceptions import ImproperlyConfigured, TimeoutError
+
+from etcd_broker.backend import EtcdBackend
+from etcd_broker.client import get_client
+from tests.backend.conftest import make_app
+from tests.helpers import REPO_ROOT, wait_until
+
+
+def write_later(app, task_id: str, updates: list[tuple[str, object]], delay: float = 0.2) -> threading.Thread:
+    """Store ``updates`` for ``task_id`` from another thread (its own backend instance), after ``delay``."""
+    def run() -> None:
+        time.sleep(delay)
+        for state, value in updates:
+            app.backend.store_result(task_id, value, state)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_it_stores_celery_meta_as_json_under_the_results_prefix(results_app, etcd_url, etcd_prefix):
+    results_app.backend.store_result("t-json", {"answer": 42}, states.SUCCESS)
+    value, _ = get_client(etcd_url).get(f"{etcd_prefix}/results/t-json")
+    stored = json.loads(value)
+    assert stored["status"] == "SUCCESS"
+    assert stored["result"] == {"answer": 42}
+    assert stored["task_id"] == "t-json"
+    assert results_app.AsyncResult("t-json").state == "SUCCESS"
+
+
+def test_get_returns_a_result_that_was_stored_before_it_was_called(results_app):
+    results_app.backend.store_result("t-early", [1, 2, 3], states.SUCCESS)
+    assert results_app.AsyncResult("t-early").get(timeout=5) == [1, 2, 3]
+
+
+def test_get_wakes_up_when_the_result_is_written(results_app):
+    results_app.backend.on_task_call(None, "t-late")  # what apply_async does before publishing
+    write_later(results_app, "t-late", [(states.SUCCESS, "done")], delay=0.3)
+    assert results_app.AsyncResult("t-late").get(timeout=10) == "done"
+
+
+def test_get_on_message_sees_every_progress_update_in_order(results_app):
+    results_app.backend.on_task_call(None, "t-progress")
+    updates = [("PROGRESS", {"progress": p}) for p in (10, 40, 70, 90)] + [(states.SUCCESS, "ok")]
+    write_later(results_app, "t-progress", updates)
+    seen = []
+    assert results_app.AsyncResult("t-progress").get(timeout=10, on_message=seen.append) == "ok"
+    assert [m["status"] for m in seen] == ["PROGRESS"] * 4 + ["SUCCESS"]
+    assert [m["result"]["progress"] for m in seen[:4]] == [10, 40, 70, 90]
+
+
+def test_a_stored_success_is_never_overwritten(results_app):
+    backend = results_app.backend
+    backend.store_result("t-dup", "first", states.SUCCESS)
+    backend.store_result("t-dup", "late progress", "PROGRESS")
+    backend.store_result("t-dup", ValueError("a duplicate run failed"), states.FAILURE)
+    assert results_app.AsyncResult("t-dup").get(timeout=5) == "first"
+
+
+def test_get_with_a_timeout_raises_timeout_error_for_a_task_nobody_runs(results_app):
+    with pytest.raises(TimeoutError):
+        results_app.AsyncResult("t-never").get(timeout=0.5)
+
+
+def test_forget_deletes_the_result_at_once(results_app, etcd_url, etcd_prefix):
+    results_app.backend.store_result("t-forget", 7, states.SUCCESS)
+    results_app.backend.request_cancel("t-forget")
+    results_app.AsyncResult("t-forget").forget()
+    client = get_client(etcd_url)
+    assert client.get(f"{etcd_prefix}/results/t-forget") == (None, None)
+    assert client.get(f"{etcd_prefix}/cancel/t-forget") == (None, None)
+    assert results_app.AsyncResult("t-forget").state == "PENDING"
+
+
+def test_results_expire_after_result_expires_through_an_etcd_lease(etcd_url, etcd_prefix):
+    app = make_app(etcd_url, etcd_prefix, result_expires=2)
+    app.backend.store_result("t-expire", "short-lived", states.SUCCESS)
+    client = get_client(etcd_url)
+    _, meta = client.get(f"{etcd_prefix}/results/t-expire")
+    assert meta.lease_id != 0
+    assert client.get_lease_info(meta.lease_id).TTL <= 3
+    wait_until(lambda: client.get(f"{etcd_prefix}/results/t-expire") == (None, None), timeout=15,
+               message="the expired result is deleted")
+    assert app.AsyncResult("t-expire").state == "PENDING"
+
+
+def test_results_written_together_share_a_lease_so_leases_stay_few(results_app, etcd_url, etcd_prefix):
+    for i in range(40):
+        results_app.backend.store_result(f"t-bucket-{i}", i, states.SUCCESS)
+    leases = {meta.lease_id for _, meta in get_client(etcd_url).get_prefix(f"{etcd_prefix}/results/")}
+    assert 0 not in leases
+    assert len(leases) <= 2  # one per time bucket; a bucket boundary may fall inside the loop
+
+
+def test_results_are_kept_without_a_lease_when_result_expires_is_none(etcd_url, etcd_prefix):
+    app = make_app(etcd_url, etcd_prefix, result_expires=None)
+    app.backend.store_result("t-keep", 1, states.SUCCESS)
+    _, meta = get_client(etcd_url).get(f"{etcd_prefix}/results/t-keep")
+    assert meta.lease_id == 0
+
+
+def test_cancel_markers_are_set_and_read_back(results_app):
+    backend = results_app.backend
+    assert not backend.is_cancelled("t-cancel")
+    backend.request_cancel("t-cancel")
+    assert backend.is_cancelled("t-cancel")
+
+
+def test_transport_options_reach_the_etcd_client(etcd_url, etcd_prefix):
+    app = make_app(etcd_url, etcd_prefix)
+    app.conf.result_backend_transport_options = {"prefix": etcd_prefix, "timeout": 2.5, "user": "web",
+                                                 "password": "s3cret"}
+    backend = EtcdBackend(app=app, url=etcd_url)
+    assert backend.config.timeout == 2.5
+    assert backend.config.user == "web"
+    assert backend.config.endpoints == get_client(etcd_url).config.endpoints
+    assert "s3cret" not in backend.as_uri()
+
+
+def test_an_unknown_transport_option_is_refused_by_name(etcd_url, etcd_prefix):
+    app = make_app(etcd_url, etcd_prefix)
+    app.conf.result_backend_transport_options = {"prefix": etcd_prefix, "passwrod": "x"}
+    with pytest.raises(ImproperlyConfigured, match="passwrod"):
+        EtcdBackend(app=app, url=etcd_url)
+
+
+def test_a_bad_url_is_refused_with_the_reason(etcd_prefix):
+    app = make_app("etcdv3://127.0.0.1:notaport", etcd_prefix)
+    with pytest.raises(ImproperlyConfigured, match="bad port"):
+        app.backend  # noqa: B018
+
+
+def test_plain_settings_select_the_backend_in_django_and_by_entry_point():
+    code = (
+        "from celery.app.backends import by_name\n"
+        "print(by_name('etcdv3').__name__)\n"  # the celery.result_backends entry point, no import
+        "from deephardway_site.celery import app\n"
+        "print(type(app.backend).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "DJANGO_SETTINGS_MODULE": "deephardway_site.settings"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["EtcdBackend", "EtcdBackend"]

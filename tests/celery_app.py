@@ -51,9 +51,6 @@ def fail(message: str) -> None:
 
 
 # --- result backend tests (tests/backend/) -------------------------------------------
-if os.environ.get("ETCD_TEST_RESULT_EXPIRES"):
-    app.conf.result_expires = int(os.environ["ETCD_TEST_RESULT_EXPIRES"])
-
 
 @app.task(bind=True)
 def count_with_progress(self, steps: int, delay: float) -> int:

@@ -7,6 +7,7 @@ import pytest
 from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
+from etcd_broker.result_store import close_shared
 from tests.helpers import WorkerProcess
 
 #: The worker app; tasks are sent by name so this process never imports its module-level app.
@@ -32,6 +33,13 @@ def worker_env(url: str, prefix: str, **extra: str) -> dict[str, str]:
 def task(app: Celery, name: str, *args, **options):
     """A signature of a tests/celery_app.py task, by name."""
     return app.signature(f"{WORKER_APP}.{name}", args=args, options=options)
+
+
+@pytest.fixture(autouse=True)
+def _close_result_streams():
+    """Each test's watch streams end with it (a stopped private etcd would be retried forever)."""
+    yield
+    close_shared()
 
 
 @pytest.fixture

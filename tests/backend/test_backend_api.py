@@ -153,3 +153,23 @@ def test_plain_settings_select_the_backend_in_django_and_by_entry_point():
                          timeout=60, env={**os.environ, "DJANGO_SETTINGS_MODULE": "deephardway_site.settings"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["EtcdBackend", "EtcdBackend"]
+
+
+def test_chord_parts_count_once_each_and_exactly_one_completes_the_chord(results_app):
+    store = results_app.backend.store
+    store.set_chord_size("g-race", 20, ttl=60)
+    store.grow_chord("g-race", ttl=60)  # Task.add_to_chord: one more header task
+    outcomes = []
+
+    def report(i: int) -> None:  # every part twice, as a redelivered acks_late task would
+        outcomes.append(store.chord_part_done("g-race", f"t{i % 21}.{i % 21}", ttl=60))
+
+    threads = [threading.Thread(target=report, args=(i,)) for i in range(42)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counted = [o for o in outcomes if o is not None]
+    assert len(counted) == 21
+    assert sorted(o.done for o in counted) == list(range(1, 22))
+    assert [o.done == o.size for o in counted].count(True) == 1

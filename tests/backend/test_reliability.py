@@ -1,0 +1,71 @@
+"""The result backend while etcd goes away: nothing lost, nothing repeated, timeouts honoured."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from celery import states
+from celery.exceptions import TimeoutError
+
+from etcd_broker.backend import watch_task
+from tests.backend.conftest import make_app, task, worker_env
+
+pytestmark = pytest.mark.reliability
+
+
+def restart_after(server, down_at: float, down_for: float) -> threading.Thread:
+    """Stop ``server`` after ``down_at`` seconds and start it again (same data dir) ``down_for`` later."""
+    def run() -> None:
+        time.sleep(down_at)
+        server.stop()
+        time.sleep(down_for)
+        server.start()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_get_waiting_through_an_etcd_restart_returns_the_result(private_etcd, worker_factory):
+    prefix = f"/tr-{uuid.uuid4().hex[:8]}"
+    worker_factory(env=worker_env(private_etcd.url, prefix), concurrency=2)
+    app = make_app(private_etcd.url, prefix)
+    result = task(app, "sleep_then_record", 2.5, "survived").apply_async()
+    restarter = restart_after(private_etcd, down_at=0.5, down_for=1.5)
+    assert result.get(timeout=60) == "survived"
+    restarter.join()
+    app.close()
+
+
+def test_a_get_with_a_timeout_raises_while_etcd_stays_down(private_etcd):
+    app = make_app(private_etcd.url, f"/tr-{uuid.uuid4().hex[:8]}")
+    result = app.AsyncResult("never-finishes")
+    app.backend.on_task_call(None, result.id)
+    private_etcd.stop()
+    with pytest.raises(TimeoutError):
+        result.get(timeout=2)
+    private_etcd.start()
+    app.backend.store_result(result.id, "late", states.SUCCESS)
+    assert result.get(timeout=10) == "late"  # the same waiter recovers once etcd is back
+    app.close()
+
+
+def test_watch_task_neither_misses_nor_repeats_across_a_reconnect(private_etcd):
+    app = make_app(private_etcd.url, f"/tr-{uuid.uuid4().hex[:8]}")
+    writer = make_app(private_etcd.url, app.conf.result_backend_transport_options["prefix"])
+    events = watch_task("t-reconnect", app=app, timeout=30)
+    assert next(events).state == "PENDING"
+    for p in (10, 20, 30):
+        writer.backend.store_result("t-reconnect", {"progress": p}, "PROGRESS")
+    private_etcd.stop()
+    private_etcd.start()
+    for p in (40, 50):
+        writer.backend.store_result("t-reconnect", {"progress": p}, "PROGRESS")
+    writer.backend.store_result("t-reconnect", "done", states.SUCCESS)
+    rest = list(events)
+    assert [e.progress for e in rest] == [10, 20, 30, 40, 50, 100]
+    assert [e.revision for e in rest] == sorted({e.revision for e in rest})
+    app.close()
+    writer.close()

@@ -1,9 +1,46 @@
-"""The jobs app: every request as a Job, its API, admin and Celery tasks."""
+"""The jobs app: every request as a Job, its API, admin and Celery tasks.
+
+Registers system checks for settings that can be wrong in production.
+"""
 from __future__ import annotations
 
 from django.apps import AppConfig
+from django.core import checks
+
+#: The development SECRET_KEY in settings.py starts with this; production must replace it.
+DEV_SECRET_PREFIX = "dev-only-insecure"
 
 
 class JobsConfig(AppConfig):
     name = "jobs"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        checks.register(check_secret_key, checks.Tags.security, deploy=True)
+        checks.register(check_job_limits)
+
+
+def check_secret_key(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """The checked-in development key must never sign production sessions."""
+    from django.conf import settings
+
+    if settings.SECRET_KEY.startswith(DEV_SECRET_PREFIX):
+        return [checks.Error("SECRET_KEY is the development key from settings.py",
+                             hint="Set the SECRET_KEY environment variable to 50+ random characters.",
+                             id="jobs.E001")]
+    return []
+
+
+def check_job_limits(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    from django.conf import settings
+
+    errors = []
+    if settings.JOBS_MAX_QUEUED_PER_OWNER < 1:
+        errors.append(checks.Error("JOBS_MAX_QUEUED_PER_OWNER must be at least 1", id="jobs.E002"))
+    if not 0 <= settings.JOBS_MAX_PRIORITY_NON_STAFF <= 9 or not 0 <= settings.JOBS_DEFAULT_PRIORITY <= 9:
+        errors.append(checks.Error("JOBS_MAX_PRIORITY_NON_STAFF and JOBS_DEFAULT_PRIORITY must be 0-9",
+                                   id="jobs.E003"))
+    if settings.JOBS_DEFAULT_PRIORITY > settings.JOBS_MAX_PRIORITY_NON_STAFF:
+        errors.append(checks.Error("JOBS_DEFAULT_PRIORITY is above JOBS_MAX_PRIORITY_NON_STAFF: "
+                                   "non-staff callers could not use the default", id="jobs.E004"))
+    return errors

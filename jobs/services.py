@@ -127,14 +127,25 @@ def _delete_file(job: Job) -> None:
 # -- cancel and retry --------------------------------------------------------------
 def cancel_task(task_id: str, queued: bool) -> None:
     """Revoke the task and ask a running one to stop at its next progress point."""
+    cancel_tasks([task_id], queued=queued)
+
+
+def cancel_tasks(task_ids: list[str], *, queued: bool) -> None:
+    """Cancel several tasks with one revoke broadcast.
+
+    Running tasks stop at their next progress point (the backend's cancel marker). For
+    ``queued`` ones REVOKED is recorded now, so their jobs end without waiting for a
+    worker; a worker that takes one later finds the marker at its first progress point.
+    """
     from deephardway_site.celery import app
 
-    app.control.revoke(task_id)
-    app.backend.request_cancel(task_id)
-    if queued:
-        # No worker has it yet: record REVOKED now, so the job ends without waiting for one.
-        # A worker that takes it later finds the cancel marker at its first progress point.
-        app.backend.mark_as_revoked(task_id, reason="cancelled before it started")
+    if not task_ids:
+        return
+    app.control.revoke(task_ids)
+    for task_id in task_ids:
+        app.backend.request_cancel(task_id)
+        if queued:
+            app.backend.mark_as_revoked(task_id, reason="cancelled before it started")
 
 
 def cancel(job: Job, canceller: Callable[[str, bool], None] | None = None) -> Job:

@@ -1,0 +1,63 @@
+"""``manage.py queues``: what waits in each queue (by priority), what is being worked on
+(unacknowledged), and which workers are alive (their etcd leases), next to the Job table."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.management.base import BaseCommand
+from django.db.models import Count
+
+from jobs.models import ACTIVE_STATUSES, Job
+
+logger = logging.getLogger(__name__)
+
+
+def broker_report(app: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(queue rows, live consumers) straight from the transport's keys in etcd."""
+    from etcd_broker.stats import live_consumers, queue_stats, stats_for_connection
+
+    with app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=1)
+        client, keys = stats_for_connection(connection)
+        return queue_stats(client, keys), live_consumers(client, keys)
+
+
+def job_counts() -> dict[str, dict[str, int]]:
+    """Unfinished jobs per queue and status, from the database."""
+    counts: dict[str, dict[str, int]] = {}
+    rows = Job.objects.filter(status__in=ACTIVE_STATUSES).values("queue", "status").annotate(n=Count("pk"))
+    for row in rows:
+        counts.setdefault(row["queue"], {})[row["status"]] = row["n"]
+    return counts
+
+
+class Command(BaseCommand):
+    help = "Queue lengths per priority, unacknowledged messages and live workers (from etcd)."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        from deephardway_site.celery import app
+
+        queues, consumers = broker_report(app)
+        self.write_queues(queues, job_counts())
+        self.write_consumers(consumers)
+
+    def write_queues(self, queues: list[dict[str, Any]], jobs: dict[str, dict[str, int]]) -> None:
+        self.stdout.write(f"{'queue':<24} {'ready':>6} {'unacked':>8}  {'ready by priority (9 = urgent)':<34}"
+                          f" {'jobs queued/running':>20}")
+        for row in queues:
+            by_priority = " ".join(f"p{p}:{n}" for p, n in sorted(row["ready_by_priority"].items(),
+                                                                  key=lambda item: -int(item[0])))
+            db = jobs.get(row["queue"], {})
+            db_text = f"{db.get('queued', 0)}/{db.get('running', 0)}" if row["queue"] in jobs else "-"
+            self.stdout.write(f"{row['queue']:<24} {row['ready']:>6} {row['unacked']:>8}  {by_priority or '-':<34}"
+                              f" {db_text:>20}")
+        if not queues:
+            self.stdout.write("(no queues declared yet: start a worker or submit a job)")
+
+    def write_consumers(self, consumers: list[dict[str, Any]]) -> None:
+        self.stdout.write(f"\nlive consumers: {len(consumers)}")
+        for item in consumers:
+            queues = ",".join(item.get("queues") or []) or "-"
+            self.stdout.write(f"  {item.get('hostname', '?')} pid {item.get('pid', '?')}  queues {queues}  "
+                              f"lease {item['lease']} (ttl {item.get('ttl')} s)")

@@ -30,16 +30,15 @@ CHAR_TO_ID = {char: i for i, char in enumerate(ALPHABET)}
 SEQ_LEN = 100
 BATCH_SIZE = 64
 EMBED_DIM = 64
-#: GRU width: big enough for ~1.5 nats/char, small enough to train in ~3 minutes on 2 cores.
-UNITS = 512
-#: A training "epoch" is this many batches of random windows (the corpus is ~4.7 M characters).
-STEPS_PER_EPOCH = 100
-EPOCHS = 6
-LEARNING_RATE = 2e-3
-#: Every VALIDATION_EVERY-th play (in file-name order) is held out for validation.
-VALIDATION_EVERY = 10
-#: Held-out characters scored for the model card's validation loss.
-VALIDATION_CHARS = 200_000
+#: GRU width: on 2 CPU cores 256 units reach a lower validation loss in 3 minutes than 384 or 512.
+UNITS = 256
+#: A training "epoch" is this many batches of shuffled windows (the corpus is ~4.4 M characters).
+STEPS_PER_EPOCH = 200
+#: 10 x 200 batches x 6,400 characters: ~3 passes over the plays, ~3 minutes on 2 cores.
+EPOCHS = 10
+LEARNING_RATE = 4e-3
+#: The last 5% of every play is held out for validation (never trained on).
+VALIDATION_SHARE = 0.05
 #: Characters generated per compiled call: one PROGRESS report and cancellation check each.
 CHUNK_CHARS = 25
 #: Next-word suggestions: how many, beam width, and the longest word considered.
@@ -66,11 +65,14 @@ def clean_corpus(text: str) -> str:
 
 
 def corpus(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(training ids, validation ids); validation is whole held-out plays."""
+    """(training ids, validation ids); validation is the held-out end of every play."""
     train_parts, val_parts = [], []
-    for index, (_, text) in enumerate(datasets.shakespeare_plays()):
-        (val_parts if index % VALIDATION_EVERY == VALIDATION_EVERY - 1 else train_parts).append(clean_corpus(text))
-    train_ids, val_ids = encode("\n".join(train_parts)), encode("\n".join(val_parts))[:VALIDATION_CHARS]
+    for _, text in datasets.shakespeare_plays():
+        text = clean_corpus(text)
+        cut = int(len(text) * (1 - VALIDATION_SHARE))
+        train_parts.append(text[:cut])
+        val_parts.append(text[cut:])
+    train_ids, val_ids = encode("\n".join(train_parts)), encode("\n".join(val_parts))
     if limit is not None:
         train_ids, val_ids = train_ids[:limit], val_ids[:max(limit // 4, 2 * (SEQ_LEN + 1))]
     return train_ids, val_ids
@@ -137,7 +139,7 @@ def preprocess(payload: Any) -> dict[str, Any]:
 def predict(model: keras.Model, batch: np.ndarray) -> np.ndarray:
     """Logits for every position of a batch of id windows (n, t) -> (n, t, alphabet): the
     non-incremental reference the stateful generator must agree with."""
-    return np.asarray(model(tf.convert_to_tensor(batch, tf.int32), training=False))
+    return model(tf.convert_to_tensor(batch, tf.int32), training=False).numpy()
 
 
 class Generator:

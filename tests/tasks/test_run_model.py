@@ -1,0 +1,126 @@
+"""run_model and train_model in a real worker over our etcd broker and result backend:
+results, streamed progress, bad input, cancellation while running and while queued."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.helpers import wait_until
+from tests.ml.tiny import drawing_of, png_data_url
+
+pytest.importorskip("etcd_broker.backend", reason="the etcd result backend has not landed yet")
+
+RUN = "jobs.tasks.run_model"
+TRAIN = "jobs.tasks.train_model"
+
+
+def a_drawn_digit() -> str:
+    from ml import datasets
+
+    return png_data_url(drawing_of(datasets.digits().x_test[3, :, :, 0], 25, (280, 280), (30, 40)))
+
+
+def follow(result, timeout: float = 60) -> list[dict]:
+    """Wait for the task to finish, collecting every PROGRESS meta pushed on the way."""
+    seen: list[dict] = []
+    result.get(timeout=timeout, propagate=False,
+               on_message=lambda message: message["status"] == "PROGRESS" and seen.append(message["result"]))
+    return seen
+
+
+def test_a_worker_classifies_concurrent_drawings(client, model_worker):
+    worker = model_worker()
+    results = [client.send_task(RUN, args=["digits", {"image": a_drawn_digit()}]) for _ in range(12)]
+    for result in results:
+        answer = result.get(timeout=60)
+        probabilities = [entry["probability"] for entry in answer["top"]]
+        assert len(answer["top"]) == 5 and probabilities == sorted(probabilities, reverse=True)
+        assert len(answer["seen"]) == 8
+    assert "no GPU visible; running on CPU" in worker.log()
+    assert worker.log().count("loaded digits from") == 1  # loaded once, then kept warm
+
+
+def test_bad_input_fails_the_task_naming_the_field(client, model_worker):
+    model_worker()
+    blank = client.send_task(RUN, args=["digits", {"pixels": [0.0] * 64}])
+    with pytest.raises(Exception, match="pixels: no drawing found"):
+        blank.get(timeout=60)
+    assert blank.state == "FAILURE"
+    unknown = client.send_task(RUN, args=["poetry", {"prompt": "x"}])
+    with pytest.raises(Exception, match="unknown model 'poetry'"):
+        unknown.get(timeout=60)
+
+
+def test_text_generation_streams_progress_then_the_whole_text(client, model_worker):
+    model_worker()
+    result = client.send_task(RUN, args=["text", {"prompt": "ROMEO.\n", "length": 300, "seed": 4}])
+    progress = follow(result)
+    final = result.get(timeout=1)
+    assert result.state == "SUCCESS" and len(final["text"]) == 300 and final["seed"] == 4
+    assert progress, "no PROGRESS was pushed"
+    percents = [meta["progress"] for meta in progress]
+    assert percents == sorted(percents) and 0 < percents[0] < 100
+    assert all(final["text"].startswith(meta["text"]) for meta in progress)
+
+
+def cancel_on_first_progress(client, result, cancel) -> dict:
+    """Follow ``result``; at its first PROGRESS call ``cancel()``; count what came after."""
+    seen: dict = {"before": [], "after": []}
+    cancelled = threading.Event()
+
+    def on_message(message: dict) -> None:
+        if message["status"] != "PROGRESS":
+            return
+        seen["after" if cancelled.is_set() else "before"].append(message["result"])
+        if not cancelled.is_set():
+            cancel()
+            cancelled.set()
+
+    result.get(timeout=60, propagate=False, on_message=on_message)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["revoke broadcast", "cancel marker"])
+def test_a_running_generation_stops_within_one_step_when_cancelled(client, model_worker, how):
+    worker = model_worker()
+    result = client.send_task(RUN, args=["text", {"prompt": "KING.\n", "length": 1000, "seed": 1}])
+    if how == "revoke broadcast":
+        cancel = lambda: client.control.revoke(result.id)  # noqa: E731 - Celery's own revoked set
+    else:
+        cancel = lambda: client.backend.request_cancel(result.id)  # noqa: E731 - the backend's marker
+    seen = cancel_on_first_progress(client, result, cancel)
+    assert result.state == "REVOKED"
+    generated = len((seen["after"] or seen["before"])[-1]["text"])
+    assert generated < 1000, "the generation ran to the end"
+    # The worker was at most a step or two ahead when the cancel arrived, then stopped.
+    assert len(seen["after"]) <= 3, [len(meta["text"]) for meta in seen["after"]]
+    wait_until(lambda: "cancelled" in worker.log(), timeout=10, message="worker logged the cancel")
+
+
+def test_a_job_cancelled_while_queued_never_starts(client, model_worker):
+    result = client.send_task(RUN, args=["text", {"prompt": "A", "length": 1000}])
+    client.control.revoke(result.id)  # no worker is listening: this broadcast is lost
+    client.backend.request_cancel(result.id)  # ... but the marker in etcd is not
+    worker = model_worker()
+    wait_until(lambda: f"{result.id}" in worker.log(), timeout=30, message="worker received the task")
+    assert follow(result, timeout=30) == []  # not one PROGRESS: it never ran
+    assert result.state == "REVOKED"
+    assert "loaded text" not in worker.log()
+
+
+def test_an_admin_retrains_a_model_through_the_queue(client, model_worker, tmp_path, task_models):
+    import shutil
+
+    for name in ("digits.keras", "digits.json"):
+        shutil.copy(task_models / name, tmp_path / name)
+    model_worker(model_dir=tmp_path)
+    before = client.send_task(RUN, args=["digits", {"image": a_drawn_digit()}]).get(timeout=60)
+    result = client.send_task(TRAIN, args=["digits", 3])
+    progress = follow(result, timeout=120)
+    card = result.get(timeout=1)
+    epochs = [meta["epoch"] for meta in progress if "metrics" in meta]
+    assert epochs == [1, 2, 3] and progress[-1]["progress"] == 100.0
+    assert card["epochs"] == 3 and card["train_examples"] == 1437 and card["metrics"]["test_accuracy"] > 0.5
+    after = client.send_task(RUN, args=["digits", {"image": a_drawn_digit()}]).get(timeout=60)
+    assert after["top"] != before["top"]  # the worker now serves the retrained model

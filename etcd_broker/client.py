@@ -182,6 +182,8 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
         if _is_token_error(exc):
             self.authenticate()
             raise etcd_exceptions.ConnectionFailedError() from exc
+        if _is_dropped_proposal(exc):  # a leader change dropped it unapplied: retry like a lost connection
+            raise etcd_exceptions.ConnectionFailedError() from exc
         super()._manage_grpc_errors(exc)
 
     def _clear_old_stubs(self) -> None:
@@ -192,6 +194,11 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
 def _is_token_error(exc: grpc.RpcError) -> bool:
     details = (exc.details() or "") if hasattr(exc, "details") else ""
     return "invalid auth token" in details or "token" in details and "expired" in details
+
+
+def _is_dropped_proposal(exc: grpc.RpcError) -> bool:
+    details = (exc.details() or "") if hasattr(exc, "details") else ""
+    return "raft proposal dropped" in details
 
 
 def _auth_error(exc: grpc.RpcError, config: EtcdConfig) -> Exception:

@@ -79,7 +79,7 @@ class QoS(virtual.QoS):
         if message is not None:
             self.channel._forget(message)
         super().ack(delivery_tag)
-        self.channel.connection.wake()
+        self._wake()
 
     def reject(self, delivery_tag, requeue=False):
         message = self._delivered.get(delivery_tag)
@@ -89,7 +89,12 @@ class QoS(virtual.QoS):
             else:
                 self.channel._forget(message)
         self._quick_ack(delivery_tag)
-        self.channel.connection.wake()
+        self._wake()
+
+    def _wake(self) -> None:
+        connection = self.channel.connection
+        if connection is not None:  # None once the channel is closed (a reset requeued what it held)
+            connection.wake()
 
     def restore_unacked(self):
         """Requeue what we hold; what cannot be written now the lease gives back later."""

@@ -1,0 +1,45 @@
+"""Fault-test fixtures: a three-member etcd cluster, and the summary table printed after the run."""
+from __future__ import annotations
+
+import pytest
+
+from etcd_broker.server import EtcdServer, start_cluster
+from tests.reliability import counting_app
+from tests.reliability.counting import SUMMARY_HEADERS, Tally
+
+_rows: list[tuple] = []
+
+
+@pytest.fixture(autouse=True)
+def _release_counting_app():
+    yield
+    counting_app.release()
+
+
+@pytest.fixture
+def cluster():
+    """Three etcd members on loopback (three processes, three client ports), removed afterwards."""
+    members: list[EtcdServer] = start_cluster(3)
+    yield members
+    for member in members:
+        member.cleanup()
+
+
+@pytest.fixture
+def summary():
+    """Print a test's tally (``pytest -s`` shows it) and keep it for the table at the end of the run."""
+    def record(tally: Tally) -> None:
+        print(f"\n{tally.table()}\n", flush=True)
+        _rows.append(tally.row())
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _rows:
+        return
+    terminalreporter.section("fault tests: what was sent and what arrived")
+    terminalreporter.write_line("| " + " | ".join(SUMMARY_HEADERS) + " |")
+    terminalreporter.write_line("|" + "---|" * len(SUMMARY_HEADERS))
+    for row in _rows:
+        terminalreporter.write_line("| " + " | ".join(str(cell) for cell in row) + " |")

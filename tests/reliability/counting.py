@@ -1,0 +1,156 @@
+"""Counting for fault tests: a producer thread that records what etcd accepted, and a tally of executions.
+
+Every execution of ``counting_app.work`` leaves a ``started`` and a ``done`` marker
+keyed by task id; a task is *completed* when it has a ``done`` marker, *lost* when it
+was accepted and has none, *duplicated* when it has more than one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
+from tests.helpers import wait_until
+from tests.reliability import counting_app
+
+logger = logging.getLogger(__name__)
+
+#: Celery's publish retry while etcd is down or electing: up to ~60 s, then the caller sees an error.
+PUBLISH_RETRY_POLICY = {"max_retries": 120, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+SUMMARY_HEADERS = ("test", "tasks sent", "completed", "duplicated", "lost", "refused at publish",
+                   "max redelivery delay (s)", "first completion after the fault (s)")
+
+
+class Producer(threading.Thread):
+    """Sends ``count`` tasks, one every ``interval`` seconds; remembers which ones were accepted."""
+
+    def __init__(self, count: int, seconds: float, interval: float) -> None:
+        super().__init__(name="fault-test-producer", daemon=True)
+        self.count, self.seconds, self.interval = count, seconds, interval
+        self.accepted: list[str] = []
+        self.refused: list[tuple[str, str]] = []
+        self.results: list = []
+        self.sent_half = threading.Event()
+
+    def run(self) -> None:
+        for index in range(self.count):
+            task_id = uuid.uuid4().hex
+            try:
+                result = counting_app.work.apply_async((self.seconds,), task_id=task_id, retry=True,
+                                                       retry_policy=PUBLISH_RETRY_POLICY)
+            except Exception as exc:  # noqa: BLE001 - the caller saw an error: refused, not lost
+                logger.warning("publish of %s refused: %r", task_id, exc)
+                self.refused.append((task_id, repr(exc)))
+            else:
+                self.accepted.append(task_id)
+                self.results.append(result)
+            if index + 1 == self.count // 2:
+                self.sent_half.set()
+            time.sleep(self.interval)
+        self.sent_half.set()
+
+
+def read_markers(client: EtcdClient, prefix: str, kind: str) -> dict[str, list[dict]]:
+    """Every ``kind`` marker under ``prefix``, grouped by task id, oldest first."""
+    found: dict[str, list[dict]] = defaultdict(list)
+    for value, _ in client.get_prefix(counting_app.marker_prefix(prefix, kind)):
+        info = json.loads(value)
+        found[info["task_id"]].append(info)
+    for rows in found.values():
+        rows.sort(key=lambda row: row["at"])
+    return dict(found)
+
+
+def read_markers_retrying(client: EtcdClient, prefix: str, kind: str) -> dict[str, list[dict]]:
+    """:func:`read_markers`, tolerating a cluster that is still electing a leader."""
+    for _ in range(100):
+        try:
+            return read_markers(client, prefix, kind)
+        except CONNECTION_ERRORS:
+            time.sleep(0.2)
+    return read_markers(client, prefix, kind)
+
+
+@dataclass
+class Tally:
+    """What happened to every accepted task, around one fault at ``fault_at`` (ending at ``fault_end``)."""
+
+    name: str
+    accepted: list[str]
+    refused: list[tuple[str, str]]
+    started: dict[str, list[dict]]
+    done: dict[str, list[dict]]
+    fault_at: float
+    fault_end: float
+    killed_pids: set[int] = field(default_factory=set)
+
+    @classmethod
+    def collect(cls, name: str, client: EtcdClient, prefix: str, producer: Producer, fault_at: float,
+                fault_end: float | None = None, killed_pids: set[int] | None = None) -> Tally:
+        return cls(name, list(producer.accepted), list(producer.refused),
+                   read_markers_retrying(client, prefix, "started"), read_markers_retrying(client, prefix, "done"),
+                   fault_at, fault_end or fault_at, killed_pids or set())
+
+    @property
+    def lost(self) -> list[str]:
+        return [task for task in self.accepted if task not in self.done]
+
+    @property
+    def duplicated(self) -> list[str]:
+        return [task for task in self.accepted if len(self.done.get(task, ())) > 1]
+
+    @property
+    def completed(self) -> int:
+        return sum(1 for task in self.accepted if task in self.done)
+
+    @property
+    def unexpected(self) -> list[str]:
+        """Executions of tasks nobody was told were accepted (a refused publish that did land)."""
+        refused = {task for task, _ in self.refused}
+        return [task for task in self.done if task not in self.accepted and task not in refused]
+
+    def redelivery_delays(self) -> list[float]:
+        """Per task that started before the fault and again after it: seconds from the fault to the restart."""
+        delays = []
+        for runs in self.started.values():
+            before = [run for run in runs if run["at"] <= self.fault_at]
+            after = [run for run in runs if run["at"] > self.fault_at]
+            if before and after:
+                delays.append(after[0]["at"] - self.fault_at)
+        return delays
+
+    def first_completion_after_fault(self) -> float | None:
+        finished = [run["at"] for runs in self.done.values() for run in runs if run["at"] > self.fault_end]
+        return min(finished) - self.fault_end if finished else None
+
+    def row(self) -> tuple:
+        delays = self.redelivery_delays()
+        first = self.first_completion_after_fault()
+        return (self.name, len(self.accepted) + len(self.refused), self.completed, len(self.duplicated),
+                len(self.lost), len(self.refused), f"{max(delays):.1f} ({len(delays)} tasks)" if delays else "-",
+                f"{first:.1f}" if first is not None else "-")
+
+    def table(self) -> str:
+        lines = ["| " + " | ".join(SUMMARY_HEADERS) + " |", "|" + "---|" * len(SUMMARY_HEADERS),
+                 "| " + " | ".join(str(cell) for cell in self.row()) + " |"]
+        return "\n".join(lines)
+
+
+def wait_for_completion(client: EtcdClient, prefix: str, producer: Producer, timeout: float) -> None:
+    """Wait for the producer to finish and every accepted task to have a ``done`` marker."""
+    producer.join(timeout)
+    assert not producer.is_alive(), "the producer was still publishing"
+
+    def all_done() -> bool:
+        done = read_markers_retrying(client, prefix, "done")
+        return all(task in done for task in producer.accepted)
+
+    try:
+        wait_until(all_done, timeout=timeout, interval=0.5, message="every accepted task done")
+    except TimeoutError:
+        pass  # the tally names what is missing

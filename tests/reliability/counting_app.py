@@ -1,0 +1,109 @@
+"""A Celery app for fault and security tests: every execution leaves marker keys that tests count.
+
+Configured by env in worker processes (``ETCD_TEST_URL``, ``ETCD_TEST_PREFIX``,
+``ETCD_TEST_LEASE_TTL``, ``ETCD_TEST_OPTIONS`` as JSON: user, password, ca_cert,
+cert_key, cert_cert; ``ETCD_TEST_BACKEND=1`` adds the etcd result backend) and by
+:func:`configure` in the test process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+from celery import Celery
+
+import etcd_broker  # noqa: F401 - registers etcdv3://
+from etcd_broker.client import CONNECTION_ERRORS, get_client
+
+logger = logging.getLogger(__name__)
+
+#: A marker write retries this long while etcd is down or electing a leader (seconds).
+MARK_RETRY_SECONDS = 60.0
+
+URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
+PREFIX = os.environ.get("ETCD_TEST_PREFIX", "/deephardway-test")
+LEASE_TTL = int(os.environ.get("ETCD_TEST_LEASE_TTL", "3"))
+OPTIONS: dict[str, str] = json.loads(os.environ.get("ETCD_TEST_OPTIONS", "{}"))
+WITH_BACKEND = os.environ.get("ETCD_TEST_BACKEND") == "1"
+
+app = Celery("counting")
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
+    task_queue_max_priority=9,
+)
+
+
+def configure(url: str, prefix: str, lease_ttl: int = 3, options: dict | None = None,
+              backend: bool = False) -> None:
+    """Point the app (in this process) at ``url``/``prefix``, dropping pooled connections."""
+    global URL, PREFIX, LEASE_TTL, OPTIONS, WITH_BACKEND
+    URL, PREFIX, LEASE_TTL, OPTIONS, WITH_BACKEND = url, prefix, lease_ttl, dict(options or {}), backend
+    release()
+    app.conf.update(
+        broker_url=url,
+        broker_transport_options={"prefix": prefix, "lease_ttl": lease_ttl, **OPTIONS},
+        result_backend=url if backend else None,
+        result_backend_transport_options={"prefix": prefix, **OPTIONS},
+        task_ignore_result=not backend,
+    )
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
+
+
+def release() -> None:
+    """Close this process's pooled connections (their watch threads would outlive the test's etcd)."""
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
+def worker_env(url: str, prefix: str, lease_ttl: int = 3, options: dict | None = None,
+               backend: bool = False) -> dict[str, str]:
+    """The environment that configures a worker process like :func:`configure` does this one."""
+    return {"ETCD_TEST_URL": url, "ETCD_TEST_PREFIX": prefix, "ETCD_TEST_LEASE_TTL": str(lease_ttl),
+            "ETCD_TEST_OPTIONS": json.dumps(options or {}), "ETCD_TEST_BACKEND": "1" if backend else "0"}
+
+
+def marker_prefix(prefix: str, kind: str) -> str:
+    """Where executions leave ``kind`` markers (test-only keys, outside the transport's layout)."""
+    return f"{prefix}/markers/{kind}/"
+
+
+def mark(kind: str, task_id: str, **info) -> None:
+    """Record one execution step; retried until etcd answers (the key is unique, so a retry is idempotent)."""
+    key = f"{marker_prefix(PREFIX, kind)}{task_id}/{uuid.uuid4().hex}"
+    value = json.dumps({"task_id": task_id, "host": socket.gethostname(), "pid": os.getpid(),
+                        "at": time.time(), **info})
+    deadline = time.monotonic() + MARK_RETRY_SECONDS
+    while True:
+        try:
+            get_client(URL, **OPTIONS).put(key, value)
+            return
+        except CONNECTION_ERRORS:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@app.task(bind=True, acks_late=True)
+def work(self, seconds: float) -> str:
+    """Take ``seconds``; markers say when it started and finished (acks_late: survives a kill)."""
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    mark("started", self.request.id, redelivered=redelivered)
+    time.sleep(seconds)
+    mark("done", self.request.id)
+    return self.request.id
+
+
+configure(URL, PREFIX, LEASE_TTL, OPTIONS, WITH_BACKEND)

@@ -125,7 +125,7 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
 
     def on_task_call(self, producer: Any, task_id: str) -> dict:
         if not task_join_will_block():
-            self.result_consumer.consume_from(task_id)
+            self.result_consumer.consume_fresh(task_id)
         return {}
 
     def get_many(self, task_ids: Iterable[str], timeout: float | None = None, interval: float = 0.5,
@@ -133,7 +133,7 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
                  max_iterations: int | None = None, **kwargs: Any) -> Iterator[tuple[str, dict]]:
         """(task_id, meta) for each finished task: one read, then watches instead of Celery's 0.5 s poll."""
         ids = list(dict.fromkeys(bytes_to_str(task_id) for task_id in task_ids))
-        for task_id, stored in self.store.read_many(ids).items():
+        for task_id, stored in self.store.read_many(ids)[0].items():
             meta = self.meta_from_decoded(self.decode_result(stored.value))
             if meta["status"] in states.READY_STATES:
                 ids.remove(task_id)

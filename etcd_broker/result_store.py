@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from etcd3 import etcdrpc
@@ -25,6 +25,9 @@ from etcd3.utils import prefix_range_end, to_bytes
 from etcd_broker.client import EtcdConfig, get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.watch import WatchStream
+
+if TYPE_CHECKING:
+    from etcd_broker.result_router import ResultRouter
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +179,22 @@ class ResultStore:
         self.revision = 0
         self._last_write: OrderedDict[str, int] = OrderedDict()
         self._memory_lock = threading.Lock()
+        self._router: ResultRouter | None = None
 
     @property
     def stream(self) -> WatchStream:
         """The one watch stream of this process for this etcd cluster."""
         return shared_stream(self.config)
+
+    @property
+    def router(self) -> ResultRouter:
+        """The one watch on this prefix's results in this process (see result_router.py)."""
+        with self._memory_lock:
+            if self._router is None:
+                from etcd_broker.result_router import ResultRouter
+
+                self._router = ResultRouter(self)
+            return self._router
 
     def saw_revision(self, revision: int) -> None:
         if revision > self.revision:
@@ -193,19 +207,25 @@ class ResultStore:
         stored = Stored.from_kv(response.kvs[0]) if response.kvs else None
         return stored, response.header.revision
 
-    def read_many(self, task_ids: Iterable[str]) -> dict[str, Stored]:
-        """Stored states of every id that has one, read in as few transactions as etcd allows."""
+    def read_many(self, task_ids: Iterable[str]) -> tuple[dict[str, Stored], int]:
+        """Stored states of every id that has one, and a revision at or before every read.
+
+        Read in as few transactions as etcd allows; resuming a watch after the returned
+        revision misses nothing written since any of the reads.
+        """
         ids = list(dict.fromkeys(task_ids))
         found: dict[str, Stored] = {}
+        revision = 0
         for start in range(0, len(ids), MAX_TXN_OPS):
             chunk = ids[start:start + MAX_TXN_OPS]
             ops = [_range_op(self.keys.result(task_id)) for task_id in chunk]
             response = self._rpc("Txn", etcdrpc.TxnRequest(success=ops))
+            revision = min(revision or response.header.revision, response.header.revision)
             for task_id, op in zip(chunk, response.responses, strict=True):
                 stored = _first_kv(op)
                 if stored is not None:
                     found[task_id] = stored
-        return found
+        return found, revision or self.revision
 
     def write_state(self, task_id: str, value: bytes, *, ttl: int | None, success: bool = False,
                     check_cancel: bool = False) -> WriteOutcome:

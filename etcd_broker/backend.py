@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -37,6 +38,7 @@ ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout
 #: Keys of result_backend_transport_options that Celery itself reads; accepted as they are.
 CELERY_OPTIONS = ("retry_policy", "global_keyprefix")
 KNOWN_OPTIONS = ("prefix", *ETCD_OPTIONS, *CELERY_OPTIONS)
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@;]*:)[^@;]*@")
 
 
 class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
@@ -231,6 +233,10 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         wait = next(intervals)
         logger.warning("etcd result backend unreachable (%r); retry %d in %.1fs", exc, retries, wait)
         return wait
+
+    def as_uri(self, include_password: bool = False) -> str:
+        """The URL for banners and logs; comma and ``;`` endpoint lists kept, passwords masked."""
+        return self.url if include_password else _PASSWORD_IN_URL.sub(r"\1**@", self.url)
 
     def __reduce__(self, args: tuple = (), kwargs: dict | None = None) -> Any:
         return super().__reduce__(args, dict(kwargs or {}, expires=self.expires, url=self.url))

@@ -173,3 +173,11 @@ def test_chord_parts_count_once_each_and_exactly_one_completes_the_chord(results
     assert len(counted) == 21
     assert sorted(o.done for o in counted) == list(range(1, 22))
     assert [o.done == o.size for o in counted].count(True) == 1
+
+
+def test_endpoint_lists_and_url_passwords_are_shown_without_the_password(etcd_prefix):
+    for url in ("etcdv3://web:s3cret@h1:2379,h2:2379", "etcdv3://web:s3cret@h1:2379;etcdv3://web:s3cret@h2:2379"):
+        backend = EtcdBackend(app=make_app(url, etcd_prefix), url=url)
+        assert backend.config.endpoints == (("h1", 2379), ("h2", 2379))
+        assert backend.config.user == "web"
+        assert "s3cret" not in backend.as_uri() and "h2:2379" in backend.as_uri()

@@ -10,6 +10,7 @@ from celery import states
 from celery.exceptions import TimeoutError
 
 from etcd_broker.backend import watch_task
+from etcd_broker.server import start_cluster
 from tests.backend.conftest import make_app, task, worker_env
 
 pytestmark = pytest.mark.reliability
@@ -69,3 +70,23 @@ def test_watch_task_neither_misses_nor_repeats_across_a_reconnect(private_etcd):
     assert [e.revision for e in rest] == sorted({e.revision for e in rest})
     app.close()
     writer.close()
+
+
+def test_results_keep_flowing_when_the_cluster_member_in_use_dies(tmp_path):
+    members = start_cluster(3)
+    try:
+        url = "etcdv3://" + ",".join(f"{m.host}:{m.port}" for m in members)
+        app = make_app(url, f"/tr-{uuid.uuid4().hex[:8]}")
+        assert "," in app.backend.as_uri()
+        app.backend.store_result("t-before", 1, states.SUCCESS)
+        events = watch_task("t-failover", app=app, timeout=30)
+        assert next(events).state == "PENDING"
+        members[0].stop(kill=True)
+        app.backend.store_result("t-failover", {"progress": 50}, "PROGRESS")
+        app.backend.store_result("t-failover", "after", states.SUCCESS)
+        assert [e.state for e in events] == ["PROGRESS", "SUCCESS"]
+        assert app.AsyncResult("t-before").get(timeout=10) == 1
+        app.close()
+    finally:
+        for member in members:
+            member.cleanup()

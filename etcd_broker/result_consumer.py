@@ -90,14 +90,9 @@ class ResultConsumer(BaseResultConsumer):
     def on_wait_for_pending(self, result: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Read results that may be stored already; drain_events() delivers them (on_message set)."""
         ids = [task_id for task_id in _task_ids(result) if not self._wanted.get(task_id)]
-        if not ids or not self.router.live:
-            return  # when the watch goes live it asks for a re-read of every subscribed key
-        try:
-            found, _ = self.store.read_many(ids)
-        except CONNECTION_ERRORS:
-            logger.warning("etcd unreachable reading %d result(s); waiting for the watch", len(ids))
-            return
-        self._post(list(found.items()))
+        if ids:
+            # If the watch is not live yet, it asks for another read once it is.
+            self._post(list(self._read(ids).items()))
 
     def drain_events_until(self, p: Any, timeout: float | None = None, on_interval: Any = None) -> Any:
         interval = MAX_DRAIN_WAIT if timeout is None else max(min(MAX_DRAIN_WAIT, timeout), MIN_DRAIN_WAIT)
@@ -110,8 +105,11 @@ class ResultConsumer(BaseResultConsumer):
             if not self._inbox:
                 self._arrived.wait(timeout)
             batch, self._inbox = self._inbox, []
-        for task_id, stored in sorted(batch, key=_delivery_order):
+        for task_id, stored in sorted(_events(batch), key=_revision):
             self._deliver(task_id, stored)
+        rereads = [task_id for task_id, stored in batch if stored is REREAD and self._still_wanted(task_id)]
+        for task_id, stored in sorted(self._read(rereads).items(), key=_revision):
+            self._deliver(task_id, stored)  # after the events: they may have made the read moot
         if batch:
             with self._arrived:
                 self._arrived.notify_all()  # another thread sharing this backend may wait on these
@@ -124,24 +122,25 @@ class ResultConsumer(BaseResultConsumer):
             live = self.router.subscribe(task_id, self._post_one)
             self._wanted[task_id] = live and fresh
 
-    def _deliver(self, task_id: str, stored: Stored | None) -> None:
-        if task_id not in self._wanted or task_id in self._cancels:
+    def _still_wanted(self, task_id: str) -> bool:
+        return task_id in self._wanted and task_id not in self._cancels
+
+    def _deliver(self, task_id: str, stored: Stored) -> None:
+        if not self._still_wanted(task_id):
             return  # done with it already
-        if stored is REREAD:
-            stored = self._read(task_id)
-            if stored is None:
-                return
         if stored.mod_revision <= self._seen.get(task_id, 0):
             return  # replayed after a reconnect, or both read and watched
         self._seen[task_id] = stored.mod_revision
         self.on_state_change(self.backend.decode_result(stored.value), None)
 
-    def _read(self, task_id: str) -> Stored | None:
+    def _read(self, task_ids: list[str]) -> dict[str, Stored]:
+        if not task_ids:
+            return {}
         try:
-            return self.store.read(task_id)[0]
+            return self.store.read_many(task_ids)[0]
         except CONNECTION_ERRORS:
-            logger.warning("etcd unreachable re-reading task %s; the watch will bring it", task_id)
-            return None
+            logger.warning("etcd unreachable reading %d result(s); the watch will bring them", len(task_ids))
+            return {}
 
     def _post_one(self, task_id: str, stored: Stored | None) -> None:
         self._post([(task_id, stored)])
@@ -165,6 +164,9 @@ def _task_ids(result: Any) -> list[str]:
     return [result.id] if members is None else [member.id for member in members]
 
 
-def _delivery_order(item: Item) -> tuple[int, int]:
-    """Events by revision, re-reads last (the events may make them unnecessary)."""
-    return (1, 0) if item[1] is None else (0, item[1].mod_revision)
+def _events(batch: list[Item]) -> list[tuple[str, Stored]]:
+    return [(task_id, stored) for task_id, stored in batch if stored is not REREAD]
+
+
+def _revision(item: tuple[str, Stored]) -> int:
+    return item[1].mod_revision

@@ -129,6 +129,8 @@ class Channel(virtual.Channel):
         super().__init__(connection, **kwargs)
         self.keys = connection.keys
         self.client = connection.etcd
+        #: Kept after close: a task finishing after a reconnect still acks through it.
+        self.lease = connection.lease
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
         self._buffer: dict[str, deque] = {}
@@ -161,7 +163,7 @@ class Channel(virtual.Channel):
         buffered = self._buffer.get(queue)
         if buffered:
             return buffered.popleft()
-        lease_id = self.connection.lease.ensure()
+        lease_id = self.lease.ensure()
         candidates = self.connection.take_hints(queue)
         if candidates is None and self.connection.known_empty(queue):
             raise Empty()
@@ -221,7 +223,7 @@ class Channel(virtual.Channel):
         ok, responses = self.client.transaction(compare=compare, success=success, failure=[tx.Get(consumer_key)])
         if not ok:
             if not responses or not responses[0]:
-                self.connection.lease.lost(lease_id)
+                self.lease.lost(lease_id)
             return None
         return [m for (_, value, _), unacked in zip(rows, unacked_keys, strict=False)
                 if (m := self._decode(queue, value, unacked)) is not None]
@@ -257,13 +259,13 @@ class Channel(virtual.Channel):
     def _forget(self, message) -> None:
         key = message.delivery_info.get("etcd_key")
         if key:
-            self.connection.lease.delete_later(key)
+            self.lease.delete_later(key)
 
     def _requeue(self, message) -> None:
         key = message.delivery_info.get("etcd_key")
         if not key:
             return
-        key = self.connection.lease.current_key(key)
+        key = self.lease.current_key(key)
         value, meta = self.client.get(key)
         if meta is not None:
             restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, meta.mod_revision)
@@ -271,7 +273,7 @@ class Channel(virtual.Channel):
     def basic_consume(self, queue, no_ack, *args, **kwargs):
         if no_ack:
             self._no_ack_queues.add(queue)
-        self.connection.lease.add_queue(queue)
+        self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
@@ -307,7 +309,7 @@ class Channel(virtual.Channel):
     def _new_queue(self, queue, **kwargs):
         if queue in self.connection.declared:
             return
-        lease = self.connection.lease.ensure() if queue in self._auto_delete else None
+        lease = self.lease.ensure() if queue in self._auto_delete else None
         info = json.dumps({"auto_delete": queue in self._auto_delete})
         self.client.put(self.keys.declared(queue), info, lease=lease)
         self.connection.declared.add(queue)
@@ -342,7 +344,7 @@ class Channel(virtual.Channel):
         return super().typeof(exchange, default)
 
     def _queue_bind(self, exchange, routing_key, pattern, queue):
-        lease = self.connection.lease.ensure() if queue in self._auto_delete else None
+        lease = self.lease.ensure() if queue in self._auto_delete else None
         self.connection.bindings.bind(exchange, routing_key, pattern, queue, lease=lease)
 
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):

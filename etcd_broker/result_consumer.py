@@ -152,11 +152,21 @@ class ResultConsumer(BaseResultConsumer):
                 self._arrived.notify_all()
 
     def _flush_cancels(self) -> None:
+        """Unsubscribe what cancel_for() queued, and drop its undelivered events.
+
+        A thread that publishes tasks but never waits on them (a web view) would
+        otherwise keep their events in its inbox for ever.
+        """
+        done = set()
         while self._cancels:
             task_id = self._cancels.popleft()
             if self._wanted.pop(task_id, None) is not None:
                 self._seen.pop(task_id, None)
                 self.router.unsubscribe(task_id, self._post_one)
+                done.add(task_id)
+        if done:
+            with self._arrived:
+                self._inbox = [item for item in self._inbox if item[0] not in done]
 
 
 def _task_ids(result: Any) -> list[str]:

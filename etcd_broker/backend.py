@@ -35,8 +35,9 @@ __all__ = ("EtcdBackend", "TaskEvent", "watch_task")
 
 DEFAULT_URL = "etcdv3://127.0.0.1:2379"
 ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
-#: Keys of result_backend_transport_options that Celery itself reads; accepted as they are.
-CELERY_OPTIONS = ("retry_policy", "global_keyprefix")
+#: Keys of result_backend_transport_options that Celery itself reads (not global_keyprefix:
+#: our keys come from KeySpace, so it would be silently ignored; ``prefix`` does that job).
+CELERY_OPTIONS = ("retry_policy",)
 KNOWN_OPTIONS = ("prefix", *ETCD_OPTIONS, *CELERY_OPTIONS)
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@;]*:)[^@;]*@")
 

@@ -2,10 +2,11 @@
 
     python -m benchmarks.bench_results [--rounds 500] [--burst 500]
 
-Both sides run in one process, rounds interleaved (etcd, redis, redis, etcd, ...), each
-against its own ``celery worker -P threads -c 8``: etcd broker + etcd backend, and Redis
-broker + Redis backend. ``--burst`` tasks are then sent at once and each ``get()`` in turn.
-This module is also the workers' Celery app (``-A benchmarks.bench_results``), set by env.
+All sides run in one process, rounds interleaved (order reversed every other round), each
+against its own ``celery worker -P threads -c 8``: etcd broker + etcd backend (ours), Redis
+broker + Redis backend (Celery's), and our backend on a Redis broker, which isolates the
+result path from the broker. ``--burst`` tasks are then sent at once and each ``get()``
+in turn. This module is also the workers' Celery app (``-A benchmarks.bench_results``).
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def interleave(sides: list[Side], rounds: int) -> None:
             side.round_trips.append(side.round_trip())
         if (i + 1) % step == 0:
             progress(f"round {i + 1}/{rounds}: " + ", ".join(
-                f"{s.name} p50 {percentile(s.round_trips, 50):.2f} ms" for s in sides))
+                f"{s.name} on {s.broker} p50 {percentile(s.round_trips, 50):.2f} ms" for s in sides))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -105,11 +106,12 @@ def main(argv: list[str] | None = None) -> str:
         stack.callback(etcd.cleanup)
         progress("starting one worker per backend")
         sides = [Side("etcdv3 (ours)", etcd.url, etcd.url, stack),
-                 Side("redis (Celery's)", redis_server.url(0), redis_server.url(1), stack)]
+                 Side("redis (Celery's)", redis_server.url(0), redis_server.url(1), stack),
+                 Side("etcdv3 (ours)", redis_server.url(2), etcd.url, stack)]
         progress(f"{args.rounds} interleaved rounds of noop.apply_async().get()")
         interleave(sides, args.rounds)
         for side in sides:
-            progress(f"{side.name}: burst of {args.burst}")
+            progress(f"{side.name} on {side.broker}: burst of {args.burst}")
             side.burst(args.burst)
         rows = [side.row() for side in sides]
     headers = ["result backend", "broker", "get() p50 ms", "p95 ms", "p99 ms", "serial results/s",

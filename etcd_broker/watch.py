@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from etcd3 import etcdrpc
+from etcd3.exceptions import NoServerAvailableError
 from etcd3.utils import prefix_range_end, to_bytes
 
 logger = logging.getLogger(__name__)
@@ -160,8 +161,11 @@ class WatchStream:
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     break
-                logger.info("%s: watch stream broke (%s); reconnecting", self.name, _describe(exc))
+                log = logger.info if delay == RECONNECT_FIRST_DELAY else logger.debug  # once per outage
+                log("%s: watch stream broke (%s); reconnecting", self.name, _describe(exc))
                 self._mark_endpoint_failed(exc)
+            except NoServerAvailableError:  # every endpoint failed a moment ago; retried below
+                logger.debug("%s: no etcd endpoint available; reconnecting", self.name)
             except ValueError as exc:  # grpc: "Cannot invoke RPC: Channel closed!"
                 logger.debug("%s: client closed (%s); watch stream ends", self.name, exc)
                 return

@@ -35,6 +35,5 @@ export const listJobs = (url = "/api/jobs") => call("GET", url);
 
 export function errorText(result) {
   const data = result.data || {};
-  const message = data.error || `request failed (${result.status})`;
-  return result.status === 429 || result.status === 413 ? message : message.charAt(0).toUpperCase() + message.slice(1);
+  return data.error || `request failed (${result.status})`;
 }

@@ -49,19 +49,39 @@ function renderText(prompt, text, live) {
     el("span", { class: "cont", text: text || "" }));
 }
 
+function renderSeen(seen) {
+  // The grid the model actually looked at (8x8 digits, 28x28 clothing), drawn as pixels.
+  const rows = seen.length;
+  const cols = rows ? seen[0].length : 0;
+  const canvas = el("canvas", { class: "seen", width: cols, height: rows, title: `what the model saw: ${cols}x${rows}` });
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(cols, rows);
+  seen.flat().forEach((value, i) => {
+    const shade = 255 - Math.round(Math.max(0, Math.min(1, value)) * 255);
+    image.data.set([shade, shade, shade, 255], i * 4);
+  });
+  ctx.putImageData(image, 0, 0);
+  return el("figure", { class: "seen-box" }, canvas, el("figcaption", { text: `what the model saw (${cols}×${rows})` }));
+}
+
 export function renderResult(job, onSuggestion) {
   const result = job.result || {};
-  if (Array.isArray(result.top)) return renderBars(result.top);
+  if (Array.isArray(result.top)) {
+    const box = el("div", { class: "classified" }, renderBars(result.top));
+    if (Array.isArray(result.seen) && result.seen.length) box.append(renderSeen(result.seen));
+    return box;
+  }
   if (Array.isArray(result.suggestions)) {
     const chips = el("div", { class: "chips" });
     for (const word of result.suggestions) {
       const label = typeof word === "string" ? word : word.word || word.label;
-      chips.append(el("button", { type: "button", class: "chip", text: label,
+      const pct = typeof word === "object" && word.probability != null ? ` ${Math.round(word.probability * 100)}%` : "";
+      chips.append(el("button", { type: "button", class: "chip", text: label, title: `likelihood${pct}`,
         onclick: () => onSuggestion && onSuggestion(label) }));
     }
     return chips;
   }
-  if (typeof result.text === "string") return renderText(job.input?.prompt, result.text, false);
+  if (typeof result.text === "string") return renderText(result.prompt ?? job.input?.prompt, result.text, false);
   return el("pre", { class: "schema", text: JSON.stringify(result, null, 2) });
 }
 
@@ -135,6 +155,12 @@ export class JobView {
   }
 
   update(fields) {
+    // An answer that left the server before the job finished (e.g. the DELETE's) must not undo
+    // a final state the event stream has delivered meanwhile.
+    if (FINAL.has(this.job.status) && fields.status && !FINAL.has(fields.status)) {
+      fields = { ...fields, status: this.job.status, progress: this.job.progress, result: this.job.result,
+                 error: this.job.error || fields.error };
+    }
     Object.assign(this.job, fields);
     if (FINAL.has(this.job.status)) this.job.jobs_ahead = null;
     this.render();

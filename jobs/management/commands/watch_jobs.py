@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 INBOX_WAIT = 1.0
 #: Seconds to wait for etcd to confirm the watch before catching up anyway.
 WATCH_CREATE_TIMEOUT = 10.0
+#: Seconds between attempts to start watching while etcd is unreachable.
+RETRY_SECONDS = 2.0
 #: A task id never used: reading its state returns nothing but etcd's current revision.
 REVISION_PROBE = "watch-jobs-revision-probe"
 #: Value of a deleted (expired or forgotten) state key in the inbox.
@@ -77,7 +79,8 @@ class JobWatcher:
         """Queue the stored state of every unfinished job (after a restart or a compaction)."""
         ids = list(job_ids) if job_ids is not None else [str(pk) for pk in
                                                            Job.objects.active().values_list("pk", flat=True)]
-        for task_id, stored in self.store.read_many(ids).items():
+        found, _revision = self.store.read_many(ids)
+        for task_id, stored in found.items():
             self.inbox.put((task_id, stored.value, stored.mod_revision))
         return len(ids)
 
@@ -98,7 +101,15 @@ class JobWatcher:
         return applied
 
     def run(self, stop: threading.Event) -> None:
-        self.start()
+        """Start (retrying while etcd is unreachable), then apply changes until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                self.start()
+                break
+            except Exception:  # noqa: BLE001 - etcd not there yet: say so, try again
+                logger.exception("could not start watching task states; retrying in %.0f s", RETRY_SECONDS)
+                self.stop()
+                stop.wait(RETRY_SECONDS)
         try:
             while not stop.is_set():
                 close_old_connections()

@@ -1,0 +1,96 @@
+"""A real headless Chromium (Debian's, driven by Playwright) against the live site, with
+the parts a newcomer's ``make run`` has: etcd, ``watch_jobs`` (a thread here, sharing the
+test database) and, for end-to-end tests, a real model worker serving tiny trained models."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+
+from tests.helpers import WorkerProcess
+from tests.site.conftest import pytest_configure  # noqa: F401 - same warning filters
+from tests.site.fixtures import *  # noqa: F403 - users, jobs, the Celery app on the test etcd
+from tests.site.fixtures import SITE_PREFIX
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+#: Worker threads for the end-to-end worker.
+WORKER_THREADS = 4
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    if not os.path.exists(CHROMIUM) and not shutil.which("chromium"):
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop in the test thread from here on; Django refuses
+    # ORM calls from a thread with a running loop unless told they are deliberate (they are).
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            yield browser
+            browser.close()
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+@pytest.fixture
+def page(chromium, live_server):
+    context = chromium.new_context(viewport={"width": 1280, "height": 900}, base_url=live_server.url)
+    context.set_default_timeout(30_000)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield tab
+    context.close()
+    assert errors == [], f"JavaScript errors: {errors}"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny digits, text and (if its data is installed) fashion models: 1 epoch on a subset."""
+    from ml import datasets
+    from tests.ml.tiny import train_tiny
+
+    directory = tmp_path_factory.mktemp("site-models")
+    train_tiny("digits", directory)
+    train_tiny("text", directory)
+    if datasets.fashion_available()[0]:
+        train_tiny("fashion", directory)
+    return directory
+
+
+@pytest.fixture
+def site(live_server, site_celery, settings, tiny_models):
+    """The live site on the test etcd, with watch_jobs following task states in a thread."""
+    from jobs.management.commands.watch_jobs import JobWatcher
+
+    settings.MODEL_DIR = tiny_models
+    stop = threading.Event()
+    watcher = JobWatcher(site_celery)
+    thread = threading.Thread(target=watcher.run, args=(stop,), name="watch_jobs", daemon=True)
+    thread.start()
+    yield live_server
+    stop.set()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def model_worker(site, etcd_server, tiny_models, tmp_path):
+    """A real ``celery -A deephardway_site worker -Q gpu`` serving the tiny models."""
+    env = {"ETCD_URL": etcd_server.url, "CELERY_BROKER_URL": etcd_server.url,
+           "CELERY_RESULT_BACKEND": etcd_server.url, "ETCD_PREFIX": SITE_PREFIX,
+           "MODEL_DIR": str(tiny_models), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    worker = WorkerProcess(app="deephardway_site", env=env, queues="gpu", concurrency=WORKER_THREADS,
+                           log_dir=tmp_path, extra_args=["--without-heartbeat"]).start()
+    yield worker
+    worker.kill()  # no warm shutdown needed: every test's jobs have finished

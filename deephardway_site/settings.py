@@ -192,3 +192,5 @@ BATCH_MAX_SIZE = envint("BATCH_MAX_SIZE", "64")
 BATCH_WINDOW_MS = envint("BATCH_WINDOW_MS", "5")
 #: Set BATCHING=0 to run every request on its own (for comparisons).
 BATCHING = envbool("BATCHING", "1")
+#: Text generation publishes PROGRESS (and checks for cancel) every this many characters.
+TEXT_CHUNK_CHARS = envint("TEXT_CHUNK_CHARS", "25")

@@ -34,7 +34,8 @@ def host() -> ModelHost:
     with _host_lock:
         if _host is None:
             _host = ModelHost(settings.MODEL_DIR, batch_max_size=settings.BATCH_MAX_SIZE,
-                              batch_window_ms=settings.BATCH_WINDOW_MS, batching=settings.BATCHING)
+                              batch_window_ms=settings.BATCH_WINDOW_MS, batching=settings.BATCHING,
+                              chunk_chars=settings.TEXT_CHUNK_CHARS)
         return _host
 
 

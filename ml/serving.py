@@ -36,9 +36,10 @@ class ModelHost:
     """The models of one worker process, keyed by name, loaded on first use."""
 
     def __init__(self, model_dir: Path | str, batch_max_size: int = 64, batch_window_ms: float = 5.0,
-                 batching: bool = True) -> None:
+                 batching: bool = True, chunk_chars: int = 25) -> None:
         self.model_dir = Path(model_dir)
         self.batch_max_size, self.batch_window_ms, self.batching = batch_max_size, batch_window_ms, batching
+        self.chunk_chars = chunk_chars  # generated characters per PROGRESS report
         self._models: dict[str, Loaded] = {}
         self._lock = threading.Lock()
 
@@ -99,7 +100,7 @@ class ModelHost:
             seed = request["seed"] = loaded.module.random_seed()
         text = ""
         for chunk in loaded.module.generate(loaded.model, request["prompt"], request["length"],
-                                            request["temperature"], seed=seed):
+                                            request["temperature"], seed=seed, chunk=self.chunk_chars):
             text += chunk
             if on_progress is not None:
                 on_progress(round(100.0 * len(text) / request["length"], 1), {"text": text})

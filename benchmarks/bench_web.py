@@ -41,6 +41,9 @@ WARMUP_SECONDS = 1.0
 STREAM_OPEN_TIMEOUT = 15.0
 #: Seconds every opened stream must stay open to count as held.
 HOLD_SECONDS = 5.0
+#: Pause between stream rounds: a server thread notices its client left at its next write
+#: (a heartbeat, JOBS_SSE_HEARTBEAT_SECONDS apart), then is free again.
+REAP_SECONDS = 17.0
 #: Jobs the streams are spread over (each stream is its own watch, whatever the job).
 STREAM_JOBS = 10
 #: Client thread stack size: hundreds of stream threads need little stack each.
@@ -242,7 +245,10 @@ def run_server(name: str, args: list[str], env: dict[str, str], workdir: str, cl
             submit_rows.append([name, count, result["count"], result["rate"], result["p50"], result["p99"],
                                 result["failures"]])
             progress(f"{name}: {count} client(s): {result['rate']:.1f} submits/s, p99 {result['p99']:.1f} ms")
-        for count in streams:
+        for index, count in enumerate(streams):
+            if index:
+                progress(f"{name}: waiting {REAP_SECONDS:.0f} s for the server to notice the closed streams")
+                time.sleep(REAP_SECONDS)
             progress(f"{name}: opening {count} event streams at once")
             result = stream_round(server.port, count, token)
             stream_rows.append([name, count, result["served"], result["held"], result["seconds"]])
@@ -250,6 +256,15 @@ def run_server(name: str, args: list[str], env: dict[str, str], workdir: str, cl
     finally:
         server.stop()
     return submit_rows, stream_rows
+
+
+def fresh_site(etcd: EtcdServer, name: str) -> tuple[dict[str, str], str, str]:
+    """A new database and etcd prefix for one server (so each starts from the same state)."""
+    workdir = tempfile.mkdtemp(prefix=f"bench-web-{name}-")
+    env = site_env(etcd, workdir)
+    progress(f"{name}: migrating a fresh SQLite database")
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=REPO_ROOT, env=env, check=True)
+    return env, workdir, staff_token(env)
 
 
 def main(argv: list[str]) -> None:
@@ -261,25 +276,25 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=200, help="threads per gthread worker")
     options = parser.parse_args(argv)
 
-    workdir = tempfile.mkdtemp(prefix="bench-web-")
-    etcd = EtcdServer(data_dir=os.path.join(workdir, "etcd")).start()
+    etcd_dir = tempfile.mkdtemp(prefix="bench-web-etcd-")
+    etcd = EtcdServer(data_dir=etcd_dir).start()
+    configs = [("sync", ["--worker-class", "sync", "--workers", str(options.workers)]),
+               ("gthread", ["--worker-class", "gthread", "--workers", str(options.workers),
+                            "--threads", str(options.threads), "--timeout", "0"])]
+    submit_rows, stream_rows = [], []
     try:
-        env = site_env(etcd, workdir)
-        progress("migrating a fresh SQLite database")
-        subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=REPO_ROOT, env=env, check=True)
-        token = staff_token(env)
-        configs = [("sync", ["--worker-class", "sync", "--workers", str(options.workers)]),
-                   ("gthread", ["--worker-class", "gthread", "--workers", str(options.workers),
-                                "--threads", str(options.threads), "--timeout", "0"])]
-        submit_rows, stream_rows = [], []
         for name, args in configs:
-            rows = run_server(name, args, env, workdir, options.clients, options.streams, options.seconds, token)
+            env, workdir, token = fresh_site(etcd, name)
+            try:
+                rows = run_server(name, args, env, workdir, options.clients, options.streams, options.seconds, token)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
             submit_rows += rows[0]
             stream_rows += rows[1]
     finally:
         etcd.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-    print_table(f"Submit (POST /api/jobs, {options.workers} gunicorn workers, SQLite, one etcd)",
+        shutil.rmtree(etcd_dir, ignore_errors=True)
+    print_table(f"Submit (POST /api/jobs, {options.workers} gunicorn workers, SQLite, one etcd, no model worker)",
                 ["server", "clients", "requests", "submits/s", "p50 ms", "p99 ms", "non-202"], submit_rows)
     print()
     print_table(f"Event streams opened at once (held = first event within {STREAM_OPEN_TIMEOUT:.0f} s and "

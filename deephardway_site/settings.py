@@ -170,8 +170,12 @@ JOBS_PAGE_SIZE = envint("JOBS_PAGE_SIZE", "20")
 JOBS_SSE_HEARTBEAT_SECONDS = envint("JOBS_SSE_HEARTBEAT_SECONDS", "15")
 #: While a job waits, its event stream re-counts the jobs ahead of it this often (seconds).
 JOBS_SSE_POSITION_SECONDS = envint("JOBS_SSE_POSITION_SECONDS", "3")
-#: Threads in watch_jobs following tasks when the backend offers no prefix watch.
-JOBS_WATCH_THREADS = envint("JOBS_WATCH_THREADS", "32")
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # Many web threads and watch_jobs write one SQLite file: WAL lets readers and a writer work
+    # at once, and IMMEDIATE transactions wait for the write lock up front (busy timeout)
+    # instead of failing when a read transaction tries to become a write one.
+    DATABASES["default"]["OPTIONS"].update(
+        transaction_mode="IMMEDIATE", init_command="PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
 if not DEBUG:
     # Production (DEBUG=0): `manage.py check --deploy` is clean with these defaults.
     SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", "1")

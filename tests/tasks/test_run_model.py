@@ -10,7 +10,8 @@ import pytest
 from tests.helpers import wait_until
 from tests.ml.tiny import drawing_of, png_data_url
 
-pytest.importorskip("etcd_broker.backend", reason="the etcd result backend has not landed yet")
+#: Real worker processes importing TensorFlow, and tiny models trained for them.
+pytestmark = pytest.mark.slow
 
 RUN = "jobs.tasks.run_model"
 #: What the worker logs when it stops a cancelled task (jobs.tasks, or the backend at a progress write).

@@ -18,6 +18,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from etcd_broker.server import EtcdNotFound, EtcdServer, EtcdStartError, free_port
 
+#: Exit codes of a child that was asked to stop (Ctrl-C reaches the whole process group).
+STOPPED_CODES = (0, -signal.SIGINT, -signal.SIGTERM)
 #: Preferred etcd client port for development; a free one is used if it is taken.
 DEV_ETCD_PORT = 2379
 
@@ -100,6 +102,9 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         while not stop:
             for child in children:
-                if child.poll() is not None:
-                    raise CommandError(f"{' '.join(child.args[:4])} exited with {child.returncode}")
+                if child.poll() is None:
+                    continue
+                if child.returncode in STOPPED_CODES:
+                    return  # Ctrl-C reached the children first: a normal stop
+                raise CommandError(f"{' '.join(child.args[:4])} exited with {child.returncode}")
             time.sleep(0.5)

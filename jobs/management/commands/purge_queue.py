@@ -7,6 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 
 from jobs import services
 from jobs.models import MODEL_QUEUE, Job, Status
@@ -40,5 +41,8 @@ class Command(BaseCommand):
 
         if not yes and input(f"Purge every waiting message in {queue!r} and cancel its jobs? [y/N] ") != "y":
             raise CommandError("not purged")
-        removed, cancelled = purge(app, queue)
+        try:
+            removed, cancelled = purge(app, queue)
+        except OperationalError as exc:
+            raise CommandError(f"{exc}. Is etcd running? `make run` prints its URL; set ETCD_URL to it.") from None
         self.stdout.write(f"purged {removed} message(s) from {queue}; cancelled {cancelled} queued job(s)")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count
+from kombu.exceptions import OperationalError
 
 from jobs.models import ACTIVE_STATUSES, Job
 
@@ -38,7 +39,10 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         from deephardway_site.celery import app
 
-        queues, consumers = broker_report(app)
+        try:
+            queues, consumers = broker_report(app)
+        except OperationalError as exc:
+            raise CommandError(f"{exc}. Is etcd running? `make run` prints its URL; set ETCD_URL to it.") from None
         self.write_queues(queues, job_counts())
         self.write_consumers(consumers)
 

@@ -22,6 +22,8 @@ from etcd_broker.server import EtcdNotFound, EtcdServer, EtcdStartError, free_po
 STOPPED_CODES = (0, -signal.SIGINT, -signal.SIGTERM)
 #: Preferred etcd client port for development; a free one is used if it is taken.
 DEV_ETCD_PORT = 2379
+#: Worker threads: enough concurrent requests for the micro-batcher to fill batches.
+DEV_WORKER_THREADS = 16
 
 
 class Command(BaseCommand):
@@ -87,7 +89,7 @@ class Command(BaseCommand):
         python = sys.executable
         cmds = [
             [python, "-m", "celery", "-A", "deephardway_site", "worker", "-l", "INFO",
-             "-Q", "gpu,default", "-P", "threads", "-c", "4", "-n", "dev@%h"],
+             "-Q", "gpu,default", "-P", "threads", "-c", str(DEV_WORKER_THREADS), "-n", "dev@%h"],
             [python, "manage.py", "runserver", addr, "--noreload"],
         ]
         if "watch_jobs" in get_commands():

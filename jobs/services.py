@@ -222,6 +222,10 @@ def _apply_state(job: Job, status: str, event: Any, worker: str | None) -> list[
     if status in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED):
         job.finished_at = _done_at(event) or now
         changed.append("finished_at")
+        if job.started_at is not None and job.started_at > job.finished_at:
+            # started_at is our clock when the STARTED change was applied, finished_at the
+            # worker's: when both were applied in one batch, keep them in order.
+            job.started_at, changed = job.finished_at, [*changed, "started_at"]
         changed += _apply_outcome(job, status, event)
     return changed
 

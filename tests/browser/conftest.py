@@ -9,16 +9,12 @@ import threading
 
 import pytest
 
-from tests.helpers import WorkerProcess
 from tests.site.conftest import pytest_configure  # noqa: F401 - same warning filters
 from tests.site.fixtures import *  # noqa: F403 - users, jobs, the Celery app on the test etcd
-from tests.site.fixtures import SITE_PREFIX
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
-#: Worker threads for the end-to-end worker.
-WORKER_THREADS = 4
 
 
 @pytest.fixture(scope="session")
@@ -55,20 +51,6 @@ def page(chromium, live_server):
     assert errors == [], f"JavaScript errors: {errors}"
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """Tiny digits, text and (if its data is installed) fashion models: 1 epoch on a subset."""
-    from ml import datasets
-    from tests.ml.tiny import train_tiny
-
-    directory = tmp_path_factory.mktemp("site-models")
-    train_tiny("digits", directory)
-    train_tiny("text", directory)
-    if datasets.fashion_available()[0]:
-        train_tiny("fashion", directory)
-    return directory
-
-
 @pytest.fixture
 def site(live_server, site_celery, settings, tiny_models):
     """The live site on the test etcd, with watch_jobs following task states in a thread."""
@@ -85,12 +67,6 @@ def site(live_server, site_celery, settings, tiny_models):
 
 
 @pytest.fixture
-def model_worker(site, etcd_server, tiny_models, tmp_path):
-    """A real ``celery -A deephardway_site worker -Q gpu`` serving the tiny models."""
-    env = {"ETCD_URL": etcd_server.url, "CELERY_BROKER_URL": etcd_server.url,
-           "CELERY_RESULT_BACKEND": etcd_server.url, "ETCD_PREFIX": SITE_PREFIX,
-           "MODEL_DIR": str(tiny_models), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    worker = WorkerProcess(app="deephardway_site", env=env, queues="gpu", concurrency=WORKER_THREADS,
-                           log_dir=tmp_path, extra_args=["--without-heartbeat"]).start()
-    yield worker
-    worker.kill()  # no warm shutdown needed: every test's jobs have finished
+def model_worker(site, start_model_worker):
+    """A real model worker, started once the live site runs."""
+    return start_model_worker()

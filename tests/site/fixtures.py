@@ -127,3 +127,43 @@ def without_fashion_data(monkeypatch, settings, tmp_path):
     settings.MODEL_DIR = tmp_path / "no-models"
     monkeypatch.setitem(MODELS, "fashion", replace(MODELS["fashion"],
                                                    data_check=lambda: (False, "Fashion-MNIST is not installed")))
+
+
+#: Worker threads for end-to-end workers.
+WORKER_THREADS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny digits, text and (if its data is installed) fashion models: 1 epoch on a subset."""
+    from ml import datasets
+    from tests.ml.tiny import train_tiny
+
+    directory = tmp_path_factory.mktemp("site-models")
+    train_tiny("digits", directory)
+    train_tiny("text", directory)
+    if datasets.fashion_available()[0]:
+        train_tiny("fashion", directory)
+    return directory
+
+
+@pytest.fixture
+def start_model_worker(site_celery, etcd_server, tiny_models, settings, tmp_path):
+    """Start a real ``celery -A deephardway_site worker -Q gpu`` serving the tiny models."""
+    from tests.helpers import WorkerProcess
+
+    settings.MODEL_DIR = tiny_models
+    started = []
+
+    def start() -> WorkerProcess:
+        env = {"ETCD_URL": etcd_server.url, "CELERY_BROKER_URL": etcd_server.url,
+               "CELERY_RESULT_BACKEND": etcd_server.url, "ETCD_PREFIX": SITE_PREFIX,
+               "MODEL_DIR": str(tiny_models), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        worker = WorkerProcess(app="deephardway_site", env=env, queues="gpu", concurrency=WORKER_THREADS,
+                               log_dir=tmp_path, extra_args=["--without-heartbeat"]).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()  # no warm shutdown needed: each test waits for its own jobs

@@ -71,9 +71,10 @@ def site_env(etcd: EtcdServer, workdir: str) -> dict[str, str]:
     return {
         **os.environ, "PYTHONUNBUFFERED": "1", "DJANGO_SETTINGS_MODULE": "deephardway_site.settings",
         "ETCD_URL": etcd.url, "CELERY_BROKER_URL": etcd.url, "CELERY_RESULT_BACKEND": etcd.url,
-        "ETCD_PREFIX": f"/bench-web-{os.getpid()}", "VAR_DIR": workdir,
+        "ETCD_PREFIX": f"/{os.path.basename(workdir)}", "VAR_DIR": workdir,
         "DATABASE_URL": f"sqlite:///{workdir}/bench.sqlite3", "MEDIA_ROOT": f"{workdir}/media",
-        "JOBS_MAX_QUEUED_PER_OWNER": "1000000", "LOG_LEVEL": "WARNING", "DEBUG": "1",
+        "JOBS_MAX_QUEUED_PER_OWNER": "1000000", "JOBS_MAX_QUEUED_PER_ADDRESS": "1000000",
+        "LOG_LEVEL": "WARNING", "DEBUG": "1",
     }
 
 

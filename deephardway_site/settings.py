@@ -158,6 +158,10 @@ LOGGING = {
 # --- jobs, API and browser pages (jobs/, frontend/) ---------------------------
 #: Queued jobs one owner (user or anonymous session) may have waiting at once; more gets 429.
 JOBS_MAX_QUEUED_PER_OWNER = envint("JOBS_MAX_QUEUED_PER_OWNER", "5")
+#: Queued anonymous jobs from one client address (sessions are free to make); more gets 429.
+JOBS_MAX_QUEUED_PER_ADDRESS = envint("JOBS_MAX_QUEUED_PER_ADDRESS", "20")
+#: Request header holding the client address behind a proxy, e.g. HTTP_X_FORWARDED_FOR (last hop).
+JOBS_CLIENT_ADDRESS_HEADER = envstr("JOBS_CLIENT_ADDRESS_HEADER", "")
 #: Largest request body POST /api/jobs accepts (bytes); larger gets 413. Photos fit in 4 MiB.
 JOBS_MAX_REQUEST_BYTES = envint("JOBS_MAX_REQUEST_BYTES", str(4 * 1024 * 1024))
 DATA_UPLOAD_MAX_MEMORY_SIZE = JOBS_MAX_REQUEST_BYTES

@@ -88,6 +88,8 @@ class Job(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)
     session_key = models.CharField(max_length=40, blank=True)
     owner_key = models.CharField(max_length=60, db_index=True)
+    client_address = models.GenericIPAddressField(null=True, blank=True,
+                                                  help_text="where an anonymous request came from (abuse cap)")
     worker = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)

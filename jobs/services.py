@@ -46,20 +46,24 @@ def send_task(job: Job, payload: dict[str, Any]) -> None:
 
 
 def submit(submission: Submission, *, owner_key: str, user: Any = None, session_key: str = "",
-           sender: Sender | None = None) -> tuple[Job, bool]:
+           client_address: str | None = None, sender: Sender | None = None) -> tuple[Job, bool]:
     """Create and queue a job, or return the caller's identical active one.
 
-    Returns ``(job, created)``. Raises RequestRefused (429 over the per-owner cap,
-    503 when the broker cannot be reached; the job is then marked failed).
+    Returns ``(job, created)``. Raises RequestRefused (429 over the per-owner cap, or for an
+    anonymous caller over the per-address cap; 503 when the broker cannot be reached: the
+    job is then marked failed). ``client_address`` is recorded for anonymous callers only.
     """
     existing = find_duplicate(owner_key, submission.model, submission.fingerprint)
     if existing is not None:
         return existing, False
+    signed_in = user is not None and user.is_authenticated
     check_owner_cap(owner_key)
+    if not signed_in and client_address:
+        check_address_cap(client_address)
     job = Job(model=submission.model, input=submission.summary, fingerprint=submission.fingerprint,
-              priority=submission.priority, owner=user if user is not None and user.is_authenticated else None,
-              session_key="" if user is not None and user.is_authenticated else session_key,
-              owner_key=owner_key)
+              priority=submission.priority, owner=user if signed_in else None,
+              session_key="" if signed_in else session_key, owner_key=owner_key,
+              client_address=None if signed_in else client_address)
     if submission.image:
         job.input_file.save(f"{job.id}.{_extension(submission)}", ContentFile(submission.image), save=False)
     try:
@@ -88,6 +92,17 @@ def check_owner_cap(owner_key: str) -> None:
         raise RequestRefused(
             f"you have {waiting} queued jobs; the limit is {cap}. Wait for one to start, or cancel one.",
             status=429,
+        )
+
+
+def check_address_cap(address: str) -> None:
+    """Anonymous sessions are free to make: cap the anonymous jobs waiting from one address too."""
+    cap = settings.JOBS_MAX_QUEUED_PER_ADDRESS
+    waiting = Job.objects.waiting().filter(client_address=address, owner__isnull=True).count()
+    if waiting >= cap:
+        raise RequestRefused(
+            f"{waiting} anonymous jobs from your address are queued; the limit is {cap}. "
+            "Wait for some to start, or sign in.", status=429,
         )
 
 

@@ -6,6 +6,7 @@ request rides on a session cookie, as Django forms are; token and cookie-less ca
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import uuid
 from collections.abc import Callable
@@ -64,6 +65,18 @@ def owner_key(request: HttpRequest, *, create: bool = False) -> str:
     if session.session_key is None and create:
         session.save()
     return owner_key_for(session_key=session.session_key) if session.session_key else NOBODY
+
+
+def client_address(request: HttpRequest) -> str | None:
+    """The caller's IP: REMOTE_ADDR, or the last hop of JOBS_CLIENT_ADDRESS_HEADER (set it to
+    e.g. HTTP_X_FORWARDED_FOR behind a proxy; the last hop is the one the proxy added)."""
+    header = settings.JOBS_CLIENT_ADDRESS_HEADER
+    raw = request.META.get(header, "") if header else ""
+    address = raw.split(",")[-1].strip() if raw else request.META.get("REMOTE_ADDR", "")
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
 
 
 def visible_jobs(request: HttpRequest, *, everyone: bool = False):

@@ -13,7 +13,7 @@ from django.core.paginator import InvalidPage, Paginator
 from django.http import FileResponse, HttpRequest, JsonResponse
 
 from jobs import services
-from jobs.api.auth import api, get_job, owner_key, visible_jobs
+from jobs.api.auth import api, client_address, get_job, owner_key, visible_jobs
 from jobs.models import Status
 from jobs.validation import RequestRefused, describe_model, models, parse_submission
 
@@ -36,7 +36,8 @@ def submit(request: HttpRequest) -> JsonResponse:
     submission = parse_submission(request)
     key = owner_key(request, create=True)
     job, created = services.submit(submission, owner_key=key, user=request.user,
-                                   session_key=request.session.session_key or "")
+                                   session_key=request.session.session_key or "",
+                                   client_address=client_address(request))
     response = JsonResponse(job.to_dict(), status=202 if created else 200)
     response["Location"] = job.to_dict(position=False)["status_url"]
     return response

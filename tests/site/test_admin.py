@@ -63,3 +63,22 @@ def test_the_retry_action_queues_a_new_job_with_the_same_input(client, staff, us
     retry = Job.objects.exclude(pk=failed.pk).get()
     assert (retry.owner, retry.status, retry.input) == (user, Status.QUEUED, failed.input)
     assert [m["id"] for m in queued_messages()] == [str(retry.id)]
+
+
+def test_a_token_made_in_the_admin_is_shown_once_and_works(client, staff, user, site_celery):
+    import json
+    import re
+
+    from django.test import Client
+
+    from jobs.models import ApiToken
+
+    client.force_login(staff)
+    response = client.post("/admin/jobs/apitoken/add/", {"user": user.pk, "name": "laptop"}, follow=True)
+    key = re.search(r"(dhw_[\w-]+)", response.content.decode()).group(1)
+    token = ApiToken.objects.get()
+    assert (token.user, token.name) == (user, "laptop") and key not in token.key_hash
+    answer = Client().post("/api/jobs", json.dumps({"model": "text", "input": {"prompt": "scripted"}}),
+                           content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert answer.status_code == 202
+    assert Job.objects.get().owner == user

@@ -202,3 +202,28 @@ def test_it_refuses_an_unavailable_model_with_503(client, without_fashion_data, 
     assert response.status_code == 503
     assert response.json()["error"] == "model 'fashion' is unavailable: Fashion-MNIST is not installed"
     assert Job.objects.count() == 0
+
+
+def test_it_caps_anonymous_jobs_per_address_whatever_the_session(site_celery, settings, user):
+    from django.test import Client
+
+    settings.JOBS_MAX_QUEUED_PER_ADDRESS = 2
+    for prompt in ("one", "two"):
+        assert post(Client(), {"model": "text", "input": {"prompt": prompt}}).status_code == 202
+    refused = post(Client(), {"model": "text", "input": {"prompt": "three"}})   # a fresh session
+    assert refused.status_code == 429
+    assert refused.json()["error"].startswith("2 anonymous jobs from your address are queued; the limit is 2.")
+    assert Job.objects.count() == 2
+    signed_in = Client()
+    signed_in.force_login(user)
+    assert post(signed_in, {"model": "text", "input": {"prompt": "three"}}).status_code == 202
+
+
+def test_it_reads_the_address_from_the_proxy_header_when_told(site_celery, settings):
+    from django.test import Client
+
+    settings.JOBS_CLIENT_ADDRESS_HEADER = "HTTP_X_FORWARDED_FOR"
+    response = post(Client(), {"model": "text", "input": {"prompt": "proxied"}},
+                    HTTP_X_FORWARDED_FOR="203.0.113.9, 198.51.100.7")
+    assert response.status_code == 202
+    assert Job.objects.get().client_address == "198.51.100.7"

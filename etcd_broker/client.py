@@ -49,6 +49,13 @@ class EtcdConfigError(ValueError):
     """A URL or option that cannot describe an etcd connection."""
 
 
+class EtcdUnreachable(etcd_exceptions.ConnectionFailedError):
+    """A connection error that says where and why, in gRPC's words (refused, TLS handshake failed...)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
+
+
 @dataclass(frozen=True)
 class EtcdConfig:
     """Everything needed to reach one etcd cluster."""
@@ -166,6 +173,9 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
                              password=config.password, failover=True)
         except grpc.RpcError as exc:
             raise _auth_error(exc, config) from None
+        # The token travels in self.metadata, which authenticate() renews. etcd3's call credentials would
+        # carry the first token forever, and gRPC refuses them outright on a plain-text channel.
+        self.call_credentials = None
 
     def authenticate(self) -> None:
         """Fetch a fresh token (after an etcd restart or token expiry)."""
@@ -184,7 +194,10 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
             raise etcd_exceptions.ConnectionFailedError() from exc
         if _is_dropped_proposal(exc):  # a leader change dropped it unapplied: retry like a lost connection
             raise etcd_exceptions.ConnectionFailedError() from exc
-        super()._manage_grpc_errors(exc)
+        try:
+            super()._manage_grpc_errors(exc)
+        except etcd_exceptions.ConnectionFailedError:
+            raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: {_details(exc)}") from exc
 
     def _clear_old_stubs(self) -> None:
         # etcd3's version closes the shared watcher; we use our own watch streams (watch.py).
@@ -197,8 +210,11 @@ def _is_token_error(exc: grpc.RpcError) -> bool:
 
 
 def _is_dropped_proposal(exc: grpc.RpcError) -> bool:
-    details = (exc.details() or "") if hasattr(exc, "details") else ""
-    return "raft proposal dropped" in details
+    return "raft proposal dropped" in _details(exc)
+
+
+def _details(exc: grpc.RpcError) -> str:
+    return (exc.details() or "") if hasattr(exc, "details") else str(exc)
 
 
 def _auth_error(exc: grpc.RpcError, config: EtcdConfig) -> Exception:
@@ -208,7 +224,8 @@ def _auth_error(exc: grpc.RpcError, config: EtcdConfig) -> Exception:
         return EtcdConfigError(
             f"etcd at {config.describe()} refused user {config.user!r}: {details}"
         )
-    return etcd_exceptions.ConnectionFailedError()
+    return EtcdUnreachable(f"etcd at {config.describe()} unreachable while authenticating user "
+                           f"{config.user!r}: {details}")
 
 
 def make_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdClient:

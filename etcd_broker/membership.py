@@ -45,6 +45,7 @@ class ConsumerLease:
         self.lease_id: int | None = None
         self._lock = threading.RLock()
         self._pending_deletes: list[str] = []
+        self._pending_requeues: list[str] = []
         self._dead_queues: set[str] = set()
         self._sweep_now = threading.Event()
         self._acks_waiting = threading.Event()
@@ -193,6 +194,33 @@ class ConsumerLease:
         with self._lock:
             del self._pending_deletes[:len(batch)]
 
+    # -- messages we hold but could not give back yet ---------------------------
+    def requeue_later(self, key: str) -> None:
+        """A message a closing channel could not requeue (etcd unreachable); the sweeper retries.
+
+        Waiting for our lease to lapse is no answer: a live process keeps it alive.
+        """
+        with self._lock:
+            self._pending_requeues.append(key)
+        self._sweep_now.set()
+
+    def _requeue_pending(self) -> int:
+        with self._lock:
+            keys, self._pending_requeues = self._pending_requeues, []
+        restored = 0
+        for index, key in enumerate(keys):
+            try:
+                key = self.current_key(key)
+                value, meta = self.client.get(key)
+                if meta is not None:  # None: acked or swept meanwhile
+                    restored += restore_message(self.client, self.keys, self.keys.queue_of(key), key, value,
+                                                meta.mod_revision)
+            except CONNECTION_ERRORS:
+                with self._lock:
+                    self._pending_requeues[:0] = keys[index:]
+                raise
+        return restored
+
     # -- sweeping dead consumers' messages back ---------------------------------
     def _on_consumer_events(self, events: Iterable) -> None:
         for event in events:
@@ -213,14 +241,14 @@ class ConsumerLease:
             if self._closed.is_set():
                 return
             try:
-                restored = self.sweep()
+                restored = self._requeue_pending() + self.sweep()
             except CONNECTION_ERRORS as exc:
                 logger.info("sweep postponed: etcd unreachable (%s)", type(exc).__name__)
                 self._closed.wait(1.0)
                 self._sweep_now.set()
                 continue
             if restored:
-                logger.warning("restored %d message(s) from dead consumers", restored)
+                logger.warning("restored %d message(s) from dead consumers or closed channels", restored)
             self._drop_orphaned_queues()
 
     def _drop_orphaned_queues(self) -> None:

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 logger = logging.getLogger(__name__)
 
 #: How long a fresh server gets to answer before we give up (seconds).
@@ -27,6 +29,10 @@ AUTO_COMPACTION_RETENTION = "5m"
 MAX_REQUEST_BYTES = 1_572_864
 #: Backend quota: 2 GiB, etcd's default, stated so operators see it.
 QUOTA_BACKEND_BYTES = 2 * 1024**3
+
+#: How an etcd with authentication enabled refuses a read without a valid user.
+AUTH_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
+                 grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED)
 
 INSTALL_HINT = (
     "No etcd binary found. Set ETCD_BIN=/path/to/etcd, put `etcd` on PATH, or "
@@ -78,6 +84,27 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a member that serves clients over TLS and requires client certificates.
+
+    ``cert`` is presented by the readiness probe too, so it must allow client use
+    (extendedKeyUsage serverAuth, clientAuth).
+    """
+
+    ca_cert: str
+    cert: str
+    key: str
+
+    def args(self) -> list[str]:
+        return ["--client-cert-auth", "--trusted-ca-file", self.ca_cert,
+                "--cert-file", self.cert, "--key-file", self.key]
+
+    def client_options(self) -> dict[str, str]:
+        """Options for :func:`etcd_broker.client.make_client` that present ``cert``."""
+        return {"ca_cert": self.ca_cert, "cert_cert": self.cert, "cert_key": self.key}
+
+
 @dataclass
 class EtcdServer:
     """One etcd member on loopback; several make a cluster (see :func:`start_cluster`).
@@ -97,6 +124,8 @@ class EtcdServer:
     cluster_state: str = "new"
     extra_args: list[str] = field(default_factory=list)
     log_path: str | None = None
+    #: Serve clients over TLS (https client URLs) and require client certificates.
+    tls: TlsFiles | None = None
     process: subprocess.Popen | None = None
     _own_data_dir: bool = False
 
@@ -109,7 +138,7 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def peer_url(self) -> str:
@@ -137,6 +166,7 @@ class EtcdServer:
             "--max-request-bytes", str(MAX_REQUEST_BYTES),
             "--quota-backend-bytes", str(QUOTA_BACKEND_BYTES),
             "--log-level", "warn",
+            *(self.tls.args() if self.tls else []),
             *self.extra_args,
         ]
 
@@ -174,11 +204,13 @@ class EtcdServer:
     def _serves_reads(self) -> bool:
         from etcd_broker.client import make_client
 
-        client = make_client(self.url, timeout=1.0)
+        client = make_client(self.url, timeout=1.0, **(self.tls.client_options() if self.tls else {}))
         try:
             client.get("/deephardway-health")
             return True
-        except Exception:  # noqa: BLE001 - any failure means "not yet"
+        except grpc.RpcError as exc:  # with auth enabled, a refused anonymous read is an answer
+            return exc.code() in AUTH_REFUSALS
+        except Exception:  # noqa: BLE001 - any other failure means "not yet"
             return False
         finally:
             client.close()

@@ -101,10 +101,7 @@ class QoS(virtual.QoS):
         self._flush()
         while self._delivered:
             _, message = self._delivered.popitem()
-            try:
-                self.channel._requeue(message)
-            except CONNECTION_ERRORS:
-                logger.warning("etcd unreachable: message left under our lease, requeued when it lapses")
+            self.channel._requeue_or_later(message)
         return []
 
 
@@ -194,7 +191,7 @@ class Channel(virtual.Channel):
     def _claim_many(self, queue, candidates, lease_id: int) -> list[dict]:
         """One transaction claims the batch; if another consumer won any, claim one by one."""
         batch, size = [], 0
-        for row in candidates:
+        for row in candidates[:self._allowance()]:  # watch hints can outnumber our prefetch room
             if batch and size + len(row[1]) > CLAIM_BATCH_BYTES:
                 break
             batch.append(row)
@@ -220,7 +217,13 @@ class Channel(virtual.Channel):
             if unacked:
                 success.append(tx.Put(unacked, value))
             unacked_keys.append(unacked)
-        ok, responses = self.client.transaction(compare=compare, success=success, failure=[tx.Get(consumer_key)])
+        try:
+            ok, responses = self.client.transaction(compare=compare, success=success,
+                                                    failure=[tx.Get(consumer_key)])
+        except CONNECTION_ERRORS:
+            for key in filter(None, unacked_keys):  # it may have been applied: give back whatever it took
+                self.lease.requeue_later(key)
+            raise
         if not ok:
             if not responses or not responses[0]:
                 self.lease.lost(lease_id)
@@ -240,14 +243,11 @@ class Channel(virtual.Channel):
     def _requeue_buffered(self, queue=None) -> None:
         for name in [queue] if queue is not None else list(self._buffer):
             for raw in self._buffer.pop(name, ()):
-                self._requeue(self.Message(raw, channel=self))
+                self._requeue_or_later(self.Message(raw, channel=self))
 
     def close(self):
         if not self.closed:
-            try:
-                self._requeue_buffered()
-            except CONNECTION_ERRORS:
-                logger.warning("etcd unreachable: prefetched messages return when our lease lapses")
+            self._requeue_buffered()
         super().close()
 
     def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
@@ -260,6 +260,16 @@ class Channel(virtual.Channel):
         key = message.delivery_info.get("etcd_key")
         if key:
             self.lease.delete_later(key)
+
+    def _requeue_or_later(self, message) -> None:
+        """Requeue now; if etcd is unreachable, the lease's sweeper does it once etcd answers."""
+        try:
+            self._requeue(message)
+        except CONNECTION_ERRORS:
+            key = message.delivery_info.get("etcd_key")
+            logger.warning("etcd unreachable: message %s requeued once it answers", key)
+            if key:
+                self.lease.requeue_later(key)
 
     def _requeue(self, message) -> None:
         key = message.delivery_info.get("etcd_key")
@@ -558,6 +568,9 @@ class _LeaseHandle:
 
     def delete_later(self, key: str) -> None:
         self._lease.delete_later(key)
+
+    def requeue_later(self, key: str) -> None:
+        self._lease.requeue_later(key)
 
 
 def _too_large_or(exc: grpc.RpcError, queue: str, size: int, limit: int) -> Exception:

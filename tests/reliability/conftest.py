@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from etcd_broker.membership import close_all_leases
+from etcd_broker.result_store import close_shared
 from etcd_broker.server import EtcdServer, start_cluster
 from tests.reliability import counting_app
 from tests.reliability.counting import SUMMARY_HEADERS, Tally
@@ -14,6 +16,8 @@ _rows: list[tuple] = []
 def _release_counting_app():
     yield
     counting_app.release()
+    close_shared()  # result watch streams end with the test (its etcd is about to go)
+    close_all_leases()  # so do this process's consumer leases
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
+from etcd_broker.keys import KeySpace
 from tests.helpers import wait_until
 from tests.reliability import counting_app
 
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 #: Celery's publish retry while etcd is down or electing: up to ~60 s, then the caller sees an error.
 PUBLISH_RETRY_POLICY = {"max_retries": 120, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 SUMMARY_HEADERS = ("test", "tasks sent", "completed", "duplicated", "lost", "refused at publish",
-                   "max redelivery delay (s)", "first completion after the fault (s)")
+                   "results fetched", "max redelivery delay (s)", "first completion after the fault (s)")
 
 
 class Producer(threading.Thread):
@@ -53,6 +54,34 @@ class Producer(threading.Thread):
                 self.sent_half.set()
             time.sleep(self.interval)
         self.sent_half.set()
+
+
+class Collector(threading.Thread):
+    """Waits on every accepted task's result through the result backend (``AsyncResult.get``), in order.
+
+    It is waiting while the fault happens, so a result fetched is a result that crossed it.
+    """
+
+    def __init__(self, producer: Producer, timeout: float) -> None:
+        super().__init__(name="fault-test-results", daemon=True)
+        self.producer, self.timeout = producer, timeout
+        self.fetched: list[str] = []
+        self.failed: list[tuple[str, str]] = []
+
+    def run(self) -> None:
+        index = 0
+        while self.producer.is_alive() or index < len(self.producer.results):
+            if index == len(self.producer.results):
+                time.sleep(0.05)
+                continue
+            result = self.producer.results[index]
+            index += 1
+            try:
+                value = result.get(timeout=self.timeout)
+            except Exception as exc:  # noqa: BLE001 - counted and reported by the test
+                self.failed.append((result.id, repr(exc)))
+            else:
+                (self.fetched if value == result.id else self.failed).append(result.id)
 
 
 def read_markers(client: EtcdClient, prefix: str, kind: str) -> dict[str, list[dict]]:
@@ -87,14 +116,14 @@ class Tally:
     done: dict[str, list[dict]]
     fault_at: float
     fault_end: float
-    killed_pids: set[int] = field(default_factory=set)
+    fetched: list[str] | None = None
 
     @classmethod
     def collect(cls, name: str, client: EtcdClient, prefix: str, producer: Producer, fault_at: float,
-                fault_end: float | None = None, killed_pids: set[int] | None = None) -> Tally:
+                fault_end: float | None = None, collector: Collector | None = None) -> Tally:
         return cls(name, list(producer.accepted), list(producer.refused),
                    read_markers_retrying(client, prefix, "started"), read_markers_retrying(client, prefix, "done"),
-                   fault_at, fault_end or fault_at, killed_pids or set())
+                   fault_at, fault_end or fault_at, list(collector.fetched) if collector else None)
 
     @property
     def lost(self) -> list[str]:
@@ -132,13 +161,28 @@ class Tally:
         delays = self.redelivery_delays()
         first = self.first_completion_after_fault()
         return (self.name, len(self.accepted) + len(self.refused), self.completed, len(self.duplicated),
-                len(self.lost), len(self.refused), f"{max(delays):.1f} ({len(delays)} tasks)" if delays else "-",
+                len(self.lost), len(self.refused), "-" if self.fetched is None else len(self.fetched),
+                f"{max(delays):.1f} ({len(delays)} tasks)" if delays else "-",
                 f"{first:.1f}" if first is not None else "-")
 
     def table(self) -> str:
         lines = ["| " + " | ".join(SUMMARY_HEADERS) + " |", "|" + "---|" * len(SUMMARY_HEADERS),
                  "| " + " | ".join(str(cell) for cell in self.row()) + " |"]
         return "\n".join(lines)
+
+
+def locate(client: EtcdClient, prefix: str, tasks: list[str]) -> dict[str, list[str]]:
+    """Where each task's message is now (ready, unacked under which lease, dead), for failure messages."""
+    keys = KeySpace(prefix)
+    found: dict[str, list[str]] = {task: [] for task in tasks}
+    for value, meta in client.get_prefix(keys.root + "/"):
+        try:
+            task = json.loads(value).get("headers", {}).get("id", "").replace("-", "")
+        except (ValueError, AttributeError):
+            continue
+        if task in found:
+            found[task].append(meta.key.decode()[len(keys.root):])
+    return found
 
 
 def wait_for_completion(client: EtcdClient, prefix: str, producer: Producer, timeout: float) -> None:

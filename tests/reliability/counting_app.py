@@ -29,6 +29,7 @@ PREFIX = os.environ.get("ETCD_TEST_PREFIX", "/deephardway-test")
 LEASE_TTL = int(os.environ.get("ETCD_TEST_LEASE_TTL", "3"))
 OPTIONS: dict[str, str] = json.loads(os.environ.get("ETCD_TEST_OPTIONS", "{}"))
 WITH_BACKEND = os.environ.get("ETCD_TEST_BACKEND") == "1"
+PREFETCH_MULTIPLIER = int(os.environ.get("ETCD_TEST_PREFETCH", "1"))
 
 app = Celery("counting")
 app.conf.update(
@@ -36,7 +37,7 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
     result_accept_content=["json"],
-    worker_prefetch_multiplier=1,
+    worker_prefetch_multiplier=PREFETCH_MULTIPLIER,
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,
     task_queue_max_priority=9,

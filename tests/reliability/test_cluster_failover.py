@@ -16,7 +16,7 @@ from tests.reliability.cluster_tools import (
     make_leader,
     member_status,
 )
-from tests.reliability.counting import Producer, Tally, read_markers, wait_for_completion
+from tests.reliability.counting import Collector, Producer, Tally, locate, read_markers, wait_for_completion
 
 APP = "tests.reliability.counting_app"
 LEASE_TTL = 3
@@ -42,12 +42,14 @@ def lead_where_workers_are(cluster: list[EtcdServer], pids: list[int]) -> tuple[
 @pytest.mark.reliability
 def test_the_leader_dies_under_load_none_is_lost_and_it_rejoins(cluster, etcd_prefix, worker_factory, summary):
     url = cluster_url(cluster)
-    counting_app.configure(url, etcd_prefix, LEASE_TTL)
-    env = counting_app.worker_env(url, etcd_prefix, LEASE_TTL)
+    counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
+    env = counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True)
     workers = [worker_factory(app=APP, env=env, concurrency=4) for _ in range(3)]
     victim, connected = lead_where_workers_are(cluster, [w.process.pid for w in workers])
     producer = Producer(TASKS, TASK_SECONDS, interval=0.05)
+    collector = Collector(producer, timeout=120)
     producer.start()
+    collector.start()
     producer.sent_half.wait(60)
 
     victim.stop(kill=True)
@@ -57,12 +59,16 @@ def test_the_leader_dies_under_load_none_is_lost_and_it_rejoins(cluster, etcd_pr
     elected_at = time.time()
     client = get_client(url)
     wait_for_completion(client, etcd_prefix, producer, timeout=120)
+    collector.join(120)
 
     tally = Tally.collect(f"leader of 3 SIGKILLed ({connected} of 3 workers on it)", client, etcd_prefix,
-                          producer, killed_at, fault_end=elected_at)
+                          producer, killed_at, fault_end=elected_at,
+                          collector=collector)
     summary(tally)
-    assert tally.refused == [] and tally.lost == [] and tally.unexpected == []
+    assert tally.refused == [] and tally.unexpected == []
+    assert tally.lost == [], locate(client, etcd_prefix, tally.lost)
     assert tally.completed == TASKS
+    assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)
     assert all(worker.process.poll() is None for worker in workers)
     assert not any(connected_ports(w.process.pid)[victim.port] for w in workers)
 

@@ -1,0 +1,81 @@
+"""What a consumer held when its connection failed goes back to the queue while the process lives:
+after a channel reset (what Celery does on any broker error) and after a claim whose answer was lost."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from kombu import Connection, Consumer, Queue
+
+import etcd_broker  # noqa: F401
+from etcd_broker.client import CONNECTION_ERRORS
+from tests.reliability.blackhole import BlackholeProxy
+
+HELD = 3
+
+
+def test_an_ack_after_its_connection_was_reset_is_harmless_and_the_message_comes_back(etcd_url, etcd_prefix):
+    """Celery acks a task that ran across a broker reconnect on the old channel; that must not raise."""
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix}) as conn:
+        queue = conn.SimpleQueue("reset")
+        queue.put({"n": 1})
+        channel = conn.channel()
+        message = channel.basic_get("reset")
+        channel.close()  # what a connection reset does: the held message is requeued
+        message.ack()
+        again = queue.get(timeout=5)
+        again.ack()
+        assert again.payload == {"n": 1} and again.delivery_info["redelivered"]
+        queue.close()
+
+
+def test_messages_a_channel_held_when_etcd_was_down_come_back_while_the_process_lives(private_etcd, etcd_prefix):
+    """The channel cannot requeue while etcd is down, and our lease never lapses (we are alive):
+    the messages must still return once etcd answers, not when this process exits."""
+    options = {"prefix": etcd_prefix, "lease_ttl": 2}
+    with Connection(private_etcd.url, transport_options=options) as conn:
+        feeder = conn.SimpleQueue("held")
+        for n in range(HELD):
+            feeder.put({"n": n})
+        channel = conn.channel()
+        channel.basic_qos(0, HELD, False)
+        held = []
+        Consumer(channel, [Queue("held")], callbacks=[lambda body, message: held.append(body)],
+                 accept=["json"]).consume()
+        while len(held) < HELD:
+            conn.drain_events(timeout=10)
+        private_etcd.stop()
+        channel.close()  # a reset while etcd is down: nothing can be written now
+        private_etcd.start()
+        back = [feeder.get(timeout=20) for _ in range(HELD)]
+        for message in back:
+            message.ack()
+        assert sorted(m.payload["n"] for m in back) == list(range(HELD))
+        assert all(m.delivery_info["redelivered"] for m in back)
+        feeder.close()
+
+
+
+def test_a_claim_whose_answer_was_lost_gives_its_message_back(etcd_url, etcd_prefix):
+    """etcd applied the claim but the consumer never heard: nobody holds the message in memory, so it
+    must not sit under the (live) consumer's lease for as long as that process runs."""
+    proxy = BlackholeProxy(int(etcd_url.rsplit(":", 1)[1]))
+    options = {"prefix": etcd_prefix, "timeout": 1}
+    try:
+        with Connection(proxy.url, transport_options=options) as conn, \
+                Connection(etcd_url, transport_options={"prefix": etcd_prefix}) as direct:
+            queue = conn.SimpleQueue("ambiguous")
+            with pytest.raises(queue.Empty):
+                queue.get(timeout=0.5)  # consuming: the queue is read, found empty, and watched
+            direct.SimpleQueue("ambiguous").put({"n": 1})
+            time.sleep(0.5)  # the watch tells the consumer a message arrived
+            proxy.swallow.set()
+            with pytest.raises(CONNECTION_ERRORS):
+                queue.get(timeout=5)  # the claim transaction reaches etcd; its answer does not come back
+            proxy.swallow.clear()
+            elsewhere = direct.SimpleQueue("ambiguous")
+            message = elsewhere.get(timeout=15)
+            message.ack()
+            assert message.payload == {"n": 1} and message.delivery_info["redelivered"]
+    finally:
+        proxy.close()

@@ -24,6 +24,9 @@ MAX_DATA_URL_CHARS = 1_000_000
 MAX_IMAGE_PIXELS = 4096 * 4096
 #: Image types a data URL may carry.
 IMAGE_TYPES = ("png", "jpeg", "jpg", "webp", "gif")
+#: The only decoders Pillow may use on client bytes (EPS would start Ghostscript, and other
+#: formats' parsers are attack surface nobody asked for).
+PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 #: Side of the bitmap the UCI digits were drawn on before 4x4 block counting.
 DIGITS_BITMAP = 32
 #: Side of the digits grid the model sees (DIGITS_BITMAP / 4).
@@ -59,12 +62,14 @@ def decode_data_url(field: str, url: str) -> Image.Image:
 def open_image(field: str, raw: bytes) -> Image.Image:
     """Open encoded image bytes, refusing huge or broken files; returns mode "L"."""
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=PILLOW_FORMATS)
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise InvalidInput(field, f"image is {width}x{height}; the limit is {MAX_IMAGE_PIXELS:,} pixels")
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # far over our limit: Pillow refused it in open(), before our check
+        raise InvalidInput(field, f"image has more pixels than the limit of {MAX_IMAGE_PIXELS:,}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError):
         raise InvalidInput(field, "is not a readable PNG, JPEG, WebP or GIF image") from None
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -89,7 +94,10 @@ def grey_array(image: Image.Image) -> np.ndarray:
 
 def pixels_array(field: str, pixels: list, width: int | None) -> np.ndarray:
     """A row-major list of floats 0..1 as a 2-D array (square unless ``width`` is given)."""
-    values = np.asarray(pixels, dtype=np.float32)
+    try:
+        values = np.asarray(pixels, dtype=np.float32)
+    except OverflowError:  # an integer beyond any float
+        raise InvalidInput(field, "every value must be a number from 0 to 1") from None
     count = values.size
     if width is None:
         width = int(round(count ** 0.5))

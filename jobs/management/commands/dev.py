@@ -34,6 +34,8 @@ class Command(BaseCommand):
         parser.add_argument("--no-train", action="store_true", help="skip training missing models")
 
     def handle(self, *args, addr: str, no_train: bool, **options) -> None:
+        # Ctrl-C must stop everything even when started from a shell that ignores SIGINT.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         etcd = self.start_etcd()
         env = {**os.environ, "ETCD_URL": etcd.url, "CELERY_BROKER_URL": etcd.url,
                "CELERY_RESULT_BACKEND": etcd.url, "PYTHONUNBUFFERED": "1"}

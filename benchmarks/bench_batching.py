@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO_ROOT, percentile, print_table, progress
+from benchmarks.common import REPO_ROOT, drive_clients, percentile, print_table, progress
 from ml import artifacts, batching, datasets
 
 CLIENTS = (1, 8, 64)
@@ -52,32 +51,12 @@ def model_dir_for(name: str, model_dir: Path) -> Path:
 
 def drive(call, work: list[dict], clients: int, seconds: float) -> tuple[float, list[float]]:
     """``clients`` threads call ``call(payload)`` for ``seconds``; returns (requests/s, latencies in s)."""
-    stop, measuring = threading.Event(), threading.Event()
-    latencies: list[list[float]] = [[] for _ in range(clients)]
+    def make_request(index: int):
+        position = iter(range(index, 1 << 62, clients))
+        return lambda: call(work[next(position) % len(work)])
 
-    def client(index: int) -> None:
-        mine, i = latencies[index], index
-        while not stop.is_set():
-            started = time.perf_counter()
-            call(work[i % len(work)])
-            if measuring.is_set():
-                mine.append(time.perf_counter() - started)
-            i += clients
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
-    for thread in threads:
-        thread.start()
-    time.sleep(WARMUP_SECONDS)
-    measuring.set()
-    began = time.perf_counter()
-    time.sleep(seconds)
-    measuring.clear()
-    elapsed = time.perf_counter() - began
-    stop.set()
-    for thread in threads:
-        thread.join()
-    flat = [value for part in latencies for value in part]
-    return len(flat) / elapsed, flat
+    rate, latencies, _ = drive_clients(clients, make_request, seconds, WARMUP_SECONDS)
+    return rate, latencies
 
 
 def raw_throughput(module, model, batch: np.ndarray, seconds: float) -> float:

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from benchmarks.common import REPO_ROOT, percentile, print_table, progress
+from benchmarks.common import REPO_ROOT, drive_clients, percentile, print_table, progress
 from etcd_broker.server import EtcdServer, free_port
 
 CLIENTS = (1, 8, 32)
@@ -111,41 +111,22 @@ def submit_once(conn: http.client.HTTPConnection, prompt: str, cookie: str = "")
 
 def submit_round(port: int, clients: int, seconds: float) -> dict:
     """``clients`` threads POST for ``seconds`` (after a warm-up); returns rate, latencies, failures."""
-    stop, measuring = threading.Event(), threading.Event()
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    failures: list[int] = []
+    def make_request(index: int):
+        state = {"conn": http.client.HTTPConnection("127.0.0.1", port, timeout=60), "count": 0}
 
-    def client(index: int) -> None:
-        conn, count = http.client.HTTPConnection("127.0.0.1", port, timeout=60), 0
-        while not stop.is_set():
-            started = time.perf_counter()
+        def request() -> int:
+            state["count"] += 1
             try:
-                status, _, _ = submit_once(conn, f"bench {index} {count} {time.time_ns()}")
+                status, _, _ = submit_once(state["conn"], f"bench {index} {state['count']} {time.time_ns()}")
             except (OSError, http.client.HTTPException):
-                conn.close()
-                conn, status = http.client.HTTPConnection("127.0.0.1", port, timeout=60), 0
-            count += 1
-            if measuring.is_set():
-                latencies[index].append(time.perf_counter() - started)
-                if status != 202:
-                    failures.append(status)
-        conn.close()
+                state["conn"].close()
+                state["conn"], status = http.client.HTTPConnection("127.0.0.1", port, timeout=60), 0
+            return status
+        return request
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    time.sleep(WARMUP_SECONDS)
-    measuring.set()
-    began = time.perf_counter()
-    time.sleep(seconds)
-    measuring.clear()
-    elapsed = time.perf_counter() - began
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=70)
-    flat = [v for part in latencies for v in part]
-    return {"rate": len(flat) / elapsed, "p50": percentile(flat, 50) * 1000, "p99": percentile(flat, 99) * 1000,
-            "count": len(flat), "failures": len(failures)}
+    rate, flat, statuses = drive_clients(clients, make_request, seconds, WARMUP_SECONDS)
+    return {"rate": rate, "p50": percentile(flat, 50) * 1000, "p99": percentile(flat, 99) * 1000,
+            "count": len(flat), "failures": sum(status != 202 for status in statuses)}
 
 
 def stream_jobs(port: int) -> list[str]:

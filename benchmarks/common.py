@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from etcd_broker.server import free_port
@@ -97,3 +99,36 @@ def print_table(title: str, headers: list[str], rows: list[list]) -> str:
 
 def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def drive_clients(clients: int, make_request: Callable[[int], Callable[[], object]], seconds: float,
+                  warmup: float) -> tuple[float, list[float], list[object]]:
+    """``clients`` threads each call ``make_request(index)()`` in a loop; after ``warmup`` seconds,
+    ``seconds`` are measured. Returns (requests/s, latencies in s, what the measured calls returned)."""
+    stop, measuring = threading.Event(), threading.Event()
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    outcomes: list[list[object]] = [[] for _ in range(clients)]
+
+    def client(index: int) -> None:
+        request = make_request(index)
+        while not stop.is_set():
+            started = time.perf_counter()
+            outcome = request()
+            if measuring.is_set():
+                latencies[index].append(time.perf_counter() - started)
+                outcomes[index].append(outcome)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(warmup)
+    measuring.set()
+    began = time.perf_counter()
+    time.sleep(seconds)
+    measuring.clear()
+    elapsed = time.perf_counter() - began
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=70)
+    flat = [value for part in latencies for value in part]
+    return len(flat) / elapsed, flat, [value for part in outcomes for value in part]

@@ -261,3 +261,29 @@ def test_a_killed_consumers_messages_come_back_in_their_original_order(connect, 
     assert [m.payload["i"] for m in got] == [0, 1, 2, 3, 4]
     assert [bool(m.delivery_info.get("redelivered")) for m in got] == [True, True, True, False, False]
     assert back_after < 3 + 5, f"back {back_after:.1f}s after the kill with a 3 s lease"
+
+
+def test_a_consumer_never_holds_more_than_its_prefetch_count(connect, etcd_url, etcd_prefix):
+    conn = connect()
+    queue = conn.SimpleQueue("prefetched")
+    queue.consumer.qos(prefetch_count=3)
+    for i in range(10):
+        queue.put({"i": i})
+    held = [queue.get(timeout=2) for _ in range(3)]
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=0.5)  # three unacked: the limit
+    keys = KeySpace(etcd_prefix, "/")
+    client = get_client(etcd_url)
+
+    def claimed() -> int:
+        prefix = keys.unacked("prefetched")
+        return len(list(client.get_prefix(prefix, keys_only=True)))
+
+    assert claimed() == 3 and queue.qsize() == 7
+    held[0].ack()
+    nxt = queue.get(timeout=2)
+    assert nxt.payload == {"i": 3}
+    from tests.helpers import wait_until
+
+    wait_until(lambda: claimed() == 3, timeout=5, message="the ack written")
+    assert queue.qsize() == 6

@@ -124,7 +124,7 @@ def prepare(spec: Any, payload: dict[str, Any], priority: int, *, original: byte
         return Submission(model=spec.name, payload=validated, priority=priority,
                           fingerprint=fingerprint(validated), summary=validated)
     rest = {k: v for k, v in validated.items() if k not in IMAGE_KEYS}
-    sent = validate_input(spec, {**rest, **reduce_image("image", url)})
+    sent = validate_reduced(spec, rest, reduce_image("image", url), "image" if "image" in validated else "pixels")
     image = original or base64.b64decode(url.split(",", 1)[1])
     summary = {**rest, "image": {FILE_MARKER: url[5:].split(";", 1)[0], "bytes": len(image)}}
     return Submission(model=spec.name, payload=sent, priority=priority, fingerprint=fingerprint(sent),
@@ -148,10 +148,7 @@ def _image_url(payload: dict[str, Any]) -> str | None:
 def _read_body(request: HttpRequest) -> tuple[dict[str, Any], UploadedFile | None]:
     content_type = request.content_type or ""
     if content_type == "application/json":
-        try:
-            body = json.loads(request.body or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RequestRefused(f"body is not valid JSON: {exc}") from None
+        body = parse_json(request.body or b"{}", "body")
         if not isinstance(body, dict):
             raise RequestRefused("body must be a JSON object: {\"model\": ..., \"input\": {...}}")
         return body, None
@@ -163,13 +160,25 @@ def _read_body(request: HttpRequest) -> tuple[dict[str, Any], UploadedFile | Non
     )
 
 
+def parse_json(raw: bytes | str, what: str, field: str | None = None) -> Any:
+    """A client's JSON; every way it can be unreadable is a 400 (bad syntax or encoding, NaN or
+    Infinity, integers over Python's 4300 digits, nesting deeper than the parser's recursion)."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise RequestRefused(f"{what} is not valid JSON: nested too deeply", field=field) from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        raise RequestRefused(f"{what} is not valid JSON: {exc}", field=field) from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _read_multipart(request: HttpRequest) -> tuple[dict[str, Any], UploadedFile | None]:
     body: dict[str, Any] = {k: request.POST.get(k) for k in request.POST if k != "csrfmiddlewaretoken"}
     if "input" in body:
-        try:
-            body["input"] = json.loads(body["input"] or "{}")
-        except json.JSONDecodeError as exc:
-            raise RequestRefused(f"input is not valid JSON: {exc}", field="input") from None
+        body["input"] = parse_json(body["input"] or "{}", "input", field="input")
     files = list(request.FILES.values())
     if len(files) > 1:
         raise RequestRefused("send one image file per job", field=files[1].field_name)
@@ -197,8 +206,10 @@ def parse_priority(value: Any, user: Any) -> int:
         return settings.JOBS_DEFAULT_PRIORITY
     top = MAX_PRIORITY if getattr(user, "is_staff", False) else settings.JOBS_MAX_PRIORITY_NON_STAFF
     try:
+        if isinstance(value, bool | float):  # before int(): int(1e400) raises OverflowError
+            raise ValueError
         priority = int(value)
-        if isinstance(value, bool) or isinstance(value, float) or str(priority) != str(value).strip():
+        if str(priority) != str(value).strip():
             raise ValueError
     except (TypeError, ValueError):
         raise RequestRefused(f"priority must be a whole number from 0 to {top}", field="priority") from None
@@ -217,6 +228,18 @@ def validate_input(spec: Any, payload: dict[str, Any]) -> dict[str, Any]:
     except InvalidInput as exc:
         name = "input" if exc.field in ("payload", "input", "") else f"input.{exc.field}"
         raise RequestRefused(f"{name}: {exc.message}", field=name) from None
+
+
+def validate_reduced(spec: Any, rest: dict[str, Any], grid: dict[str, Any], source: str) -> dict[str, Any]:
+    """The reduced grid through the model's check; a refusal names the field the client sent."""
+    from ml.errors import InvalidInput
+
+    try:
+        return spec.validate({**rest, **grid})
+    except InvalidInput as exc:
+        size = f"{grid['width']}x{len(grid['pixels']) // grid['width']}"
+        raise RequestRefused(f"input.{source}: {exc.message} (once reduced to the {size} grid the model is sent)",
+                             field=f"input.{source}") from None
 
 
 def read_upload(upload: UploadedFile) -> bytes:
@@ -244,9 +267,19 @@ def reduce_image(field_name: str, url: str) -> dict[str, Any]:
     from ml.images import decode_data_url, grey_array
 
     image = decode_data_url(field_name, url)
-    image.thumbnail((REDUCED_SIDE, REDUCED_SIDE), Image.Resampling.BOX)
+    image = image.resize(reduced_size(image.width, image.height), Image.Resampling.BOX)
     ink = 1.0 - grey_array(image)
     return {"pixels": [round(float(v), 3) for v in ink.ravel()], "width": int(ink.shape[1])}
+
+
+def reduced_size(width: int, height: int) -> tuple[int, int]:
+    """At most REDUCED_SIDE a side with the aspect kept, but no side under the checks' minimum
+    (a long thin image is stretched rather than refused for a size the client never sent)."""
+    from ml.inputs import PIXELS_SIDE
+
+    scale = min(1.0, REDUCED_SIDE / max(width, height))
+    floor = PIXELS_SIDE[0]
+    return max(min(floor, width), round(width * scale)), max(min(floor, height), round(height * scale))
 
 
 def data_url(content: bytes, content_type: str | None) -> str:

@@ -87,7 +87,11 @@ def image_input(payload: Any, convert: Callable[[str, np.ndarray], np.ndarray]) 
     """Check an image payload and convert it with ``convert(field, grey_or_pixels)``."""
     payload = only_keys(payload, {"image", "pixels", "width"})
     if image_source(payload) == "image":
-        return convert("image", grey_array(decode_data_url("image", payload["image"])))
+        image = decode_data_url("image", payload["image"])
+        if min(image.size) < PIXELS_SIDE[0]:  # the same floor as a pixels grid's
+            raise InvalidInput("image", f"image is {image.width}x{image.height}; each side must be at least "
+                                        f"{PIXELS_SIDE[0]} pixels")
+        return convert("image", grey_array(image))
     return convert("pixels", pixels_grid(payload))
 
 

@@ -14,7 +14,9 @@ from functools import wraps
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -25,6 +27,8 @@ from jobs.validation import RequestRefused
 logger = logging.getLogger(__name__)
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+#: Django's refusals of a body it cannot parse (raised wherever request.POST is first read).
+UNREADABLE_BODY = (MultiPartParserError, TooManyFieldsSent, TooManyFilesSent, RequestDataTooBig)
 #: An owner key that matches no job (a caller with neither user nor session).
 NOBODY = "nobody:"
 
@@ -97,6 +101,15 @@ def get_job(request: HttpRequest, job_id: Any) -> Job:
     return job
 
 
+def unreadable_body(exc: Exception) -> RequestRefused:
+    """A body Django could not parse, as our JSON error (Django alone would answer an HTML 400)."""
+    if isinstance(exc, RequestDataTooBig):
+        limit = settings.JOBS_MAX_REQUEST_BYTES
+        return RequestRefused(f"request body is over the limit of {limit} bytes", status=413)
+    logger.warning("unreadable request body: %s", exc)
+    return RequestRefused(f"request body cannot be read: {exc}")
+
+
 def api(*methods: str) -> Callable:
     """Allowed methods, token auth, CSRF for cookie sessions, JSON errors."""
 
@@ -113,6 +126,9 @@ def api(*methods: str) -> Callable:
                 if not authenticate_token(request):
                     check_csrf(request)
                 return view(request, *args, **kwargs)
+            except UNREADABLE_BODY as exc:
+                refused = unreadable_body(exc)
+                return JsonResponse(refused.to_dict(), status=refused.status)
             except RequestRefused as exc:
                 return JsonResponse(exc.to_dict(), status=exc.status)
 

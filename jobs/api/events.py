@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: How long a disconnected EventSource waits before reconnecting (milliseconds).
 RETRY_MS = 2000
+#: etcd revisions are int64: a Last-Event-ID outside 0..2**63-1 was never one of ours.
+MAX_REVISION = 2**63 - 1
 
 
 @api("GET")
@@ -41,9 +43,10 @@ def last_event_id(request: HttpRequest) -> int | None:
     """The revision a reconnecting client last saw (header, or ?last_event_id= for tests)."""
     raw = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
     try:
-        return int(raw) if raw else None
+        revision = int(raw) if raw else None
     except ValueError:
         return None
+    return revision if revision is not None and 0 <= revision <= MAX_REVISION else None
 
 
 def stream(job: Job, after: int | None) -> Iterator[str]:

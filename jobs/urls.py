@@ -8,6 +8,7 @@ from jobs.api import events, views
 app_name = "jobs"
 
 urlpatterns = [
+    path("healthz", views.health, name="health"),
     path("api/models", views.model_list, name="models"),
     path("api/jobs", views.jobs, name="jobs"),
     path("api/jobs/<str:job_id>", views.job, name="job"),

@@ -10,6 +10,7 @@ import mimetypes
 
 from django.conf import settings
 from django.core.paginator import InvalidPage, Paginator
+from django.db import connection
 from django.http import FileResponse, HttpRequest, JsonResponse
 
 from jobs import services
@@ -96,3 +97,36 @@ def job_input(request: HttpRequest, job_id: str) -> FileResponse:
 
 def _image_type(name: str) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+@api("GET")
+def health(request: HttpRequest) -> JsonResponse:
+    """Liveness for load balancers and the flood test: the database answers a query and etcd a
+    read under our prefix; 503 names what did not answer."""
+    checks = {"database": _check_database(), "etcd": _check_etcd()}
+    ok = all(value == "ok" for value in checks.values())
+    return JsonResponse({"ok": ok, **checks}, status=200 if ok else 503)
+
+
+def _check_database() -> str:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer
+        logger.warning("health: database did not answer: %s", exc)
+        return f"unreachable: {type(exc).__name__}"
+
+
+def _check_etcd() -> str:
+    from etcd_broker.client import get_client
+    from etcd_broker.keys import KeySpace, range_end
+
+    try:
+        queues = KeySpace(settings.ETCD_PREFIX).declared_queues()
+        get_client(settings.ETCD_URL, **settings.ETCD_OPTIONS).get_range_response(
+            queues, range_end(queues), count_only=True)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer
+        logger.warning("health: etcd did not answer: %s", exc)
+        return f"unreachable: {type(exc).__name__}"

@@ -31,7 +31,7 @@ OPTIONS: dict[str, str] = json.loads(os.environ.get("ETCD_TEST_OPTIONS", "{}"))
 WITH_BACKEND = os.environ.get("ETCD_TEST_BACKEND") == "1"
 PREFETCH_MULTIPLIER = int(os.environ.get("ETCD_TEST_PREFETCH", "1"))
 
-app = Celery("counting")
+app = Celery("counting", set_as_current=False)  # tests elsewhere in the run keep their current_app
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

@@ -67,8 +67,9 @@ def secure_prefix() -> str:
     return f"{ALLOWED_PREFIX}t-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(autouse=True)
-def _release_clients():
+@pytest.fixture
+def release_clients():
+    """After a test that used real workers and etcd clients: close what this process still holds."""
     yield
     counting_app.release()
     close_shared()

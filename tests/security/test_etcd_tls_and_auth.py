@@ -17,6 +17,7 @@ from tests.reliability import counting_app
 from tests.reliability.counting import read_markers
 from tests.security.conftest import APP_USER, SecureEtcd, start_secure_etcd
 
+pytestmark = pytest.mark.usefixtures("release_clients")
 APP = "tests.reliability.counting_app"
 #: A worker that cannot log in should give up at start-up, well within this.
 WORKER_EXIT_TIMEOUT = 60

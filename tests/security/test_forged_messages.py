@@ -25,6 +25,7 @@ from tests.helpers import wait_until
 from tests.reliability import counting_app
 from tests.reliability.counting import read_markers
 
+pytestmark = pytest.mark.usefixtures("release_clients")
 APP = "tests.reliability.counting_app"
 PICKLE = "application/x-python-serialize"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.files.base import ContentFile
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from PIL import Image
 
@@ -57,9 +57,8 @@ def submit(submission: Submission, *, owner_key: str, user: Any = None, session_
     if existing is not None:
         return existing, False
     signed_in = user is not None and user.is_authenticated
-    check_owner_cap(owner_key)
-    if not signed_in and client_address:
-        check_address_cap(client_address)
+    address = None if signed_in else client_address
+    check_caps(owner_key, address)  # cheap refusal before any file is written
     job = Job(model=submission.model, input=submission.summary, fingerprint=submission.fingerprint,
               priority=submission.priority, owner=user if signed_in else None,
               session_key="" if signed_in else session_key, owner_key=owner_key,
@@ -67,8 +66,7 @@ def submit(submission: Submission, *, owner_key: str, user: Any = None, session_
     if submission.image:
         job.input_file.save(f"{job.id}.{_extension(submission)}", ContentFile(submission.image), save=False)
     try:
-        with transaction.atomic():
-            job.save(force_insert=True)
+        insert_within_caps(job, owner_key, address)
     except IntegrityError:
         # An identical request won the race between our duplicate check and our insert.
         _delete_file(job)
@@ -76,6 +74,9 @@ def submit(submission: Submission, *, owner_key: str, user: Any = None, session_
         if existing is None:
             raise
         return existing, False
+    except RequestRefused:
+        _delete_file(job)
+        raise
     enqueue(job, submission.payload, sender or send_task)
     return job, True
 
@@ -83,6 +84,34 @@ def submit(submission: Submission, *, owner_key: str, user: Any = None, session_
 def find_duplicate(owner_key: str, model: str, print_: str) -> Job | None:
     return (Job.objects.owned_by(owner_key).active()
             .filter(model=model, fingerprint=print_, cancel_requested_at__isnull=True).first())
+
+
+def insert_within_caps(job: Job, owner_key: str, address: str | None) -> None:
+    """Insert the row with the caps checked again under a per-owner and per-address lock, so
+    parallel requests from one owner cannot all pass the count (the site flood test found they did)."""
+    with transaction.atomic():
+        lock_caps(owner_key, address)
+        check_caps(owner_key, address)
+        job.created_at = timezone.now()  # queue order is insert order
+        job.save(force_insert=True)
+
+
+def check_caps(owner_key: str, address: str | None) -> None:
+    """429 when the owner (or, signed out, the address) already has its cap of waiting jobs."""
+    check_owner_cap(owner_key)
+    if address:
+        check_address_cap(address)
+
+
+def lock_caps(owner_key: str, address: str | None) -> None:
+    """Serialize cap checks and inserts per owner and address until the transaction ends, so
+    parallel requests cannot all pass the count. SQLite needs nothing more: its IMMEDIATE
+    transactions (settings) already take the write lock at BEGIN. PostgreSQL: advisory locks."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        for name in filter(None, (f"owner:{owner_key}", address and f"address:{address}")):
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [name])
 
 
 def check_owner_cap(owner_key: str) -> None:

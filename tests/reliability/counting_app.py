@@ -55,7 +55,6 @@ def configure(url: str, prefix: str, lease_ttl: int = 3, options: dict | None = 
         broker_transport_options={"prefix": prefix, "lease_ttl": lease_ttl, **OPTIONS},
         result_backend=url if backend else None,
         result_backend_transport_options={"prefix": prefix, **OPTIONS},
-        task_ignore_result=not backend,
     )
     app._backend_cache = None
     app._local.__dict__.pop("backend", None)
@@ -97,7 +96,8 @@ def mark(kind: str, task_id: str, **info) -> None:
             time.sleep(0.2)
 
 
-@app.task(bind=True, acks_late=True)
+# ignore_result is fixed when the app first binds its tasks; stated here, configure() cannot move it.
+@app.task(bind=True, acks_late=True, ignore_result=False)
 def work(self, seconds: float) -> str:
     """Take ``seconds``; markers say when it started and finished (acks_late: survives a kill)."""
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))

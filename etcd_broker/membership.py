@@ -92,9 +92,9 @@ class ConsumerLease:
             self._threads.append(thread)
         self._sweep_now.set()
 
-    def close(self, revoke: bool = True) -> None:
+    def close(self, revoke: bool = True, ack_timeout: float = 10.0) -> None:
         """Write pending acks, stop the threads; revoking the lease hands the rest back at once."""
-        self.flush_acks()
+        self.flush_acks(ack_timeout)
         self._closed.set()
         self._sweep_now.set()
         if self._watch_stream is not None:
@@ -104,7 +104,7 @@ class ConsumerLease:
                 try:
                     self.client.revoke_lease(self.lease_id)
                 except CONNECTION_ERRORS:
-                    logger.warning("could not revoke lease %016x; it expires in %ss", self.lease_id, self.ttl)
+                    logger.info("could not revoke lease %016x; it expires in %ss", self.lease_id, self.ttl)
             self.lease_id = None
 
     # -- keepalive ------------------------------------------------------------
@@ -323,9 +323,15 @@ def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int) -> ConsumerLeas
         return lease
 
 
-@atexit.register
-def close_all_leases() -> None:
+def close_all_leases(ack_timeout: float = 10.0) -> None:
+    """Close every lease of this process (at exit, and in tests before an etcd goes away)."""
     with _leases_lock:
         for lease in _leases.values():
-            lease.close()
+            lease.close(ack_timeout=ack_timeout)
         _leases.clear()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    logging.disable(logging.WARNING)  # handlers may already be gone; an unrevoked lease just expires
+    close_all_leases(ack_timeout=2.0)

@@ -43,6 +43,7 @@ def private_etcd(tmp_path):
     server = EtcdServer(data_dir=str(tmp_path / "etcd"))
     server.start()
     yield server
+    close_all_leases(ack_timeout=1.0)  # revoke while this etcd still answers
     server.stop()
 
 

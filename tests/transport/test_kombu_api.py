@@ -191,15 +191,19 @@ def test_it_routes_through_topic_and_fanout_exchanges_declared_by_another_connec
         assert sorted(e for values in got.values() for e in values) == expected, queue.name
 
 
-def test_an_idle_consumer_does_not_poll_etcd(connect, etcd_server):
-    queue = connect().SimpleQueue("idle")
+def test_an_idle_consumer_does_not_poll_etcd(private_etcd, etcd_prefix):
+    # An etcd of its own: other tests' background work must not show in its range counter.
+    conn = Connection(private_etcd.url, transport_options={"prefix": etcd_prefix})
+    queue = conn.SimpleQueue("idle")
     with pytest.raises(queue.Empty):
         queue.get(timeout=0.5)  # warm up: consumer registered, watch created
-    before = _range_requests(etcd_server)
+    before = _range_requests(private_etcd)
     assert before > 0, "etcd's range counter is not being read"
     with pytest.raises(queue.Empty):
         queue.get(timeout=3.0)
-    after = _range_requests(etcd_server)
+    after = _range_requests(private_etcd)
+    queue.close()
+    conn.close()
     # A poller at kombu's default 1 s interval would make 3+ reads here; a watch makes none.
     assert after - before <= 1, f"{after - before} range reads while idle"
 

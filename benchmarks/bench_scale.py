@@ -89,9 +89,9 @@ def sample(members: list[EtcdServer], worker_pids: list[int]) -> Sample:
 
 def load_app(env: dict[str, str]):
     os.environ.update(env)
-    from benchmarks import scale_app
+    from benchmarks import transport_app
 
-    return importlib.reload(scale_app)
+    return importlib.reload(transport_app)
 
 
 def publish(module, run: str, queue: str, count: int, threads: int, task_ms: float) -> float:
@@ -142,7 +142,7 @@ def measure(count: int, task_ms: float, url: str, counter_url: str, members, tas
     publish_rate = publish(module, run, queue, tasks, producers, task_ms)
     tasks = tasks // producers * producers
     progress(f"{count} worker(s): starting them (-P threads -c {WORKER_THREADS})")
-    workers = [start_worker("benchmarks.scale_app", env, concurrency=WORKER_THREADS, queues=IDLE_QUEUE)
+    workers = [start_worker("benchmarks.transport_app", env, concurrency=WORKER_THREADS, queues=IDLE_QUEUE)
                for _ in range(count)]
     try:
         progress(f"{count} worker(s): draining")

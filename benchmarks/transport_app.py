@@ -1,4 +1,4 @@
-"""The benchmark's Celery app: broker from BENCH_BROKER_URL; tasks count into a Redis counter."""
+"""The benchmarks' Celery app: broker from BENCH_BROKER_URL; tasks count into a Redis counter."""
 from __future__ import annotations
 
 import os
@@ -29,3 +29,11 @@ def noop(run: str) -> None:
 @app.task
 def stamp(run: str, sent_at: float) -> None:
     COUNTER.rpush(run, time.time() - sent_at)
+
+
+@app.task
+def hold(run: str, milliseconds: float) -> None:
+    """Sleep (as a GPU-bound task waits on its device, GIL released), then count (bench_scale)."""
+    if milliseconds:
+        time.sleep(milliseconds / 1000)
+    COUNTER.incr(run)

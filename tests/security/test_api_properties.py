@@ -288,6 +288,39 @@ def test_json_python_reads_but_cannot_use_is_refused_with_400(api, shape):
     assert response.status_code == 400
 
 
+def multipart(parts: list[tuple[str, bytes, str | None]], boundary: str = "b0undary") -> bytes:
+    """A multipart body by hand: (field name, value, file name or None)."""
+    out = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize(("shape", "content_type", "body"), [
+    ("no boundary", "multipart/form-data", b"model=text"),
+    ("1,100 fields", "multipart/form-data; boundary=b0undary",
+     multipart([(f"f{i}", b"x", None) for i in range(1100)])),
+    ("120 files", "multipart/form-data; boundary=b0undary",
+     multipart([(f"f{i}", b"x", f"{i}.png") for i in range(120)])),
+])
+@pytest.mark.parametrize("with_session", [False, True])
+def test_a_multipart_body_django_cannot_parse_gets_a_json_400(api, shape, content_type, body, with_session):
+    """Django raises these wherever request.POST is first read: in our view, or in the CSRF check
+    of a browser session (which reads csrfmiddlewaretoken from the body)."""
+    client = Client(enforce_csrf_checks=with_session)
+    if with_session:
+        client.get("/")  # the csrftoken cookie, as a page gives it
+        client.post("/api/jobs", {"model": "text", "input": json.dumps({"prompt": "first"}),
+                                  "csrfmiddlewaretoken": client.cookies["csrftoken"].value})
+        assert "sessionid" in client.cookies
+    before = api()
+    response = post(body, content_type=content_type, client=client,
+                    HTTP_X_CSRFTOKEN=client.cookies["csrftoken"].value if with_session else "")
+    assert_answered(response, before, api())
+    assert response.status_code == 400 and "request body cannot be read" in response.json()["error"], shape
+
+
 @pytest.mark.parametrize("how", ["data URL", "upload"])
 @PROPERTY
 @given(model=st.sampled_from(IMAGE_MODELS), raw=broken_images())

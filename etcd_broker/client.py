@@ -195,9 +195,29 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
         if _is_dropped_proposal(exc):  # a leader change dropped it unapplied: retry like a lost connection
             raise etcd_exceptions.ConnectionFailedError() from exc
         try:
-            super()._manage_grpc_errors(exc)
+            super()._manage_grpc_errors(exc)  # marks the endpoint in use as failed, then raises
         except etcd_exceptions.ConnectionFailedError:
+            self.fail_over()
             raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: {_details(exc)}") from exc
+        except (etcd_exceptions.ConnectionTimeoutError, etcd_exceptions.InternalServerError):
+            self.fail_over()
+            raise
+
+    def fail_over(self) -> None:
+        """Move to the next endpoint that has not failed lately (round robin; no-op with one).
+
+        etcd3 marks a failed endpoint but keeps using it once its retry window passes, so a
+        caller retrying slower than that window would hit the dead member for ever.
+        """
+        labels = list(self.endpoints)
+        if len(labels) < 2:
+            return
+        current = labels.index(self._current_endpoint_label)
+        for label in labels[current + 1:] + labels[:current]:
+            if not self.endpoints[label].is_failed():
+                logger.info("etcd endpoint %s failed; using %s", labels[current], label)
+                self._current_endpoint_label = label
+                return
 
     def _clear_old_stubs(self) -> None:
         # etcd3's version closes the shared watcher; we use our own watch streams (watch.py).

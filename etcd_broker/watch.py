@@ -182,7 +182,8 @@ class WatchStream:
             try:
                 if len(self.client.endpoints) > 1:
                     self.client.endpoint_in_use.fail()
-            except Exception:  # noqa: BLE001
+                    self.client.fail_over()
+            except Exception:  # noqa: BLE001 - a bare etcd3 client has no fail_over; the next open retries
                 pass
 
     def _handle(self, response) -> None:

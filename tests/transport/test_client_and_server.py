@@ -70,3 +70,30 @@ def test_a_server_starts_with_auto_compaction_and_keeps_data_across_a_restart(tm
         assert make_client(server.url).get("/kept")[0] == b"yes"
     finally:
         server.cleanup()
+
+
+def test_a_client_moves_off_a_dead_member_even_when_callers_retry_slowly(tmp_path):
+    import time
+
+    from etcd_broker.client import CONNECTION_ERRORS, ENDPOINT_RETRY_SECONDS
+    from etcd_broker.server import cluster_url, start_cluster
+
+    members = start_cluster(3)
+    try:
+        client = make_client(cluster_url(members), timeout=2)
+        client.put("/k", "v")
+        in_use = client._current_endpoint_label
+        victim = next(m for m in members if f"{m.host}:{m.port}" == in_use)
+        victim.stop(kill=True)
+        answered = None
+        for _ in range(5):  # a caller retrying slower than the endpoint's retry window
+            try:
+                answered = client.get("/k")[0]
+                break
+            except CONNECTION_ERRORS:
+                time.sleep(ENDPOINT_RETRY_SECONDS * 2)
+        assert answered == b"v"
+        assert client._current_endpoint_label != in_use
+    finally:
+        for member in members:
+            member.cleanup()

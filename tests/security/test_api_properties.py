@@ -17,8 +17,9 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.utils.http import parse_header_parameters
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from PIL import Image, ImageDraw
 
 from etcd_broker.stats import queue_stats, stats_for_connection
@@ -120,6 +121,8 @@ def post(body, content_type: str = "application/json", client: Client | None = N
 def assert_answered(response, before: Seen, after: Seen) -> dict:
     """No 5xx; a 4xx is JSON with an error; a job and a queued task exactly for a 202."""
     status = response.status_code
+    if currently_in_test_context():  # pytest --hypothesis-show-statistics: how often each answer came
+        event(f"status {status}")
     assert status < 500, (status, response.content[:500])
     body = response.json() if response["Content-Type"] == "application/json" else None
     if status in (200, 202):

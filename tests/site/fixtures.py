@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
 import uuid
 
 import pytest
@@ -166,4 +167,10 @@ def start_model_worker(site_celery, etcd_server, tiny_models, settings, tmp_path
 
     yield start
     for worker in started:
-        worker.kill()  # no warm shutdown needed: each test waits for its own jobs
+        # Warm shutdown hands back what the worker still holds and revokes its lease; a SIGKILL
+        # would leave prefetched messages under the lease, back in the shared gpu queue ~10 s
+        # later, in the middle of another test.
+        try:
+            worker.terminate(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()

@@ -18,6 +18,7 @@ class JobsConfig(AppConfig):
     def ready(self) -> None:
         checks.register(check_secret_key, checks.Tags.security, deploy=True)
         checks.register(check_job_limits)
+        checks.register(check_etcd_url, checks.Tags.compatibility)
 
 
 def check_secret_key(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
@@ -44,3 +45,16 @@ def check_job_limits(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         errors.append(checks.Error("JOBS_DEFAULT_PRIORITY is above JOBS_MAX_PRIORITY_NON_STAFF: "
                                    "non-staff callers could not use the default", id="jobs.E004"))
     return errors
+
+
+def check_etcd_url(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """ETCD_URL and ETCD_OPTIONS must describe a connection (nothing is contacted)."""
+    from django.conf import settings
+
+    from etcd_broker.client import EtcdConfig, EtcdConfigError
+
+    try:
+        EtcdConfig.from_url(settings.ETCD_URL, **getattr(settings, "ETCD_OPTIONS", {}))
+    except EtcdConfigError as exc:
+        return [checks.Error(str(exc), hint="Set ETCD_URL=etcdv3://host:2379[,host2:2379]", id="jobs.E005")]
+    return []

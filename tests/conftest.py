@@ -8,7 +8,7 @@ import pytest
 
 from etcd_broker.client import forget_clients
 from etcd_broker.membership import close_all_leases
-from etcd_broker.server import EtcdServer
+from scripts.etcd_server import EtcdServer
 from tests.helpers import WorkerProcess
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deephardway_site.settings")

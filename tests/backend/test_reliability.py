@@ -10,7 +10,7 @@ from celery import states
 from celery.exceptions import TimeoutError
 
 from etcd_broker.backend import watch_task
-from etcd_broker.server import start_cluster
+from scripts.etcd_server import start_cluster
 from tests.backend.conftest import make_app, task, worker_env
 
 pytestmark = pytest.mark.reliability

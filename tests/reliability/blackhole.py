@@ -9,7 +9,7 @@ import logging
 import socket
 import threading
 
-from etcd_broker.server import free_port
+from scripts.etcd_server import free_port
 
 logger = logging.getLogger(__name__)
 

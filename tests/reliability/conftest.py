@@ -5,7 +5,7 @@ import pytest
 
 from etcd_broker.membership import close_all_leases
 from etcd_broker.result_store import close_shared
-from etcd_broker.server import EtcdServer, start_cluster
+from scripts.etcd_server import EtcdServer, start_cluster
 from tests.reliability import counting_app
 from tests.reliability.counting import SUMMARY_HEADERS, Tally
 

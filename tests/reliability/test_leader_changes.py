@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from etcd_broker.client import CONNECTION_ERRORS, make_client
-from etcd_broker.server import cluster_url
+from scripts.etcd_server import cluster_url
 from tests.reliability.cluster_tools import leader_of, make_leader
 
 WRITER_THREADS = 8

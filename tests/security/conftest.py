@@ -9,7 +9,7 @@ import pytest
 from etcd_broker.client import make_client
 from etcd_broker.membership import close_all_leases
 from etcd_broker.result_store import close_shared
-from etcd_broker.server import EtcdServer, TlsFiles
+from scripts.etcd_server import EtcdServer, TlsFiles
 from tests.reliability import counting_app
 from tests.security.certs import Certificates, make_certificates
 from tests.security.etcd_auth import enable_auth

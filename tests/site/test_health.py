@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from etcd_broker.server import free_port
+from scripts.etcd_server import free_port
 
 pytestmark = pytest.mark.django_db
 

@@ -6,7 +6,7 @@ from kombu import Connection
 
 import etcd_broker  # noqa: F401
 from etcd_broker.client import EtcdConfig, EtcdConfigError, kombu_url, make_client
-from etcd_broker.server import EtcdNotFound, EtcdServer, find_etcd_binary, free_port
+from scripts.etcd_server import EtcdNotFound, EtcdServer, find_etcd_binary, free_port
 
 
 def test_it_parses_endpoints_credentials_and_options_from_one_url():
@@ -76,7 +76,7 @@ def test_a_client_moves_off_a_dead_member_even_when_callers_retry_slowly(tmp_pat
     import time
 
     from etcd_broker.client import CONNECTION_ERRORS, ENDPOINT_RETRY_SECONDS
-    from etcd_broker.server import cluster_url, start_cluster
+    from scripts.etcd_server import cluster_url, start_cluster
 
     members = start_cluster(3)
     try:

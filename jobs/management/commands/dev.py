@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from etcd_broker.server import EtcdNotFound, EtcdServer, EtcdStartError, free_port
+from scripts.etcd_server import EtcdNotFound, EtcdServer, EtcdStartError, free_port
 
 #: Exit codes of a child that was asked to stop (Ctrl-C reaches the whole process group).
 STOPPED_CODES = (0, -signal.SIGINT, -signal.SIGTERM)

@@ -6,7 +6,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from etcd_broker.server import EtcdNotFound, EtcdServer, EtcdStartError
+from scripts.etcd_server import EtcdNotFound, EtcdServer, EtcdStartError
 
 
 class Command(BaseCommand):

@@ -135,7 +135,7 @@ def end_to_end(name: str, model_dir: Path, seconds: float) -> list:
     from celery import Celery
 
     from benchmarks.common import start_worker, stop_worker
-    from etcd_broker.server import EtcdServer
+    from scripts.etcd_server import EtcdServer
 
     model_dir = model_dir_for(name, model_dir)
     work = payloads(name, 256)

@@ -20,7 +20,7 @@ from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from benchmarks.common import RedisServer, percentile, print_table, progress, start_worker, stop_worker
-from etcd_broker.server import EtcdServer
+from scripts.etcd_server import EtcdServer
 
 TASK = "benchmarks.bench_results.noop"
 #: Tasks sent and awaited before timing starts (connections, leases, watch stream up).

@@ -26,7 +26,7 @@ import redis
 
 from benchmarks.common import RedisServer, print_table, progress, start_worker, stop_worker
 from etcd_broker.membership import close_all_leases
-from etcd_broker.server import EtcdServer, cluster_url, start_cluster
+from scripts.etcd_server import EtcdServer, cluster_url, start_cluster
 
 #: Threads per worker process; the prefetch multiplier comes from benchmarks/transport_app.py.
 WORKER_THREADS = 8

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 
 from benchmarks.common import RedisServer, percentile, print_table, progress, start_worker, stop_worker
-from etcd_broker.server import EtcdServer
+from scripts.etcd_server import EtcdServer
 
 PRODUCER_THREADS = (1, 4)
 

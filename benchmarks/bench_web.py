@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from benchmarks.common import REPO_ROOT, drive_clients, percentile, print_table, progress
-from etcd_broker.server import EtcdServer, free_port
+from scripts.etcd_server import EtcdServer, free_port
 
 CLIENTS = (1, 8, 32)
 STREAMS = (100, 300)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from etcd_broker.server import free_port
+from scripts.etcd_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,10 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import grpc
-from etcd3 import etcdrpc
-from etcd3.utils import prefix_range_end, to_bytes
-
+from etcd_broker import ops
 from etcd_broker.client import EtcdConfig, get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.watch import WatchStream
@@ -53,10 +50,6 @@ class WriteOutcome(enum.Enum):
 
 class WriteConflict(RuntimeError):
     """A key kept changing under a compare-and-put."""
-
-
-class _LeaseMissing(Exception):
-    """etcd no longer knows the lease we attached (expired early, or etcd lost it)."""
 
 
 @dataclass(frozen=True)
@@ -123,48 +116,12 @@ class LeaseBuckets:
             self._leases = {k: v for k, v in self._leases.items() if v != lease_id}
 
 
-def _range_op(key: str | bytes, count_only: bool = False, prefix: bool = False) -> etcdrpc.RequestOp:
-    key = to_bytes(key)
-    request = etcdrpc.RangeRequest(key=key, count_only=count_only)
-    if prefix:
-        request.range_end = prefix_range_end(key)
-    return etcdrpc.RequestOp(request_range=request)
-
-
-def _put_op(key: str | bytes, value: bytes, lease: int) -> etcdrpc.RequestOp:
-    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=to_bytes(key), value=value, lease=lease))
-
-
-def _delete_op(key: str | bytes, prefix: bool = False) -> etcdrpc.RequestOp:
-    key = to_bytes(key)
-    request = etcdrpc.DeleteRangeRequest(key=key)
-    if prefix:
-        request.range_end = prefix_range_end(key)
-    return etcdrpc.RequestOp(request_delete_range=request)
-
-
-def _compare(key: str | bytes, target: str, value: int) -> etcdrpc.Compare:
-    targets = {"mod_revision": etcdrpc.Compare.MOD, "version": etcdrpc.Compare.VERSION}
-    return etcdrpc.Compare(key=to_bytes(key), target=targets[target], result=etcdrpc.Compare.EQUAL,
-                           **{target: value})
-
-
-def _first_kv(response_op: Any) -> Stored | None:
-    kvs = response_op.response_range.kvs
-    return Stored.from_kv(kvs[0]) if kvs else None
-
-
 def status_of(value: bytes) -> str | None:
     """The Celery state in a stored JSON value (None if it is not one)."""
     try:
         return json.loads(value).get("status")
     except (ValueError, AttributeError):
         return None
-
-
-def _lease_missing(exc: grpc.RpcError) -> bool:
-    code = exc.code() if hasattr(exc, "code") else None
-    return code == grpc.StatusCode.NOT_FOUND and "lease not found" in (exc.details() or "")
 
 
 class ResultStore:
@@ -203,7 +160,7 @@ class ResultStore:
     # -- task states ------------------------------------------------------------
     def read(self, task_id: str) -> tuple[Stored | None, int]:
         """The stored state of ``task_id`` (or None) and the revision it was read at."""
-        response = self._rpc("Range", etcdrpc.RangeRequest(key=to_bytes(self.keys.result(task_id))))
+        response = self._get(self.keys.result(task_id))
         stored = Stored.from_kv(response.kvs[0]) if response.kvs else None
         return stored, response.header.revision
 
@@ -218,11 +175,10 @@ class ResultStore:
         revision = 0
         for start in range(0, len(ids), MAX_TXN_OPS):
             chunk = ids[start:start + MAX_TXN_OPS]
-            ops = [_range_op(self.keys.result(task_id)) for task_id in chunk]
-            response = self._rpc("Txn", etcdrpc.TxnRequest(success=ops))
+            response = self._txn(success=[ops.range_(self.keys.result(task_id)) for task_id in chunk])
             revision = min(revision or response.header.revision, response.header.revision)
             for task_id, op in zip(chunk, response.responses, strict=True):
-                stored = _first_kv(op)
+                stored = _stored(op)
                 if stored is not None:
                     found[task_id] = stored
         return found, revision or self.revision
@@ -241,8 +197,8 @@ class ResultStore:
             if response.succeeded:
                 self._remember(task_id, 0 if success else response.header.revision)
                 return WriteOutcome.WRITTEN
-            current = _first_kv(response.responses[0])
-            if cancel_key is not None and response.responses[1].response_range.count:
+            current = _stored(response.responses[0])
+            if cancel_key is not None and ops.count(response.responses[1]):
                 return WriteOutcome.CANCELLED
             if current is not None and status_of(current.value) == SUCCESS:
                 return WriteOutcome.KEPT_SUCCESS
@@ -251,18 +207,16 @@ class ResultStore:
 
     def _put_if_unchanged(self, key: str, value: bytes, expected: int, cancel_key: str | None,
                           *, lease: int) -> Any:
-        compare = [_compare(key, "mod_revision", expected)]
-        failure = [_range_op(key)]
+        compare = [ops.compare(key, "mod_revision", expected)]
+        failure = [ops.range_(key)]
         if cancel_key is not None:
-            compare.append(_compare(cancel_key, "version", 0))
-            failure.append(_range_op(cancel_key, count_only=True))
-        request = etcdrpc.TxnRequest(compare=compare, success=[_put_op(key, value, lease)], failure=failure)
-        return self._rpc("Txn", request)
+            compare.append(ops.compare(cancel_key, "version", 0))
+            failure.append(ops.range_(cancel_key, count_only=True))
+        return self._txn(compare=compare, success=[ops.put(key, value, lease)], failure=failure)
 
     def forget(self, task_id: str) -> None:
         """Delete the state and any cancel marker of ``task_id`` now."""
-        self._rpc("Txn", etcdrpc.TxnRequest(success=[
-            _delete_op(self.keys.result(task_id)), _delete_op(self.keys.cancel(task_id))]))
+        self._txn(success=[ops.delete(self.keys.result(task_id)), ops.delete(self.keys.cancel(task_id))])
         with self._memory_lock:
             self._last_write.pop(task_id, None)
 
@@ -282,31 +236,30 @@ class ResultStore:
 
     # -- plain keys (saved groups) --------------------------------------------------
     def get(self, key: str | bytes) -> bytes | None:
-        response = self._rpc("Range", etcdrpc.RangeRequest(key=to_bytes(key)))
+        response = self._get(key)
         return response.kvs[0].value if response.kvs else None
 
     def get_many(self, keys: Iterable[str | bytes]) -> list[bytes | None]:
         keys = list(keys)
         values: list[bytes | None] = []
         for start in range(0, len(keys), MAX_TXN_OPS):
-            ops = [_range_op(key) for key in keys[start:start + MAX_TXN_OPS]]
-            response = self._rpc("Txn", etcdrpc.TxnRequest(success=ops))
-            values.extend(kv.value if kv else None for kv in map(_first_kv, response.responses))
+            response = self._txn(success=[ops.range_(key) for key in keys[start:start + MAX_TXN_OPS]])
+            values.extend(kv.value if kv else None for kv in map(ops.first_kv, response.responses))
         return values
 
     def put(self, key: str | bytes, value: bytes, ttl: int | None) -> None:
         self._with_lease(ttl, self._put, key, value)
 
     def _put(self, key: str | bytes, value: bytes, *, lease: int) -> Any:
-        return self._rpc("Put", etcdrpc.PutRequest(key=to_bytes(key), value=to_bytes(value), lease=lease))
+        return self._txn(success=[ops.put(key, value, lease)])
 
     def delete(self, key: str | bytes) -> None:
-        self._rpc("DeleteRange", etcdrpc.DeleteRangeRequest(key=to_bytes(key)))
+        self._txn(success=[ops.delete(key)])
 
     # -- chords -------------------------------------------------------------------------
     def reset_chord(self, group_id: str) -> None:
         """Forget any earlier run of this chord (a frozen chord applied again reuses its id)."""
-        self._rpc("Txn", etcdrpc.TxnRequest(success=[_delete_op(self.keys.chord(group_id), prefix=True)]))
+        self._txn(success=[ops.delete(self.keys.chord(group_id), prefix=True)])
 
     def set_chord_size(self, group_id: str, size: int, ttl: int | None) -> None:
         self.put(self.keys.chord_size(group_id), str(size).encode(), ttl)
@@ -315,12 +268,11 @@ class ResultStore:
         """One more header task (``Task.add_to_chord``): add 1 to the size, compare-and-put."""
         key = self.keys.chord_size(group_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
-            current = _first_kv(self._rpc("Txn", etcdrpc.TxnRequest(success=[_range_op(key)])).responses[0])
-            size = int(current.value) + 1 if current is not None else 1
-            expected = current.mod_revision if current is not None else 0
-            request = etcdrpc.TxnRequest(compare=[_compare(key, "mod_revision", expected)], success=[
-                _put_op(key, str(size).encode(), self.leases.lease_for(ttl))])
-            if self._rpc("Txn", request).succeeded:
+            kvs = self._get(key).kvs
+            size = int(kvs[0].value) + 1 if kvs else 1
+            expected = kvs[0].mod_revision if kvs else 0
+            if self._txn(compare=[ops.compare(key, "mod_revision", expected)],
+                         success=[ops.put(key, str(size).encode(), self.leases.lease_for(ttl))]).succeeded:
                 return
         raise WriteConflict(f"chord {group_id} size changed {MAX_WRITE_ATTEMPTS} times while we grew it")
 
@@ -333,17 +285,16 @@ class ResultStore:
         response = self._with_lease(ttl, self._count_part, group_id, part)
         if not response.succeeded:
             return None
-        size = _first_kv(response.responses[2])
-        return ChordCount(done=response.responses[1].response_range.count,
+        size = ops.first_kv(response.responses[2])
+        return ChordCount(done=ops.count(response.responses[1]),
                           size=int(size.value) if size is not None else None)
 
     def _count_part(self, group_id: str, part: str, *, lease: int) -> Any:
         part_key = self.keys.chord_part(group_id, part)
-        return self._rpc("Txn", etcdrpc.TxnRequest(
-            compare=[_compare(part_key, "version", 0)],
-            success=[_put_op(part_key, b"", lease),
-                     _range_op(self.keys.chord_parts(group_id), count_only=True, prefix=True),
-                     _range_op(self.keys.chord_size(group_id))]))
+        return self._txn(compare=[ops.compare(part_key, "version", 0)],
+                         success=[ops.put(part_key, b"", lease),
+                                  ops.range_(self.keys.chord_parts(group_id), count_only=True, prefix=True),
+                                  ops.range_(self.keys.chord_size(group_id))])
 
     def delete_chord(self, group_id: str) -> None:
         self.reset_chord(group_id)
@@ -353,9 +304,7 @@ class ResultStore:
         self.put(self.keys.cancel(task_id), b"1", ttl)
 
     def is_cancelled(self, task_id: str) -> bool:
-        response = self._rpc("Range", etcdrpc.RangeRequest(key=to_bytes(self.keys.cancel(task_id)),
-                                                           count_only=True))
-        return response.count > 0
+        return self._get(self.keys.cancel(task_id), count_only=True).count > 0
 
     # -- plumbing -------------------------------------------------------------------------
     def _with_lease(self, ttl: int | None, call: Callable[..., Any], *args: Any) -> Any:
@@ -363,23 +312,25 @@ class ResultStore:
         lease = self.leases.lease_for(ttl)
         try:
             return call(*args, lease=lease)
-        except _LeaseMissing:
+        except ops.LeaseNotFound:
             logger.info("result lease %x is gone; granting a new one", lease)
             self.leases.discard(lease)
             return call(*args, lease=self.leases.lease_for(ttl))
 
-    def _rpc(self, method: str, request: Any) -> Any:
-        client = self.client
-        try:
-            response = getattr(client.kvstub, method)(
-                request, client.timeout, credentials=client.call_credentials, metadata=client.metadata)
-        except grpc.RpcError as exc:
-            if _lease_missing(exc):
-                raise _LeaseMissing() from exc
-            client._manage_grpc_errors(exc)  # raises a CONNECTION_ERRORS member, or exc itself
-            raise
+    def _txn(self, **parts: Any) -> Any:
+        return self._saw(ops.txn(self.client, **parts))
+
+    def _get(self, key: str | bytes, **options: Any) -> Any:
+        return self._saw(ops.get(self.client, key, **options))
+
+    def _saw(self, response: Any) -> Any:
         self.saw_revision(response.header.revision)
         return response
+
+
+def _stored(response_op: Any) -> Stored | None:
+    kv = ops.first_kv(response_op)
+    return Stored.from_kv(kv) if kv is not None else None
 
 
 _registry_lock = threading.RLock()  # store_for -> ResultStore() -> _shared(_leases)

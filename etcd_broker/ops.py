@@ -1,0 +1,141 @@
+"""etcd transactions: the one way this library builds and runs one.
+
+Builders return ``etcd3.etcdrpc`` protobufs (``Compare`` and ``RequestOp``); :func:`txn`
+runs them in one round trip and returns etcd's raw ``TxnResponse``, whose
+``header.revision`` is the revision the transaction ran at. :func:`get` is the same
+for a lone range read. gRPC errors come back as our connection errors
+(``etcd_broker.client.CONNECTION_ERRORS``) or :class:`LeaseNotFound`.
+
+Example::
+
+    from etcd_broker import ops
+    response = ops.txn(client,
+                       compare=[ops.compare(key, "mod_revision", 0)],
+                       success=[ops.put(key, b"value", lease=lease_id)],
+                       failure=[ops.range_(key)])
+    if not response.succeeded:
+        current = ops.first_kv(response.responses[0])
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+from etcd3 import etcdrpc
+from etcd3.utils import prefix_range_end, to_bytes
+
+logger = logging.getLogger(__name__)
+
+#: Compare targets by name: the value compared is the key's mod_revision, version, value...
+TARGETS = {
+    "mod_revision": etcdrpc.Compare.MOD,
+    "create_revision": etcdrpc.Compare.CREATE,
+    "version": etcdrpc.Compare.VERSION,
+    "value": etcdrpc.Compare.VALUE,
+    "lease": etcdrpc.Compare.LEASE,
+}
+EQUAL = etcdrpc.Compare.EQUAL
+NOT_EQUAL = etcdrpc.Compare.NOT_EQUAL
+GREATER = etcdrpc.Compare.GREATER
+LESS = etcdrpc.Compare.LESS
+#: Readable spellings of the compare results (``compare(key, "version", 0, ">")``).
+RESULTS = {"==": EQUAL, "!=": NOT_EQUAL, ">": GREATER, "<": LESS,
+           EQUAL: EQUAL, NOT_EQUAL: NOT_EQUAL, GREATER: GREATER, LESS: LESS}
+
+Key = str | bytes
+
+
+class LeaseNotFound(Exception):
+    """A put named a lease etcd no longer knows (it expired, or etcd lost it): gRPC NOT_FOUND."""
+
+
+# -- builders -------------------------------------------------------------------------
+def compare(key: Key, target: str, value: int | bytes | str, result: str | int = EQUAL) -> etcdrpc.Compare:
+    """``key``'s ``target`` (mod_revision, create_revision, version, value, lease) ``result`` ``value``.
+
+    A missing key has version, mod_revision and create_revision 0: ``compare(key, "version", 0)``
+    means "absent".
+    """
+    if target not in TARGETS:
+        raise ValueError(f"compare target must be one of {sorted(TARGETS)} (got {target!r})")
+    if result not in RESULTS:
+        raise ValueError(f"compare result must be one of '==', '!=', '>', '<' (got {result!r})")
+    if target == "value":
+        value = to_bytes(value)
+    return etcdrpc.Compare(key=to_bytes(key), target=TARGETS[target], result=RESULTS[result], **{target: value})
+
+
+def put(key: Key, value: bytes | str, lease: int = 0, *, prev_kv: bool = False) -> etcdrpc.RequestOp:
+    """Put ``value`` at ``key``, attached to ``lease`` (0: no lease)."""
+    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
+        key=to_bytes(key), value=to_bytes(value), lease=lease, prev_kv=prev_kv))
+
+
+def delete(key: Key, *, prefix: bool = False, prev_kv: bool = False) -> etcdrpc.RequestOp:
+    """Delete ``key`` (or every key starting with it, with ``prefix=True``)."""
+    key = to_bytes(key)
+    request = etcdrpc.DeleteRangeRequest(key=key, prev_kv=prev_kv)
+    if prefix:
+        request.range_end = prefix_range_end(key)
+    return etcdrpc.RequestOp(request_delete_range=request)
+
+
+def range_request(key: Key, *, prefix: bool = False, range_end: Key | None = None, count_only: bool = False,
+                  keys_only: bool = False, limit: int = 0, revision: int = 0) -> etcdrpc.RangeRequest:
+    """A read of ``key``, of every key under it (``prefix``), or of [key, range_end)."""
+    if prefix and range_end is not None:
+        raise ValueError("give prefix=True or range_end, not both")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0: no limit), got {limit}")
+    key = to_bytes(key)
+    request = etcdrpc.RangeRequest(key=key, count_only=count_only, keys_only=keys_only, limit=limit,
+                                   revision=revision)
+    if prefix:
+        request.range_end = prefix_range_end(key)
+    elif range_end is not None:
+        request.range_end = to_bytes(range_end)
+    return request
+
+
+def range_(key: Key, **options: Any) -> etcdrpc.RequestOp:
+    """A range read inside a transaction; options as :func:`range_request`."""
+    return etcdrpc.RequestOp(request_range=range_request(key, **options))
+
+
+# -- reading responses ------------------------------------------------------------------
+def first_kv(response_op: etcdrpc.ResponseOp) -> Any | None:
+    """The first key-value of a range op's response (None: no such key)."""
+    kvs = response_op.response_range.kvs
+    return kvs[0] if kvs else None
+
+
+def count(response_op: etcdrpc.ResponseOp) -> int:
+    """How many keys a (count_only) range op matched."""
+    return response_op.response_range.count
+
+
+# -- running them -----------------------------------------------------------------------
+def txn(client: Any, compare: Iterable[etcdrpc.Compare] = (), success: Iterable[etcdrpc.RequestOp] = (),
+        failure: Iterable[etcdrpc.RequestOp] = ()) -> etcdrpc.TxnResponse:
+    """Run one transaction: if every ``compare`` holds, ``success``, else ``failure``."""
+    request = etcdrpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+    return _call(client, "Txn", request)
+
+
+def get(client: Any, key: Key, **options: Any) -> etcdrpc.RangeResponse:
+    """One range read outside a transaction (``kvs``, ``count``, ``header.revision``)."""
+    return _call(client, "Range", range_request(key, **options))
+
+
+def _call(client: Any, method: str, request: Any) -> Any:
+    """The library's one call site for a KV RPC: deadline, auth metadata, errors mapped."""
+    try:
+        return getattr(client.kvstub, method)(
+            request, client.timeout, credentials=client.call_credentials, metadata=client.metadata)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:  # a KV request's only NOT_FOUND: its lease
+            raise LeaseNotFound(exc.details()) from exc
+        client._manage_grpc_errors(exc)  # raises a CONNECTION_ERRORS member, or exc itself
+        raise

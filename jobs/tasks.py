@@ -91,9 +91,11 @@ def run_model(self: Task, model: str, payload: dict) -> dict:
 
 
 @shared_task(bind=True, name="jobs.tasks.train_model", queue=GPU_QUEUE, acks_late=True)
-def train_model(self: Task, model: str, epochs: int | None = None) -> dict:
-    """Retrain ``model`` into MODEL_DIR (PROGRESS per epoch); returns its model card."""
-    return guarded(self, lambda guard: host().train(model, epochs, on_progress=guard.progress))
+def train_model(self: Task, model: str, epochs: int | None = None, only_missing: bool = False) -> dict:
+    """(Re)train ``model`` into MODEL_DIR (PROGRESS: epoch, metrics, time left); returns its model
+    card. ``only_missing``: a model trained meanwhile is not retrained (``manage.py dev``)."""
+    return guarded(self, lambda guard: host().train(model, epochs, on_progress=guard.progress,
+                                                    only_missing=only_missing))
 
 
 @signals.worker_init.connect

@@ -16,10 +16,16 @@ from ml import artifacts, registry
 from ml.batching import MicroBatcher
 from ml.errors import InvalidInput, ModelUnavailable
 
-if TYPE_CHECKING:  # ml.training imports Keras; this module must not
-    from ml.training import Progress
+from ml.progress import WAITING
+
+if TYPE_CHECKING:
+    from ml.progress import Progress
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between "still waiting" reports (and cancellation checks) of a training that waits
+#: for another one: models train one at a time per process, so the first one is ready soonest.
+TRAIN_WAIT_REPORT_SECONDS = 5.0
 
 
 @dataclass
@@ -42,6 +48,8 @@ class ModelHost:
         self.chunk_chars = chunk_chars  # generated characters per PROGRESS report
         self._models: dict[str, Loaded] = {}
         self._lock = threading.Lock()
+        self._training_lock = threading.Lock()
+        self._training: str | None = None  # the model training now, for waiting reports
 
     def spec(self, name: str) -> registry.ModelSpec:
         if name not in registry.MODELS:
@@ -107,22 +115,47 @@ class ModelHost:
         return {"text": text, **request}
 
     def train(self, name: str, epochs: int | None = None, on_progress: Progress | None = None,
-              verbose: int = 0) -> dict[str, Any]:
-        """Retrain ``name`` into the model directory and swap the warm copy for the new one."""
+              verbose: int = 0, only_missing: bool = False) -> dict[str, Any]:
+        """Retrain ``name`` into the model directory and swap the warm copy for the new one.
+
+        One model trains at a time in this process (a second waits, reporting whom it waits
+        for). ``only_missing``: a model already trained is not retrained; its card is returned.
+        """
         spec = self.spec(name)
         ok, reason = spec.available()
         if not ok:
             raise ModelUnavailable(name, reason)
-        from ml import device
+        self._wait_for_training(on_progress)
+        try:
+            card = spec.card(self.model_dir) if only_missing and spec.is_trained(self.model_dir) else None
+            if card is not None:
+                logger.info("%s is already trained; not retraining", name)
+                return card
+            self._training = name
+            from ml import device
 
-        device.configure()
-        card = importlib.import_module(spec.module).train(self.model_dir, epochs, verbose=verbose,
-                                                          on_progress=on_progress)
+            device.configure()
+            card = importlib.import_module(spec.module).train(self.model_dir, epochs, verbose=verbose,
+                                                              on_progress=on_progress)
+        finally:
+            self._training = None
+            self._training_lock.release()
         with self._lock:
             old = self._models.pop(name, None)
         if old is not None and old.batcher is not None:
             old.batcher.close()
         return card
+
+    def _wait_for_training(self, on_progress: Progress | None) -> None:
+        """Take the training lock; while another model holds it, report whom we wait for (each
+        report is also a cancellation check: a cancelled waiter raises and never trains)."""
+        if self._training_lock.acquire(blocking=False):
+            return
+        while True:
+            if on_progress is not None:
+                on_progress(0.0, {"stage": WAITING, "behind": self._training})
+            if self._training_lock.acquire(timeout=TRAIN_WAIT_REPORT_SECONDS):
+                return
 
     def close(self) -> None:
         with self._lock:

@@ -1,27 +1,29 @@
 """Shared training plumbing: progress reports (and with them cancellation) during ``fit``.
 
 A progress callback ``on_progress(percent, meta)`` is called at every epoch end and every
-few seconds inside an epoch; it may raise ``ml.errors.Cancelled`` to stop within one step.
+few seconds inside an epoch, with the epoch, the running loss/accuracy and the time left
+(``ml.progress.training_meta``); it may raise ``ml.errors.Cancelled`` to stop within one step.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import keras
 
+from ml.progress import Progress, training_meta
+
 logger = logging.getLogger(__name__)
 
-#: A progress hook: (percent 0..100, details) -> None; raising stops the work.
-Progress = Callable[[float, dict[str, Any]], None]
+__all__ = ["MID_EPOCH_REPORT_SECONDS", "Progress", "ProgressCallback", "callbacks", "steps"]
+
 #: Seconds between mid-epoch progress reports (each one is also a cancellation check).
 MID_EPOCH_REPORT_SECONDS = 2.0
 
 
 class ProgressCallback(keras.callbacks.Callback):
-    """Reports percent done to ``on_progress`` per epoch and every few seconds in between."""
+    """Reports percent done, metrics and time left to ``on_progress`` per epoch and every few seconds."""
 
     def __init__(self, on_progress: Progress, epochs: int, steps_per_epoch: int) -> None:
         super().__init__()
@@ -29,22 +31,25 @@ class ProgressCallback(keras.callbacks.Callback):
         self.epochs = epochs
         self.steps = max(steps_per_epoch, 1)
         self.epoch = 0
-        self.last_report = time.monotonic()
+        self.started = self.last_report = time.monotonic()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.started = self.last_report = time.monotonic()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if time.monotonic() - self.last_report >= MID_EPOCH_REPORT_SECONDS:
-            done = (self.epoch + (batch + 1) / self.steps) / self.epochs
-            self._report(done, {"epoch": self.epoch + 1, "epochs": self.epochs})
+            self._report(self.epoch + 1, (self.epoch + (batch + 1) / self.steps) / self.epochs, logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {key: round(float(value), 4) for key, value in (logs or {}).items()}
-        self._report((epoch + 1) / self.epochs, {"epoch": epoch + 1, "epochs": self.epochs, "metrics": metrics})
+        self._report(epoch + 1, (epoch + 1) / self.epochs, logs)
 
-    def _report(self, fraction: float, meta: dict[str, Any]) -> None:
-        self.last_report = time.monotonic()
+    def _report(self, epoch: int, fraction: float, logs: dict | None) -> None:
+        now = time.monotonic()
+        self.last_report = now
+        meta = training_meta(epoch, self.epochs, fraction, now - self.started, dict(logs or {}))
         self.on_progress(round(100.0 * min(fraction, 1.0), 1), meta)
 
 

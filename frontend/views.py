@@ -11,7 +11,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from jobs.validation import describe_model, models
+from jobs.validation import describe_models, models
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ WIDGETS = ("digits", "text", "fashion")
 
 
 def _catalog() -> list[dict]:
-    return [describe_model(spec) for spec in models().values()]
+    return describe_models()
 
 
 @ensure_csrf_cookie
@@ -30,13 +30,13 @@ def home(request: HttpRequest) -> HttpResponse:
 
 @ensure_csrf_cookie
 def model_page(request: HttpRequest, name: str) -> HttpResponse:
-    spec = models().get(name)
-    if spec is None:
+    if name not in models():
         raise Http404(f"no model {name!r}")
-    model = describe_model(spec)
+    catalog = _catalog()
+    model = next(m for m in catalog if m["name"] == name)
     widget = f"frontend/widgets/{name if name in WIDGETS else 'generic'}.html"
     return render(request, "frontend/model.html",
-                  {"model": model, "widget": widget, "models": _catalog(), "nav": name})
+                  {"model": model, "widget": widget, "models": catalog, "nav": name})
 
 
 @ensure_csrf_cookie

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 #: The Celery queue every model request goes to (workers: ``-Q gpu,default``).
 MODEL_QUEUE = "gpu"
+#: Owner key of the jobs that train models (``manage.py dev``, ``train_models --queue``):
+#: no user or session has it, and everyone may watch these jobs (a model page shows them).
+TRAINING_OWNER = "system:training"
 #: Prefix of every API token, so a leaked one is recognisable in logs and scanners.
 TOKEN_PREFIX = "dhw_"
 
@@ -118,6 +121,11 @@ class Job(models.Model):
         return self.status in FINAL_STATUSES
 
     @property
+    def is_training(self) -> bool:
+        """A ``train_model`` job (its ``model`` is the model being trained)."""
+        return self.owner_key == TRAINING_OWNER
+
+    @property
     def duration(self) -> timedelta | None:
         if self.started_at is None:
             return None
@@ -135,6 +143,7 @@ class Job(models.Model):
         data = {
             "id": task,
             "model": self.model,
+            "kind": "train" if self.is_training else "run",
             "status": self.status,
             "progress": self.progress,
             "priority": self.priority,

@@ -213,6 +213,10 @@ def retry(job: Job, sender: Sender | None = None) -> Job:
     if not job.is_final:
         raise RequestRefused(f"job {job.id} is still {job.status}; only finished jobs can be retried",
                              status=409)
+    if job.is_training:
+        from jobs.training import submit_training
+
+        return submit_training(job.model, job.input.get("epochs"), only_missing=False)[0]
     image = _read_file(job)
     payload = rebuild_payload(job.input, image)
     submission = prepare(lookup_model(job.model), payload, job.priority, original=image,

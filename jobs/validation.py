@@ -36,17 +36,20 @@ FILE_MARKER = "$file"
 class RequestRefused(Exception):
     """The request cannot become a job; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, *, field: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, *, field: str | None = None, status: int = 400,
+                 headers: dict[str, str] | None = None, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.status = status
+        self.headers = headers or {}  # e.g. Retry-After on a 503
+        self.details = details or {}  # more JSON for the answer (e.g. the training job)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"error": self.message}
         if self.field:
             data["field"] = self.field
-        return data
+        return {**data, **self.details}
 
 
 @dataclass
@@ -69,10 +72,24 @@ def models() -> dict[str, Any]:
     return MODELS
 
 
-def describe_model(spec: Any) -> dict[str, Any]:
-    """One entry of GET /api/models: the spec, plus whether it can run here and if not, why."""
+def describe_model(spec: Any, active: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One entry of GET /api/models: the spec, whether it can run here and if not, why, and its
+    readiness (``jobs.training.readiness``: state, model card, training job); ``active`` is
+    ``jobs.training.active_training()`` when the caller describes several models."""
+    from jobs import training
+
     ok, reason = spec.available(settings.MODEL_DIR)
-    return {**spec.to_dict(), "available": bool(ok), "unavailable_reason": None if ok else reason}
+    active = training.active_training() if active is None else active
+    return {**spec.to_dict(), "available": bool(ok), "unavailable_reason": None if ok else reason,
+            **training.readiness(spec, active, training.ready_in(active))}
+
+
+def describe_models() -> list[dict[str, Any]]:
+    """Every model, described with one query for the training jobs."""
+    from jobs.training import active_training
+
+    active = active_training()
+    return [describe_model(spec, active) for spec in models().values()]
 
 
 def check_body_size(request: HttpRequest) -> None:
@@ -198,6 +215,9 @@ def lookup_model(name: Any) -> Any:
     ok, reason = spec.available(settings.MODEL_DIR)
     if not ok:
         raise RequestRefused(f"model {name!r} is unavailable: {reason}", field="model", status=503)
+    from jobs.training import refuse_while_training
+
+    refuse_while_training(spec)
     return spec
 
 

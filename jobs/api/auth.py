@@ -21,7 +21,7 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from jobs.models import ApiToken, Job, owner_key_for
+from jobs.models import TRAINING_OWNER, ApiToken, Job, owner_key_for
 from jobs.validation import RequestRefused
 
 logger = logging.getLogger(__name__)
@@ -84,19 +84,23 @@ def client_address(request: HttpRequest) -> str | None:
 
 
 def visible_jobs(request: HttpRequest, *, everyone: bool = False):
-    """Jobs the caller may see: their own; every job for staff (when ``everyone``)."""
+    """Jobs the caller may see: their own and the models' training jobs; every job for staff
+    (when ``everyone``)."""
     if everyone and request.user.is_staff:
         return Job.objects.all()
-    return Job.objects.owned_by(owner_key(request))
+    return Job.objects.filter(owner_key__in=(owner_key(request), TRAINING_OWNER))
 
 
 def get_job(request: HttpRequest, job_id: Any) -> Job:
-    """The job, if the caller owns it or is staff; 404 otherwise (existence is not leaked)."""
+    """The job, if the caller owns it or is staff; 404 otherwise (existence is not leaked).
+    Training jobs are everyone's to read (model pages show them); only staff cancel them."""
     try:
         job = Job.objects.filter(pk=uuid.UUID(str(job_id))).first()
     except ValueError:
         job = None
-    if job is None or not (request.user.is_staff or job.owner_key == owner_key(request)):
+    if job is not None and job.is_training and not request.user.is_staff and request.method not in SAFE_METHODS:
+        raise RequestRefused(f"job {job_id} trains the {job.model} model; only staff may cancel it", status=403)
+    if job is None or not (request.user.is_staff or job.is_training or job.owner_key == owner_key(request)):
         raise RequestRefused(f"no job {job_id} among yours", status=404)
     return job
 
@@ -130,7 +134,7 @@ def api(*methods: str) -> Callable:
                 refused = unreadable_body(exc)
                 return JsonResponse(refused.to_dict(), status=refused.status)
             except RequestRefused as exc:
-                return JsonResponse(exc.to_dict(), status=exc.status)
+                return JsonResponse(exc.to_dict(), status=exc.status, headers=exc.headers)
 
         return wrapper
 

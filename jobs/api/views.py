@@ -16,14 +16,14 @@ from django.http import FileResponse, HttpRequest, JsonResponse
 from jobs import services
 from jobs.api.auth import api, client_address, get_job, owner_key, visible_jobs
 from jobs.models import Status
-from jobs.validation import RequestRefused, describe_model, models, parse_submission
+from jobs.validation import RequestRefused, describe_models, parse_submission
 
 logger = logging.getLogger(__name__)
 
 
 @api("GET")
 def model_list(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"models": [describe_model(spec) for spec in models().values()]})
+    return JsonResponse({"models": describe_models()})
 
 
 @api("GET", "POST")

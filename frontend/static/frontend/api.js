@@ -32,6 +32,7 @@ async function call(method, url, body) {
 export const submitJob = (body) => call("POST", "/api/jobs", body);
 export const cancelJob = (job) => call("DELETE", job.status_url);
 export const listJobs = (url = "/api/jobs") => call("GET", url);
+export const listModels = () => call("GET", "/api/models");
 
 export function errorText(result) {
   const data = result.data || {};

@@ -2,6 +2,7 @@
 import { errorText, listJobs, submitJob } from "./api.js";
 import { DrawingPad } from "./draw.js";
 import { JobView } from "./jobs.js";
+import { homeTraining, modelPageTraining } from "./training.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -158,5 +159,9 @@ async function jobsPage() {
 }
 
 const page = document.body.dataset.page;
-if (page === "model") modelPage();
+if (page === "home") homeTraining(JSON.parse($("#models-data").textContent));
+if (page === "model") {
+  modelPage();
+  modelPageTraining(JSON.parse($("#model-data").textContent));
+}
 if (page === "jobs") jobsPage();

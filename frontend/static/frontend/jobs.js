@@ -1,7 +1,10 @@
 // One job on screen: status, place in line, progress, result; kept live by its event stream.
 import { cancelJob, errorText } from "./api.js";
 
-const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+export const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+// Metrics Keras reports as fractions, shown as percentages (ml/progress.py PERCENT_METRICS).
+const PERCENT_METRICS = new Set(["accuracy", "val_accuracy", "test_accuracy"]);
+const isStaff = document.body.dataset.staff === "1";
 const models = JSON.parse(document.getElementById("models-data")?.textContent || "[]");
 const titles = Object.fromEntries(models.map((m) => [m.name, m.title]));
 
@@ -29,6 +32,41 @@ function aheadText(ahead) {
   if (ahead === 0) return "Next in line";
   if (ahead === 1) return "1 job ahead of yours";
   return `${ahead} jobs ahead of yours`;
+}
+
+export function duration(seconds) {
+  if (seconds == null) return "?";
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 90) return `${s} s`;
+  const minutes = Math.round(s / 60);
+  return minutes < 60 ? `${minutes} min` : `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+}
+
+function metricText(key, value) {
+  return PERCENT_METRICS.has(key) ? `${key} ${(100 * value).toFixed(1)}%` : `${key} ${Number(value).toFixed(4)}`;
+}
+
+// One line of training progress, as ml/progress.py describe() words it for the terminal.
+export function trainingText(partial) {
+  const p = partial || {};
+  if (p.stage === "waiting") return `waiting for ${p.behind || "another model"} to finish training`;
+  if (p.epoch == null) return "starting";
+  const parts = [`epoch ${p.epoch} of ${p.epochs ?? "?"}`];
+  for (const [key, value] of Object.entries(p.metrics || {})) parts.push(metricText(key, value));
+  if (p.eta_seconds != null) parts.push(`about ${duration(p.eta_seconds)} left`);
+  return parts.join(" · ");
+}
+
+// A model card (ml/artifacts.py make_card) as a definition list: held-out numbers, time, data.
+export function renderCard(card, list = el("dl", { class: "facts" })) {
+  const facts = [];
+  for (const [key, value] of Object.entries(card.metrics || {}))
+    facts.push([key.replaceAll("_", " "), PERCENT_METRICS.has(key) ? `${(100 * value).toFixed(1)}%` : String(value)]);
+  facts.push(["training time", `${duration(card.train_seconds)} (${card.epochs} epochs)`]);
+  if (card.trained_at) facts.push(["trained", new Date(card.trained_at).toLocaleString()]);
+  facts.push(["data", card.data_source || ""]);
+  list.replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
+  return list;
 }
 
 function renderBars(top) {
@@ -82,14 +120,17 @@ export function renderResult(job, onSuggestion) {
     return chips;
   }
   if (typeof result.text === "string") return renderText(result.prompt ?? job.input?.prompt, result.text, false);
+  if (job.kind === "train" && result.metrics) return renderCard(result);
   return el("pre", { class: "schema", text: JSON.stringify(result, null, 2) });
 }
 
 export class JobView {
-  constructor(job, { onSuggestion, compact = false } = {}) {
+  // compact: no buttons (inside a link on the home page); onChange(job) after every update.
+  constructor(job, { onSuggestion, compact = false, onChange } = {}) {
     this.job = job;
     this.onSuggestion = onSuggestion;
     this.compact = compact;
+    this.onChange = onChange;
     this.node = el("article", { class: "job", "data-job": job.id });
     this.source = null;
     this.render();
@@ -103,13 +144,14 @@ export class JobView {
 
   thumb() {
     if (job_has_image(this.job)) return el("div", { class: "job-thumb" }, el("img", { src: this.job.input_url, alt: "input" }));
+    if (this.job.kind === "train") return el("div", { class: "job-thumb", text: "⚙", title: "training" });
     return el("div", { class: "job-thumb", text: this.job.model === "text" ? "¶" : "" });
   }
 
   main() {
     const job = this.job;
     const head = el("div", { class: "job-head" },
-      el("span", { class: "job-title", text: titles[job.model] || job.model }),
+      el("span", { class: "job-title", text: (job.kind === "train" ? "Training: " : "") + (titles[job.model] || job.model) }),
       el("span", { class: `status status-${job.status}`, text: this.statusText() }),
       el("span", { class: "job-id", text: job.id.slice(0, 8) }),
       el("span", { class: "job-time", text: ago(job.created_at) }));
@@ -136,12 +178,14 @@ export class JobView {
     const job = this.job;
     if (job.status === "queued" && job.jobs_ahead != null) return aheadText(job.jobs_ahead);
     if (job.status === "queued") return "Waiting for a worker";
+    if (job.status === "running" && job.kind === "train") return trainingText(job.partial);
     if (job.status === "running") return `Running on ${job.worker || "a worker"} · ${job.progress || 0}%`;
     return "";
   }
 
   actions() {
     const box = el("div", { class: "job-actions" });
+    if (this.compact || (this.job.kind === "train" && !isStaff)) return box;
     if (!FINAL.has(this.job.status) && !this.job.cancel_requested)
       box.append(el("button", { type: "button", class: "btn btn-small btn-danger", text: "Cancel",
         "data-action": "cancel", onclick: () => this.cancel() }));
@@ -164,6 +208,7 @@ export class JobView {
     Object.assign(this.job, fields);
     if (FINAL.has(this.job.status)) this.job.jobs_ahead = null;
     this.render();
+    if (this.onChange) this.onChange(this.job);
   }
 
   follow() {

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from ml import artifacts, registry
 from ml.batching import MicroBatcher
 from ml.errors import InvalidInput, ModelUnavailable
-
 from ml.progress import WAITING
 
 if TYPE_CHECKING:

@@ -1,7 +1,9 @@
 """``manage.py dev``: the whole system in one terminal (what ``make run`` calls).
 
-Starts a local etcd, migrates, then runs the Celery worker, the job watcher and
-the web site as child processes, prints the URL, and stops everything on Ctrl-C.
+Starts a local etcd, migrates, then runs the Celery worker, the job watcher and the web
+site as child processes and prints the URL as soon as the site answers. Missing models are
+then trained as ``train_model`` jobs on that worker (``train_models --queue --missing``:
+deduplicated, shown live on the pages and in My jobs). Ctrl-C stops everything.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from django.conf import settings
@@ -24,6 +28,8 @@ STOPPED_CODES = (0, -signal.SIGINT, -signal.SIGTERM)
 DEV_ETCD_PORT = 2379
 #: Worker threads: enough concurrent requests for the micro-batcher to fill batches.
 DEV_WORKER_THREADS = 16
+#: Seconds to wait for the site to answer before printing its URL anyway.
+SITE_START_TIMEOUT = 60.0
 
 
 class Command(BaseCommand):
@@ -40,29 +46,36 @@ class Command(BaseCommand):
         env = {**os.environ, "ETCD_URL": etcd.url, "CELERY_BROKER_URL": etcd.url,
                "CELERY_RESULT_BACKEND": etcd.url, "PYTHONUNBUFFERED": "1"}
         children: list[subprocess.Popen] = []
+        helpers: list[subprocess.Popen] = []  # may finish on their own (the training follower)
         try:
             call_command("migrate", interactive=False, verbosity=0)
             self.stdout.write("database migrated")
-            if not no_train:
-                self.train_missing(env)
             children = [self.spawn(cmd, env) for cmd in self.commands(addr)]
-            self.stdout.write(self.style.SUCCESS(f"\n  deephardway is running: http://{addr}/\n"
+            waited = self.wait_for_site(addr, children)
+            self.stdout.write(self.style.SUCCESS(f"\n  deephardway is running: http://{addr}/   (up in {waited:.0f} s)\n"
                                                  f"  etcd {etcd.url}   Ctrl-C stops everything\n"))
-            self.supervise(children)
+            if not no_train:
+                self.stdout.write("  models not trained yet train now, as jobs on the worker; their pages "
+                                  "show the progress and switch to the model when it is ready\n")
+                helpers.append(self.spawn(self.training_command(), env))
+            self.supervise(children, helpers)
         except KeyboardInterrupt:
             pass
         finally:
             self.stdout.write("stopping...")
-            for child in children:
-                if child.poll() is None:
-                    child.send_signal(signal.SIGTERM)
-            for child in children:
-                try:
-                    child.wait(20)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            self.stop(helpers + children)
             etcd.stop()
             self.stdout.write("stopped")
+
+    def stop(self, processes: list[subprocess.Popen]) -> None:
+        for child in processes:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in processes:
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
     def start_etcd(self) -> EtcdServer:
         data_dir = Path(settings.VAR_DIR) / "etcd"
@@ -79,11 +92,23 @@ class Command(BaseCommand):
         self.stdout.write(f"etcd serving {server.url}")
         return server
 
-    def train_missing(self, env: dict[str, str]) -> None:
-        from django.core.management import get_commands
+    def training_command(self) -> list[str]:
+        """Missing models as train_model jobs on the worker, followed in this terminal."""
+        return [sys.executable, "manage.py", "train_models", "--queue", "--missing"]
 
-        if "train_models" in get_commands():
-            subprocess.run([sys.executable, "manage.py", "train_models", "--missing"], env=env, check=False)
+    def wait_for_site(self, addr: str, children: list[subprocess.Popen]) -> float:
+        """Seconds until the site answered (a child that dies meanwhile is an error)."""
+        started = time.monotonic()
+        while time.monotonic() - started < SITE_START_TIMEOUT:
+            self.check_children(children)
+            try:
+                with urllib.request.urlopen(f"http://{addr}/healthz", timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers (a 503 names what is not up yet; the page still serves)
+            except OSError:
+                time.sleep(0.3)
+        return time.monotonic() - started
 
     def commands(self, addr: str) -> list[list[str]]:
         from django.core.management import get_commands
@@ -101,14 +126,25 @@ class Command(BaseCommand):
     def spawn(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
         return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR)
 
-    def supervise(self, children: list[subprocess.Popen]) -> None:
+    def supervise(self, children: list[subprocess.Popen], helpers: list[subprocess.Popen]) -> None:
         stop: list[int] = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         while not stop:
-            for child in children:
-                if child.poll() is None:
-                    continue
-                if child.returncode in STOPPED_CODES:
-                    return  # Ctrl-C reached the children first: a normal stop
-                raise CommandError(f"{' '.join(child.args[:4])} exited with {child.returncode}")
+            if self.check_children(children):
+                return  # Ctrl-C reached the children first: a normal stop
+            for helper in [h for h in helpers if h.poll() is not None]:
+                helpers.remove(helper)
+                if helper.returncode not in STOPPED_CODES:
+                    self.stderr.write(f"{' '.join(helper.args[1:4])} exited with {helper.returncode}; "
+                                      "the site goes on")
             time.sleep(0.5)
+
+    def check_children(self, children: list[subprocess.Popen]) -> bool:
+        """True when a child stopped normally (Ctrl-C); CommandError when one failed."""
+        for child in children:
+            if child.poll() is None:
+                continue
+            if child.returncode in STOPPED_CODES:
+                return True
+            raise CommandError(f"{' '.join(child.args[:4])} exited with {child.returncode}")
+        return False

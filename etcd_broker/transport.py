@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import deque
 from functools import partial
@@ -64,6 +65,8 @@ CLAIM_BATCH = 32
 CLAIM_BATCH_BYTES = 1_048_576
 #: An idle consumer re-checks its queues this often even without a watch event (safety net only).
 SAFETY_RECHECK_SECONDS = 30.0
+#: Most messages delivered per event-loop wake-up before the hub serves its other fds again.
+DELIVERIES_PER_WAKE = 64
 ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
 
 
@@ -72,37 +75,35 @@ class MessageTooLarge(ValueError):
 
 
 class QoS(virtual.QoS):
-    """Acks delete the claimed key; requeue moves it back to its place in line."""
+    """Acks delete the claimed key; requeue moves it back to its place in line.
+
+    Only kombu's public QoS API is used (``get``, ``ack``, ``reject``); a requeue
+    goes through :meth:`Channel._restore`, the hook kombu's ``restore_unacked`` calls.
+    """
 
     def ack(self, delivery_tag):
-        message = self._delivered.get(delivery_tag)
-        if message is not None:
-            self.channel._forget(message)
+        self._forget(delivery_tag)
         super().ack(delivery_tag)
         self._wake()
 
     def reject(self, delivery_tag, requeue=False):
-        message = self._delivered.get(delivery_tag)
-        if message is not None:
-            if requeue:
-                self.channel._requeue(message)
-            else:
-                self.channel._forget(message)
-        self._quick_ack(delivery_tag)
+        if not requeue:
+            self._forget(delivery_tag)
+        super().reject(delivery_tag, requeue=requeue)  # requeue=True -> Channel._restore
         self._wake()
 
+    def _forget(self, delivery_tag) -> None:
+        try:
+            message = self.get(delivery_tag)
+        except KeyError:  # acked twice, or given back by a reset
+            return
+        self.channel._forget(message)
+
     def _wake(self) -> None:
+        """A slot may have freed: let the event loop (or drain_events) claim again."""
         connection = self.channel.connection
         if connection is not None:  # None once the channel is closed (a reset requeued what it held)
             connection.wake()
-
-    def restore_unacked(self):
-        """Requeue what we hold; what cannot be written now the lease gives back later."""
-        self._flush()
-        while self._delivered:
-            _, message = self._delivered.popitem()
-            self.channel._requeue_or_later(message)
-        return []
 
 
 class Channel(virtual.Channel):
@@ -261,6 +262,10 @@ class Channel(virtual.Channel):
         if key:
             self.lease.delete_later(key)
 
+    def _restore(self, message) -> None:
+        """kombu's hook for a requeue (``reject(requeue=True)``, ``restore_unacked`` at close)."""
+        self._requeue_or_later(message)
+
     def _requeue_or_later(self, message) -> None:
         """Requeue now; if etcd is unreachable, the lease's sweeper does it once etcd answers."""
         try:
@@ -297,6 +302,11 @@ class Channel(virtual.Channel):
                 self._auto_delete.discard(queue)
                 self.queue_delete(queue)
         return result
+
+    def basic_qos(self, prefetch_size=0, prefetch_count=0, apply_global=False):
+        """A larger prefetch count frees room: the event loop may claim again at once."""
+        super().basic_qos(prefetch_size, prefetch_count, apply_global)
+        self.connection.wake()
 
     def basic_get(self, queue, no_ack=False, **kwargs):
         """Take exactly one message (no batch claimed ahead for a synchronous get)."""
@@ -376,7 +386,7 @@ class Transport(virtual.Transport):
     polling_interval = None
 
     implements = virtual.Transport.implements.extend(
-        asynchronous=False,
+        asynchronous=True,
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
@@ -394,8 +404,12 @@ class Transport(virtual.Transport):
         self.sequence = Sequence()
         self.declared: set[str] = set()
         self._exchange_types: dict[str, str] = {}
-        self._wakeup = threading.Event()
+        self._wakeup = threading.Event()  # drain_events waits on this (no event loop)
         self._wakeup.set()
+        self._pipe: tuple[int, int] | None = None  # (read, write): the event loop's wake-up fd
+        self._wake_pending = threading.Event()  # a byte is in the pipe; no need to write another
+        self._loop = None
+        self._recheck_timer = None  # the hub's safety-net timer entry
         self._watch_stream: WatchStream | None = None
         self._bindings: BindingTable | None = None
         self._queue_watches: dict[str, list] = {}
@@ -423,6 +437,7 @@ class Transport(virtual.Transport):
 
     def close_connection(self, connection):
         super().close_connection(connection)
+        self._close_pipe()
         if self._watch_stream is not None:
             self._watch_stream.close()
             self._watch_stream = None
@@ -485,7 +500,7 @@ class Transport(virtual.Transport):
                     hints.extend((e.kv.key, e.kv.value, e.kv.mod_revision) for e in events)
                 else:
                     self._hints[queue] = None
-        self._wakeup.set()
+        self.wake()
 
     def after_read(self, queue: str, revision: int, drained: bool) -> None:
         """After a range read at ``revision``: if it saw the whole queue, new messages come by watch."""
@@ -507,7 +522,7 @@ class Transport(virtual.Transport):
         with self._watch_lock:
             self._read_revision.clear()
             self._forgotten_at = monotonic()
-        self._wakeup.set()
+        self.wake()
 
     def take_hints(self, queue: str) -> list | None:
         """Messages seen arriving on a queue known to be empty: claimable without a range read."""
@@ -518,8 +533,64 @@ class Transport(virtual.Transport):
             self._hints[queue] = []
         return sorted(hints)
 
+    # -- delivery: kombu's event loop (celery worker) or drain_events (plain kombu) ------
     def wake(self) -> None:
+        """Something may be claimable (a put seen by the watch, an ack, more prefetch room)."""
         self._wakeup.set()
+        pipe = self._pipe
+        if pipe is not None and not self._wake_pending.is_set():
+            self._wake_pending.set()
+            try:
+                os.write(pipe[1], b"!")
+            except (BlockingIOError, OSError):  # full (a wake is pending anyway) or closed
+                pass
+
+    def register_with_event_loop(self, connection, loop):
+        """Join the worker's hub: the watch thread, acks and timers wake it through a pipe."""
+        if self._pipe is None:
+            self._pipe = os.pipe()
+            for fd in self._pipe:
+                os.set_blocking(fd, False)
+        self._loop = loop
+        loop.add_reader(self._pipe[0], self.on_readable, self._pipe[0])
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
+        self._recheck_timer = loop.call_repeatedly(SAFETY_RECHECK_SECONDS, self.forget_reads)
+        self._wake_pending.clear()
+        self.wake()  # claim what waited before we joined
+
+    def unregister_from_event_loop(self, connection, loop):
+        if self._pipe is not None:
+            loop.remove_reader(self._pipe[0])
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
+            self._recheck_timer = None
+        self._loop = None
+
+    def on_readable(self, fileno):
+        """The hub saw a wake-up: deliver what our channels have room for, then return to the hub."""
+        try:
+            while os.read(fileno, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._wake_pending.clear()  # after draining: a wake from now on writes a new byte
+        for _ in range(DELIVERIES_PER_WAKE):
+            try:
+                self.cycle.get(self.dispatch)
+            except Empty:
+                return
+        self.wake()  # more may be waiting: come back after the hub has served its other fds
+
+    def dispatch(self, message: dict, queue: str) -> None:
+        """Hand a claimed message to the queue's consumer; without one, give it back to the queue."""
+        if queue not in self._queue_watches:  # its consumer was cancelled after the claim
+            key = message["properties"]["delivery_info"].get("etcd_key")
+            logger.info("no consumer for queue %r any more; message %s requeued", queue, key)
+            if key:
+                self.lease.requeue_later(key)
+            return
+        self.on_message_ready(None, message, queue)
 
     def drain_events(self, connection, timeout=None):
         """Deliver one message; wait on the watch-fed event, never a sleep loop."""
@@ -530,7 +601,7 @@ class Transport(virtual.Transport):
             if self._wakeup.is_set():
                 self._wakeup.clear()
                 try:
-                    result = self.cycle.get(self._deliver, timeout=timeout)
+                    result = self.cycle.get(self.dispatch, timeout=timeout)
                 except Empty:
                     pass
                 else:
@@ -540,6 +611,15 @@ class Transport(virtual.Transport):
             if remaining <= 0:
                 raise TimeoutError()
             self._wakeup.wait(min(remaining, SAFETY_RECHECK_SECONDS))
+
+    def _close_pipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is None:
+            return
+        if self._loop is not None:
+            self.unregister_from_event_loop(None, self._loop)
+        for fd in pipe:
+            os.close(fd)
 
 
 class _LeaseHandle:

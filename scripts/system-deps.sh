@@ -2,7 +2,8 @@
 # Install the Debian packages a step needs, when we are root and they are missing.
 # base:  python3-venv (Debian's python lacks ensurepip without it)
 # run:   dataset-fashion-mnist (the fashion model's training data)
-# test:  chromium (browser tests), dataset-fashion-mnist
+# test:  chromium (browser tests), dataset-fashion-mnist, postgresql (the tests start their own
+#        server from its binaries in a temporary directory: no cluster, no service)
 # bench: redis-server (the comparison broker and result backend)
 set -euo pipefail
 step="${1:-base}"
@@ -16,7 +17,8 @@ case "$step" in
     [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist) ;;
   test)
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
-    [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist) ;;
+    [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql) ;;
   bench)
     command -v redis-server >/dev/null 2>&1 || need+=(redis-server) ;;
 esac
@@ -29,5 +31,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "==> apt-get install ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
+if [[ " ${need[*]} " == *" postgresql "* ]]; then
+  # Only the binaries are wanted: no "main" cluster, so no system service starts on port 5432.
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/deephardway-no-main.conf
+fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,5 +1,6 @@
 """The site flooded: many clients submit as fast as the caps allow, cancel to make room, hold event
-streams, while a probe asks GET /healthz every 100 ms. Real gunicorn (gthread), real etcd, SQLite.
+streams, while a probe asks GET /healthz every 100 ms. Real gunicorn (gthread), real etcd, and a
+real PostgreSQL (tests/postgres.py), so the caps' per-owner advisory locks are what is exercised.
 
 Claims (what a user or an operator would notice): the health check always answers 200 (within a
 generous liveness bound, not a speed claim), no request gets a 5xx or a broken connection, no
@@ -7,7 +8,8 @@ owner ever has more than JOBS_MAX_QUEUED_PER_OWNER jobs waiting nor one address 
 JOBS_MAX_QUEUED_PER_ADDRESS anonymous ones, and every 202 is exactly one Job row and one task in
 etcd. The summary table (shown without ``-s``) is recorded in docs/reliability.md.
 
-``FLOOD_DATABASE_URL=postgres://...`` (a fresh, empty database) runs it on PostgreSQL instead of SQLite.
+``FLOOD_DATABASE_URL=sqlite`` runs it on a fresh SQLite file instead (the write lock taken at BEGIN is
+then what holds the caps); ``FLOOD_DATABASE_URL=postgres://...`` on a fresh, empty database of yours.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from benchmarks.common import percentile
 from etcd_broker.client import get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.stats import queue_stats
+from tests import postgres
 from tests.helpers import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ REQUEST_TIMEOUT = 30.0
 OWNER_CAP, ADDRESS_CAP = 5, 20
 #: The end of a chunked response: an event stream that ended (keep-alive leaves the socket open).
 LAST_CHUNK = b"\r\n0\r\n\r\n"
-#: Environment variable naming a fresh PostgreSQL database to flood instead of a new SQLite file.
+#: Environment variable: ``sqlite`` (a new SQLite file) or the URL of a fresh, empty database to flood
+#: instead of a new database on the tests' PostgreSQL.
 DATABASE_VARIABLE = "FLOOD_DATABASE_URL"
 #: As docs/api.md recommends; a short graceful timeout, since a stream whose client left holds its
 #: thread until the next heartbeat (15 s) and the test need not wait for that at shutdown.
@@ -107,7 +111,9 @@ def make_tokens(env: dict[str, str], count: int) -> list[str]:
 def site(etcd_server, etcd_prefix, tmp_path):
     """A fresh database and the site under gunicorn gthread, with the default caps."""
     workdir = str(tmp_path)
-    database = os.environ.get(DATABASE_VARIABLE) or f"sqlite:///{workdir}/flood.sqlite3"
+    database = os.environ.get(DATABASE_VARIABLE) or postgres.fresh_database("flood")
+    if database == "sqlite":
+        database = f"sqlite:///{workdir}/flood.sqlite3"
     env = {**site_env(etcd_server, workdir), "ETCD_PREFIX": etcd_prefix, "DATABASE_URL": database,
            "JOBS_MAX_QUEUED_PER_OWNER": str(OWNER_CAP), "JOBS_MAX_QUEUED_PER_ADDRESS": str(ADDRESS_CAP)}
     subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=REPO_ROOT, env=env, check=True)

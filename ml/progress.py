@@ -21,21 +21,23 @@ PERCENT_METRICS = ("accuracy", "val_accuracy", "test_accuracy")
 WAITING, TRAINING = "waiting", "training"
 
 
-def training_meta(epoch: int, epochs: int, fraction: float, elapsed: float,
+def training_meta(epoch: int, epochs: int, elapsed: float, eta_seconds: float | None,
                   metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The PROGRESS meta for ``fraction`` (0..1) of the work done after ``elapsed`` seconds."""
+    """The PROGRESS meta of a training at ``epoch`` of ``epochs``, ``elapsed`` seconds in."""
     meta: dict[str, Any] = {"stage": TRAINING, "epoch": epoch, "epochs": epochs,
-                            "elapsed_seconds": round(elapsed, 1), "eta_seconds": eta(fraction, elapsed)}
+                            "elapsed_seconds": round(elapsed, 1), "eta_seconds": eta_seconds}
     if metrics:
         meta["metrics"] = {key: round(float(value), 4) for key, value in metrics.items()}
     return meta
 
 
-def eta(fraction: float, elapsed: float) -> float | None:
-    """Seconds left at the pace so far; None before anything is done."""
-    if fraction <= 0:
+def eta(fraction: float, seconds: float, since_fraction: float = 0.0) -> float | None:
+    """Seconds left at the pace of the last ``seconds``, in which the work went from
+    ``since_fraction`` to ``fraction`` (0..1) done; None before there is a pace."""
+    if fraction <= since_fraction:
         return None
-    return round(max(0.0, elapsed * (1.0 - min(fraction, 1.0)) / fraction), 1)
+    pace = seconds / (fraction - since_fraction)
+    return round(max(0.0, pace * (1.0 - min(fraction, 1.0))), 1)
 
 
 def duration(seconds: float | None) -> str:

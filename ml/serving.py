@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -47,7 +48,8 @@ class ModelHost:
         self.chunk_chars = chunk_chars  # generated characters per PROGRESS report
         self._models: dict[str, Loaded] = {}
         self._lock = threading.Lock()
-        self._training_lock = threading.Lock()
+        self._turns = threading.Condition()  # one training at a time, first come first served
+        self._waiting: deque[object] = deque()  # a token per training waiting for its turn
         self._training: str | None = None  # the model training now, for waiting reports
 
     def spec(self, name: str) -> registry.ModelSpec:
@@ -124,37 +126,45 @@ class ModelHost:
         ok, reason = spec.available()
         if not ok:
             raise ModelUnavailable(name, reason)
-        self._wait_for_training(on_progress)
+        self._take_turn(name, on_progress)
         try:
             card = spec.card(self.model_dir) if only_missing and spec.is_trained(self.model_dir) else None
             if card is not None:
                 logger.info("%s is already trained; not retraining", name)
                 return card
-            self._training = name
             from ml import device
 
             device.configure()
             card = importlib.import_module(spec.module).train(self.model_dir, epochs, verbose=verbose,
                                                               on_progress=on_progress)
         finally:
-            self._training = None
-            self._training_lock.release()
+            with self._turns:
+                self._training = None
+                self._turns.notify_all()
         with self._lock:
             old = self._models.pop(name, None)
         if old is not None and old.batcher is not None:
             old.batcher.close()
         return card
 
-    def _wait_for_training(self, on_progress: Progress | None) -> None:
-        """Take the training lock; while another model holds it, report whom we wait for (each
-        report is also a cancellation check: a cancelled waiter raises and never trains)."""
-        if self._training_lock.acquire(blocking=False):
-            return
-        while True:
-            if on_progress is not None:
-                on_progress(0.0, {"stage": WAITING, "behind": self._training})
-            if self._training_lock.acquire(timeout=TRAIN_WAIT_REPORT_SECONDS):
-                return
+    def _take_turn(self, name: str, on_progress: Progress | None) -> None:
+        """Wait until no model trains and every training that asked before us has had its turn,
+        reporting whom we wait for (each report is also a cancellation check: a cancelled
+        waiter raises here, leaves the line and never trains)."""
+        token = object()
+        with self._turns:
+            self._waiting.append(token)
+            try:
+                while self._training is not None or self._waiting[0] is not token:
+                    if on_progress is not None:
+                        on_progress(0.0, {"stage": WAITING, "behind": self._training or "another model"})
+                    self._turns.wait(TRAIN_WAIT_REPORT_SECONDS)
+            except BaseException:
+                self._waiting.remove(token)
+                self._turns.notify_all()
+                raise
+            self._waiting.popleft()
+            self._training = name
 
     def close(self) -> None:
         with self._lock:

@@ -11,7 +11,7 @@ import time
 
 import keras
 
-from ml.progress import Progress, training_meta
+from ml.progress import Progress, eta, training_meta
 
 logger = logging.getLogger(__name__)
 
@@ -31,24 +31,32 @@ class ProgressCallback(keras.callbacks.Callback):
         self.steps = max(steps_per_epoch, 1)
         self.epoch = 0
         self.started = self.last_report = time.monotonic()
+        # (time, fraction) after the first step: the pace behind "time left" leaves out the
+        # start-up and graph tracing, which would make the first estimates far too long.
+        self.pace_from: tuple[float, float] | None = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.started = self.last_report = time.monotonic()
+        self.pace_from = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        fraction = (self.epoch + (batch + 1) / self.steps) / self.epochs
+        if self.pace_from is None:
+            self.pace_from = (time.monotonic(), fraction)
         if time.monotonic() - self.last_report >= MID_EPOCH_REPORT_SECONDS:
-            self._report(self.epoch + 1, (self.epoch + (batch + 1) / self.steps) / self.epochs, logs)
+            self._report(self.epoch + 1, fraction, logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._report(epoch + 1, (epoch + 1) / self.epochs, logs)
 
     def _report(self, epoch: int, fraction: float, logs: dict | None) -> None:
-        now = time.monotonic()
-        self.last_report = now
-        meta = training_meta(epoch, self.epochs, fraction, now - self.started, dict(logs or {}))
+        now = self.last_report = time.monotonic()
+        since, since_fraction = self.pace_from or (now, fraction)
+        meta = training_meta(epoch, self.epochs, now - self.started, eta(fraction, now - since, since_fraction),
+                             dict(logs or {}))
         self.on_progress(round(100.0 * min(fraction, 1.0), 1), meta)
 
 

@@ -56,9 +56,14 @@ class Command(BaseCommand):
         parser.add_argument("--model-dir", type=Path, help="output directory (default: settings.MODEL_DIR)")
         parser.add_argument("--queue", action="store_true",
                             help="submit train_model jobs to the workers (as `make run` does) and follow them")
+        parser.add_argument("--worker-wait", type=float, default=WORKER_WAIT_SECONDS,
+                            help="--queue: seconds to wait for a worker before submitting anyway "
+                                 f"(default {WORKER_WAIT_SECONDS:.0f})")
+        parser.add_argument("--no-follow", action="store_true", help="--queue: submit and return")
 
     def handle(self, *args: Any, models: list[str] | None, epochs: int | None, missing: bool,
-               model_dir: Path | None, queue: bool, verbosity: int, **options: Any) -> None:
+               model_dir: Path | None, queue: bool, worker_wait: float, no_follow: bool, verbosity: int,
+               **options: Any) -> None:
         if epochs is not None and epochs < 1:
             raise CommandError("--epochs must be at least 1")
         if queue and model_dir is not None:
@@ -70,7 +75,8 @@ class Command(BaseCommand):
             self.stdout.write(f"all models are trained ({model_dir})")
             return
         if queue:
-            failed = self.train_queued(todo, epochs, missing)
+            self.wait_for_worker(worker_wait)
+            failed = self.train_queued(todo, epochs, missing, follow=not no_follow)
         else:
             failed = [name for name in todo if not self.train_one(name, model_dir, epochs, verbosity)]
         if failed and models:
@@ -96,12 +102,11 @@ class Command(BaseCommand):
         return True
 
     # -- --queue: the same training as jobs on the workers -------------------------------
-    def train_queued(self, names: list[str], epochs: int | None, only_missing: bool) -> list[str]:
+    def train_queued(self, names: list[str], epochs: int | None, only_missing: bool, follow: bool) -> list[str]:
         """Submit one deduplicated training job per model, then follow them in order."""
         from jobs.training import submit_training
         from jobs.validation import RequestRefused
 
-        self.wait_for_worker()
         jobs, failed = [], []
         for name in names:
             ok, reason = registry.MODELS[name].available()
@@ -118,22 +123,24 @@ class Command(BaseCommand):
                 continue
             self.stdout.write(f"{name}: training job {job.id} {'queued' if created else 'already queued'}")
             jobs.append(job)
-        return failed + [job.model for job in jobs if not self.follow(job)]
+        return failed + [job.model for job in jobs if follow and not self.follow(job)]
 
-    def wait_for_worker(self) -> None:
+    def wait_for_worker(self, seconds: float) -> None:
         """Wait until a worker consumes the gpu queue, so training starts as it is queued."""
         from deephardway_site.celery import app
         from jobs.management.commands.queues import broker_report
         from jobs.tasks import GPU_QUEUE
 
-        deadline = time.monotonic() + WORKER_WAIT_SECONDS
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + seconds
+        while True:
             try:
                 _queues, consumers = broker_report(app)
             except Exception:  # noqa: BLE001 - etcd may still be starting: ask again
                 consumers = []
             if any(GPU_QUEUE in c.get("queues", [GPU_QUEUE]) for c in consumers):
                 return
+            if time.monotonic() >= deadline:
+                break
             time.sleep(1.0)
         self.stderr.write(self.style.WARNING(f"no worker consumes the {GPU_QUEUE} queue yet; "
                                              "the training jobs wait there for one"))

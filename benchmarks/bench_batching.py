@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,10 @@ CLIENTS = (1, 8, 64)
 RAW_BATCHES = (1, 8, 64)
 #: Seconds of unmeasured traffic before each round (tracing, thread start-up).
 WARMUP_SECONDS = 0.5
+#: Where untrained models get a quick timing-only training, kept for the next run.
+QUICK_MODEL_DIR = REPO_ROOT / "var" / "bench-models"
+#: Training examples of a quick model (1 epoch): seconds, not minutes.
+QUICK_EXAMPLES = 2000
 
 
 def payloads(name: str, count: int) -> list[dict]:
@@ -38,15 +41,24 @@ def payloads(name: str, count: int) -> list[dict]:
 
 
 def model_dir_for(name: str, model_dir: Path) -> Path:
-    """The trained model if there is one; otherwise a 1-epoch model (speed does not depend on weights)."""
+    """The trained model if there is one; otherwise a 1-epoch model on 2,000 examples, trained once
+    into ``QUICK_MODEL_DIR`` and reused (speed does not depend on the weights)."""
     if artifacts.is_trained(model_dir, name):
         return model_dir
-    scratch = Path(tempfile.mkdtemp(prefix="bench-models-"))
-    progress(f"{name} is not trained in {model_dir}; training 1 epoch into {scratch} for timing only")
-    import importlib
+    if not artifacts.is_trained(QUICK_MODEL_DIR, name):
+        progress(f"{name} is not trained in {model_dir}; training 1 epoch into {QUICK_MODEL_DIR} for timing only")
+        import importlib
 
-    importlib.import_module(f"ml.{name}").train(scratch, epochs=1, limit=2000)
-    return scratch
+        importlib.import_module(f"ml.{name}").train(QUICK_MODEL_DIR, epochs=1, limit=QUICK_EXAMPLES)
+    return QUICK_MODEL_DIR
+
+
+def describe_model(name: str, model_dir: Path) -> str:
+    """Which model a benchmark ran: where from, epochs, training examples, held-out accuracy."""
+    card = artifacts.read_card(model_dir, name) or {}
+    accuracy = card.get("metrics", {}).get("test_accuracy", float("nan"))
+    return (f"{name}: {model_dir / (name + '.keras')}, {card.get('epochs', '?')} epoch(s) on "
+            f"{card.get('train_examples', '?')} examples, held-out accuracy {accuracy:.2f}")
 
 
 def drive(call, work: list[dict], clients: int, seconds: float) -> tuple[float, list[float]]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import redis
 
-from benchmarks.common import RedisServer, print_table, progress, start_worker, stop_worker
+from benchmarks.common import RedisServer, print_table, process_cpu, progress, start_worker, stop_worker
 from etcd_broker.membership import close_all_leases
 from scripts.etcd_server import EtcdServer, cluster_url, start_cluster
 
@@ -34,7 +34,6 @@ WORKER_THREADS = 8
 IDLE_QUEUE = "bench-idle"
 #: A gain under this (e.g. 1.2 = +20%) from doubling the workers counts as "flattened".
 FLAT_GAIN = 1.2
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -49,13 +48,6 @@ class Sample:
     proposals: float
     fsyncs: float
     fsync_seconds: float
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) process ``pid`` has used."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def machine_cpu() -> tuple[int, int]:

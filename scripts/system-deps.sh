@@ -4,7 +4,8 @@
 # run:   dataset-fashion-mnist (the fashion model's training data)
 # test:  chromium (browser tests), dataset-fashion-mnist, postgresql (the tests start their own
 #        server from its binaries in a temporary directory: no cluster, no service)
-# bench: redis-server (the comparison broker and result backend)
+# bench: redis-server, rabbitmq-server (the comparison brokers and result backend; bench_main starts
+#        its own throw-away nodes, never the system services)
 set -euo pipefail
 step="${1:-base}"
 PYTHON="${PYTHON:-python3.11}"
@@ -20,7 +21,8 @@ case "$step" in
     [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql) ;;
   bench)
-    command -v redis-server >/dev/null 2>&1 || need+=(redis-server) ;;
+    command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server) ;;
 esac
 [ ${#need[@]} -eq 0 ] && exit 0
 

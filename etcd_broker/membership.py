@@ -18,8 +18,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from etcd3 import transactions as tx
-
+from etcd_broker import ops
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
 from etcd_broker.keys import KeySpace, range_end
 from etcd_broker.watch import EVENT_DELETE, WatchStream
@@ -32,6 +31,9 @@ DEFAULT_LEASE_TTL = 10
 ACK_BATCH = 100
 #: Full sweep of every declared queue this often, besides the sweeps that lease expiry triggers.
 SAFETY_SWEEP_SECONDS = 30.0
+#: A lease keepalive unanswered this long means etcd is unreachable now (the RPC deadline is longer):
+#: closing then skips every etcd call and leaves the lease to expire, which hands our messages back.
+PROBE_SECONDS = 1.0
 
 
 class ConsumerLease:
@@ -52,6 +54,8 @@ class ConsumerLease:
         self._closed = threading.Event()
         self._watch_stream: WatchStream | None = None
         self._threads: list[threading.Thread] = []
+        self._answered_at = 0.0  # monotonic time of the last keepalive etcd answered
+        self._failing = False  # the last keepalive (or probe) failed or went unanswered
 
     # -- lifecycle ------------------------------------------------------------
     def ensure(self) -> int:
@@ -93,19 +97,50 @@ class ConsumerLease:
         self._sweep_now.set()
 
     def close(self, revoke: bool = True, ack_timeout: float = 10.0) -> None:
-        """Write pending acks, stop the threads; revoking the lease hands the rest back at once."""
-        self.flush_acks(ack_timeout)
+        """Write pending acks, stop the threads; revoking the lease hands the rest back at once.
+
+        With etcd unreachable nothing is tried (each call would wait out its deadline): the
+        lease expires within its TTL and live consumers put what we held back in line.
+        """
+        reachable = self.reachable()
+        if reachable:
+            self.flush_acks(ack_timeout)
         self._closed.set()
         self._sweep_now.set()
         if self._watch_stream is not None:
             self._watch_stream.close()
         with self._lock:
-            if revoke and self.lease_id is not None:
+            if self.lease_id is not None and (self._pending_deletes or not reachable):
+                logger.warning("etcd unreachable at close: %d ack(s) not written; lease %016x expires within %ss "
+                               "and what it holds goes back to the queue", len(self._pending_deletes),
+                               self.lease_id, self.ttl)
+            elif revoke and self.lease_id is not None:
                 try:
                     self.client.revoke_lease(self.lease_id)
                 except CONNECTION_ERRORS:
                     logger.info("could not revoke lease %016x; it expires in %ss", self.lease_id, self.ttl)
             self.lease_id = None
+
+    def reachable(self) -> bool:
+        """Does etcd answer now? A recent keepalive says so; else a keepalive gets PROBE_SECONDS."""
+        if self._failing:
+            return False
+        if time.monotonic() - self._answered_at < PROBE_SECONDS:
+            return True
+        answered = threading.Event()
+        threading.Thread(target=self._probe, args=(answered,), name="etcd-lease-probe", daemon=True).start()
+        if answered.wait(PROBE_SECONDS):
+            return True
+        self._failing = True  # until a keepalive is answered again
+        return False
+
+    def _probe(self, answered: threading.Event) -> None:
+        try:
+            self._refresh()
+        except CONNECTION_ERRORS:
+            self._failing = True
+        else:
+            answered.set()
 
     # -- keepalive ------------------------------------------------------------
     def _keepalive_loop(self) -> None:
@@ -114,9 +149,14 @@ class ConsumerLease:
             try:
                 self._refresh()
             except CONNECTION_ERRORS as exc:
-                logger.warning("lease keepalive failed (%s); retrying", type(exc).__name__)
+                log = logger.debug if self._failing else logger.warning  # once per outage
+                log("lease keepalive failed (%s); retrying every 0.5s", type(exc).__name__)
+                self._failing = True
                 interval = 0.5
             else:
+                if self._failing:
+                    logger.info("lease keepalive answered again")
+                    self._failing = False
                 interval = max(self.ttl / 3.0, 0.5)
 
     def _refresh(self) -> None:
@@ -125,6 +165,7 @@ class ConsumerLease:
         if lease_id is None:
             return
         responses = list(self.client.refresh_lease(lease_id))
+        self._answered_at = time.monotonic()
         if responses and responses[-1].TTL > 0:
             return
         self.lost(lease_id)
@@ -144,11 +185,8 @@ class ConsumerLease:
             for value, meta in self.client.get_prefix(self.keys.unacked(queue, old)):
                 key = meta.key.decode()
                 position = self.keys.position_of(key)
-                self.client.transaction(
-                    compare=[tx.Mod(key) == meta.mod_revision],
-                    success=[tx.Delete(key), tx.Put(self.keys.unacked_message(queue, new, position), value)],
-                    failure=[],
-                )
+                ops.txn(self.client, compare=[ops.compare(key, "mod_revision", meta.mod_revision)],
+                        success=[ops.delete(key), ops.put(self.keys.unacked_message(queue, new, position), value)])
 
     def current_key(self, key: str) -> str:
         """An unacked key under our current lease (it changes only after an adopt)."""
@@ -174,14 +212,18 @@ class ConsumerLease:
                 time.sleep(0.2)
 
     def _ack_loop(self) -> None:
+        failing = False
         while not self._closed.is_set():
             self._acks_waiting.wait(1.0)
             self._acks_waiting.clear()
             try:
                 while self._pending_deletes:
                     self._write_acks()
+                failing = False
             except CONNECTION_ERRORS as exc:
-                logger.warning("acks not written (%s); retrying", type(exc).__name__)
+                (logger.debug if failing else logger.warning)(  # once per outage
+                    "acks not written (%s); retrying every 0.2s", type(exc).__name__)
+                failing = True
                 self._closed.wait(0.2)
                 self._acks_waiting.set()
 
@@ -190,7 +232,7 @@ class ConsumerLease:
             batch = self._pending_deletes[:ACK_BATCH]
         if not batch:
             return
-        self.client.transaction(compare=[], success=[tx.Delete(self.current_key(k)) for k in batch], failure=[])
+        ops.txn(self.client, success=[ops.delete(self.current_key(k)) for k in batch])
         with self._lock:
             del self._pending_deletes[:len(batch)]
 
@@ -298,15 +340,12 @@ def restore_message(client: EtcdClient, keys: KeySpace, queue: str, key: str, va
         value = mark_redelivered(value)
     except ValueError:
         pass  # an undecodable message goes back as it was; the consumer dead-letters it
-    compare = [tx.Mod(key) == mod_revision]
+    compare = [ops.compare(key, "mod_revision", mod_revision)]
     if dead_lease is not None:
-        compare.append(tx.Version(keys.consumer(dead_lease)) == 0)
-    ok, _ = client.transaction(
-        compare=compare,
-        success=[tx.Delete(key), tx.Put(keys.ready_message(queue, keys.position_of(key)), value)],
-        failure=[],
-    )
-    return int(ok)
+        compare.append(ops.compare(keys.consumer(dead_lease), "version", 0))
+    response = ops.txn(client, compare=compare,
+                       success=[ops.delete(key), ops.put(keys.ready_message(queue, keys.position_of(key)), value)])
+    return int(response.succeeded)
 
 
 _leases: dict[tuple[int, int, str], ConsumerLease] = {}

@@ -49,7 +49,7 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from etcd_broker.bindings import BindingTable
-from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, get_client
+from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, EtcdUnreachable, get_client
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_message
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
@@ -267,8 +267,14 @@ class Channel(virtual.Channel):
         self._requeue_or_later(message)
 
     def _requeue_or_later(self, message) -> None:
-        """Requeue now; if etcd is unreachable, the lease's sweeper does it once etcd answers."""
+        """Requeue now; if etcd is unreachable, the lease's sweeper does it once etcd answers.
+
+        Known unreachable (a closing worker): no call is tried; if the process exits first,
+        the message stays under our lease and comes back when the lease expires.
+        """
         try:
+            if not self.lease.reachable():
+                raise EtcdUnreachable("consumer lease keepalive unanswered")
             self._requeue(message)
         except CONNECTION_ERRORS:
             key = message.delivery_info.get("etcd_key")
@@ -300,7 +306,8 @@ class Channel(virtual.Channel):
             self.connection.unwatch_queue(queue)
             if queue in self._auto_delete:
                 self._auto_delete.discard(queue)
-                self.queue_delete(queue)
+                if self.lease.reachable():  # else it goes with our lease (declared and bound under it)
+                    self.queue_delete(queue)
         return result
 
     def basic_qos(self, prefetch_size=0, prefetch_count=0, apply_global=False):
@@ -651,6 +658,9 @@ class _LeaseHandle:
 
     def requeue_later(self, key: str) -> None:
         self._lease.requeue_later(key)
+
+    def reachable(self) -> bool:
+        return self._lease.reachable()
 
 
 def _too_large_or(exc: grpc.RpcError, queue: str, size: int, limit: int) -> Exception:

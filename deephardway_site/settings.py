@@ -142,6 +142,13 @@ CELERY_TASK_QUEUE_MAX_PRIORITY = 9
 CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+#: Worker-side Prometheus metrics (tasks, failures, batch sizes), served when WORKER_METRICS_PORT is set.
+CELERY_IMPORTS = ("jobs.worker_metrics",)
+
+# --- metrics (jobs/metrics.py, docs/metrics.md) -------------------------------
+#: When set, GET /metrics needs ``Authorization: Bearer <token>``; otherwise keep /metrics off the
+#: public proxy. Several web processes: set PROMETHEUS_MULTIPROC_DIR (an empty directory) for all.
+METRICS_TOKEN = envstr("METRICS_TOKEN", "")
 
 # --- models -----------------------------------------------------------------
 MODEL_DIR = Path(envstr("MODEL_DIR", str(VAR_DIR / "models")))

@@ -1,7 +1,12 @@
-"""Read-only views of the broker's state for operators: queue lengths and live consumers."""
+"""Read-only views of the broker's state for operators: queue lengths and live consumers.
+
+Everything here is a count-only or keys-only read (no message bodies); Django-free, so a
+Prometheus collector, ``manage.py queues`` and the admin can all call it.
+"""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from etcd_broker.client import EtcdClient
@@ -14,9 +19,11 @@ def _count(client: EtcdClient, prefix: str) -> int:
 
 
 def queue_stats(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
-    """Per declared queue: ready messages by priority, unacknowledged count."""
+    """Per declared (or consumed) queue: ready messages by priority (only priorities with
+    messages), unacknowledged count, live consumers."""
+    consumers = consumers_by_queue(client, keys)
     rows = []
-    for queue in sorted(declared_queues(client, keys)):
+    for queue in sorted(set(declared_queues(client, keys)) | set(consumers)):
         by_priority = {}
         for priority in range(MAX_PRIORITY, -1, -1):
             count = _count(client, keys.ready_band(queue, keys.band(priority)))
@@ -27,8 +34,17 @@ def queue_stats(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
             "ready": sum(by_priority.values()),
             "ready_by_priority": by_priority,
             "unacked": _count(client, keys.unacked(queue)),
+            "consumers": consumers.get(queue, 0),
         })
     return rows
+
+
+def consumers_by_queue(client: EtcdClient, keys: KeySpace) -> dict[str, int]:
+    """Live consumers per queue: a consumer's key lives exactly as long as its lease."""
+    counts: Counter[str] = Counter()
+    for value, _meta in client.get_prefix(keys.consumers()):
+        counts.update(json.loads(value).get("queues") or [])
+    return dict(counts)
 
 
 def live_consumers(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:

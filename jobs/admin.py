@@ -1,5 +1,6 @@
 """Django admin for jobs (staff only): list, filters, search, cancel and retry actions,
-readable results and errors; and API tokens, whose secret is shown once on creation."""
+readable results and errors, the queues in etcd above the list; and API tokens, whose secret
+is shown once on creation."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from jobs import services
+from jobs import metrics, services
 from jobs.models import ApiToken, Job
 from jobs.validation import RequestRefused
 
@@ -23,6 +24,18 @@ def _pretty(value) -> str:
         return "-"
     return format_html("<pre style='white-space:pre-wrap;margin:0'>{}</pre>",
                        json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def queue_panel() -> dict:
+    """The Job list's header (admin/jobs/job/change_list.html): each queue's depth in etcd now."""
+    try:
+        rows = metrics.broker_queues()
+    except Exception as exc:  # noqa: BLE001 - the job list still shows; the panel says why it is empty
+        logger.warning("admin: etcd did not answer: %s", exc)
+        return {"broker_error": f"etcd did not answer ({type(exc).__name__}: {exc})"}
+    for row in rows:
+        row["by_priority"] = " ".join(f"p{p}:{n}" for p, n in sorted(row["ready_by_priority"].items(), reverse=True))
+    return {"broker_queues": rows}
 
 
 @admin.register(Job)
@@ -47,6 +60,9 @@ class JobAdmin(admin.ModelAdmin):
         ("Input", {"fields": ("input_pretty", "input_file", "fingerprint")}),
         ("Outcome", {"fields": ("result_pretty", "partial_pretty", "error_text", "revision")}),
     )
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
+        return super().changelist_view(request, {**(extra_context or {}), **queue_panel()})
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # jobs are made by the API, the UI and `manage.py submit`

@@ -19,6 +19,7 @@ class JobsConfig(AppConfig):
         checks.register(check_secret_key, checks.Tags.security, deploy=True)
         checks.register(check_job_limits)
         checks.register(check_etcd_url, checks.Tags.compatibility)
+        from jobs import metrics  # noqa: F401 - connects the job metrics' post_save receiver
 
 
 def check_secret_key(app_configs=None, **kwargs) -> list[checks.CheckMessage]:

@@ -26,6 +26,9 @@ DEFAULT_WINDOW_MS = 5.0
 RESULT_TIMEOUT_S = 120.0
 
 _STOP = object()
+#: Called as ``observe(name, size)`` after every forward pass (the worker's metrics add one);
+#: an observer that raises is logged, never seen by callers.
+BATCH_OBSERVERS: list[Callable[[str, int], None]] = []
 
 
 class _Slot:
@@ -132,3 +135,8 @@ class MicroBatcher:
         self.stats.record(len(batch))
         for slot, output in zip(batch, outputs, strict=True):
             slot.resolve(output)
+        for observe in BATCH_OBSERVERS:
+            try:
+                observe(self.name, len(batch))
+            except Exception:  # noqa: BLE001 - metrics never break serving
+                logger.exception("%s: batch observer %r failed", self.name, observe)

@@ -156,10 +156,10 @@ def start_model_worker(site_celery, etcd_server, tiny_models, settings, tmp_path
     settings.MODEL_DIR = tiny_models
     started = []
 
-    def start() -> WorkerProcess:
+    def start(**extra_env: str) -> WorkerProcess:
         env = {"ETCD_URL": etcd_server.url, "CELERY_BROKER_URL": etcd_server.url,
                "CELERY_RESULT_BACKEND": etcd_server.url, "ETCD_PREFIX": SITE_PREFIX,
-               "MODEL_DIR": str(tiny_models), "TF_CPP_MIN_LOG_LEVEL": "2"}
+               "MODEL_DIR": str(tiny_models), "TF_CPP_MIN_LOG_LEVEL": "2", **extra_env}
         worker = WorkerProcess(app="deephardway_site", env=env, queues="gpu", concurrency=WORKER_THREADS,
                                log_dir=tmp_path, extra_args=["--without-heartbeat"]).start()
         started.append(worker)

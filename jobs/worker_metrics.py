@@ -1,0 +1,111 @@
+"""Prometheus metrics of a Celery worker, served by the worker itself (docs/metrics.md).
+
+Set ``WORKER_METRICS_PORT`` and the worker's main process serves ``/metrics`` on that port
+(``WORKER_METRICS_ADDR``, default all interfaces) from ``worker_init``: tasks by outcome,
+failures by exception, task run time, tasks running, and the models' micro-batch sizes. Only
+Celery signals are used, so any pool works: threads share one process; prefork children write
+to ``PROMETHEUS_MULTIPROC_DIR`` (required with prefork: an empty directory per worker) and the
+main process adds them up. Imported by every worker through ``CELERY_IMPORTS``; no Django.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from celery import signals
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from ml import batching
+
+logger = logging.getLogger(__name__)
+
+#: Port of the worker's /metrics; unset means no exporter.
+PORT_VARIABLE = "WORKER_METRICS_PORT"
+#: Address the exporter binds (Prometheus scrapes the worker host from elsewhere).
+ADDR_VARIABLE = "WORKER_METRICS_ADDR"
+DEFAULT_ADDR = "0.0.0.0"
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+#: Task run time buckets (seconds): a classification ~10 ms, a generation seconds, training minutes.
+RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
+#: Batch size buckets: powers of two up to the largest BATCH_MAX_SIZE anyone should use.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+TASKS = Counter("deephardway_worker_tasks", "Tasks this worker finished, by final state",
+                ["task", "state"])
+FAILURES = Counter("deephardway_worker_task_failures", "Tasks that raised, by exception type",
+                   ["task", "exception"])
+RUNTIME = Histogram("deephardway_worker_task_seconds", "Time from a task's start to its end in the worker",
+                    ["task"], buckets=RUNTIME_BUCKETS)
+RUNNING = Gauge("deephardway_worker_tasks_running", "Tasks executing now", ["task"],
+                multiprocess_mode="livesum")
+BATCH_SIZE = Histogram("deephardway_worker_batch_size", "Requests per forward pass (micro-batching)",
+                       ["model"], buckets=BATCH_BUCKETS)
+
+_started: dict[str, float] = {}  # task id -> monotonic start (one process; threads write distinct ids)
+_lock = threading.Lock()
+
+
+@signals.task_prerun.connect
+def task_started(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
+    with _lock:
+        _started[task_id] = time.monotonic()
+    RUNNING.labels(task.name).inc()
+
+
+@signals.task_postrun.connect
+def task_ended(task_id: str | None = None, task: Any = None, state: str | None = None, **kwargs: Any) -> None:
+    with _lock:
+        started = _started.pop(task_id, None)
+    RUNNING.labels(task.name).dec()
+    if started is not None:
+        RUNTIME.labels(task.name).observe(time.monotonic() - started)
+    TASKS.labels(task.name, (state or "UNKNOWN").lower()).inc()
+
+
+@signals.task_failure.connect
+def task_failed(sender: Any = None, exception: BaseException | None = None, **kwargs: Any) -> None:
+    FAILURES.labels(getattr(sender, "name", "unknown"), type(exception).__name__).inc()
+
+
+def observe_batch(model: str, size: int) -> None:
+    BATCH_SIZE.labels(model).observe(size)
+
+
+batching.BATCH_OBSERVERS.append(observe_batch)
+
+
+def exporter_registry() -> CollectorRegistry:
+    """Every process's samples in multiprocess mode, else this process's."""
+    directory = os.environ.get(MULTIPROC_VARIABLE)
+    if not directory:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    return registry
+
+
+@signals.worker_init.connect
+def start_exporter(sender: Any = None, **kwargs: Any) -> None:
+    """In the worker's main process, before any pool child exists: serve /metrics."""
+    port = os.environ.get(PORT_VARIABLE)
+    if not port:
+        return
+    pool = str(getattr(sender, "pool_cls", "") or "")
+    if "prefork" in pool.lower() and not os.environ.get(MULTIPROC_VARIABLE):
+        raise RuntimeError(f"{PORT_VARIABLE} with the prefork pool needs {MULTIPROC_VARIABLE} set to an "
+                           "empty directory for this worker: the pool's children keep their task metrics "
+                           "there (without it /metrics would show none of them)")
+    addr = os.environ.get(ADDR_VARIABLE, DEFAULT_ADDR)
+    start_http_server(int(port), addr=addr, registry=exporter_registry())
+    logger.info("worker metrics on http://%s:%s/metrics", addr, port)
+
+
+@signals.worker_process_shutdown.connect
+def child_exited(pid: int | None = None, **kwargs: Any) -> None:
+    """A prefork child ends: its 'tasks running' gauge file stops counting (counters stay)."""
+    if os.environ.get(MULTIPROC_VARIABLE):
+        mark_process_dead(pid or os.getpid())

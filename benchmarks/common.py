@@ -121,12 +121,13 @@ class RabbitMQServer:
 
 
 def start_worker(app: str, env: dict[str, str], concurrency: int = 8, queues: str = "celery",
-                 log_path: str | None = None) -> subprocess.Popen:
-    """A ``celery worker -P threads`` process; returns once it logs ``ready``."""
+                 log_path: str | None = None, module: str = "celery") -> subprocess.Popen:
+    """A ``celery worker -P threads`` process; returns once it logs ``ready``. ``module`` is the
+    ``python -m`` entry point (a wrapper that instruments the worker before Celery's main)."""
     log_path = log_path or tempfile.mktemp(prefix="bench-worker-", suffix=".log")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", app, "worker", "-l", "INFO", "-P", "threads",
+            [sys.executable, "-m", module, "-A", app, "worker", "-l", "INFO", "-P", "threads",
              "-c", str(concurrency), "-Q", queues, "--without-gossip", "--without-mingle",
              "--without-heartbeat", "-n", f"bench-{os.getpid()}-{time.time_ns()}@%h"],
             cwd=REPO_ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},

@@ -90,17 +90,25 @@ def exporter_registry() -> CollectorRegistry:
 
 @signals.worker_init.connect
 def start_exporter(sender: Any = None, **kwargs: Any) -> None:
-    """In the worker's main process, before any pool child exists: serve /metrics."""
+    """In the worker's main process, before any pool child exists: serve /metrics.
+
+    A setting that cannot work stops the worker with a message naming it (SystemExit: Celery
+    logs and ignores ordinary exceptions from signal handlers)."""
     port = os.environ.get(PORT_VARIABLE)
     if not port:
         return
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"{PORT_VARIABLE}={port!r} is not a TCP port (1-65535)")
     pool = str(getattr(sender, "pool_cls", "") or "")
     if "prefork" in pool.lower() and not os.environ.get(MULTIPROC_VARIABLE):
-        raise RuntimeError(f"{PORT_VARIABLE} with the prefork pool needs {MULTIPROC_VARIABLE} set to an "
-                           "empty directory for this worker: the pool's children keep their task metrics "
-                           "there (without it /metrics would show none of them)")
+        raise SystemExit(f"{PORT_VARIABLE} with the prefork pool needs {MULTIPROC_VARIABLE} set to an "
+                         "empty directory for this worker: the pool's children keep their task metrics "
+                         "there (without it /metrics would show none of them)")
     addr = os.environ.get(ADDR_VARIABLE, DEFAULT_ADDR)
-    start_http_server(int(port), addr=addr, registry=exporter_registry())
+    try:
+        start_http_server(int(port), addr=addr, registry=exporter_registry())
+    except OSError as exc:
+        raise SystemExit(f"{PORT_VARIABLE}={port}: cannot serve metrics on {addr}:{port}: {exc}") from None
     logger.info("worker metrics on http://%s:%s/metrics", addr, port)
 
 

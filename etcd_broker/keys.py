@@ -4,7 +4,8 @@ Layout (``<root>`` is ``<prefix>/<vhost>``, names are percent-quoted so a ``/``
 in a queue name cannot escape its directory)::
 
     <root>/declared/<queue>                         queue exists (JSON: auto_delete, owner lease)
-    <root>/q/<queue>/ready/<band>/<seq>             waiting message; band = 9 - priority
+    <root>/q/<queue>/ready/<band>/<seq>[~<ms>]      waiting message; band = 9 - priority;
+                                                    ~<ms>: expires at this epoch millisecond (TTL)
     <root>/q/<queue>/unacked/<lease>/<band>/<seq>   claimed by the consumer holding <lease>
     <root>/x/<exchange>                             exchange type
     <root>/b/<exchange>/<queue>/<routing key>       binding (JSON: routing_key, pattern, queue)
@@ -18,7 +19,8 @@ in a queue name cannot escape its directory)::
 
 ``<band>/<seq>`` sorts by urgency then age, so one ascending range read returns
 the next message; a claimed message keeps its ``<band>/<seq>`` and goes back to
-the same place in line when its consumer dies.
+the same place in line when its consumer dies. A message with a TTL carries its
+deadline in its key, so a consumer can drop it unread and a requeue keeps it.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from urllib.parse import quote, unquote
 DEFAULT_PREFIX = "/deephardway"
 #: Priorities as AMQP means them: 9 is the most urgent.
 MAX_PRIORITY = 9
+#: Separates a message's sequence number from its expiry deadline in its key.
+DEADLINE_MARK = "~"
 
 
 def _q(name: str) -> str:
@@ -99,8 +103,17 @@ class KeySpace:
     def band(priority: int) -> int:
         return MAX_PRIORITY - priority
 
-    def position(self, priority: int, seq: str) -> str:
-        return f"{self.band(priority)}/{seq}"
+    def position(self, priority: int, seq: str, deadline: float | None = None) -> str:
+        """``<band>/<seq>``, plus ``~<epoch ms>`` when the message expires at ``deadline``."""
+        mark = "" if deadline is None else f"{DEADLINE_MARK}{max(0, int(deadline * 1000)):013d}"
+        return f"{self.band(priority)}/{seq}{mark}"
+
+    @staticmethod
+    def deadline_of(key: str | bytes) -> float | None:
+        """The epoch second a message key says it expires at (None: no TTL)."""
+        key = key.decode() if isinstance(key, bytes) else key
+        _, mark, millis = key.rpartition("/")[2].partition(DEADLINE_MARK)
+        return int(millis) / 1000 if mark else None
 
     def position_of(self, key: str | bytes) -> str:
         """The trailing ``<band>/<seq>`` of a ready or unacked message key."""

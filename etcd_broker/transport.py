@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from functools import partial
 from queue import Empty
@@ -46,12 +47,15 @@ import etcd3
 import grpc
 from etcd3 import transactions as tx
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
+from etcd_broker import ops
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, EtcdUnreachable, get_client
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_message
+from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
 from etcd_broker.watch import WatchStream
 
@@ -63,6 +67,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_572_864 - 4_096
 CLAIM_BATCH = 32
 #: Most message bytes claimed in one transaction (etcd refuses requests over 1.5 MiB).
 CLAIM_BATCH_BYTES = 1_048_576
+#: Reads in one _get after other consumers won the messages we read (then the loop looks again soon).
+CLAIM_ATTEMPTS = 4
 #: An idle consumer re-checks its queues this often even without a watch event (safety net only).
 SAFETY_RECHECK_SECONDS = 30.0
 #: Most messages delivered per event-loop wake-up before the hub serves its other fds again.
@@ -136,12 +142,19 @@ class Channel(virtual.Channel):
 
     # -- publishing -------------------------------------------------------------
     def _put(self, queue, message, **kwargs):
+        check_queue_name(queue)
         priority = self._get_message_priority(message)
+        limits, queue_lease = self.connection.queues.limits(queue)
+        deadline = message_deadline(message, limits, time.time())
         value = dumps(message).encode()
         self._check_size(queue, value)
-        key = self.keys.ready_message(queue, self.keys.position(priority, self.connection.sequence.next()))
+        position = self.keys.position(priority, self.connection.sequence.next(), deadline)
+        key = self.keys.ready_message(queue, position)
         try:
-            self.client.put(key, value)
+            if deadline is None and not queue_lease and limits.max_length is None:
+                self.client.put(key, value)  # the common case: one put, nothing to check
+            else:
+                self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
 
@@ -162,24 +175,32 @@ class Channel(virtual.Channel):
         if buffered:
             return buffered.popleft()
         lease_id = self.lease.ensure()
-        candidates = self.connection.take_hints(queue)
-        if candidates is None and self.connection.known_empty(queue):
+        # What the consume watch tells (hints, "known empty") is for consumers; a synchronous get reads.
+        candidates = None if self._single_get else self.connection.take_hints(queue)
+        if candidates is None and not self._single_get and self.connection.known_empty(queue):
             raise Empty()
-        candidates = candidates or self._read_ready(queue)
-        messages = self._claim_many(queue, candidates, lease_id)
-        if not messages and candidates:
-            messages = self._claim_many(queue, self._read_ready(queue), lease_id)
-        if not messages:
-            raise Empty()
-        self._buffer.setdefault(queue, deque()).extend(messages[1:])
-        return messages[0]
+        for _ in range(CLAIM_ATTEMPTS):
+            candidates = candidates or self._read_ready(queue)
+            if not candidates:
+                raise Empty()
+            messages = self._claim_many(queue, candidates, lease_id)
+            if messages:
+                self._buffer.setdefault(queue, deque()).extend(messages[1:])
+                return messages[0]
+            candidates = None  # another consumer won them (or they expired): read what is left
+        self.connection.wake()  # still losing races: look again soon, not only at the next put
+        raise Empty()
 
     def _allowance(self) -> int:
-        """How many messages we may claim now without passing the prefetch limit."""
+        """How many messages we may claim now: one for a get, else the prefetch room (at most a batch).
+
+        Without a prefetch limit we claim one at a time: what we hold is what we deliver, so
+        ``qsize`` counts what other consumers can still get, and idle consumers share a backlog.
+        """
         if self._single_get:
             return 1
         room = self.qos.can_consume_max_estimate()
-        return CLAIM_BATCH if room is None else max(1, min(room, CLAIM_BATCH))
+        return 1 if room is None else max(1, min(room, CLAIM_BATCH))
 
     def _read_ready(self, queue) -> list[tuple[bytes, bytes, int]]:
         limit = self._allowance()
@@ -190,47 +211,48 @@ class Channel(virtual.Channel):
         return rows
 
     def _claim_many(self, queue, candidates, lease_id: int) -> list[dict]:
-        """One transaction claims the batch; if another consumer won any, claim one by one."""
+        """Claim what our allowance permits in one transaction; [] if another consumer won any of it."""
         batch, size = [], 0
         for row in candidates[:self._allowance()]:  # watch hints can outnumber our prefetch room
             if batch and size + len(row[1]) > CLAIM_BATCH_BYTES:
                 break
             batch.append(row)
             size += len(row[1])
-        if not batch:
-            return []
-        claimed = self._claim(queue, batch, lease_id)
-        if claimed is None and len(batch) > 1:
-            claimed = [m for row in batch for m in (self._claim(queue, [row], lease_id) or [])]
-        return claimed or []
+        return self._claim(queue, batch, lease_id) if batch else []
 
-    def _claim(self, queue, rows, lease_id: int) -> list[dict] | None:
-        """The ready keys unchanged and our lease alive -> all of them are ours, atomically."""
+    def _claim(self, queue, rows, lease_id: int) -> list[dict]:
+        """The ready keys unchanged and our lease alive -> all of them are ours, atomically.
+
+        Messages past the deadline in their key are deleted in the same transaction, unread.
+        """
         consumer_key = self.keys.consumer(lease_id)
         no_ack = queue in self._no_ack_queues
-        compare = [tx.Version(consumer_key) > 0]
-        success, unacked_keys = [], []
+        now = time.time()
+        compare = [ops.compare(consumer_key, "version", 0, ">")]
+        success, taken = [], []
         for key, value, revision in rows:
             key = key.decode()
+            compare.append(ops.compare(key, "mod_revision", revision))
+            success.append(ops.delete(key))
+            deadline = self.keys.deadline_of(key)
+            if deadline is not None and deadline <= now:
+                continue  # expired (TTL): dropped, as RabbitMQ drops it at the head of the queue
             unacked = None if no_ack else self.keys.unacked_message(queue, lease_id, self.keys.position_of(key))
-            compare.append(tx.Mod(key) == revision)
-            success.append(tx.Delete(key))
             if unacked:
-                success.append(tx.Put(unacked, value))
-            unacked_keys.append(unacked)
+                success.append(ops.put(unacked, value))
+            taken.append((value, unacked))
         try:
-            ok, responses = self.client.transaction(compare=compare, success=success,
-                                                    failure=[tx.Get(consumer_key)])
+            response = ops.txn(self.client, compare, success, failure=[ops.range_(consumer_key, count_only=True)])
         except CONNECTION_ERRORS:
-            for key in filter(None, unacked_keys):  # it may have been applied: give back whatever it took
-                self.lease.requeue_later(key)
+            for _, unacked in taken:  # it may have been applied: give back whatever it took
+                if unacked:
+                    self.lease.requeue_later(unacked)
             raise
-        if not ok:
-            if not responses or not responses[0]:
+        if not response.succeeded:
+            if not ops.count(response.responses[0]):
                 self.lease.lost(lease_id)
-            return None
-        return [m for (_, value, _), unacked in zip(rows, unacked_keys, strict=False)
-                if (m := self._decode(queue, value, unacked)) is not None]
+            return []
+        return [m for value, unacked in taken if (m := self._decode(queue, value, unacked)) is not None]
 
     def _decode(self, queue, value: bytes, unacked: str | None) -> dict | None:
         try:
@@ -296,6 +318,7 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
+        self.connection.queues.consuming(queue)  # keeps an expiring queue alive (H4)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def basic_cancel(self, consumer_tag):
@@ -304,6 +327,7 @@ class Channel(virtual.Channel):
         if queue is not None:
             self._requeue_buffered(queue)
             self.connection.unwatch_queue(queue)
+            self.connection.queues.cancelled(queue)  # H4
             if queue in self._auto_delete:
                 self._auto_delete.discard(queue)
                 if self.lease.reachable():  # else it goes with our lease (declared and bound under it)
@@ -321,6 +345,7 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         self._single_get = True
         try:
+            self.connection.queues.touch(queue)  # a get is a use: an expiring queue lives on
             return super().basic_get(queue, no_ack=no_ack, **kwargs)
         finally:
             self._single_get = False
@@ -329,16 +354,22 @@ class Channel(virtual.Channel):
 
     # -- queues, exchanges, bindings ----------------------------------------------
     def queue_declare(self, queue=None, passive=False, **kwargs):
+        if queue:
+            check_queue_name(queue)
         if queue and (kwargs.get("auto_delete") or kwargs.get("exclusive")):
             self._auto_delete.add(queue)
         return super().queue_declare(queue, passive=passive, **kwargs)
 
-    def _new_queue(self, queue, **kwargs):
-        if queue in self.connection.declared:
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        """``Queue(message_ttl=, expires=, max_length=)`` as RabbitMQ's ``x-`` arguments (kombu's own mapping)."""
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def _new_queue(self, queue, arguments=None, **kwargs):
+        limits = QueueLimits.from_arguments(queue, arguments)  # refuses bad arguments before any write
+        if queue in self.connection.declared and limits.expires is None:
             return
         lease = self.lease.ensure() if queue in self._auto_delete else None
-        info = json.dumps({"auto_delete": queue in self._auto_delete})
-        self.client.put(self.keys.declared(queue), info, lease=lease)
+        self.connection.queues.declare(queue, limits, lease)
         self.connection.declared.add(queue)
 
     def _has_queue(self, queue, **kwargs):
@@ -358,6 +389,7 @@ class Channel(virtual.Channel):
         self.client.delete(self.keys.declared(queue))
         self.connection.bindings.unbind_queue(queue)
         self.connection.declared.discard(queue)
+        self.connection.queues.forget(queue)
 
     def exchange_declare(self, exchange=None, type="direct", *args, **kwargs):
         result = super().exchange_declare(exchange, type, *args, **kwargs)
@@ -410,6 +442,7 @@ class Transport(virtual.Transport):
         self.lease = _LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)))
         self.sequence = Sequence()
         self.declared: set[str] = set()
+        self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases (queue_limits.py)
         self._exchange_types: dict[str, str] = {}
         self._wakeup = threading.Event()  # drain_events waits on this (no event loop)
         self._wakeup.set()
@@ -439,6 +472,7 @@ class Transport(virtual.Transport):
         return etcd3.__version__
 
     def establish_connection(self):
+        _wait_connected(self.etcd, self.client.connect_timeout)  # connect_timeout bounds the first contact
         self.etcd.get(self.keys.root + "/ping")  # raises a connection error if etcd is unreachable
         return super().establish_connection()
 
@@ -670,3 +704,39 @@ def _too_large_or(exc: grpc.RpcError, queue: str, size: int, limit: int) -> Exce
             f"etcd refused a {size}-byte message for queue {queue!r}: {details}; "
             f"the transport limit is {limit} bytes and the server's --max-request-bytes is lower")
     return exc
+
+
+def _wait_connected(client, timeout: float | None) -> None:
+    """Raise a connection error unless one endpoint's gRPC channel is ready within ``timeout``.
+
+    A port that accepts and never answers would otherwise hold the first call for the whole
+    request timeout; a refused endpoint is skipped at once for the next one.
+    """
+    if not timeout:
+        return
+    deadline = monotonic() + timeout
+    for _ in range(len(client.endpoints)):
+        if _channel_ready(client.channel, deadline - monotonic()):
+            return
+        client.fail_over()
+    raise EtcdUnreachable(f"etcd at {client.config.describe()} did not complete a connection within "
+                          f"connect_timeout={timeout} s")
+
+
+def _channel_ready(channel: grpc.Channel, timeout: float) -> bool:
+    """Wait until ``channel`` connects (True) or fails to (False), at most ``timeout`` seconds."""
+    settled: list[grpc.ChannelConnectivity] = []
+    done = threading.Event()
+
+    def on_change(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            settled.append(state)
+            done.set()
+
+    channel.subscribe(on_change, try_to_connect=True)
+    try:
+        done.wait(max(timeout, 0.0))
+    finally:
+        channel.unsubscribe(on_change)
+    return bool(settled) and settled[0] is grpc.ChannelConnectivity.READY

@@ -57,7 +57,7 @@ def describe(meta: dict[str, Any] | None) -> str:
     if meta.get("stage") == WAITING:
         return f"waiting for {meta.get('behind') or 'another model'} to finish training"
     if "epoch" not in meta:
-        return "starting"
+        return "starting: loading the data and building the network"
     parts = [f"epoch {meta['epoch']} of {meta.get('epochs', '?')}"]
     for key, value in (meta.get("metrics") or {}).items():
         parts.append(f"{key} {100 * value:.1f}%" if key in PERCENT_METRICS else f"{key} {value:.4f}")

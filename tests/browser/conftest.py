@@ -52,18 +52,24 @@ def page(chromium, live_server):
 
 
 @pytest.fixture
-def site(live_server, site_celery, settings, tiny_models):
-    """The live site on the test etcd, with watch_jobs following task states in a thread."""
+def job_watcher(live_server, site_celery):
+    """watch_jobs following task states on the test etcd, in a thread sharing the test database."""
     from jobs.management.commands.watch_jobs import JobWatcher
 
-    settings.MODEL_DIR = tiny_models
     stop = threading.Event()
     watcher = JobWatcher(site_celery)
     thread = threading.Thread(target=watcher.run, args=(stop,), name="watch_jobs", daemon=True)
     thread.start()
-    yield live_server
+    yield watcher
     stop.set()
     thread.join(timeout=10)
+
+
+@pytest.fixture
+def site(live_server, job_watcher, settings, tiny_models):
+    """The live site on the test etcd serving the tiny models, with watch_jobs running."""
+    settings.MODEL_DIR = tiny_models
+    return live_server
 
 
 @pytest.fixture

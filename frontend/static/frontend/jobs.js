@@ -50,7 +50,7 @@ function metricText(key, value) {
 export function trainingText(partial) {
   const p = partial || {};
   if (p.stage === "waiting") return `waiting for ${p.behind || "another model"} to finish training`;
-  if (p.epoch == null) return "starting";
+  if (p.epoch == null) return "starting: loading the data and building the network";
   const parts = [`epoch ${p.epoch} of ${p.epochs ?? "?"}`];
   for (const [key, value] of Object.entries(p.metrics || {})) parts.push(metricText(key, value));
   if (p.eta_seconds != null) parts.push(`about ${duration(p.eta_seconds)} left`);
@@ -62,6 +62,8 @@ export function renderCard(card, list = el("dl", { class: "facts" })) {
   const facts = [];
   for (const [key, value] of Object.entries(card.metrics || {}))
     facts.push([key.replaceAll("_", " "), PERCENT_METRICS.has(key) ? `${(100 * value).toFixed(1)}%` : String(value)]);
+  if (card.test_examples) facts.push(["held out", `${card.test_examples} examples never seen in training`]);
+  if (card.validation_chars) facts.push(["held out", `${card.validation_chars} characters never seen in training`]);
   facts.push(["training time", `${duration(card.train_seconds)} (${card.epochs} epochs)`]);
   if (card.trained_at) facts.push(["trained", new Date(card.trained_at).toLocaleString()]);
   facts.push(["data", card.data_source || ""]);

@@ -5,8 +5,8 @@ real PostgreSQL (tests/postgres.py), so the caps' per-owner advisory locks are w
 Claims (what a user or an operator would notice): the health check always answers 200 (within a
 generous liveness bound, not a speed claim), no request gets a 5xx or a broken connection, no
 owner ever has more than JOBS_MAX_QUEUED_PER_OWNER jobs waiting nor one address more than
-JOBS_MAX_QUEUED_PER_ADDRESS anonymous ones, and every 202 is exactly one Job row and one task in
-etcd. The summary table (shown without ``-s``) is recorded in docs/reliability.md.
+JOBS_MAX_QUEUED_PER_ADDRESS anonymous ones, every 202 is exactly one Job row and one task in
+etcd, and GET /metrics (both gunicorn workers adding up through PROMETHEUS_MULTIPROC_DIR) says so. The summary table (shown without ``-s``) is recorded in docs/reliability.md.
 
 ``FLOOD_DATABASE_URL=sqlite`` runs it on a fresh SQLite file instead (the write lock taken at BEGIN is
 then what holds the caps); ``FLOOD_DATABASE_URL=postgres://...`` on a fresh, empty database of yours.
@@ -38,6 +38,7 @@ from etcd_broker.keys import KeySpace
 from etcd_broker.stats import queue_stats
 from tests import postgres
 from tests.helpers import REPO_ROOT
+from tests.site.test_metrics import Samples, parse, value
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ FLOOD_SECONDS = 10.0
 HEALTH_INTERVAL = 0.1
 #: Liveness bound for one health check (seconds): generous on a loaded 2-core machine; not a speed claim.
 HEALTH_DEADLINE = 5.0
+#: GET /metrics after the flood, each on a new connection (so either gunicorn worker may answer).
+METRICS_SCRAPES = 4
 #: Client socket timeout: a request that hangs this long counts as a broken answer.
 REQUEST_TIMEOUT = 30.0
 OWNER_CAP, ADDRESS_CAP = 5, 20
@@ -116,6 +119,8 @@ def site(etcd_server, etcd_prefix, tmp_path):
         database = f"sqlite:///{workdir}/flood.sqlite3"
     env = {**site_env(etcd_server, workdir), "ETCD_PREFIX": etcd_prefix, "DATABASE_URL": database,
            "JOBS_MAX_QUEUED_PER_OWNER": str(OWNER_CAP), "JOBS_MAX_QUEUED_PER_ADDRESS": str(ADDRESS_CAP)}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")  # every gunicorn worker's samples
+    os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"])
     subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=REPO_ROOT, env=env, check=True)
     tokens = make_tokens(env, TOKEN_CLIENTS + PARALLEL_OWNERS)
     server = start_gunicorn("flood", env, GUNICORN_ARGS, workdir)
@@ -333,6 +338,23 @@ def gpu_messages(site: Site) -> int:
     return sum(row["ready"] + row["unacked"] for row in rows if row["queue"] == "gpu")
 
 
+def scrape_metrics(site: Site) -> Samples:
+    """GET /metrics on a fresh connection (any gunicorn worker may answer)."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=REQUEST_TIMEOUT)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    body = response.read().decode()
+    conn.close()
+    assert response.status == 200, body
+    return parse(body)
+
+
+def metric_writers(site: Site) -> set[int]:
+    """Pids of the processes that recorded a counter in the multiprocess directory."""
+    files = os.listdir(site.env["PROMETHEUS_MULTIPROC_DIR"])
+    return {int(name[len("counter_"):-len(".db")]) for name in files if name.startswith("counter_")}
+
+
 def summary_table(tally: Tally, jobs: list, owner_peak: tuple, address_peak: tuple, messages: int) -> str:
     statuses = [status for status, _ in tally.health]
     seconds = [elapsed for _, elapsed in tally.health]
@@ -371,6 +393,7 @@ def test_a_flooded_site_keeps_answering_health_checks_and_holds_every_cap(site, 
     owner_peak = most_waiting(jobs, lambda job: job[1])
     address_peak = most_waiting(jobs, lambda job: job[2] if job[1].startswith("session:") else None)
     messages = gpu_messages(site)
+    scrapes = [scrape_metrics(site) for _ in range(METRICS_SCRAPES)]
     with capsys.disabled():
         print(f"\n\nsite flood ({os.cpu_count()} CPUs, {site.database.split(':', 1)[0]})\n{summary_table(tally, jobs, owner_peak, address_peak, messages)}\n",
               flush=True)
@@ -388,3 +411,9 @@ def test_a_flooded_site_keeps_answering_health_checks_and_holds_every_cap(site, 
     assert sorted(tally.accepted) == sorted(job[0] for job in jobs)  # each 202 is one row, no row without one
     assert messages == len(jobs)  # and one task waiting in etcd per row (no worker runs)
     assert tally.streams["opened"] == tally.streams["first event"] > 0, tally.streams
+    assert len(metric_writers(site)) >= 2, metric_writers(site)  # both gunicorn workers created jobs
+    for samples in scrapes:  # whichever worker answered, it added up every worker's counts
+        assert value(samples, "deephardway_jobs_submitted_total", model="text", queue="gpu") == len(jobs)
+        assert value(samples, "deephardway_jobs", queue="gpu", model="text", state="queued") == len(jobs)
+        assert sum(value(samples, "deephardway_queue_ready_messages", queue="gpu", priority=str(priority))
+                   for priority in range(10)) == messages

@@ -14,24 +14,24 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from celery import current_app, maybe_signature, states
-from celery._state import get_current_task
+from celery import current_app, current_task, maybe_signature, states
 from celery.backends.asynchronous import AsyncBackendMixin
-from celery.backends.base import Backend, BaseKeyValueStoreBackend, _create_chord_error_with_cause
+from celery.backends.base import Backend, BaseKeyValueStoreBackend
 from celery.exceptions import ChordError, Ignore, ImproperlyConfigured
 from celery.result import GroupResult, allow_join_result, task_join_will_block
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 
+from etcd_broker import compat
 from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, EtcdConfigError
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace
 from etcd_broker.result_consumer import ResultConsumer
 from etcd_broker.result_store import ResultStore, WriteOutcome, store_for
-from etcd_broker.task_events import TaskEvent, TaskFeed, iter_events
+from etcd_broker.task_events import TaskEvent, TaskStream, iter_events
 
 logger = logging.getLogger(__name__)
 
-__all__ = ("EtcdBackend", "TaskEvent", "watch_task")
+__all__ = ("EtcdBackend", "TaskEvent", "TaskStream", "follow_task", "watch_task")
 
 DEFAULT_URL = "etcdv3://127.0.0.1:2379"
 ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
@@ -112,11 +112,11 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         meta["task_id"] = task_id
         progress_point = state not in states.ALL_STATES and _running_here(task_id)
         if progress_point and _revoked_here(task_id):
-            self._stop_cancelled(task_id)
+            self._stop(task_id)
         outcome = self._ensure(self.store.write_state, task_id, ensure_bytes(self.encode(meta)),
                                ttl=self.expires, success=state == states.SUCCESS, check_cancel=progress_point)
         if outcome is WriteOutcome.CANCELLED:
-            self._stop_cancelled(task_id)
+            self._stop(task_id)
         return result
 
     def _forget(self, task_id: str) -> None:
@@ -127,8 +127,9 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         self.result_consumer.cancel_for(task_id)
 
     def on_task_call(self, producer: Any, task_id: str) -> dict:
+        """Before a publish: note a revision this process has seen; no watch until someone waits."""
         if not task_join_will_block():
-            self.result_consumer.consume_fresh(task_id)
+            self.result_consumer.published(task_id)
         return {}
 
     def get_many(self, task_ids: Iterable[str], timeout: float | None = None, interval: float = 0.5,
@@ -189,32 +190,41 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
             self._ensure(self.store.delete, self.get_key_for_group(group_id))
 
     def _chord_failed(self, callback: Any, group_id: str, deps: GroupResult | None, exc: Exception) -> None:
-        culprit = next(deps._failed_join_report(), None) if deps is not None else None
+        culprit = next((r for r in deps.results if r.state in states.PROPAGATE_STATES), None) if deps else None
         reason = f"Dependency {culprit.id} raised {exc!r}" if culprit is not None else repr(exc)
         logger.error("chord %s failed: %s", group_id, reason)
-        self.chord_error_from_stack(callback, _create_chord_error_with_cause(message=reason, original_exc=exc))
+        self.chord_error_from_stack(callback, _chord_error(reason, exc))
 
     def _chord_publish(self, callback: Any, group_id: str, values: list) -> None:
         try:
-            self.app.amqp._retry_publish(callback.delay, values)
+            compat.retry_publish(self.app, callback.delay, values)
         except Exception as exc:  # noqa: BLE001
             logger.exception("chord %s: publishing the callback failed", group_id)
-            self.chord_error_from_stack(callback, _create_chord_error_with_cause(
-                message=f"Callback error: {exc!r}", original_exc=exc))
+            self.chord_error_from_stack(callback, _chord_error(f"Callback error: {exc!r}", exc))
 
-    # -- cooperative cancel ----------------------------------------------------------------
+    # -- cooperative cancel: the one owner ------------------------------------------------
+    # A task is cancelled once a revoke reached its worker or request_cancel() stored a marker.
+    # It stops at its next progress point (update_state with a custom state such as PROGRESS:
+    # the write itself checks the marker in the same transaction) or where it calls
+    # stop_if_cancelled() (at its start: a task cancelled while queued never runs). Stopping
+    # records REVOKED and raises celery.exceptions.Ignore, so Celery stores nothing else.
     def request_cancel(self, task_id: str) -> None:
-        """Ask ``task_id`` to stop: it ends as REVOKED at its next progress update."""
+        """Ask ``task_id`` to stop: it ends as REVOKED at its next progress point."""
         self._ensure(self.store.request_cancel, task_id, self.expires)
 
     def is_cancelled(self, task_id: str) -> bool:
         """True once a revoke reached this worker or someone called :meth:`request_cancel`."""
         return _revoked_here(task_id) or self.store.is_cancelled(task_id)
 
-    def _stop_cancelled(self, task_id: str) -> None:
-        task = get_current_task()
-        logger.info("task %s was cancelled: stopping it at this progress point", task_id)
-        self.mark_as_revoked(task_id, reason="cancelled", request=task.request if task else None)
+    def stop_if_cancelled(self, task_id: str) -> None:
+        """Inside the running task: if it was cancelled, record REVOKED and raise Ignore."""
+        if self.is_cancelled(task_id):
+            self._stop(task_id)
+
+    def _stop(self, task_id: str) -> None:
+        logger.info("task %s was cancelled: stopping it", task_id)
+        request = current_task.request if _running_here(task_id) else None
+        self.mark_as_revoked(task_id, reason="cancelled", request=request)
         raise Ignore(f"task {task_id} was cancelled")
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -252,10 +262,24 @@ def watch_task(task_id: str, *, app: Any = None, after_revision: int | None = No
     without missing or repeating an update. ``timeout`` bounds the wait for the next
     event (TimeoutError). Iterators in one process share one etcd watch stream.
     """
+    return iter_events(_task_stream(task_id, app, after_revision), timeout)
+
+
+def follow_task(task_id: str, *, app: Any = None, after_revision: int | None = None) -> TaskStream:
+    """An open :class:`TaskStream` of ``task_id``'s states, for loops that keep their own clock.
+
+    ``stream.next(timeout)`` returns the next :class:`TaskEvent` (the same sequence as
+    :func:`watch_task`) or None after ``timeout`` quiet seconds, keeping the subscription;
+    ``stream.finished`` turns True after a final state. Close it (``with``) when done.
+    """
+    return _task_stream(task_id, app, after_revision).open()
+
+
+def _task_stream(task_id: str, app: Any, after_revision: int | None) -> TaskStream:
     backend = _etcd_backend(app)
     if after_revision is not None and after_revision < 0:
         raise ValueError(f"after_revision must be a revision >= 0 (got {after_revision})")
-    return iter_events(TaskFeed(backend.store, task_id, after_revision), backend.decode, timeout)
+    return TaskStream(backend.store, task_id, after_revision, backend.decode)
 
 
 def _etcd_backend(app: Any) -> EtcdBackend:
@@ -279,9 +303,15 @@ def _require_id(value: Any, name: str) -> None:
         raise ValueError(f"{name} must not be empty. Got {value!r} instead.")
 
 
+def _chord_error(message: str, cause: Exception) -> ChordError:
+    error = ChordError(message)
+    error.__cause__ = cause
+    return error
+
+
 def _running_here(task_id: str) -> bool:
-    task = get_current_task()
-    return task is not None and getattr(task.request, "id", None) == task_id
+    """True inside the task ``task_id`` itself (celery.current_task is None elsewhere)."""
+    return bool(current_task) and getattr(current_task.request, "id", None) == task_id
 
 
 def _revoked_here(task_id: str) -> bool:

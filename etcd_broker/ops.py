@@ -19,12 +19,15 @@ Example::
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
 from etcd3 import etcdrpc
 from etcd3.utils import prefix_range_end, to_bytes
+
+from etcd_broker import compat
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ RESULTS = {"==": EQUAL, "!=": NOT_EQUAL, ">": GREATER, "<": LESS,
            EQUAL: EQUAL, NOT_EQUAL: NOT_EQUAL, GREATER: GREATER, LESS: LESS}
 
 Key = str | bytes
+
+#: client -> the newest header revision any call or watch response of it carried.
+_revisions: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 class LeaseNotFound(Exception):
@@ -129,13 +135,30 @@ def get(client: Any, key: Key, **options: Any) -> etcdrpc.RangeResponse:
     return _call(client, "Range", range_request(key, **options))
 
 
+def last_revision(client: Any) -> int:
+    """The newest etcd revision ``client`` has seen (0: none yet).
+
+    Every revision seen is at or before etcd's current one: a watch started from
+    ``last_revision(client) + 1`` gets every write made after this call.
+    """
+    return _revisions.get(client, 0)
+
+
+def saw_revision(client: Any, revision: int) -> None:
+    """Record a response header's revision (ops calls and the watch hub do this)."""
+    if revision > _revisions.get(client, 0):
+        _revisions[client] = revision  # a racing lower value is still a revision seen: safe
+
+
 def _call(client: Any, method: str, request: Any) -> Any:
     """The library's one call site for a KV RPC: deadline, auth metadata, errors mapped."""
     try:
-        return getattr(client.kvstub, method)(
+        response = getattr(compat.kv_stub(client), method)(
             request, client.timeout, credentials=client.call_credentials, metadata=client.metadata)
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:  # a KV request's only NOT_FOUND: its lease
             raise LeaseNotFound(exc.details()) from exc
-        client._manage_grpc_errors(exc)  # raises a CONNECTION_ERRORS member, or exc itself
+        compat.raise_connection_error(client, exc)  # a CONNECTION_ERRORS member, or exc itself
         raise
+    saw_revision(client, response.header.revision)
+    return response

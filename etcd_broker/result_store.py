@@ -1,8 +1,8 @@
 """etcd operations behind the result backend: task states, bucketed leases, chord counting.
 
-Shared per process: one :class:`ResultStore` per (etcd configuration, prefix), one
-WatchStream and one :class:`LeaseBuckets` per etcd configuration. This module speaks
-bytes and revisions; Celery's meta encoding stays in backend.py.
+Shared per process: one :class:`ResultStore` per (etcd configuration, prefix) and one
+:class:`LeaseBuckets` per etcd configuration; watches go through the process's watch hub
+(watch.py). This module speaks bytes and revisions; Celery's meta encoding stays in backend.py.
 """
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from etcd_broker import ops
 from etcd_broker.client import EtcdConfig, get_client
 from etcd_broker.keys import KeySpace
-from etcd_broker.watch import WatchStream
-
-if TYPE_CHECKING:
-    from etcd_broker.result_router import ResultRouter
+from etcd_broker.watch import WatchHub, close_hubs, hub_for
 
 logger = logging.getLogger(__name__)
 
@@ -132,30 +129,26 @@ class ResultStore:
         self.keys = keys
         self.client = get_client(config)
         self.leases = _shared(_leases, config, lambda: LeaseBuckets(self.client))
-        #: The newest etcd revision this process has seen (a safe place to resume a watch from).
-        self.revision = 0
         self._last_write: OrderedDict[str, int] = OrderedDict()
         self._memory_lock = threading.Lock()
-        self._router: ResultRouter | None = None
 
     @property
-    def stream(self) -> WatchStream:
-        """The one watch stream of this process for this etcd cluster."""
-        return shared_stream(self.config)
+    def hub(self) -> WatchHub:
+        """This process's watch hub for our etcd cluster."""
+        return hub_for(self.config)
 
     @property
-    def router(self) -> ResultRouter:
-        """The one watch on this prefix's results in this process (see result_router.py)."""
-        with self._memory_lock:
-            if self._router is None:
-                from etcd_broker.result_router import ResultRouter
+    def revision(self) -> int:
+        """The newest etcd revision this process has seen (0: none yet); see :func:`ops.last_revision`."""
+        return ops.last_revision(self.client)
 
-                self._router = ResultRouter(self)
-            return self._router
+    def known_revision(self) -> int:
+        """A revision at or before now: the newest seen, or etcd's current one if none was."""
+        return self.revision or self.current_revision()
 
-    def saw_revision(self, revision: int) -> None:
-        if revision > self.revision:
-            self.revision = revision
+    def current_revision(self) -> int:
+        """etcd's current revision (one small read)."""
+        return ops.get(self.client, self.keys.results(), count_only=True).header.revision
 
     # -- task states ------------------------------------------------------------
     def read(self, task_id: str) -> tuple[Stored | None, int]:
@@ -181,7 +174,7 @@ class ResultStore:
                 stored = _stored(op)
                 if stored is not None:
                     found[task_id] = stored
-        return found, revision or self.revision
+        return found, revision or self.current_revision()
 
     def write_state(self, task_id: str, value: bytes, *, ttl: int | None, success: bool = False,
                     check_cancel: bool = False) -> WriteOutcome:
@@ -318,14 +311,10 @@ class ResultStore:
             return call(*args, lease=self.leases.lease_for(ttl))
 
     def _txn(self, **parts: Any) -> Any:
-        return self._saw(ops.txn(self.client, **parts))
+        return ops.txn(self.client, **parts)
 
     def _get(self, key: str | bytes, **options: Any) -> Any:
-        return self._saw(ops.get(self.client, key, **options))
-
-    def _saw(self, response: Any) -> Any:
-        self.saw_revision(response.header.revision)
-        return response
+        return ops.get(self.client, key, **options)
 
 
 def _stored(response_op: Any) -> Stored | None:
@@ -334,7 +323,6 @@ def _stored(response_op: Any) -> Stored | None:
 
 
 _registry_lock = threading.RLock()  # store_for -> ResultStore() -> _shared(_leases)
-_streams: dict[tuple[int, EtcdConfig], WatchStream] = {}
 _leases: dict[tuple[int, EtcdConfig], LeaseBuckets] = {}
 _stores: dict[tuple[int, EtcdConfig, str], ResultStore] = {}
 
@@ -348,22 +336,14 @@ def _shared(registry: dict, config: EtcdConfig, make: Callable[[], Any], *extra:
         return item
 
 
-def shared_stream(config: EtcdConfig) -> WatchStream:
-    """This process's one result watch stream for ``config`` (a new one after fork)."""
-    return _shared(_streams, config, lambda: WatchStream(get_client(config), name="etcd-results-watch"))
-
-
 def store_for(config: EtcdConfig, prefix: str) -> ResultStore:
     """The shared :class:`ResultStore` for ``config`` and key ``prefix`` in this process."""
     return _shared(_stores, config, lambda: ResultStore(config, KeySpace(prefix)), prefix)
 
 
 def close_shared() -> None:
-    """Close this process's result watch streams and forget stores (tests, shutdown)."""
+    """Close this process's watch hubs and forget stores (tests, shutdown)."""
     with _registry_lock:
-        streams = [s for (pid, _), s in _streams.items() if pid == os.getpid()]
-        _streams.clear()
         _leases.clear()
         _stores.clear()
-    for stream in streams:
-        stream.close()
+    close_hubs()

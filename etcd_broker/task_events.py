@@ -2,12 +2,14 @@
 
 Each event carries the etcd revision of the write that made it; revisions are the
 event ids: resume with ``after_revision`` and nothing is missed or repeated. The public
-entry point is :func:`etcd_broker.backend.watch_task`.
+entry points are :func:`etcd_broker.backend.watch_task` (an iterator) and
+:func:`etcd_broker.backend.follow_task` (a :class:`TaskStream`, for loops that also keep a clock).
 """
 from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 from celery import states
 
 from etcd_broker.result_store import ResultStore, Stored, status_of
-from etcd_broker.watch import EVENT_PUT
+from etcd_broker.watch import EVENT_PUT, Watch
 
 logger = logging.getLogger(__name__)
 
@@ -77,23 +79,29 @@ def _progress(state: str, result: Any) -> int | None:
     return max(0, min(100, int(round(value))))
 
 
-class TaskFeed:
-    """One task's watch on the shared stream, starting where the caller left off.
+class TaskStream:
+    """One task's states as :class:`TaskEvent`, from one subscription on the watch hub.
 
-    Reads the key first, then watches from the read's revision + 1 (or, to replay
-    what a resuming caller missed, from ``after_revision + 1``). Items come out in
-    revision order; the caller drops any at or below the last revision it yielded.
+    Reads the key first, then subscribes from the read's revision + 1 (or, to replay what
+    a resuming caller missed, from ``after_revision + 1``). :meth:`next` returns each new
+    state once, in revision order, or None when nothing changed within ``timeout``: the
+    subscription stays open across quiet periods. ``finished`` turns True after a final
+    state (or at once if the caller has seen the final state already). Close it (or use
+    ``with``) to unsubscribe.
     """
 
-    def __init__(self, store: ResultStore, task_id: str, after_revision: int | None) -> None:
+    def __init__(self, store: ResultStore, task_id: str, after_revision: int | None,
+                 decode: Callable[[bytes], dict]) -> None:
         self.store = store
         self.task_id = task_id
         self.after = after_revision
-        self._inbox: queue.SimpleQueue[Stored] = queue.SimpleQueue()
-        self._watch = None
+        self.decode = decode
         self.finished = False
+        self._last = -1 if after_revision is None else after_revision
+        self._inbox: queue.SimpleQueue[Stored] = queue.SimpleQueue()
+        self._watch: Watch | None = None
 
-    def open(self) -> TaskFeed:
+    def open(self) -> TaskStream:
         stored, header = self.store.read(self.task_id)
         start = header + 1
         if self.after is None:
@@ -103,21 +111,39 @@ class TaskFeed:
         elif stored is not None and status_of(stored.value) in FINAL_STATES:
             self.finished = True  # the caller has seen the final state already
             return self
-        self._watch = self.store.stream.watch(self.store.keys.result(self.task_id), self._on_events,
-                                              start_revision=start, on_resync=self._on_resync)
+        self._watch = self.store.hub.subscribe(self.store.keys.result(self.task_id), self._on_events,
+                                               start_revision=start, on_resync=self._on_resync)
         return self
 
-    def next(self, timeout: float | None) -> Stored:
-        try:
-            return self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no state change of task {self.task_id} within {timeout}s") from None
+    def next(self, timeout: float | None) -> TaskEvent | None:
+        """The next new state, or None if none came within ``timeout`` seconds (None: wait)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                stored = self._inbox.get(timeout=wait)
+            except queue.Empty:
+                return None
+            if stored.mod_revision <= self._last:
+                continue  # replayed after a reconnect, or both read and watched
+            self._last = stored.mod_revision
+            event = _to_event(self.task_id, stored, self.decode)
+            self.finished = event.final
+            return event
+        return None
 
     def close(self) -> None:
         if self._watch is not None:
-            self.store.stream.cancel(self._watch)
+            self.store.hub.unsubscribe(self._watch)
             self._watch = None
 
+    def __enter__(self) -> TaskStream:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- the hub's thread only fills the inbox --------------------------------------------
     def _on_events(self, events: Any) -> None:
         for event in events:
             value = event.kv.value if event.type == EVENT_PUT else DELETED
@@ -130,21 +156,15 @@ class TaskFeed:
         return header
 
 
-def iter_events(feed: TaskFeed, decode: Callable[[bytes], dict], timeout: float | None) -> Iterator[TaskEvent]:
-    """Yield the feed's events once each, in revision order, ending after a final state."""
-    last = -1 if feed.after is None else feed.after
-    try:
-        feed.open()
-        while not feed.finished:
-            stored = feed.next(timeout)
-            if stored.mod_revision <= last:
-                continue  # replayed after a reconnect, or both read and watched
-            last = stored.mod_revision
-            event = _to_event(feed.task_id, stored, decode)
+def iter_events(stream: TaskStream, timeout: float | None) -> Iterator[TaskEvent]:
+    """Yield the stream's events until a final state; TimeoutError after ``timeout`` s of quiet."""
+    with stream:
+        stream.open()
+        while not stream.finished:
+            event = stream.next(timeout)
+            if event is None:
+                raise TimeoutError(f"no state change of task {stream.task_id} within {timeout}s")
             yield event
-            feed.finished = event.final
-    finally:
-        feed.close()
 
 
 def _to_event(task_id: str, stored: Stored, decode: Callable[[bytes], dict]) -> TaskEvent:

@@ -1,24 +1,31 @@
-"""Watch streams that survive reconnects without missing or repeating an event.
+"""The watch hub: one etcd watch stream per process and cluster, shared by every subscriber.
 
-One :class:`WatchStream` is one gRPC bidirectional stream carrying many watches.
-Each :class:`Watch` remembers the revision after the last event it delivered;
-when the stream breaks (etcd restart, leader change, failover to another
-endpoint) every watch is re-created from that revision. If etcd compacted the
-revision away, the watch's ``on_resync`` re-reads state and says where to resume.
+:func:`hub_for` gives this process's :class:`WatchHub` for an etcd configuration;
+``hub.subscribe(key, callback, prefix=..., start_revision=...)`` follows a key or a key
+prefix, ``hub.unsubscribe(watch)`` stops. Underneath, one :class:`WatchStream` (one gRPC
+bidirectional stream) carries every watch. Each :class:`Watch` remembers the revision after
+the last event it delivered; when the stream breaks (etcd restart, leader change, failover)
+every watch is re-created from that revision. If etcd compacted that revision away, the
+watch's ``on_resync`` re-reads state and says where to resume.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from etcd3 import etcdrpc
 from etcd3.exceptions import NoServerAvailableError
 from etcd3.utils import prefix_range_end, to_bytes
+
+from etcd_broker import ops
+from etcd_broker.client import EtcdConfig, get_client
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +34,8 @@ RECONNECT_FIRST_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
 EVENT_PUT = 0
 EVENT_DELETE = 1
+#: Thread name of every hub's stream (one per process and etcd configuration).
+HUB_THREAD_NAME = "etcd-watch-hub"
 
 EventsCallback = Callable[[Sequence["etcdrpc.Event"]], None]
 ResyncCallback = Callable[[], int]
@@ -73,6 +82,8 @@ class WatchStream:
         self._call = None
         self._closed = threading.Event()
         self._connected = threading.Event()
+        #: Events delivered to callbacks since the stream started (every watch together).
+        self.events_delivered = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -187,6 +198,7 @@ class WatchStream:
                 pass
 
     def _handle(self, response) -> None:
+        ops.saw_revision(self.client, response.header.revision)
         with self._lock:
             if response.created:
                 watch = self._pending.popleft() if self._pending else None
@@ -211,6 +223,7 @@ class WatchStream:
             return
         if response.events:
             watch.next_revision = response.events[-1].kv.mod_revision + 1
+            self.events_delivered += len(response.events)
             watch.callback(response.events)
         elif not response.created:
             # A progress notification: every event up to this revision was sent.
@@ -226,6 +239,88 @@ class WatchStream:
             watch.next_revision = revision + 1 if watch.on_resync else compact_revision
             if not watch.cancelled:
                 self._send_create(watch)
+
+
+class WatchHub:
+    """Subscriptions to etcd keys and key prefixes, all carried by one :class:`WatchStream`.
+
+    - ``subscribe(key, callback, prefix=False, start_revision=None)``: ``callback(events)``
+      gets every change of the key (or of every key under it) with a revision >=
+      ``start_revision`` (None: from when etcd confirms the subscription), in revision
+      order, each once. A ``start_revision`` in the past replays etcd's history, so a
+      subscriber that knows a revision at or before a write never misses it, however late
+      etcd confirms the subscription.
+    - Reconnects are invisible: the subscription resumes after the last revision it
+      delivered (or the last progress notification).
+    - Compaction: if etcd no longer has the revision to resume from, ``on_resync()`` is
+      called; it re-reads whatever the subscriber follows and returns the revision it
+      read at, and events resume after it. Without ``on_resync`` the subscription resumes
+      at the oldest revision etcd still has: changes in between are not delivered.
+    - Callbacks run on the stream's thread, one at a time: keep them short (fill a queue).
+    """
+
+    def __init__(self, client: Any, name: str = HUB_THREAD_NAME) -> None:
+        self.client = client
+        self._stream = WatchStream(client, name=name)
+
+    def subscribe(self, key: str | bytes, callback: EventsCallback, *, prefix: bool = False,
+                  start_revision: int | None = None, puts_only: bool = False, prev_kv: bool = False,
+                  on_resync: ResyncCallback | None = None,
+                  on_created: Callable[[], None] | None = None) -> Watch:
+        """Follow ``key`` (every key under it with ``prefix=True``); returns the handle to unsubscribe."""
+        if start_revision is not None and start_revision < 0:
+            raise ValueError(f"start_revision must be a revision >= 0 (got {start_revision})")
+        return self._stream.watch(key, callback, prefix=prefix, start_revision=start_revision or None,
+                                  prev_kv=prev_kv, on_resync=on_resync, on_created=on_created,
+                                  puts_only=puts_only)
+
+    def unsubscribe(self, watch: Watch) -> None:
+        """Stop delivering to ``watch``'s callback (idempotent)."""
+        self._stream.cancel(watch)
+
+    def wait_created(self, watch: Watch, timeout: float | None = None) -> bool:
+        """Block until etcd confirmed ``watch`` (only needed without a ``start_revision``)."""
+        return self._stream.wait_created(watch, timeout)
+
+    @property
+    def revision(self) -> int:
+        """The newest etcd revision this process has seen on this cluster (0: none yet)."""
+        return ops.last_revision(self.client)
+
+    @property
+    def events_delivered(self) -> int:
+        """Events this process received from etcd through the hub (all subscriptions)."""
+        return self._stream.events_delivered
+
+    @property
+    def connected(self) -> bool:
+        return self._stream.connected
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+_hubs: dict[tuple[int, EtcdConfig], WatchHub] = {}
+_hubs_lock = threading.Lock()
+
+
+def hub_for(config: EtcdConfig) -> WatchHub:
+    """This process's one :class:`WatchHub` for ``config`` (a new one in a forked child)."""
+    key = (os.getpid(), config)
+    with _hubs_lock:
+        hub = _hubs.get(key)
+        if hub is None:
+            hub = _hubs[key] = WatchHub(get_client(config))
+        return hub
+
+
+def close_hubs() -> None:
+    """Close this process's hubs (tests, shutdown); the next :func:`hub_for` opens a new one."""
+    with _hubs_lock:
+        hubs = [hub for (pid, _), hub in _hubs.items() if pid == os.getpid()]
+        _hubs.clear()
+    for hub in hubs:
+        hub.close()
 
 
 class _StreamRestart(grpc.RpcError):

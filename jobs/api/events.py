@@ -3,14 +3,16 @@
 One ``state`` event per task state change (``id:`` is the etcd revision, so a reconnecting
 EventSource sends Last-Event-ID and misses nothing), ``position`` events while the job
 waits, a heartbeat comment every JOBS_SSE_HEARTBEAT_SECONDS, and the stream ends at a
-final state. Each open stream holds one server thread: run gunicorn with gthread workers.
+final state. One subscription on the process's etcd watch hub serves the whole stream.
+Each open stream holds one server thread: run gunicorn with gthread workers.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
@@ -66,65 +68,75 @@ def stream(job: Job, after: int | None) -> Iterator[str]:
 
 
 def _follow_job(job: Job, after: int | None, waiting: dict[str, int | None]) -> Iterator[str]:
-    quiet_since = time.monotonic()
-    tick = lambda: _tick_seconds(waiting["ahead"])  # noqa: E731 - re-read after every event
-    for item in follow(str(job.id), after, tick=tick):
-        if item is None:
-            moved = _position_update(job, waiting["ahead"])
-            if moved is not None:
-                waiting["ahead"] = moved
-                yield sse({"id": str(job.id), "jobs_ahead": moved}, "position")
-            elif time.monotonic() - quiet_since >= settings.JOBS_SSE_HEARTBEAT_SECONDS - 0.5:
-                yield ": heartbeat\n\n"
-            else:
-                continue
-            quiet_since = time.monotonic()
-            continue
-        data = task_event(item)
-        if data["status"] != Status.QUEUED:
-            waiting["ahead"] = None
-        yield sse(data, "state", item.revision)
-        quiet_since = time.monotonic()
-        if data["status"] in FINAL_STATUSES:
-            return
-
-
-def follow(task_id: str, after: int | None, *, tick: Callable[[], float]) -> Iterator[Any]:
-    """The backend's watch for one task: TaskEvents, and None after each ``tick`` seconds of quiet."""
+    """State events from one subscription held for the whole stream; a clock of deadlines for the rest."""
     from deephardway_site.celery import app
-    from etcd_broker.backend import watch_task
+    from etcd_broker.backend import follow_task
 
-    while True:
-        try:
-            for event in watch_task(task_id, app=app, after_revision=after, timeout=tick()):
-                yield event
-                after = event.revision
-                if event.final:
-                    return
-        except TimeoutError:
-            yield None
-            continue
-        # The watch ended at once: the client saw the final state already. Say it again, so
-        # the browser closes its EventSource instead of reconnecting.
-        events = watch_task(task_id, app=app)
-        try:
-            yield next(events)
-        finally:
-            events.close()
-        return
+    with follow_task(str(job.id), app=app, after_revision=after) as events:
+        if events.finished:
+            # The client saw the final state already. Say it again, so the browser closes its
+            # EventSource instead of reconnecting.
+            with follow_task(str(job.id), app=app) as current:
+                final = current.next(timeout=None)
+            yield sse(task_event(final), "state", final.revision)
+            return
+        clock = _Clock(waiting["ahead"] is not None)
+        while not events.finished:
+            event = events.next(timeout=clock.wait())
+            if event is not None:
+                data = task_event(event)
+                if data["status"] != Status.QUEUED:
+                    waiting["ahead"] = None
+                    clock.stop_positions()
+                yield sse(data, "state", event.revision)
+                clock.sent()
+                continue
+            if clock.position_due():
+                moved = _position_update(job, waiting["ahead"])
+                if moved is not None:
+                    waiting["ahead"] = moved
+                    yield sse({"id": str(job.id), "jobs_ahead": moved}, "position")
+                    clock.sent()
+            if clock.heartbeat_due():
+                yield ": heartbeat\n\n"
+                clock.sent()
 
 
-def _tick_seconds(position: int | None) -> float:
-    if position is not None:
-        return min(settings.JOBS_SSE_POSITION_SECONDS, settings.JOBS_SSE_HEARTBEAT_SECONDS)
-    return settings.JOBS_SSE_HEARTBEAT_SECONDS
+class _Clock:
+    """When the stream next owes a heartbeat (after quiet) and a place-in-line check (while queued)."""
+
+    def __init__(self, queued: bool) -> None:
+        now = time.monotonic()
+        self.heartbeat_at = now + settings.JOBS_SSE_HEARTBEAT_SECONDS
+        self.position_at = now + settings.JOBS_SSE_POSITION_SECONDS if queued else math.inf
+
+    def wait(self) -> float:
+        """Seconds until the next thing is due."""
+        return max(0.0, min(self.heartbeat_at, self.position_at) - time.monotonic())
+
+    def sent(self) -> None:
+        self.heartbeat_at = time.monotonic() + settings.JOBS_SSE_HEARTBEAT_SECONDS
+
+    def stop_positions(self) -> None:
+        self.position_at = math.inf
+
+    def position_due(self) -> bool:
+        now = time.monotonic()
+        if now < self.position_at:
+            return False
+        self.position_at = now + settings.JOBS_SSE_POSITION_SECONDS
+        return True
+
+    def heartbeat_due(self) -> bool:
+        return time.monotonic() >= self.heartbeat_at
 
 
 def _position_update(job: Job, position: int | None) -> int | None:
     """The job's new place in line if it still waits and moved; None otherwise."""
     if position is None:
         return None
-    close_old_connections()
+    if not connection.in_atomic_block:
+        close_old_connections()
     try:
         fresh = Job.objects.filter(pk=job.pk).first()
         now = fresh.jobs_ahead() if fresh is not None else None
@@ -134,8 +146,14 @@ def _position_update(job: Job, position: int | None) -> int | None:
 
 
 def _release_db() -> None:
-    """A stream may stay open for minutes: do not hold a database connection meanwhile."""
-    connection.close()
+    """A stream may stay open for minutes: do not hold a database connection meanwhile.
+
+    Not inside a transaction (a test's, or ATOMIC_REQUESTS): closing there hands a connection
+    in a transaction back to the pool, and the transaction's later queries fail with
+    "the connection is closed" (PostgreSQL with a psycopg pool).
+    """
+    if not connection.in_atomic_block:
+        connection.close()
 
 
 def task_event(event: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import pytest
 from celery import Celery, states
 
 from etcd_broker.backend import TaskEvent, watch_task
-from etcd_broker.result_store import shared_stream
+from etcd_broker.watch import HUB_THREAD_NAME, hub_for
 
 
 def store(app, task_id: str, updates: list[tuple[str, object]]) -> None:
@@ -104,9 +104,9 @@ def test_many_concurrent_streams_share_one_watch_stream_and_all_see_every_update
         thread.join(timeout=15)
     assert all([e.state for e in events] == ["PENDING", "PROGRESS", "PROGRESS", "PROGRESS", "SUCCESS"]
                for events in collected)
-    names = [t.name for t in threading.enumerate() if t.name == "etcd-results-watch"]
+    names = [t.name for t in threading.enumerate() if t.name == HUB_THREAD_NAME]
     assert len(names) == 1
-    assert shared_stream(results_app.backend.config) is results_app.backend.store.stream
+    assert hub_for(results_app.backend.config) is results_app.backend.store.hub
 
 
 def test_a_non_etcd_app_is_refused_with_a_clear_error():

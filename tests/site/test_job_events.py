@@ -77,6 +77,7 @@ def test_it_streams_each_state_change_and_ends_at_the_final_one(owner_client, us
     assert stream.rest() == []  # the stream ends at the final state
 
 
+@pytest.mark.django_db(transaction=True)  # the hang-up ends the request, which closes the connection
 def test_a_reconnecting_client_misses_nothing_and_sees_nothing_twice(owner_client, user, make_job, site_celery):
     job = make_job(user)
     backend = site_celery.backend

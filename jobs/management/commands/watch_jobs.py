@@ -1,8 +1,9 @@
 """``manage.py watch_jobs``: keep every Job row in step with its task's state in etcd.
 
-One prefix watch over all task states (the result backend's keys) feeds an inbox; the
-main thread applies each change to its Job within a second. On start, and after etcd
-compacted history it had not read, it re-reads the state of every unfinished job.
+One subscription to every task state (the result backend's key prefix, on the process's
+etcd watch hub) feeds an inbox; the main thread applies each change to its Job within a
+second. On start, and after etcd compacted history it had not read, it re-reads the state
+of every unfinished job and follows changes from the revision of that read.
 Workers never write to the database: this process is the only writer of job states.
 """
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import close_old_connections
 
+from etcd_broker.backend import EtcdBackend
+from etcd_broker.task_events import TaskEvent
+from etcd_broker.watch import EVENT_PUT
 from jobs import services
 from jobs.models import Job
 
@@ -24,12 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds the main loop waits for a state change before checking whether to stop.
 INBOX_WAIT = 1.0
-#: Seconds to wait for etcd to confirm the watch before catching up anyway.
-WATCH_CREATE_TIMEOUT = 10.0
 #: Seconds between attempts to start watching while etcd is unreachable.
 RETRY_SECONDS = 2.0
-#: A task id never used: reading its state returns nothing but etcd's current revision.
-REVISION_PROBE = "watch-jobs-revision-probe"
 #: Value of a deleted (expired or forgotten) state key in the inbox.
 DELETED = b""
 
@@ -48,8 +48,6 @@ class JobWatcher:
     """Follows every task state under the backend's prefix and applies it to its Job."""
 
     def __init__(self, app: Any) -> None:
-        from etcd_broker.backend import EtcdBackend
-
         backend = app.backend
         if not isinstance(backend, EtcdBackend):
             raise TypeError(f"watch_jobs needs the etcd result backend, not {type(backend).__name__}")
@@ -60,29 +58,28 @@ class JobWatcher:
         self.applied = 0
 
     def start(self) -> JobWatcher:
-        """Watch first, then read: a change in between arrives both ways and is applied once."""
+        """Read every unfinished job, then follow every change after that read's revision."""
         keys = self.store.keys
-        self.watch = self.store.stream.watch(keys.results(), self._on_events, prefix=True,
-                                             on_resync=self._on_resync)
-        if not self.store.stream.wait_created(self.watch, WATCH_CREATE_TIMEOUT):
-            logger.warning("etcd has not confirmed the results watch yet; catching up anyway")
-        caught = self.catch_up()
-        logger.info("watching task states under %s; %d unfinished jobs re-read", keys.results(), caught)
+        revision = self.catch_up()
+        self.watch = self.store.hub.subscribe(keys.results(), self._on_events, prefix=True,
+                                              start_revision=revision + 1, on_resync=self._on_resync)
+        logger.info("watching task states under %s from revision %d", keys.results(), revision + 1)
         return self
 
     def stop(self) -> None:
         if self.watch is not None:
-            self.store.stream.cancel(self.watch)
+            self.store.hub.unsubscribe(self.watch)
             self.watch = None
 
     def catch_up(self, job_ids: Iterable[str] | None = None) -> int:
-        """Queue the stored state of every unfinished job (after a restart or a compaction)."""
+        """Queue the stored state of every unfinished job; returns a revision at or before every read."""
         ids = list(job_ids) if job_ids is not None else [str(pk) for pk in
                                                            Job.objects.active().values_list("pk", flat=True)]
-        found, _revision = self.store.read_many(ids)
+        found, revision = self.store.read_many(ids)
         for task_id, stored in found.items():
             self.inbox.put((task_id, stored.value, stored.mod_revision))
-        return len(ids)
+        logger.info("%d unfinished jobs re-read at revision %d", len(ids), revision)
+        return revision
 
     def apply_pending(self, timeout: float = INBOX_WAIT) -> int:
         """Apply every queued change (waiting up to ``timeout`` for the first); returns how many."""
@@ -119,8 +116,6 @@ class JobWatcher:
 
     # -- the watch stream's thread only fills the inbox -------------------------------
     def _on_events(self, events: Any) -> None:
-        from etcd_broker.watch import EVENT_PUT
-
         for event in events:
             task_id = self.store.keys.task_id_of_result(event.kv.key)
             value = event.kv.value if event.type == EVENT_PUT else DELETED
@@ -128,14 +123,10 @@ class JobWatcher:
 
     def _on_resync(self) -> int:
         logger.warning("results history was compacted; re-reading every unfinished job")
-        _, revision = self.store.read(REVISION_PROBE)
         close_old_connections()
-        self.catch_up()
-        return revision
+        return self.catch_up()
 
     def _apply(self, task_id: str, value: bytes, revision: int) -> int:
-        from etcd_broker.task_events import TaskEvent
-
         try:
             meta = self.backend.decode(value) if value else {}
             event = (TaskEvent.from_meta(task_id, meta, revision) if value
@@ -150,7 +141,7 @@ class JobWatcher:
 
 
 class Command(BaseCommand):
-    help = "Keep Job rows in step with their tasks' states (a prefix watch on the result backend)."
+    help = "Keep Job rows in step with their tasks' states (a prefix subscription on the etcd watch hub)."
 
     def handle(self, *args: Any, **options: Any) -> None:
         from deephardway_site.celery import app

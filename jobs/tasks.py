@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task, shared_task, signals
-from celery.exceptions import Ignore
-from celery.worker import state as worker_state
 from django.conf import settings
 
-from ml.errors import Cancelled
+from ml.progress import Progress
 from ml.serving import ModelHost
 
 logger = logging.getLogger(__name__)
@@ -39,63 +38,33 @@ def host() -> ModelHost:
         return _host
 
 
-class CancelGuard:
-    """Cancellation and progress for one running task.
+def guarded(task: Task, work: Callable[[Progress], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``work(on_progress)``; cancellation is the result backend's (EtcdBackend, docs/results.md).
 
-    Cancelled means: the id is in this worker's revoked set (a revoke broadcast arrived) or
-    the result backend holds a cancel marker for it (``EtcdBackend.is_cancelled``, if offered).
+    A job cancelled while queued never starts (``stop_if_cancelled``); a running one stops at
+    its next progress point, where the PROGRESS write finds the revoke or the cancel marker.
     """
+    task.backend.stop_if_cancelled(task.request.id)
 
-    def __init__(self, task: Task) -> None:
-        self.task = task
-        self.task_id = task.request.id
+    def on_progress(percent: float, meta: dict[str, Any]) -> None:
+        task.update_state(state="PROGRESS", meta={"progress": percent, **meta})
 
-    def cancelled(self) -> bool:
-        if self.task_id in worker_state.revoked:
-            return True
-        is_cancelled = getattr(self.task.backend, "is_cancelled", None)
-        return bool(is_cancelled is not None and is_cancelled(self.task_id))
-
-    def check(self) -> None:
-        if self.cancelled():
-            raise Cancelled(self.task_id)
-
-    def progress(self, percent: float, meta: dict[str, Any]) -> None:
-        """A progress point: stop here if cancelled, otherwise publish PROGRESS."""
-        self.check()
-        self.task.update_state(state="PROGRESS", meta={"progress": percent, **meta})
-
-    def stop(self) -> None:
-        """Record REVOKED and tell Celery to store nothing else."""
-        logger.info("task %s cancelled; stopping", self.task_id)
-        self.task.backend.mark_as_revoked(self.task_id, reason="cancelled", request=self.task.request)
-        raise Ignore()
-
-
-def guarded(task: Task, work) -> dict[str, Any]:
-    """Run ``work(guard)`` unless the task was cancelled before or while it ran."""
-    guard = CancelGuard(task)
-    try:
-        guard.check()  # a job cancelled while queued never starts
-        return work(guard)
-    except Cancelled:
-        guard.stop()
-        raise  # not reached: stop() raises Ignore
+    return work(on_progress)
 
 
 @shared_task(bind=True, name="jobs.tasks.run_model", queue=GPU_QUEUE, acks_late=True)
 def run_model(self: Task, model: str, payload: dict) -> dict:
     """Run one request: classify -> {"top": [...], "seen": [...]}, generate -> {"text": ...},
     suggest -> {"suggestions": [...]}; PROGRESS {"progress", "text"} while generating."""
-    return guarded(self, lambda guard: host().run(model, payload, on_progress=guard.progress))
+    return guarded(self, lambda on_progress: host().run(model, payload, on_progress=on_progress))
 
 
 @shared_task(bind=True, name="jobs.tasks.train_model", queue=GPU_QUEUE, acks_late=True)
 def train_model(self: Task, model: str, epochs: int | None = None, only_missing: bool = False) -> dict:
     """(Re)train ``model`` into MODEL_DIR (PROGRESS: epoch, metrics, time left); returns its model
     card. ``only_missing``: a model trained meanwhile is not retrained (``manage.py dev``)."""
-    return guarded(self, lambda guard: host().train(model, epochs, on_progress=guard.progress,
-                                                    only_missing=only_missing))
+    return guarded(self, lambda on_progress: host().train(model, epochs, on_progress=on_progress,
+                                                          only_missing=only_missing))
 
 
 @signals.worker_init.connect

@@ -2,7 +2,8 @@
 started on first use and stopped at exit; fresh databases on it; Django pointed at it.
 
 ``TEST_DATABASE_URL=postgres://user@host:port/name`` uses a server you run instead (CI with a
-database service); that server must let the user create databases.
+database service); that server must let the user create databases. ``TEST_DATABASE_URL=sqlite``
+leaves Django on SQLite (a machine without PostgreSQL, or to compare).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _with_database(url: str, name: str) -> str:
 
 
 def use_for_django() -> str:
-    """Point Django's default database at PostgreSQL, before any connection is opened.
+    """Point Django's default database at PostgreSQL, before any connection is opened; returns its URL.
 
     Settings are already loaded when conftests run (pytest-django loads them first), so the
     ``default`` entry is replaced in place and the connection handler's cached copy dropped.
@@ -61,6 +62,8 @@ def use_for_django() -> str:
     from django.conf import settings
     from django.db import connections
 
+    if os.environ.get(EXTERNAL_VARIABLE) == "sqlite":
+        return settings.DATABASES["default"]["NAME"]
     url = _with_database(base_url(), DJANGO_DATABASE)
     default = settings.DATABASES["default"]
     default.clear()

@@ -1,0 +1,117 @@
+"""A get() receives what it waits for, never misses it, and nothing else (one watch hub per process)."""
+from __future__ import annotations
+
+import threading
+import uuid
+
+from celery import group, states
+
+from etcd_broker.result_store import ResultStore
+from tests.backend.conftest import task
+from tests.helpers import wait_until
+
+ROUNDS = 300
+
+
+def new_id(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:8]}"
+
+
+def count_reads(monkeypatch, store: ResultStore) -> list[list[str]]:
+    """Record every read_many() the consumer makes (the result it would find without a watch)."""
+    reads: list[list[str]] = []
+    original = store.read_many
+
+    def read_many(task_ids):
+        ids = list(task_ids)
+        reads.append(ids)
+        return original(ids)
+
+    monkeypatch.setattr(store, "read_many", read_many)
+    return reads
+
+
+def test_a_result_stored_before_the_wait_arrives_from_history_every_time(results_app, monkeypatch):
+    # The worker finishes before the caller waits, i.e. before etcd confirms the caller's watch:
+    # the watch starts at a revision seen before the publish, so etcd replays the result.
+    backend = results_app.backend
+    reads = count_reads(monkeypatch, backend.store)
+    for number in range(ROUNDS):
+        task_id = new_id("early")
+        backend.on_task_call(None, task_id)  # what apply_async does before publishing
+        backend.store_result(task_id, number, states.SUCCESS)
+        assert results_app.AsyncResult(task_id).get(timeout=10) == number
+    assert reads == []  # every one came through its watch, none through a read
+
+
+def test_a_result_written_while_the_watch_is_being_created_is_never_missed(results_app):
+    backend = results_app.backend
+    for number in range(ROUNDS):
+        task_id = new_id("race")
+        backend.on_task_call(None, task_id)
+        writer = threading.Thread(target=backend.store_result, args=(task_id, number, states.SUCCESS))
+        writer.start()
+        assert results_app.AsyncResult(task_id).get(timeout=10) == number
+        writer.join()
+
+
+def test_a_get_on_a_task_published_elsewhere_reads_what_is_stored(results_app):
+    results_app.backend.store_result("elsewhere", 42, states.SUCCESS)
+    assert results_app.AsyncResult("elsewhere").get(timeout=10) == 42
+
+
+def test_a_get_after_history_was_compacted_still_returns(results_app):
+    backend = results_app.backend
+    task_id = new_id("compacted")
+    backend.on_task_call(None, task_id)
+    backend.store_result(task_id, "kept", states.SUCCESS)
+    for number in range(5):  # move the revision on, then compact past the task's put
+        backend.store_result(new_id("filler"), number, states.SUCCESS)
+    backend.store.client.compact(backend.store.current_revision())
+    assert results_app.AsyncResult(task_id).get(timeout=10) == "kept"
+
+
+def test_a_waiter_receives_the_writes_of_its_task_and_no_other(results_app):
+    backend = results_app.backend
+    hub = backend.store.hub
+    waited, other = new_id("waited"), new_id("other")
+    backend.on_task_call(None, waited)
+    backend.on_task_call(None, other)  # published here too, but nobody waits on it
+    seen: list[str] = []
+    done = threading.Event()
+
+    def wait() -> None:
+        results_app.AsyncResult(waited).get(timeout=30, on_message=lambda m: seen.append(m["status"]))
+        done.set()
+
+    before = hub.events_delivered
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    backend.store_result(waited, {"progress": 10}, "PROGRESS")
+    wait_until(lambda: seen == ["PROGRESS"], timeout=10, message="the waiter saw its first PROGRESS")
+    for percent in range(1, 51):  # another task's progress, while the waiter's watch is live
+        backend.store_result(other, {"progress": percent}, "PROGRESS")
+    backend.store_result(other, "other's result", states.SUCCESS)
+    backend.store_result(waited, "mine", states.SUCCESS)
+    waiter.join(timeout=30)
+    assert done.is_set() and seen == ["PROGRESS", "SUCCESS"]
+    assert backend.store.read(other)[0] is not None  # the other task's 51 writes did happen
+    assert hub.events_delivered - before == 2  # ... and none of them reached this process
+
+
+def test_a_process_waiting_on_one_task_gets_no_events_of_a_task_a_worker_runs_meanwhile(worker_app):
+    backend = worker_app.backend
+    hub = backend.store.hub
+    before = hub.events_delivered
+    busy = task(worker_app, "count_with_progress", 20, 0.01).apply_async()  # submitted, never waited on
+    assert task(worker_app, "add", 2, 3).apply_async().get(timeout=30) == 5
+    wait_until(lambda: (stored := backend.store.read(busy.id)[0]) is not None
+               and b'"SUCCESS"' in stored.value, timeout=30, message="the busy task finished")
+    assert hub.events_delivered - before == 1  # add's SUCCESS; none of the busy task's 21 writes
+
+
+def test_hundreds_of_results_from_a_real_worker_all_arrive(worker_app):
+    for number in range(ROUNDS // 2):
+        assert task(worker_app, "add", number, 1).apply_async().get(timeout=30) == number + 1
+    results = group(task(worker_app, "add", n, n) for n in range(ROUNDS // 2)).apply_async()
+    assert results.get(timeout=60) == [2 * n for n in range(ROUNDS // 2)]

@@ -20,7 +20,7 @@ from django.db import close_old_connections, connection
 from django.http import HttpRequest, StreamingHttpResponse
 
 from jobs.api.auth import api, get_job
-from jobs.models import CELERY_STATES, FINAL_STATUSES, Job, Status
+from jobs.models import CELERY_STATES, Job, Status
 from jobs.services import describe_error, partial_of
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ Clients (threads of this process) send ``jobs.tasks.run_model`` by name, as the 
 each waits for its result (``send_task(...).get()``) before sending the next. Every broker gets the
 same worker: ``celery -A deephardway_site worker -Q gpu -P threads -c 64 --without-gossip
 --without-mingle --without-heartbeat`` with the project's own settings (prefetch multiplier 1,
-task_track_started, result_extended, priorities 0-9, micro-batching on); only the URLs differ:
+task_track_started, result_extended, priorities 0-9, micro-batching on); only the URLs differ
+(and Celery's Redis result backend gets a no-op ``stop_if_cancelled``: benchmarks/rival_worker.py):
 
 * etcd: our transport and result backend on one etcd member (every write fsynced);
 * redis: Celery with Redis as broker and result backend, Redis's defaults (no persistence);
@@ -20,6 +21,11 @@ process and of the servers (from /proc); for etcd its own counters per job (raft
 committed, requests by method, from /metrics), for Redis the commands it processed per job.
 The in-process ceiling is the model's own batched throughput: the same client threads calling
 ``ModelHost.run`` in this process with the worker's batching settings, as bench_batching measures.
+
+All configurations run side by side: their servers and workers start first, then each round
+(model, client count) goes through every configuration in turn, the order rotating from round
+to round, so that the load of a shared machine changes all columns alike (each row shows the
+load average when it ended).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +69,7 @@ TASK = "jobs.tasks.run_model"
 #: gRPC methods that are streams: their messages are not requests of their own.
 ETCD_STREAMS = ("Watch", "LeaseKeepAlive")
 #: etcd counters shown per job in the detail table (see ``common.etcd_counters``).
-ETCD_DETAIL = ("proposals", "rpc_Put", "rpc_Txn", "rpc_Range", "rpc_DeleteRange", "rpc_LeaseGrant",
+ETCD_DETAIL = ("proposals", "wal_fsyncs", "wal_fsync_ms", "rpc_Put", "rpc_Txn", "rpc_Range", "rpc_DeleteRange", "rpc_LeaseGrant",
                "rpc_LeaseKeepAlive", "rpc_Watch", "sent_Watch", "mvcc_put", "mvcc_txn", "mvcc_range",
                "mvcc_delete")
 
@@ -204,7 +210,7 @@ def measure_round(label: str, stack: Stack, worker_pid: int, make_request, clien
         "client_ms": 1e3 * (b.client_cpu - a.client_cpu) / max(jobs, 1),
         "server_ms": 1e3 * (b.server_cpu - a.server_cpu) / max(jobs, 1),
         "etcd": etcd, "redis_cmds": (b.redis_commands - a.redis_commands) / max(jobs, 1) if stack.redis else None,
-        "errors": sum(1 for outcome in outcomes if outcome is not True),
+        "errors": sum(1 for outcome in outcomes if outcome is not True), "load": os.getloadavg()[0],
     }
     etcd_text = (f"  etcd {sum(v for k, v in etcd.items() if k.startswith('rpc_') and k[4:] not in ETCD_STREAMS):.1f} "
                  f"req/job, {etcd.get('proposals', 0):.2f} proposals/job") if stack.etcd else ""
@@ -214,28 +220,34 @@ def measure_round(label: str, stack: Stack, worker_pid: int, make_request, clien
     return result
 
 
-def bench_stack(name: str, models: list[str], clients: list[int], model_dir: Path, seconds: float,
-                work: dict[str, list[dict]]) -> dict[tuple[str, int], dict]:
-    """All rounds of one broker configuration: its own servers and worker, every model and client count."""
-    results = {}
-    with running(name) as stack:
-        progress(f"{name}: starting the worker (-Q gpu -P threads -c {WORKER_THREADS})")
-        worker = start_worker("deephardway_site", worker_env(stack, model_dir), concurrency=WORKER_THREADS,
-                              queues="gpu")
-        app = client_app(stack)
-        try:
-            for model in models:
-                first = app.send_task(TASK, args=[model, work[model][0]]).get(timeout=120)  # loads the model
-                if not is_answer(first):
-                    raise SystemExit(f"{name}: run_model({model}) answered {first!r}")
-                for count in clients:
-                    results[(model, count)] = measure_round(
-                        f"{name} {model}", stack, worker.pid, remote_request(app, model, work[model], count),
-                        count, seconds)
-        finally:
-            app.close()
-            stop_worker(worker)
-    return results
+@dataclass
+class Participant:
+    """One column of the comparison, ready to run a round: ``run(model, clients, seconds)``."""
+
+    name: str
+    run: Callable[[str, int, float], dict[str, Any]]
+
+
+def remote_participant(exits: ExitStack, name: str, models: list[str], model_dir: Path,
+                       work: dict[str, list[dict]]) -> Participant:
+    """Broker configuration ``name`` with its servers, its own worker and a client app, models loaded."""
+    stack = exits.enter_context(running(name))
+    progress(f"{name}: starting the worker (-Q gpu -P threads -c {WORKER_THREADS})")
+    worker = start_worker("deephardway_site", worker_env(stack, model_dir), concurrency=WORKER_THREADS, queues="gpu",
+                          module="celery" if stack.etcd else "benchmarks.rival_worker")
+    exits.callback(stop_worker, worker)
+    app = client_app(stack)
+    exits.callback(app.close)
+    for model in models:
+        first = app.send_task(TASK, args=[model, work[model][0]]).get(timeout=120)  # the worker loads the model
+        if not is_answer(first):
+            raise SystemExit(f"{name}: run_model({model}) answered {first!r}")
+
+    def run(model: str, clients: int, seconds: float) -> dict[str, Any]:
+        return measure_round(f"{name} {model}", stack, worker.pid, remote_request(app, model, work[model], clients),
+                             clients, seconds)
+
+    return Participant(name, run)
 
 
 def in_process_round(host, model: str, work: list[dict], clients: int, seconds: float) -> dict[str, Any]:
@@ -252,14 +264,14 @@ def in_process_round(host, model: str, work: list[dict], clients: int, seconds: 
               "p99": percentile(latencies, 99) * 1e3, "jobs": len(latencies),
               "worker_ms": 1e3 * (marks[False] - marks[True]) / max(len(latencies), 1),
               "client_ms": None, "server_ms": None, "etcd": {}, "redis_cmds": None,
-              "errors": sum(1 for outcome in outcomes if outcome is not True)}
+              "errors": sum(1 for outcome in outcomes if outcome is not True), "load": os.getloadavg()[0]}
     progress(f"[in-process {model}] {clients:>2} clients: {rate:7.0f} req/s  p50 {result['p50']:7.2f} ms  "
              f"CPU {result['worker_ms']:.2f} ms/req")
     return result
 
 
-def bench_in_process(models: list[str], clients: list[int], model_dir: Path, seconds: float,
-                     work: dict[str, list[dict]]) -> dict[tuple[str, int], dict]:
+def in_process_participant(exits: ExitStack, models: list[str], model_dir: Path,
+                           work: dict[str, list[dict]]) -> Participant:
     """The ceiling: client threads call ``ModelHost.run`` in this process (no queue at all), with
     the worker's batching settings."""
     from deephardway_site import settings
@@ -267,13 +279,25 @@ def bench_in_process(models: list[str], clients: list[int], model_dir: Path, sec
 
     host = ModelHost(model_dir, batch_max_size=settings.BATCH_MAX_SIZE, batch_window_ms=settings.BATCH_WINDOW_MS,
                      batching=settings.BATCHING)
-    try:
-        for model in models:
-            host.run(model, work[model][0])  # loads and traces the model
-        return {(model, count): in_process_round(host, model, work[model], count, seconds)
-                for model in models for count in clients}
-    finally:
-        host.close()
+    exits.callback(host.close)
+    for model in models:
+        host.run(model, work[model][0])  # loads and traces the model
+    return Participant("in-process", lambda model, clients, seconds: in_process_round(
+        host, model, work[model], clients, seconds))
+
+
+def run_rounds(participants: list[Participant], models: list[str], clients: list[int],
+               seconds: float) -> dict[str, dict[tuple[str, int], dict]]:
+    """Every (model, clients) round through every participant, the order rotating from round to
+    round, so that a change in the machine's load falls on all of them alike."""
+    results: dict[str, dict[tuple[str, int], dict]] = {p.name: {} for p in participants}
+    rounds = [(model, count) for model in models for count in clients]
+    for number, (model, count) in enumerate(rounds):
+        shift = number % len(participants)
+        progress(f"round {number + 1}/{len(rounds)}: {model}, {count} clients, load average {os.getloadavg()[0]:.1f}")
+        for participant in participants[shift:] + participants[:shift]:
+            results[participant.name][(model, count)] = participant.run(model, count, seconds)
+    return results
 
 
 def pick_model_dir(models: list[str], model_dir: Path) -> Path:
@@ -300,7 +324,7 @@ def main_rows(results: dict[str, dict]) -> list[list]:
             rows.append([broker, model, clients, round(r["rate"]), cell(r["p50"]), cell(r["p95"]), cell(r["p99"]),
                          cell(r["worker_ms"]), cell(r["client_ms"]), cell(r["server_ms"]),
                          cell(requests if etcd else None, 1), cell(etcd.get("proposals") if etcd else None),
-                         cell(r["redis_cmds"], 1), r["errors"]])
+                         cell(r["redis_cmds"], 1), r["errors"], cell(r["load"], 1)])
     return rows
 
 
@@ -354,17 +378,18 @@ def main(argv: list[str] | None = None) -> str:
     progress(f"{os.cpu_count()} CPUs, load average {started_load[0]:.1f}; models: "
              + "; ".join(describe_model(m, model_dir) for m in models))
     began = time.monotonic()
-    results = {broker: bench_stack(broker, models, args.clients, model_dir, args.seconds, work)
-               for broker in args.brokers}
-    if args.in_process:
-        results["in-process"] = bench_in_process(models, args.clients, model_dir, args.seconds, work)
+    with ExitStack() as exits:
+        participants = [remote_participant(exits, broker, models, model_dir, work) for broker in args.brokers]
+        if args.in_process:
+            participants.append(in_process_participant(exits, models, model_dir, work))
+        results = run_rounds(participants, models, args.clients, args.seconds)
     load = os.getloadavg()
     title = (f"run_model end to end, worker -P threads -c {WORKER_THREADS}, {args.seconds:g} s per round, "
              f"{os.cpu_count()} CPUs, load average {started_load[0]:.1f} at the start, {load[0]:.1f} / "
              f"{load[1]:.1f} (1 / 5 min) at the end, {time.monotonic() - began:.0f} s")
     parts = [print_table(title, ["broker", "model", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms",
                                  "worker CPU ms/req", "client CPU ms/req", "server CPU ms/req", "etcd req/job",
-                                 "proposals/job", "redis cmds/job", "errors"], main_rows(results))]
+                                 "proposals/job", "redis cmds/job", "errors", "load 1m"], main_rows(results))]
     if "etcd" in results:
         parts.append(print_table("etcd counters per job (from its /metrics): proposals, gRPC messages received "
                                  "by method, watch responses sent, MVCC operations",

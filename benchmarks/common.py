@@ -183,6 +183,7 @@ def session_cpu(session: int) -> float:
 
 def etcd_counters(client_url: str) -> dict[str, float]:
     """etcd's own request counters from ``/metrics``: ``proposals`` (raft proposals committed),
+    ``wal_fsyncs`` and ``wal_fsync_ms`` (write-ahead log fsyncs and the time they took),
     ``mvcc_range/put/delete/txn`` (operations, those inside transactions included), ``rpc_<Method>``
     (gRPC messages received: one per unary request, one per stream message) and ``sent_Watch``
     (watch responses sent)."""
@@ -195,6 +196,10 @@ def etcd_counters(client_url: str) -> dict[str, float]:
         name, _, labels = series.partition("{")
         if name == "etcd_server_proposals_committed_total":
             counters["proposals"] = float(value)
+        elif name == "etcd_disk_wal_fsync_duration_seconds_count":
+            counters["wal_fsyncs"] = float(value)
+        elif name == "etcd_disk_wal_fsync_duration_seconds_sum":
+            counters["wal_fsync_ms"] = 1000 * float(value)
         elif name.startswith("etcd_mvcc_") and name.endswith("_total") and not labels:
             counters[name[len("etcd_"):-len("_total")]] = float(value)
         elif name in ("grpc_server_msg_received_total", "grpc_server_msg_sent_total") and float(value):

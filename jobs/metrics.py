@@ -5,7 +5,8 @@ consumers (etcd, ``etcd_broker.stats``), jobs by state and the oldest waiting jo
 Recorded as they happen, by whichever process saves the Job (the web for submissions,
 ``watch_jobs`` for state changes): submissions and the latency histograms queued -> started ->
 finished. With ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn with several workers, ``watch_jobs``
-beside them), each process writes its samples there and the view adds them up.
+beside them), each process writes its samples there and the view adds them up. ``watch_jobs``
+elsewhere serves what it records itself on ``METRICS_PORT`` (:func:`serve_from_env`).
 """
 from __future__ import annotations
 
@@ -21,24 +22,19 @@ from django.db.models.signals import post_save
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from etcd_broker.keys import MAX_PRIORITY
+from jobs.exporter import DEFAULT_ADDR, port_from_env, recorded_registry, serve
 from jobs.models import FINAL_STATUSES, Job, Status
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable that turns on prometheus-client's multiprocess mode (a directory).
-MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+#: Port on which a site process other than the web (``watch_jobs``) serves what it records.
+PORT_VARIABLE = "METRICS_PORT"
+#: Address that exporter binds (default: all interfaces).
+ADDR_VARIABLE = "METRICS_ADDR"
 #: Latency buckets (seconds): a classification takes ~10 ms, a long generation minutes, training more.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -150,17 +146,24 @@ class Scrape:
     in multiprocess mode) and the collectors read now."""
 
     def __init__(self) -> None:
-        directory = os.environ.get(MULTIPROC_VARIABLE)
-        if directory:
-            recorded = CollectorRegistry()
-            MultiProcessCollector(recorded, path=directory)
-        else:
-            recorded = REGISTRY
-        self.sources = (recorded, BrokerCollector(), JobCollector())
+        self.sources = (recorded_registry(), BrokerCollector(), JobCollector())
 
     def collect(self) -> Iterator[Metric]:
         for source in self.sources:
             yield from source.collect()
+
+
+def serve_from_env() -> str | None:
+    """With METRICS_PORT set, serve what this process records (``watch_jobs``: the latency
+    histograms) on it and return the URL; CommandError naming the variable if it cannot.
+    The web serves GET /metrics instead."""
+    from django.core.management import CommandError
+
+    try:
+        port = port_from_env(PORT_VARIABLE)
+        return None if port is None else serve(port, os.environ.get(ADDR_VARIABLE, DEFAULT_ADDR), PORT_VARIABLE)
+    except (ValueError, OSError) as exc:
+        raise CommandError(str(exc)) from None
 
 
 def authorized(request: HttpRequest) -> bool:

@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 from celery import signals
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.multiprocess import mark_process_dead
 
+from jobs.exporter import DEFAULT_ADDR, MULTIPROC_VARIABLE, port_from_env, serve
 from ml import batching
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ logger = logging.getLogger(__name__)
 PORT_VARIABLE = "WORKER_METRICS_PORT"
 #: Address the exporter binds (Prometheus scrapes the worker host from elsewhere).
 ADDR_VARIABLE = "WORKER_METRICS_ADDR"
-DEFAULT_ADDR = "0.0.0.0"
-MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 #: Task run time buckets (seconds): a classification ~10 ms, a generation seconds, training minutes.
 RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
 #: Batch size buckets: powers of two up to the largest BATCH_MAX_SIZE anyone should use.
@@ -78,38 +77,24 @@ def observe_batch(model: str, size: int) -> None:
 batching.BATCH_OBSERVERS.append(observe_batch)
 
 
-def exporter_registry() -> CollectorRegistry:
-    """Every process's samples in multiprocess mode, else this process's."""
-    directory = os.environ.get(MULTIPROC_VARIABLE)
-    if not directory:
-        return REGISTRY
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)
-    return registry
-
-
 @signals.worker_init.connect
 def start_exporter(sender: Any = None, **kwargs: Any) -> None:
     """In the worker's main process, before any pool child exists: serve /metrics.
 
     A setting that cannot work stops the worker with a message naming it (SystemExit: Celery
     logs and ignores ordinary exceptions from signal handlers)."""
-    port = os.environ.get(PORT_VARIABLE)
-    if not port:
-        return
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise SystemExit(f"{PORT_VARIABLE}={port!r} is not a TCP port (1-65535)")
-    pool = str(getattr(sender, "pool_cls", "") or "")
-    if "prefork" in pool.lower() and not os.environ.get(MULTIPROC_VARIABLE):
-        raise SystemExit(f"{PORT_VARIABLE} with the prefork pool needs {MULTIPROC_VARIABLE} set to an "
-                         "empty directory for this worker: the pool's children keep their task metrics "
-                         "there (without it /metrics would show none of them)")
-    addr = os.environ.get(ADDR_VARIABLE, DEFAULT_ADDR)
     try:
-        start_http_server(int(port), addr=addr, registry=exporter_registry())
-    except OSError as exc:
-        raise SystemExit(f"{PORT_VARIABLE}={port}: cannot serve metrics on {addr}:{port}: {exc}") from None
-    logger.info("worker metrics on http://%s:%s/metrics", addr, port)
+        port = port_from_env(PORT_VARIABLE)
+        if port is None:
+            return
+        pool = str(getattr(sender, "pool_cls", "") or "")
+        if "prefork" in pool.lower() and not os.environ.get(MULTIPROC_VARIABLE):
+            raise ValueError(f"{PORT_VARIABLE} with the prefork pool needs {MULTIPROC_VARIABLE} set to an "
+                             "empty directory for this worker: the pool's children keep their task metrics "
+                             "there (without it /metrics would show none of them)")
+        serve(port, os.environ.get(ADDR_VARIABLE, DEFAULT_ADDR), PORT_VARIABLE)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(str(exc)) from None
 
 
 @signals.worker_process_shutdown.connect

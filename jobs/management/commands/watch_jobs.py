@@ -21,7 +21,7 @@ from django.db import close_old_connections
 from etcd_broker.backend import EtcdBackend
 from etcd_broker.task_events import TaskEvent
 from etcd_broker.watch import EVENT_PUT
-from jobs import services
+from jobs import metrics, services
 from jobs.models import Job
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class Command(BaseCommand):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         watcher = JobWatcher(app)
+        if served := metrics.serve_from_env():  # METRICS_PORT: the job latency histograms
+            self.stdout.write(f"watch_jobs: metrics on {served}")
         self.stdout.write(f"watch_jobs: following task states in etcd ({app.conf.result_backend})")
         watcher.run(stop)
         self.stdout.write(f"watch_jobs: stopped after applying {watcher.applied} state changes")

@@ -83,3 +83,17 @@ def test_a_waiting_training_that_is_cancelled_leaves_the_line(tmp_path):
         host.train("digits", 1, on_progress=cancel)
     thread.join(120)
     assert host.train("digits", 1)["epochs"] == 1  # the line is free again
+
+
+def test_train_models_prints_the_progress_the_pages_show(tmp_path):
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("train_models", "--model", "digits", "--epochs", "2", "--model-dir", str(tmp_path),
+                 stdout=out, stderr=io.StringIO(), verbosity=1)
+    lines = out.getvalue().splitlines()
+    assert "digits: [100.0%] epoch 2 of 2 · " in "\n".join(lines)
+    assert any(line.startswith("digits: [ 50.0%] epoch 1 of 2 · ") and line.endswith(" left") for line in lines)
+    assert any(line.startswith("digits: test_accuracy ") for line in lines)

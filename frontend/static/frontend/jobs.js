@@ -178,8 +178,10 @@ export class JobView {
 
   lineText() {
     const job = this.job;
-    if (job.status === "queued" && job.jobs_ahead != null) return aheadText(job.jobs_ahead);
-    if (job.status === "queued") return "Waiting for a worker";
+    // A queued training job from /api/models carries the estimate of when its model is ready.
+    const readyIn = job.kind === "train" && job.ready_in_seconds != null ? ` · ready in about ${duration(job.ready_in_seconds)}` : "";
+    if (job.status === "queued" && job.jobs_ahead != null) return aheadText(job.jobs_ahead) + readyIn;
+    if (job.status === "queued") return "Waiting for a worker" + readyIn;
     if (job.status === "running" && job.kind === "train") return trainingText(job.partial);
     if (job.status === "running") return `Running on ${job.worker || "a worker"} · ${job.progress || 0}%`;
     return "";

@@ -21,10 +21,12 @@ function waitForTraining(name, { onTraining, onReady }) {
 
 // Follow one training job in `slot`; call onReady(card) when it succeeds.
 function followTraining(job, slot, { compact, onReady, onEnded }) {
+  let ended = false;
   const view = new JobView(job, {
     compact,
     onChange: (current) => {
-      if (!FINAL.has(current.status)) return;
+      if (!FINAL.has(current.status) || ended) return;
+      ended = true;
       if (current.status === "succeeded") onReady(current.result);
       else if (onEnded) onEnded(current);
     },
@@ -55,7 +57,9 @@ export function modelPageTraining(model) {
     document.getElementById("untrained")?.remove();
     banner.hidden = false;
     bench.dataset.state = "training";
-    followTraining(job, document.getElementById("training-job"), { compact: false, onReady: ready });
+    // A failed or cancelled training stays on screen with its error until another one is queued.
+    const onEnded = () => waitForTraining(model.name, { onTraining: training, onReady: ready });
+    followTraining(job, document.getElementById("training-job"), { compact: false, onReady: ready, onEnded });
   };
   if (model.state === "ready") showCard(model.card);
   if (model.state === "training") training(model.training);
@@ -73,7 +77,8 @@ export function homeTraining(models) {
     };
     const training = (job) => {
       card.dataset.state = "training";
-      followTraining(job, slot, { compact: true, onReady: ready });
+      const onEnded = () => waitForTraining(model.name, { onTraining: training, onReady: ready });
+      followTraining(job, slot, { compact: true, onReady: ready, onEnded });
     };
     if (model.state === "training") training(model.training);
     if (model.state === "untrained") waitForTraining(model.name, { onTraining: training, onReady: ready });

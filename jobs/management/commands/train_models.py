@@ -28,19 +28,20 @@ FOLLOW_TIMEOUT = 900.0
 
 
 class ProgressPrinter:
-    """Prints one model's progress lines: at each new epoch or stage, else every few seconds."""
+    """Prints one model's progress lines: at each epoch's end and change of stage, else every
+    PRINT_EVERY_SECONDS."""
 
     def __init__(self, write: Any, name: str) -> None:
         self.write, self.name = write, name
-        self.last: tuple[Any, Any] | None = None
+        self.stage: Any = None
         self.printed_at = 0.0
 
     def __call__(self, percent: float, meta: dict[str, Any]) -> None:
-        key = (meta.get("stage"), meta.get("epoch"))
         now = time.monotonic()
-        if key == self.last and now - self.printed_at < PRINT_EVERY_SECONDS:
+        epoch_end = bool(meta.get("epochs")) and percent >= round(100 * meta.get("epoch", 0) / meta["epochs"], 1)
+        if not epoch_end and meta.get("stage") == self.stage and now - self.printed_at < PRINT_EVERY_SECONDS:
             return
-        self.last, self.printed_at = key, now
+        self.stage, self.printed_at = meta.get("stage"), now
         self.write(f"{self.name}: [{percent:5.1f}%] {describe(meta)}")
 
 

@@ -18,7 +18,7 @@ from celery import current_app, current_task, maybe_signature, states
 from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.base import Backend, BaseKeyValueStoreBackend
 from celery.exceptions import ChordError, Ignore, ImproperlyConfigured
-from celery.result import GroupResult, allow_join_result, task_join_will_block
+from celery.result import GroupResult, allow_join_result
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 
@@ -125,12 +125,6 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
     def forget(self, task_id: str) -> None:
         super().forget(task_id)
         self.result_consumer.cancel_for(task_id)
-
-    def on_task_call(self, producer: Any, task_id: str) -> dict:
-        """Before a publish: note a revision this process has seen; no watch until someone waits."""
-        if not task_join_will_block():
-            self.result_consumer.published(task_id)
-        return {}
 
     def get_many(self, task_ids: Iterable[str], timeout: float | None = None, interval: float = 0.5,
                  no_ack: bool = True, on_message: Callable | None = None, on_interval: Callable | None = None,

@@ -2,18 +2,17 @@
 
 Follows celery.backends.redis.ResultConsumer, with one watch per awaited task on the
 process's watch hub (watch.py), so a process receives the writes of the tasks it waits
-for and nothing else. ``on_task_call`` only notes a revision this process has seen
-(no round trip, no watch): a later get() watches the task's key from the revision after
-it, and etcd replays from its history whatever was written before it confirmed the
-watch. A task not published here is also read once (batched, at the next drain), since
-its result may be stored already. Events go into this consumer's inbox; ``drain_events`` empties it in the waiting
-thread, blocking on a condition variable meanwhile.
+for and nothing else; a process that only submits watches nothing. The watch starts
+"now" (etcd serves it at once); once etcd confirms it, the key is read (batched at the
+next drain), which finds whatever was written before the watch began. Events go into
+this consumer's inbox; ``drain_events`` empties it in the waiting thread, blocking on a
+condition variable meanwhile.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +29,6 @@ logger = logging.getLogger(__name__)
 MAX_DRAIN_WAIT = 1.0
 #: The shortest wait per drain_events() call when a get() has a tiny timeout (seconds).
 MIN_DRAIN_WAIT = 0.01
-#: Tasks published here whose publish revision we remember; an older one is read on get().
-PUBLISHED_MEMORY = 65536
 
 Item = tuple[str, Stored]
 
@@ -49,9 +46,7 @@ class ResultConsumer(BaseResultConsumer):
         self._lock = threading.Lock()
         self._arrived = threading.Condition(threading.Lock())
         self._inbox: list[Item] = []
-        #: task id -> revision seen before it was published here (its watch starts after it).
-        self._published: OrderedDict[str, int] = OrderedDict()
-        #: task id -> its watch, and whether its current state must be read (not published here).
+        #: task id -> its watch; tasks whose watch etcd (re)confirmed, so their key must be read.
         self._watches: dict[str, Watch] = {}
         self._to_read: set[str] = set()
         self._seen: dict[str, int] = {}
@@ -65,26 +60,16 @@ class ResultConsumer(BaseResultConsumer):
     def start(self, initial_task_id: str, **kwargs: Any) -> None:
         self.consume_from(initial_task_id)
 
-    def published(self, task_id: str) -> None:
-        """``task_id`` is about to be published (``on_task_call``): remember a revision before it."""
-        with self._lock:
-            self._published[task_id] = self.store.known_revision()
-            while len(self._published) > PUBLISHED_MEMORY:
-                self._published.popitem(last=False)
-
     def consume_from(self, task_id: str) -> None:
-        """Watch ``task_id``'s state: from before its publish if it was published here, else read it too."""
+        """Watch ``task_id``'s key from now on; once etcd confirms the watch, read it once."""
         self._flush_cancels()
         with self._lock:
             if task_id in self._watches:
                 return
-            since = self._published.pop(task_id, None)
-            if since is None:
-                self._to_read.add(task_id)
-                since = self.store.known_revision()
             self._watches[task_id] = self.store.hub.subscribe(
                 self.store.keys.result(task_id), lambda events: self._on_events(task_id, events),
-                start_revision=since + 1, puts_only=True, on_resync=lambda: self._on_resync(task_id))
+                puts_only=True, on_created=lambda: self._on_created(task_id),
+                on_resync=lambda: self._on_resync(task_id))
 
     def cancel_for(self, task_id: str) -> None:
         # Runs from AsyncResult.__del__ in any thread, so it only queues; never blocks.
@@ -109,14 +94,16 @@ class ResultConsumer(BaseResultConsumer):
     def drain_events(self, timeout: float | None = None) -> None:
         """Deliver what the watches brought; wait on a condition (not a sleep) if nothing did."""
         self._flush_cancels()
-        self._read_new()
         with self._arrived:
-            if not self._inbox:
+            if not self._inbox and not self._to_read:
                 self._arrived.wait(timeout)
             batch, self._inbox = self._inbox, []
         for task_id, stored in sorted(batch, key=_revision):
             self._deliver(task_id, stored)
-        if batch:
+        read = self._read_confirmed()  # after the events: they may have made the read moot
+        for task_id, stored in sorted(read.items(), key=_revision):
+            self._deliver(task_id, stored)
+        if batch or read:
             with self._arrived:
                 self._arrived.notify_all()  # another thread sharing this backend may wait on these
 
@@ -129,24 +116,30 @@ class ResultConsumer(BaseResultConsumer):
         self._seen[task_id] = stored.mod_revision
         self.on_state_change(self.backend.decode_result(stored.value), None)
 
-    def _read_new(self) -> None:
-        """Read the tasks not published here that were subscribed since the last drain (in one go)."""
+    def _read_confirmed(self) -> dict[str, Stored]:
+        """Read the keys whose watch etcd confirmed since the last drain (in as few reads as etcd allows)."""
         with self._lock:
-            ids, self._to_read = list(self._to_read), set()
+            ids, self._to_read = [t for t in self._to_read if t in self._watches], set()
         if not ids:
-            return
+            return {}
         try:
-            found = self.store.read_many(ids)[0]
+            return self.store.read_many(ids)[0]
         except CONNECTION_ERRORS:
             logger.warning("etcd unreachable reading %d result(s); reading again at the next drain", len(ids))
             with self._lock:
-                self._to_read.update(task_id for task_id in ids if task_id in self._watches)
-            return
-        self._post(list(found.items()))
+                self._to_read.update(ids)
+            return {}
 
     # -- the hub's thread only fills the inbox --------------------------------------------
     def _on_events(self, task_id: str, events: Sequence[Any]) -> None:
         self._post([(task_id, Stored.from_kv(event.kv)) for event in events])
+
+    def _on_created(self, task_id: str) -> None:
+        """etcd confirmed the watch (again, after a reconnect): a read covers what came before it."""
+        with self._lock:
+            self._to_read.add(task_id)
+        with self._arrived:
+            self._arrived.notify_all()
 
     def _on_resync(self, task_id: str) -> int:
         """etcd compacted the revision the watch resumes from: read the state instead."""
@@ -169,7 +162,6 @@ class ResultConsumer(BaseResultConsumer):
             with self._lock:
                 watch = self._watches.pop(task_id, None)
                 self._to_read.discard(task_id)
-                self._published.pop(task_id, None)
             if watch is not None:
                 self._seen.pop(task_id, None)
                 self.store.hub.unsubscribe(watch)

@@ -142,10 +142,6 @@ class ResultStore:
         """The newest etcd revision this process has seen (0: none yet); see :func:`ops.last_revision`."""
         return ops.last_revision(self.client)
 
-    def known_revision(self) -> int:
-        """A revision at or before now: the newest seen, or etcd's current one if none was."""
-        return self.revision or self.current_revision()
-
     def current_revision(self) -> int:
         """etcd's current revision (one small read)."""
         return ops.get(self.client, self.keys.results(), count_only=True).header.revision

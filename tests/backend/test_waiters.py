@@ -6,7 +6,6 @@ import uuid
 
 from celery import group, states
 
-from etcd_broker.result_store import ResultStore
 from tests.backend.conftest import task
 from tests.helpers import wait_until
 
@@ -17,38 +16,20 @@ def new_id(label: str) -> str:
     return f"{label}-{uuid.uuid4().hex[:8]}"
 
 
-def count_reads(monkeypatch, store: ResultStore) -> list[list[str]]:
-    """Record every read_many() the consumer makes (the result it would find without a watch)."""
-    reads: list[list[str]] = []
-    original = store.read_many
-
-    def read_many(task_ids):
-        ids = list(task_ids)
-        reads.append(ids)
-        return original(ids)
-
-    monkeypatch.setattr(store, "read_many", read_many)
-    return reads
-
-
-def test_a_result_stored_before_the_wait_arrives_from_history_every_time(results_app, monkeypatch):
+def test_a_result_stored_before_the_wait_is_returned_every_time(results_app):
     # The worker finishes before the caller waits, i.e. before etcd confirms the caller's watch:
-    # the watch starts at a revision seen before the publish, so etcd replays the result.
+    # the read made once etcd confirms the watch finds it.
     backend = results_app.backend
-    reads = count_reads(monkeypatch, backend.store)
     for number in range(ROUNDS):
         task_id = new_id("early")
-        backend.on_task_call(None, task_id)  # what apply_async does before publishing
         backend.store_result(task_id, number, states.SUCCESS)
         assert results_app.AsyncResult(task_id).get(timeout=10) == number
-    assert reads == []  # every one came through its watch, none through a read
 
 
 def test_a_result_written_while_the_watch_is_being_created_is_never_missed(results_app):
     backend = results_app.backend
     for number in range(ROUNDS):
         task_id = new_id("race")
-        backend.on_task_call(None, task_id)
         writer = threading.Thread(target=backend.store_result, args=(task_id, number, states.SUCCESS))
         writer.start()
         assert results_app.AsyncResult(task_id).get(timeout=10) == number
@@ -60,23 +41,10 @@ def test_a_get_on_a_task_published_elsewhere_reads_what_is_stored(results_app):
     assert results_app.AsyncResult("elsewhere").get(timeout=10) == 42
 
 
-def test_a_get_after_history_was_compacted_still_returns(results_app):
-    backend = results_app.backend
-    task_id = new_id("compacted")
-    backend.on_task_call(None, task_id)
-    backend.store_result(task_id, "kept", states.SUCCESS)
-    for number in range(5):  # move the revision on, then compact past the task's put
-        backend.store_result(new_id("filler"), number, states.SUCCESS)
-    backend.store.client.compact(backend.store.current_revision())
-    assert results_app.AsyncResult(task_id).get(timeout=10) == "kept"
-
-
 def test_a_waiter_receives_the_writes_of_its_task_and_no_other(results_app):
     backend = results_app.backend
     hub = backend.store.hub
     waited, other = new_id("waited"), new_id("other")
-    backend.on_task_call(None, waited)
-    backend.on_task_call(None, other)  # published here too, but nobody waits on it
     seen: list[str] = []
     done = threading.Event()
 

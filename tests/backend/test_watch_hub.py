@@ -78,7 +78,6 @@ def test_a_negative_start_revision_is_refused(store):
 
 
 def test_results_task_events_and_subscriptions_share_one_stream(results_app, store, etcd_prefix):
-    results_app.backend.on_task_call(None, "one-stream")
     results_app.backend.store_result("one-stream", 1, states.SUCCESS)
     assert results_app.AsyncResult("one-stream").get(timeout=10) == 1
     events = watch_task("one-stream", app=results_app, timeout=5)

@@ -1,19 +1,24 @@
-"""Where one job's time goes on our path: sequential run_model jobs through etcd, profiled.
+"""Where one job's time goes on our path: run_model jobs through etcd, profiled.
 
-    python -m benchmarks.profile_main [--jobs 200] [--model digits] [--out var/profile] [--rate 250]
+    python -m benchmarks.profile_main [--jobs 200] [--clients 1] [--model digits] [--rate 250]
+                                      [--out var/profile]
 
 One etcd and one worker as bench_main runs them (``-Q gpu -P threads -c 64``, the project's
-settings); one client thread sends ``jobs.tasks.run_model`` and waits for each result. Around
-the measured jobs (after warm-up ones):
+settings); ``--clients`` client threads (1: sequential jobs) each send ``jobs.tasks.run_model``
+and wait for its result before the next. Around the measured jobs (after warm-up ones):
 
-* wall time, and CPU per job of the worker, this client process and etcd (from /proc);
-* etcd's own counters per job (/metrics): raft proposals, requests by gRPC method, MVCC ops;
-* the writes of a job, from etcd's history: each revision the job made, in order, with the keys
-  it touched (publish put, claim, STARTED, SUCCESS, ack ...), and how many jobs wrote that way;
+* wall time, and CPU per job of the worker, this client process and etcd (from /proc), the
+  worker's CPU by OS thread name;
+* etcd's own counters per job (/metrics): raft proposals, WAL fsyncs, requests by gRPC method,
+  MVCC operations;
+* etcd's history of the jobs' keys: revisions (one proposal each) by what they wrote, with how
+  many jobs share one (batching), and each job's writes in order (publish put, claim, STARTED,
+  SUCCESS, ack ...) with how many jobs wrote exactly that;
 * etcd requests per job by the code that made them, in the worker and in the client
   (benchmarks/etcd_calls.py wraps etcd3's stubs in both processes);
-* py-spy (``record --nonblocking``) on the worker and on this process: samples by package of the
-  running frame, and the functions on the most samples. Raw stacks are kept in ``--out``.
+* py-spy (``record --gil --nonblocking``: the thread holding the GIL) on the worker and on this
+  process: samples by what they were doing, and the functions on the most samples.
+  Raw stacks and the report are kept in ``--out``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import etcd_calls
@@ -47,6 +53,8 @@ from benchmarks.common import (
 WARMUP_JOBS = 20
 #: A key segment that is an id (uuid, hex or number) is shown as <id>.
 ID_SEGMENT = re.compile(r"^(?:[0-9a-f]{8}-[0-9a-f-]{27}|[0-9a-f]{16,}|\d+|[0-9a-f-]{20,})$")
+#: A Celery task id (uuid4) inside a key or a message.
+TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: Rows shown in the "most samples" tables.
 TOP_FUNCTIONS = 25
 #: Checked first, anywhere on a sample's stack: the phase it names wins.
@@ -118,27 +126,54 @@ def history(client, prefix: str, start: int, stop_key: str) -> list:
     return seen
 
 
-def writes_per_job(events: list, task_ids: list[str], prefix: str) -> tuple[Counter, Counter]:
-    """Group events by job (task id in the key or value, or a key a job wrote before) and by revision;
-    returns (how many jobs wrote each sequence of revisions, events that belong to no job)."""
+def owned_events(events: list, task_ids: list[str], prefix: str) -> list[tuple[int, str, str | None]]:
+    """(revision, "PUT|DELETE key-shape", owning task id or None) per event: a job owns an event
+    whose key or value holds its task id, and every later event on a key it owned."""
     owner_of_key: dict[bytes, str] = {}
-    per_job: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
-    stray: Counter[str] = Counter()
     ids = set(task_ids)
+    owned = []
     for event in events:
         kind, key = ("DELETE" if event.type == event.DELETE else "PUT"), event.kv.key
         owner = owner_of_key.get(key)
         if owner is None:
-            owner = next((task_id for task_id in ids if task_id.encode() in key + event.kv.value), None)
+            found = TASK_ID.findall((key + event.kv.value).decode(errors="replace"))
+            owner = next((task_id for task_id in found if task_id in ids), None)
+        if owner is not None:
+            owner_of_key[key] = owner
+        owned.append((event.kv.mod_revision, f"{kind} {shape(key, prefix)}", owner))
+    return owned
+
+
+def writes_per_job(owned: list[tuple[int, str, str | None]]) -> tuple[Counter, Counter]:
+    """(how many jobs wrote each sequence of revisions, events that belong to no job)."""
+    per_job: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    stray: Counter[str] = Counter()
+    for rev, what, owner in owned:
         if owner is None:
-            stray[f"{kind} {shape(key, prefix)}"] += 1
-            continue
-        owner_of_key[key] = owner
-        per_job[owner][event.kv.mod_revision].append(f"{kind} {shape(key, prefix)}")
+            stray[what] += 1
+        else:
+            per_job[owner][rev].append(what)
     sequences: Counter[tuple[str, ...]] = Counter()
     for revisions in per_job.values():
         sequences[tuple(" + ".join(sorted(revisions[rev])) for rev in sorted(revisions))] += 1
     return sequences, stray
+
+
+def revision_kinds(owned: list[tuple[int, str, str | None]], jobs: int) -> list[list]:
+    """Revisions by what they wrote: revisions per job, and jobs sharing one revision (batching)."""
+    shapes: dict[int, set[str]] = defaultdict(set)
+    owners: dict[int, set[str]] = defaultdict(set)
+    for rev, what, owner in owned:
+        shapes[rev].add(what)
+        if owner is not None:
+            owners[rev].add(owner)
+    count: Counter[str] = Counter()
+    sharing: Counter[str] = Counter()
+    for rev, whats in shapes.items():
+        kind = " + ".join(sorted(whats))
+        count[kind] += 1
+        sharing[kind] += len(owners[rev])
+    return [[f"`{kind}`", f"{n / jobs:.3f}", f"{sharing[kind] / n:.1f}"] for kind, n in count.most_common()]
 
 
 def package_of(frame: str) -> str:
@@ -246,9 +281,28 @@ def calls_rows(before: dict, after: dict, jobs: int, side: str) -> list[list]:
     return rows
 
 
+def run_jobs(app, model: str, work: list[dict], jobs: int, clients: int) -> tuple[list[str], int, float]:
+    """``jobs`` jobs from ``clients`` threads, each sending one and waiting for its result, then
+    the next; returns (task ids, failed jobs, seconds spent in send_task summed over threads)."""
+    def client(index: int) -> tuple[list[str], int, float]:
+        ids, failed, publish = [], 0, 0.0
+        for number in range(index, jobs, clients):
+            sent = time.perf_counter()
+            result = app.send_task(TASK, args=[model, work[number % len(work)]])
+            publish += time.perf_counter() - sent
+            ids.append(result.id)
+            failed += not is_answer(result.get(timeout=60))
+        return ids, failed, publish
+
+    with ThreadPoolExecutor(clients) as pool:
+        parts = list(pool.map(client, range(clients)))
+    return [i for ids, _, _ in parts for i in ids], sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_main", description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=1, help="client threads (1: sequential jobs)")
     parser.add_argument("--model", default="digits", choices=("digits", "fashion"))
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "var" / "profile")
@@ -273,19 +327,14 @@ def main(argv: list[str] | None = None) -> str:
             spies = {side: (spy(pid, args.out / f"{side}.txt", args.rate), args.out / f"{side}.txt")
                      for side, pid in (("worker", worker.pid), ("client", os.getpid()))}
             time.sleep(1.0)  # py-spy attaches
-            progress(f"{args.jobs} sequential {args.model} jobs, py-spy on the worker and on this process")
+            progress(f"{args.jobs} {args.model} jobs from {args.clients} client(s), py-spy on the worker and on this process")
             start_rev = revision(probe)
             metrics_before, worker_before, client_before = (etcd_counters(stack.etcd.client_url),
                                                             worker_calls(calls_out, worker.pid, 1), etcd_calls.snapshot())
             threads_before = thread_cpu(worker.pid)
             cpu_before = [process_cpu(worker.pid), process_cpu(os.getpid()), process_cpu(stack.etcd.process.pid)]
-            began, task_ids, failures, publish = time.perf_counter(), [], 0, 0.0
-            for index in range(args.jobs):
-                sent = time.perf_counter()
-                result = app.send_task(TASK, args=[args.model, work[index % len(work)]])
-                publish += time.perf_counter() - sent
-                task_ids.append(result.id)
-                failures += not is_answer(result.get(timeout=60))
+            began = time.perf_counter()
+            task_ids, failures, publish = run_jobs(app, args.model, work, args.jobs, args.clients)
             wall = time.perf_counter() - began
             threads_after = thread_cpu(worker.pid)
             cpu_after = [process_cpu(worker.pid), process_cpu(os.getpid()), process_cpu(stack.etcd.process.pid)]
@@ -302,8 +351,9 @@ def main(argv: list[str] | None = None) -> str:
             stop_worker(worker)
     jobs = args.jobs
     parts = [print_table(
-        f"{jobs} sequential {args.model} jobs through etcd ({failures} failed), load average {os.getloadavg()[0]:.1f}",
-        ["wall ms/job", "of which send_task ms", "worker CPU ms/job", "client CPU ms/job", "etcd CPU ms/job",
+        f"{jobs} {args.model} jobs through etcd from {args.clients} client(s) ({failures} failed), "
+        f"load average {os.getloadavg()[0]:.1f}",
+        ["wall ms/job", "send_task ms/job", "worker CPU ms/job", "client CPU ms/job", "etcd CPU ms/job",
          "revisions/job"],
         [[f"{1e3 * wall / jobs:.2f}", f"{1e3 * publish / jobs:.2f}", *(f"{1e3 * (b - a) / jobs:.2f}" for a, b in zip(cpu_before, cpu_after, strict=True)),
           f"{len({e.kv.mod_revision for e in events}) / jobs:.2f}"]])]
@@ -313,7 +363,11 @@ def main(argv: list[str] | None = None) -> str:
     threads = Counter({name: threads_after[name] - threads_before.get(name, 0.0) for name in threads_after})
     parts.append(print_table("Worker CPU per job by OS thread name (from /proc)", ["threads", "CPU ms/job"],
                              [[f"`{name}`", f"{1e3 * cpu / jobs:.2f}"] for name, cpu in threads.most_common(12) if cpu]))
-    sequences, stray = writes_per_job(events, task_ids, stack.prefix)
+    owned = owned_events(events, task_ids, stack.prefix)
+    parts.append(print_table("Revisions (one raft proposal each) by what they wrote", ["revision writes", "per job",
+                                                                                      "jobs per revision"],
+                             revision_kinds(owned, jobs)))
+    sequences, stray = writes_per_job(owned)
     for sequence, count in sequences.most_common(3):
         parts.append(print_table(f"The writes of one job, in order ({count} of {jobs} jobs wrote exactly this)",
                                  ["#", "one revision: events"], [[i + 1, f"`{step}`"] for i, step in enumerate(sequence)]))

@@ -55,6 +55,7 @@ from etcd_broker.bindings import BindingTable
 from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, EtcdUnreachable, get_client
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_message
+from etcd_broker.publish_batch import PublishBatch
 from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
 from etcd_broker.watch import WatchStream
@@ -150,17 +151,27 @@ class Channel(virtual.Channel):
         self._check_size(queue, value)
         position = self.keys.position(priority, self.connection.sequence.next(), deadline)
         key = self.keys.ready_message(queue, position)
+        batch = kwargs.get("_publish_batch")
         try:
             if deadline is None and not queue_lease and limits.max_length is None:
-                self.client.put(key, value)  # the common case: one put, nothing to check
+                if batch is not None:
+                    batch.add(key, value)  # Producer.batch(): written with others in one transaction
+                else:
+                    self.client.put(key, value)  # the common case: one put, nothing to check
             else:
+                if batch is not None:
+                    batch.flush()  # keep publish order: what came before is written first
                 self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
-            self._put(queue, message)
+            self._put(queue, message, **kwargs)
+
+    def create_publish_batch(self, max_size: int) -> PublishBatch:
+        """kombu's ``Producer.batch()``: puts buffered and written a transaction at a time."""
+        return PublishBatch(self, max_size)
 
     def _check_size(self, queue, value: bytes) -> None:
         if len(value) > self.max_message_bytes:
@@ -426,6 +437,7 @@ class Transport(virtual.Transport):
 
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
+        batch_publish=True,  # Producer.batch() (publish_batch.py)
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )

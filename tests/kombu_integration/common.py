@@ -1,3 +1,4 @@
+# ruff: noqa  (vendored verbatim from kombu; see below)
 # Copied verbatim from kombu 5.7.0's sdist (https://pypi.org/project/kombu/5.7.0/,
 # file t/integration/common.py) so that kombu's own generic integration tests run
 # against our etcdv3 transport (tests/kombu_integration/test_etcd.py), the way kombu's

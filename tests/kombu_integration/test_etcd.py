@@ -16,6 +16,7 @@ from tests.kombu_integration.common import (
     BaseFailover,
     BaseMessage,
     BasePriority,
+    BaseTimeToLive,
     BasicFunctionality,
 )
 
@@ -47,6 +48,10 @@ class TestEtcdBasicFunctionality(BasicFunctionality):
 
 
 class TestEtcdBaseExchangeTypes(BaseExchangeTypes):
+    pass
+
+
+class TestEtcdTimeToLive(BaseTimeToLive):
     pass
 
 

@@ -41,9 +41,10 @@ def test_check_deploy_refuses_the_development_secret_key():
     assert "jobs.E001" in result.stderr and "SECRET_KEY is the development key" in result.stderr
 
 
-def test_the_web_process_never_imports_tensorflow():
+def test_the_web_process_never_imports_tensorflow(tmp_path):
     code = (
         "import sys, django; django.setup();"
+        "from django.core.management import call_command; call_command('migrate', verbosity=0);"
         "from django.urls import resolve, reverse;"
         "import deephardway_site.urls, deephardway_site.wsgi, jobs.admin, jobs.api.views, jobs.api.events;"
         "import jobs.services, jobs.validation, frontend.views;"
@@ -54,7 +55,8 @@ def test_the_web_process_never_imports_tensorflow():
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'));"
         "print('LOADED', bad)"
     )
-    env = {**{k: v for k, v in os.environ.items()}, "DJANGO_SETTINGS_MODULE": "deephardway_site.settings"}
+    env = {**{k: v for k, v in os.environ.items()}, "DJANGO_SETTINGS_MODULE": "deephardway_site.settings",
+           "VAR_DIR": str(tmp_path)}  # its own SQLite file: /api/models reads the training jobs
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -246,10 +246,12 @@ class WatchHub:
 
     - ``subscribe(key, callback, prefix=False, start_revision=None)``: ``callback(events)``
       gets every change of the key (or of every key under it) with a revision >=
-      ``start_revision`` (None: from when etcd confirms the subscription), in revision
-      order, each once. A ``start_revision`` in the past replays etcd's history, so a
-      subscriber that knows a revision at or before a write never misses it, however late
-      etcd confirms the subscription.
+      ``start_revision`` (None: from when etcd confirms the subscription, which
+      ``on_created`` reports), in revision order, each once. A ``start_revision`` in the
+      past replays etcd's history: right for resuming, but etcd serves such a watch from
+      its catch-up loop, which runs every 100 ms, so its first events can come that late.
+      To miss nothing on a latency-critical path, subscribe from now and read the key
+      in ``on_created`` (as the result consumer does).
     - Reconnects are invisible: the subscription resumes after the last revision it
       delivered (or the last progress notification).
     - Compaction: if etcd no longer has the revision to resume from, ``on_resync()`` is
@@ -279,7 +281,7 @@ class WatchHub:
         self._stream.cancel(watch)
 
     def wait_created(self, watch: Watch, timeout: float | None = None) -> bool:
-        """Block until etcd confirmed ``watch`` (only needed without a ``start_revision``)."""
+        """Block until etcd confirmed ``watch`` (events after this point will arrive)."""
         return self._stream.wait_created(watch, timeout)
 
     @property

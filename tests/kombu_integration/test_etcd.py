@@ -12,6 +12,7 @@ import pytest
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from scripts.etcd_server import free_port
 from tests.kombu_integration.common import (
+    BaseEventLoop,
     BaseExchangeTypes,
     BaseFailover,
     BaseMessage,
@@ -48,6 +49,10 @@ class TestEtcdBasicFunctionality(BasicFunctionality):
 
 
 class TestEtcdBaseExchangeTypes(BaseExchangeTypes):
+    pass
+
+
+class TestEtcdEventLoop(BaseEventLoop):
     pass
 
 

@@ -45,7 +45,6 @@ from urllib.parse import quote
 
 import etcd3
 import grpc
-from etcd3 import transactions as tx
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
@@ -138,6 +137,7 @@ class Channel(virtual.Channel):
         self.lease = connection.lease
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
+        self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
         self._buffer: dict[str, deque] = {}
         self._single_get = False
 
@@ -287,8 +287,7 @@ class Channel(virtual.Channel):
     def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
         dead = self.keys.dead(queue) + self.connection.sequence.next()
         logger.error("undecodable message on queue %r moved to %s: %s", queue, dead, exc)
-        self.client.transaction(compare=[], success=[tx.Put(dead, value)] + ([tx.Delete(key)] if key else []),
-                                failure=[])
+        ops.txn(self.client, success=[ops.put(dead, value)] + ([ops.delete(key)] if key else []))
 
     def _forget(self, message) -> None:
         key = message.delivery_info.get("etcd_key")
@@ -324,16 +323,17 @@ class Channel(virtual.Channel):
         if meta is not None:
             restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, meta.mod_revision)
 
-    def basic_consume(self, queue, no_ack, *args, **kwargs):
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        self._consumer_queues[consumer_tag] = queue
         if no_ack:
             self._no_ack_queues.add(queue)
         self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
         self.connection.queues.consuming(queue)  # keeps an expiring queue alive (H4)
-        return super().basic_consume(queue, no_ack, *args, **kwargs)
+        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
     def basic_cancel(self, consumer_tag):
-        queue = self._tag_to_queue.get(consumer_tag)
+        queue = self._consumer_queues.pop(consumer_tag, None)
         result = super().basic_cancel(consumer_tag)
         if queue is not None:
             self._requeue_buffered(queue)

@@ -76,7 +76,8 @@ def test_it_shows_queue_depth_by_priority_and_jobs_by_state(client, staff, site_
     before = scrape(client)
     for index, priority in enumerate(PRIORITIES):
         submit(client, "text", {"prompt": f"queued {index}"}, priority)
-    make_job(staff, status=Status.FAILED, model="digits")
+    make_job(staff, status=Status.RUNNING, model="digits")
+    make_job(staff, status=Status.SUCCEEDED, model="digits")  # finished: counted when it finishes, not here
     samples = scrape(client)
 
     assert value(samples, "deephardway_broker_up") == 1 and value(samples, "deephardway_database_up") == 1
@@ -87,7 +88,10 @@ def test_it_shows_queue_depth_by_priority_and_jobs_by_state(client, staff, site_
     assert value(samples, "deephardway_queue_consumers", queue="gpu") == gpu_consumers(settings)
     assert value(samples, "deephardway_jobs", queue="gpu", model="text", state="queued") == len(PRIORITIES)
     assert value(samples, "deephardway_jobs", queue="gpu", model="text", state="running") == 0
-    assert value(samples, "deephardway_jobs", queue="gpu", model="digits", state="failed") == 1
+    assert value(samples, "deephardway_jobs", queue="gpu", model="digits", state="running") == 1
+    assert value(samples, "deephardway_jobs", queue="gpu", model="digits", state="queued") == 0
+    assert ("deephardway_jobs", frozenset({"queue": "gpu", "model": "fashion", "state": "queued"}.items())) in samples
+    assert not [key for key in samples if key[0] == "deephardway_jobs" and dict(key[1])["state"] == "succeeded"]
     assert value(samples, "deephardway_job_oldest_waiting_seconds", queue="gpu") > 0
     submitted = "deephardway_jobs_submitted_total"
     assert value(samples, submitted, model="text", queue="gpu") - value(before, submitted, model="text",
@@ -153,7 +157,7 @@ def test_a_real_run_is_counted_by_the_site_and_the_worker(client, staff, setting
     assert sum(value(site, "deephardway_queue_ready_messages", queue="gpu", priority=str(p)) for p in range(10)) == 0
     assert value(site, "deephardway_queue_unacked_messages", queue="gpu") == 0
     for model, count in (("text", len(text_ids)), ("digits", len(digit_ids))):
-        assert value(site, "deephardway_jobs", queue="gpu", model=model, state="succeeded") == count
+        assert value(site, "deephardway_jobs", queue="gpu", model=model, state="running") == 0
         assert value(site, "deephardway_jobs", queue="gpu", model=model, state="queued") == 0
 
         def delta(name: str, **labels: str) -> float:

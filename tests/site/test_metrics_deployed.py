@@ -119,8 +119,8 @@ def test_every_role_reports_what_was_submitted(deployment):
     assert sum(value(done, "deephardway_queue_ready_messages", queue="gpu", priority=str(p)) for p in range(10)) == 0
     assert value(done, "deephardway_queue_unacked_messages", queue="gpu") == 0
     assert value(done, "deephardway_queue_consumers", queue="gpu") == 1
-    assert value(done, "deephardway_jobs", queue="gpu", model="text", state="succeeded") == JOBS
     assert value(done, "deephardway_jobs", queue="gpu", model="text", state="queued") == 0
+    assert value(done, "deephardway_jobs", queue="gpu", model="text", state="running") == 0
 
     watch = scrape_url(f"http://127.0.0.1:{deployment['watch_port']}/metrics")
     assert value(watch, "deephardway_job_total_seconds_count", model="text", outcome="succeeded") == JOBS

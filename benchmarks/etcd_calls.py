@@ -62,7 +62,7 @@ class Counted:
 
 
 def install() -> None:
-    """Wrap etcd3's KV and Lease stubs (every client created after this is counted)."""
+    """Wrap etcd3's KV and Lease stubs (every stub created after this is counted)."""
     from etcd3 import etcdrpc
 
     for stub_name, methods in COUNTED.items():
@@ -77,7 +77,19 @@ def install() -> None:
                 setattr(self, method, Counted(getattr(self, method), method))
 
         init.counted = True  # type: ignore[attr-defined]
+        init.original = original  # type: ignore[attr-defined]
         stub.__init__ = init
+
+
+def uninstall() -> None:
+    """Stop wrapping stubs created from now on (tests); counts are kept."""
+    from etcd3 import etcdrpc
+
+    for stub_name in COUNTED:
+        stub = getattr(etcdrpc, stub_name)
+        original = getattr(stub.__init__, "original", None)
+        if original is not None:
+            stub.__init__ = original
 
 
 def snapshot() -> dict[str, int]:

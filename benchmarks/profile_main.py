@@ -87,9 +87,10 @@ HISTORY_TIMEOUT = 60.0
 
 
 def revision(client) -> int:
-    from etcd3 import etcdrpc
+    """etcd's current revision (a count-only read of one key)."""
+    from etcd_broker import ops
 
-    return client.kvstub.Range(etcdrpc.RangeRequest(key=b"\0", count_only=True), client.timeout).header.revision
+    return ops.get(client, b"\0", count_only=True).header.revision
 
 
 def shape(key: bytes, prefix: str) -> str:

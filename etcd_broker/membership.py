@@ -134,6 +134,10 @@ class ConsumerLease:
         self._failing = True  # until a keepalive is answered again
         return False
 
+    def failing(self) -> bool:
+        """True while our keepalives fail (no probe: cheap enough for every drain_events wait)."""
+        return self._failing
+
     def _probe(self, answered: threading.Event) -> None:
         try:
             self._refresh()

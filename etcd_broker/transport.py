@@ -646,7 +646,11 @@ class Transport(virtual.Transport):
         self.on_message_ready(None, message, queue)
 
     def drain_events(self, connection, timeout=None):
-        """Deliver one message; wait on the watch-fed event, never a sleep loop."""
+        """Deliver one message; wait on the watch-fed event, never a sleep loop.
+
+        While our lease keepalive fails, a wait that ends empty raises :class:`EtcdUnreachable`
+        (a connection error), so kombu's ``ConsumerMixin`` reconnects as it does for other brokers.
+        """
         deadline = None if timeout is None else monotonic() + timeout
         while True:
             if monotonic() - self._forgotten_at > SAFETY_RECHECK_SECONDS:
@@ -660,6 +664,9 @@ class Transport(virtual.Transport):
                 else:
                     self._wakeup.set()  # more may be waiting: look again before sleeping
                     return result
+            if self.lease.failing():
+                raise EtcdUnreachable(f"etcd at {self.config.describe()} does not answer the consumer lease "
+                                      "keepalive")
             remaining = SAFETY_RECHECK_SECONDS if deadline is None else deadline - monotonic()
             if remaining <= 0:
                 raise TimeoutError()
@@ -707,6 +714,9 @@ class _LeaseHandle:
 
     def reachable(self) -> bool:
         return self._lease.reachable()
+
+    def failing(self) -> bool:
+        return self._lease.failing()
 
 
 def _too_large_or(exc: grpc.RpcError, queue: str, size: int, limit: int) -> Exception:

@@ -414,7 +414,8 @@ class Channel(virtual.Channel):
         return super().typeof(exchange, default)
 
     def _queue_bind(self, exchange, routing_key, pattern, queue):
-        lease = self.lease.ensure() if queue in self._auto_delete else None
+        # Bindings go with their queue: an auto-delete queue's with our lease, an x-expires queue's with its own.
+        lease = self.lease.ensure() if queue in self._auto_delete else self.connection.queues.limits(queue)[1] or None
         self.connection.bindings.bind(exchange, routing_key, pattern, queue, lease=lease)
 
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):

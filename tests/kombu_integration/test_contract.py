@@ -188,14 +188,17 @@ def test_a_requeued_message_keeps_its_deadline(connect):
             queue.get_nowait()
 
 
-def test_an_unused_queue_with_expires_disappears_with_its_messages(connect):
+def test_an_unused_queue_with_expires_disappears_with_its_messages_and_bindings(connect):
     conn = connect()
-    queue = Queue("expiring", routing_key="expiring", expires=2)
+    exchange = Exchange("to-expiring", type="fanout")
+    queue = Queue("expiring", exchange=exchange, expires=2)
     publish(conn, queue, {"n": 1})
     time.sleep(3.5)
     with pytest.raises(ChannelError, match="NOT_FOUND"):
         queue(conn.channel()).queue_declare(passive=True)
-    assert queue(conn.channel()).get() is None
+    with conn.channel() as channel:
+        Producer(channel, exchange=exchange).publish({"n": 2})  # the binding went with the queue
+        assert Queue("expiring")(channel).queue_declare().message_count == 0
 
 
 def test_a_consumed_queue_with_expires_lives_on(connect):

@@ -7,7 +7,8 @@ Features
 * Supports Topic: Yes
 * Supports Fanout: Yes (bindings live in etcd, so broadcast reaches other hosts)
 * Supports Priority: Yes, 0-9, 9 the most urgent (AMQP's meaning)
-* Supports TTL: No
+* Supports TTL: Yes (message `expiration`, queue `x-message-ttl` and `x-expires`, on etcd leases;
+  `x-max-length` with drop-head or reject-publish; see queue_limits.py)
 
 Messages wait under ``ready/<band>/<seq>`` and are claimed by one etcd
 transaction that moves them under the consumer's lease (``unacked/<lease>/``);

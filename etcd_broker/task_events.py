@@ -82,8 +82,8 @@ def _progress(state: str, result: Any) -> int | None:
 class TaskStream:
     """One task's states as :class:`TaskEvent`, from one subscription on the watch hub.
 
-    Reads the key first, then subscribes from the read's revision + 1 (or, to replay what
-    a resuming caller missed, from ``after_revision + 1``). :meth:`next` returns each new
+    Subscribes from now and reads the current state once etcd confirmed it; a resuming
+    caller's subscription starts at ``after_revision + 1`` instead, replaying what it missed. :meth:`next` returns each new
     state once, in revision order, or None when nothing changed within ``timeout``: the
     subscription stays open across quiet periods. ``finished`` turns True after a final
     state (or at once if the caller has seen the final state already). Close it (or use
@@ -102,18 +102,36 @@ class TaskStream:
         self._watch: Watch | None = None
 
     def open(self) -> TaskStream:
+        if self.after is None:
+            return self._open_now()
         stored, header = self.store.read(self.task_id)
         start = header + 1
-        if self.after is None:
-            self._inbox.put(stored or Stored(DELETED, 0))
-        elif stored is not None and stored.mod_revision > self.after:
+        if stored is not None and stored.mod_revision > self.after:
             start = max(self.after + 1, stored.create_revision)  # replay what the caller missed
         elif stored is not None and status_of(stored.value) in FINAL_STATES:
             self.finished = True  # the caller has seen the final state already
             return self
-        self._watch = self.store.hub.subscribe(self.store.keys.result(self.task_id), self._on_events,
-                                               start_revision=start, on_resync=self._on_resync)
+        self._watch = self._subscribe(start)
         return self
+
+    def _open_now(self) -> TaskStream:
+        """Subscribe from now, then read the current state once etcd confirmed the subscription.
+
+        (A subscription from the read's revision would be served by etcd's catch-up loop,
+        up to 100 ms late, whenever anything was written in between.)
+        """
+        self._watch = self._subscribe(None)
+        if not self.store.hub.wait_created(self._watch, self.store.client.timeout):
+            self.close()
+            raise TimeoutError(f"etcd did not confirm the watch of task {self.task_id} "
+                               f"within {self.store.client.timeout}s")
+        stored, _ = self.store.read(self.task_id)
+        self._inbox.put(stored or Stored(DELETED, 0))
+        return self
+
+    def _subscribe(self, start: int | None) -> Watch:
+        return self.store.hub.subscribe(self.store.keys.result(self.task_id), self._on_events,
+                                        start_revision=start, on_resync=self._on_resync)
 
     def next(self, timeout: float | None) -> TaskEvent | None:
         """The next new state, or None if none came within ``timeout`` seconds (None: wait)."""

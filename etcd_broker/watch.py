@@ -206,6 +206,8 @@ class WatchStream:
                     return
                 watch.watch_id = response.watch_id
                 self._by_id[response.watch_id] = watch
+                if watch.next_revision is None:  # a watch "from now" starts after this revision:
+                    watch.next_revision = response.header.revision + 1  # resume there, not "now" again
                 watch.created.set()
             watch = self._by_id.get(response.watch_id)
         if watch is None:

@@ -64,7 +64,9 @@ def test_a_waiter_receives_the_writes_of_its_task_and_no_other(results_app):
     waiter.join(timeout=30)
     assert done.is_set() and seen == ["PROGRESS", "SUCCESS"]
     assert backend.store.read(other)[0] is not None  # the other task's 51 writes did happen
-    assert hub.events_delivered - before == 2  # ... and none of them reached this process
+    # ... and none of them reached this process: its own SUCCESS did, and its PROGRESS too
+    # unless that came through the read made when etcd confirmed the watch.
+    assert hub.events_delivered - before in (1, 2)
 
 
 def test_a_process_waiting_on_one_task_gets_no_events_of_a_task_a_worker_runs_meanwhile(worker_app):
@@ -75,7 +77,8 @@ def test_a_process_waiting_on_one_task_gets_no_events_of_a_task_a_worker_runs_me
     assert task(worker_app, "add", 2, 3).apply_async().get(timeout=30) == 5
     wait_until(lambda: (stored := backend.store.read(busy.id)[0]) is not None
                and b'"SUCCESS"' in stored.value, timeout=30, message="the busy task finished")
-    assert hub.events_delivered - before == 1  # add's SUCCESS; none of the busy task's 21 writes
+    # add's SUCCESS at most (it may come through the read instead); none of the busy task's 21 writes
+    assert hub.events_delivered - before <= 1
 
 
 def test_hundreds_of_results_from_a_real_worker_all_arrive(worker_app):

@@ -1,8 +1,10 @@
 """The one etcd client factory: endpoints, failover, auth and TLS from a URL plus options.
 
 The transport and the result backend both get their client here, so a process
-holds one gRPC client per configuration (and per pid: gRPC channels do not
-survive ``fork``). Tests point it anywhere by passing another URL.
+holds one gRPC client per configuration. Every channel goes through the fork gate
+(:mod:`etcd_broker.forking`): a forked child gets the same clients on fresh channels.
+gRPC errors are mapped by status code (:func:`classify`); :meth:`EtcdClient.call`
+runs a raw KV request with that mapping. Tests point it anywhere by passing another URL.
 
 URL forms::
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -23,6 +26,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import etcd3
 import grpc
 from etcd3 import exceptions as etcd_exceptions
+
+from etcd_broker import compat, forking
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,20 @@ ENDPOINT_RETRY_SECONDS = 0.5
 DEFAULT_TIMEOUT = 5.0
 #: gRPC message size limit; above etcd's default 1.5 MiB request limit so etcd, not gRPC, refuses.
 GRPC_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+#: Channel options: message limits above, keepalive pings every 10 s (a dead peer is noticed in ~15 s),
+#: reconnect back-off from 100 ms to 1 s.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+#: Options an etcdv3 URL's transport options may carry for the client (transport and backend read these).
+ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
 
 #: Errors that mean "the cluster is unreachable right now"; kombu treats these as connection errors.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -148,25 +167,7 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
-        credentials = None
-        if config.secure:
-            credentials = etcd3.MultiEndpointEtcd3Client.get_secure_creds(
-                config.ca_cert, config.cert_key, config.cert_cert,
-            )
-        options = [
-            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1_000),
-        ]
-        endpoints = [
-            etcd3.Endpoint(host, port, secure=config.secure, creds=credentials,
-                           time_retry=ENDPOINT_RETRY_SECONDS, opts=options)
-            for host, port in config.endpoints
-        ]
+        endpoints = _endpoints(config)
         self._auth_lock = threading.Lock()
         try:
             super().__init__(endpoints=endpoints, timeout=config.timeout, user=config.user,
@@ -176,6 +177,7 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
         # The token travels in self.metadata, which authenticate() renews. etcd3's call credentials would
         # carry the first token forever, and gRPC refuses them outright on a plain-text channel.
         self.call_credentials = None
+        _made.add(self)
 
     def authenticate(self) -> None:
         """Fetch a fresh token (after an etcd restart or token expiry)."""
@@ -185,23 +187,42 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
             request = etcd3.etcdrpc.AuthenticateRequest(name=self.config.user, password=self.config.password)
             response = self.authstub.Authenticate(request, self.timeout)
             self.metadata = (("token", response.token),)
-            self._clear_old_stubs()
+            compat.clear_stubs(self)
             logger.info("re-authenticated to etcd at %s", self.config.describe())
 
+    def call(self, method: str, request: Any, *, service: str = "KV") -> Any:
+        """Run one raw RPC (``call("Txn", TxnRequest(...))``) with our deadline, token and error mapping.
+
+        ``service`` names the stub: ``KV`` (Range, Put, DeleteRange, Txn, Compact), ``Lease``,
+        ``Maintenance``, ``Cluster``. A gRPC error comes back as a ``CONNECTION_ERRORS`` member
+        when a retry can succeed, else as the ``grpc.RpcError`` itself (see :func:`classify`).
+        """
+        stub = getattr(self, f"{service.lower()}stub")
+        try:
+            return getattr(stub, method)(request, self.timeout, credentials=self.call_credentials,
+                                         metadata=self.metadata)
+        except grpc.RpcError as exc:
+            self._manage_grpc_errors(exc)
+            raise
+
     def _manage_grpc_errors(self, exc: grpc.RpcError) -> None:
-        if _is_token_error(exc):
+        # compat: etcd3's public methods send every gRPC error here (see compat.py); we map by code.
+        kind = classify(exc)
+        if kind == INVALID_TOKEN:
             self.authenticate()
             raise etcd_exceptions.ConnectionFailedError() from exc
-        if _is_dropped_proposal(exc):  # a leader change dropped it unapplied: retry like a lost connection
+        if kind == PROPOSAL_DROPPED:  # a leader change dropped it unapplied: retry, the member is alive
             raise etcd_exceptions.ConnectionFailedError() from exc
-        try:
-            super()._manage_grpc_errors(exc)  # marks the endpoint in use as failed, then raises
-        except etcd_exceptions.ConnectionFailedError:
+        if kind in _ENDPOINT_FAILURES:
+            self.endpoint_in_use.fail()
+            compat.clear_stubs(self)
             self.fail_over()
-            raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: {_details(exc)}") from exc
-        except (etcd_exceptions.ConnectionTimeoutError, etcd_exceptions.InternalServerError):
-            self.fail_over()
-            raise
+            if kind == UNREACHABLE:
+                raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: {_details(exc)}") from exc
+            raise _ENDPOINT_FAILURES[kind]() from exc
+        if kind == PRECONDITION:
+            raise etcd_exceptions.PreconditionFailedError() from exc
+        raise exc  # request too large, no space, lease not found...: the caller reads it (classify)
 
     def fail_over(self) -> None:
         """Move to the next endpoint that has not failed lately (round robin; no-op with one).
@@ -212,40 +233,140 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
         labels = list(self.endpoints)
         if len(labels) < 2:
             return
-        current = labels.index(self._current_endpoint_label)
+        current = labels.index(compat.current_endpoint(self))
         for label in labels[current + 1:] + labels[:current]:
             if not self.endpoints[label].is_failed():
                 logger.info("etcd endpoint %s failed; using %s", labels[current], label)
-                self._current_endpoint_label = label
+                compat.use_endpoint(self, label)
                 return
 
     def _clear_old_stubs(self) -> None:
-        # etcd3's version closes the shared watcher; we use our own watch streams (watch.py).
-        self._stubs.clear()
+        # compat: etcd3's version also closes its shared watcher; we use our own streams (watch.py).
+        compat.clear_stubs(self)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the same endpoints on new channels; the parent's are never touched."""
+        _inherited.append(self.endpoints)  # kept referenced: their finalizers would close the parent's sockets
+        label = compat.current_endpoint(self)
+        self.endpoints = {ep.netloc: ep for ep in _endpoints(self.config)}
+        self._auth_lock = threading.Lock()
+        compat.clear_stubs(self)
+        compat.use_endpoint(self, label)
 
 
-def _is_token_error(exc: grpc.RpcError) -> bool:
-    details = (exc.details() or "") if hasattr(exc, "details") else ""
-    return "invalid auth token" in details or "token" in details and "expired" in details
+# -- gRPC errors, by status code ------------------------------------------------------------
+# etcd's errors (api/v3rpc/rpctypes/error.go, identical in 3.4 and 3.5) share few codes, so the
+# status code decides, and where one code carries several errors the rpctypes message is the
+# second key: INVALID_ARGUMENT is "request is too large", "too many operations in txn request",
+# "authentication failed" (and more), told apart by message; UNAVAILABLE ("no leader", "leader
+# changed", "server stopped", "request timed out", or gRPC's own "connection refused") all mean
+# retry elsewhere; RESOURCE_EXHAUSTED is "database space exceeded" or "too many requests".
+# "raft proposal dropped" has no rpctypes entry: etcd sends it as UNKNOWN with that text.
+UNREACHABLE = "unreachable"
+TIMEOUT = "timeout"
+INTERNAL = "internal"
+INVALID_TOKEN = "invalid_token"
+PROPOSAL_DROPPED = "proposal_dropped"
+PRECONDITION = "precondition"
+REQUEST_TOO_LARGE = "request_too_large"
+TOO_MANY_OPS = "too_many_ops"
+NO_SPACE = "no_space"
+TOO_MANY_REQUESTS = "too_many_requests"
+LEASE_NOT_FOUND = "lease_not_found"
+COMPACTED = "compacted"
+PERMISSION_DENIED = "permission_denied"
+AUTH_FAILED = "auth_failed"
+
+_BY_CODE = {
+    grpc.StatusCode.UNAVAILABLE: UNREACHABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TIMEOUT,
+    grpc.StatusCode.INTERNAL: INTERNAL,
+    grpc.StatusCode.UNAUTHENTICATED: INVALID_TOKEN,  # ErrGRPCInvalidAuthToken (simple and JWT tokens)
+    grpc.StatusCode.FAILED_PRECONDITION: PRECONDITION,
+    grpc.StatusCode.NOT_FOUND: LEASE_NOT_FOUND,  # ErrGRPCLeaseNotFound: the KV API's only NOT_FOUND
+    grpc.StatusCode.PERMISSION_DENIED: PERMISSION_DENIED,
+    grpc.StatusCode.OUT_OF_RANGE: COMPACTED,  # ErrGRPCCompacted (ErrGRPCFutureRev: a revision not yet written)
+}
+#: (code, rpctypes message fragment) -> kind, for codes that several etcd errors share.
+_BY_CODE_AND_MESSAGE = {
+    (grpc.StatusCode.INVALID_ARGUMENT, "request is too large"): REQUEST_TOO_LARGE,
+    (grpc.StatusCode.INVALID_ARGUMENT, "too many operations"): TOO_MANY_OPS,
+    (grpc.StatusCode.INVALID_ARGUMENT, "authentication failed"): AUTH_FAILED,
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "database space exceeded"): NO_SPACE,
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests"): TOO_MANY_REQUESTS,
+    (grpc.StatusCode.UNKNOWN, "raft proposal dropped"): PROPOSAL_DROPPED,
+}
+_ENDPOINT_FAILURES: dict[str, type[Exception]] = {
+    UNREACHABLE: etcd_exceptions.ConnectionFailedError,
+    TIMEOUT: etcd_exceptions.ConnectionTimeoutError,
+    INTERNAL: etcd_exceptions.InternalServerError,
+}
 
 
-def _is_dropped_proposal(exc: grpc.RpcError) -> bool:
-    return "raft proposal dropped" in _details(exc)
+def classify(exc: BaseException) -> str | None:
+    """What an etcd gRPC error means (one of this module's kinds), by status code first.
+
+    None for something that is not a gRPC error or that etcd does not document.
+    """
+    code = _code(exc)
+    if code is None:
+        return None
+    details = _details(exc)
+    for (shared_code, fragment), kind in _BY_CODE_AND_MESSAGE.items():
+        if code == shared_code and fragment in details:
+            return kind
+    return _BY_CODE.get(code)
 
 
-def _details(exc: grpc.RpcError) -> str:
-    return (exc.details() or "") if hasattr(exc, "details") else str(exc)
+def is_request_too_large(exc: BaseException) -> bool:
+    """etcd refused a request over its ``--max-request-bytes``."""
+    return classify(exc) == REQUEST_TOO_LARGE
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """etcd's backend quota is full (``mvcc: database space exceeded``): writes fail until compaction."""
+    return classify(exc) == NO_SPACE
+
+
+def is_lease_not_found(exc: BaseException) -> bool:
+    """A request named a lease etcd no longer knows."""
+    return classify(exc) == LEASE_NOT_FOUND
+
+
+def _code(exc: BaseException) -> grpc.StatusCode | None:
+    try:
+        return exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+    except Exception:  # noqa: BLE001 - an RpcError that is not a Call has no code
+        return None
+
+
+def _details(exc: BaseException) -> str:
+    try:
+        return (exc.details() or "") if hasattr(exc, "details") else str(exc)
+    except Exception:  # noqa: BLE001
+        return str(exc)
 
 
 def _auth_error(exc: grpc.RpcError, config: EtcdConfig) -> Exception:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
-        return EtcdConfigError(
-            f"etcd at {config.describe()} refused user {config.user!r}: {details}"
-        )
+    if _code(exc) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+                      grpc.StatusCode.FAILED_PRECONDITION):
+        return EtcdConfigError(f"etcd at {config.describe()} refused user {config.user!r}: {_details(exc)}")
     return EtcdUnreachable(f"etcd at {config.describe()} unreachable while authenticating user "
-                           f"{config.user!r}: {details}")
+                           f"{config.user!r}: {_details(exc)}")
+
+
+def _endpoints(config: EtcdConfig) -> list[etcd3.Endpoint]:
+    """One etcd3 endpoint per configured member, each channel counted by the fork gate."""
+    credentials = None
+    if config.secure:
+        credentials = etcd3.MultiEndpointEtcd3Client.get_secure_creds(
+            config.ca_cert, config.cert_key, config.cert_cert)
+    endpoints = [etcd3.Endpoint(host, port, secure=config.secure, creds=credentials,
+                                time_retry=ENDPOINT_RETRY_SECONDS, opts=CHANNEL_OPTIONS)
+                 for host, port in config.endpoints]
+    for endpoint in endpoints:
+        endpoint.channel = forking.intercept(endpoint.channel)
+    return endpoints
 
 
 def make_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdClient:
@@ -257,11 +378,15 @@ def make_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdCl
 
 
 _clients: dict[tuple[int, EtcdConfig], EtcdClient] = {}
-_clients_lock = threading.Lock()
+_clients_lock = forking.reinit_in_child(threading.Lock())
+#: Every client made in this process (a forked child resets them all).
+_made: weakref.WeakSet[EtcdClient] = weakref.WeakSet()
+#: In a forked child: the parent's endpoints (channels), never used and never closed.
+_inherited: list[Any] = []
 
 
 def get_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdClient:
-    """The shared client for this configuration in this process (one per pid)."""
+    """The shared client for this configuration in this process (the same object after a fork)."""
     config = url if isinstance(url, EtcdConfig) else EtcdConfig.from_url(url, **options)
     if isinstance(url, EtcdConfig) and options:
         config = config.with_options(**options)
@@ -274,12 +399,23 @@ def get_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdCli
 
 
 def forget_clients() -> None:
-    """Close and drop every shared client (tests, and after fork in a child)."""
+    """Close and drop every shared client of this process (tests, shutdown)."""
     with _clients_lock:
-        for (pid, _), client in list(_clients.items()):
-            if pid == os.getpid():
-                try:
-                    client.close()
-                except Exception:  # noqa: BLE001
-                    pass
+        mine = [client for (pid, _), client in _clients.items() if pid == os.getpid()]
         _clients.clear()
+    for client in mine:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+
+
+@forking.on_child
+def _adopt_clients_after_fork() -> None:
+    """Every client of the parent's works in the child, on new channels; shared ones stay shared."""
+    for client in list(_made):
+        client.reset_after_fork()
+    pid = os.getpid()
+    shared = {(pid, config): client for (_, config), client in _clients.items()}
+    _clients.clear()
+    _clients.update(shared)

@@ -1,7 +1,8 @@
-"""The one place that touches private names of python3-etcd3, Celery and kombu.
+"""The one place that touches private names of python3-etcd3, Celery, kombu and CPython.
 
 Each entry says what it uses and why no public API does the job. An upgrade that moves
-one of these names breaks here, and the library's compat test names it.
+one of these names breaks here, and ``tests/broker/test_compat.py`` names it.
+The list, with reasons, is in docs/transport.md ("Private names we rely on").
 """
 from __future__ import annotations
 
@@ -10,24 +11,59 @@ from typing import Any
 
 import grpc
 
+#: Every private name used below, as (owner, attribute): the compat test checks each one exists.
+PRIVATE_NAMES = (
+    ("etcd3.MultiEndpointEtcd3Client", "_manage_grpc_errors"),
+    ("etcd3.MultiEndpointEtcd3Client", "_stubs"),
+    ("etcd3.MultiEndpointEtcd3Client", "_current_endpoint_label"),
+    ("celery.app.amqp.AMQP", "_retry_publish"),
+    ("threading.Lock", "_at_fork_reinit"),
+)
+
+
+# -- python3-etcd3 ------------------------------------------------------------------------
+# etcd_broker.client.EtcdClient also overrides etcd3's ``_manage_grpc_errors``: every public
+# etcd3 method (get, put, transaction, lease...) hands its gRPC errors to that hook, and
+# overriding it is how those methods map errors by status code, re-authenticate and fail over.
+
+def clear_stubs(client: Any) -> None:
+    """Forget the cached gRPC stubs (``client._stubs``) so the next call builds them again.
+
+    Why: after re-authentication, failover or a fork the stubs must bind to the current
+    channel; etcd3's own ``_clear_old_stubs`` also closes its shared watcher, which we never use.
+    """
+    client._stubs.clear()
+
+
+def current_endpoint(client: Any) -> str:
+    """The label (``host:port``) of the endpoint in use (``client._current_endpoint_label``).
+
+    Why: etcd3 has ``endpoint_in_use`` (the Endpoint) but no public name for its label, and
+    failover round robin needs the position in ``client.endpoints``.
+    """
+    return client._current_endpoint_label
+
+
+def use_endpoint(client: Any, label: str) -> None:
+    """Switch to the endpoint ``label`` (setting ``client._current_endpoint_label``).
+
+    Why: etcd3 switches only when the current endpoint has failed and its retry window
+    has not passed; we fail over at once, round robin (client.EtcdClient.fail_over).
+    """
+    client._current_endpoint_label = label
+
 
 def kv_stub(client: Any) -> Any:
-    """python3-etcd3's KV stub on the endpoint in use (``client.kvstub``).
-
-    Why: etcd3's public methods cannot run a transaction with count_only/keys_only/limit
-    ranges or hand back the TxnResponse header revision; ops.py sends the protobufs itself.
-    """
+    """The KV stub on the endpoint in use: prefer ``EtcdClient.call`` (kept for older callers)."""
     return client.kvstub
 
 
 def raise_connection_error(client: Any, exc: grpc.RpcError) -> None:
-    """Map a KV call's gRPC error to our connection errors (``client._manage_grpc_errors``).
-
-    Why: it marks the endpoint failed and fails over (etcd_broker.client.EtcdClient overrides
-    etcd3's); raises a CONNECTION_ERRORS member, or returns and the caller re-raises ``exc``.
-    """
+    """Map a gRPC error the client's way: prefer ``EtcdClient.call``, which does it (kept for older callers)."""
     client._manage_grpc_errors(exc)
 
+
+# -- Celery ---------------------------------------------------------------------------------
 
 def retry_publish(app: Any, publish: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Publish a chord callback the way Celery's own backends do (``app.amqp._retry_publish``).
@@ -36,3 +72,14 @@ def retry_publish(app: Any, publish: Callable[..., Any], *args: Any, **kwargs: A
     after the header already ran; ``callback.delay`` alone has no such mode.
     """
     return app.amqp._retry_publish(publish, *args, **kwargs)
+
+
+# -- CPython --------------------------------------------------------------------------------
+
+def reinit_lock(lock: Any) -> None:
+    """Unlock ``lock`` in a forked child (``lock._at_fork_reinit()``, what threading and logging use).
+
+    Why: a thread that held it in the parent does not exist in the child, so it would stay
+    locked for ever; the module-level registries of clients, hubs and leases are guarded by such locks.
+    """
+    lock._at_fork_reinit()

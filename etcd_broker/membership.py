@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from etcd_broker import ops
+from etcd_broker import forking, ops
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
 from etcd_broker.keys import KeySpace, range_end
 from etcd_broker.watch import EVENT_DELETE, WatchStream
@@ -353,7 +353,7 @@ def restore_message(client: EtcdClient, keys: KeySpace, queue: str, key: str, va
 
 
 _leases: dict[tuple[int, int, str], ConsumerLease] = {}
-_leases_lock = threading.Lock()
+_leases_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
 
 
 def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int) -> ConsumerLease:
@@ -369,8 +369,9 @@ def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int) -> ConsumerLeas
 def close_all_leases(ack_timeout: float = 10.0) -> None:
     """Close every lease of this process (at exit, and in tests before an etcd goes away)."""
     with _leases_lock:
-        for lease in _leases.values():
-            lease.close(ack_timeout=ack_timeout)
+        for (pid, _, _), lease in _leases.items():
+            if pid == os.getpid():  # a forked child never closes (revokes) its parent's lease
+                lease.close(ack_timeout=ack_timeout)
         _leases.clear()
 
 

@@ -27,7 +27,7 @@ import grpc
 from etcd3 import etcdrpc
 from etcd3.utils import prefix_range_end, to_bytes
 
-from etcd_broker import compat
+from etcd_broker.client import is_lease_not_found
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +153,10 @@ def saw_revision(client: Any, revision: int) -> None:
 def _call(client: Any, method: str, request: Any) -> Any:
     """The library's one call site for a KV RPC: deadline, auth metadata, errors mapped."""
     try:
-        response = getattr(compat.kv_stub(client), method)(
-            request, client.timeout, credentials=client.call_credentials, metadata=client.metadata)
+        response = client.call(method, request)  # errors mapped by status code (client.classify)
     except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:  # a KV request's only NOT_FOUND: its lease
+        if is_lease_not_found(exc):
             raise LeaseNotFound(exc.details()) from exc
-        compat.raise_connection_error(client, exc)  # a CONNECTION_ERRORS member, or exc itself
         raise
     saw_revision(client, response.header.revision)
     return response

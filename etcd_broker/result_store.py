@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from etcd_broker import ops
+from etcd_broker import forking, ops
 from etcd_broker.client import EtcdConfig, get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.watch import WatchHub, close_hubs, hub_for
@@ -318,7 +318,7 @@ def _stored(response_op: Any) -> Stored | None:
     return Stored.from_kv(kv) if kv is not None else None
 
 
-_registry_lock = threading.RLock()  # store_for -> ResultStore() -> _shared(_leases)
+_registry_lock = forking.reinit_in_child(threading.RLock())  # unlocked again in a forked child; store_for -> ResultStore() -> _shared(_leases)
 _leases: dict[tuple[int, EtcdConfig], LeaseBuckets] = {}
 _stores: dict[tuple[int, EtcdConfig, str], ResultStore] = {}
 

@@ -24,7 +24,7 @@ from etcd3 import etcdrpc
 from etcd3.exceptions import NoServerAvailableError
 from etcd3.utils import prefix_range_end, to_bytes
 
-from etcd_broker import ops
+from etcd_broker import forking, ops
 from etcd_broker.client import EtcdConfig, get_client
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class WatchHub:
 
 
 _hubs: dict[tuple[int, EtcdConfig], WatchHub] = {}
-_hubs_lock = threading.Lock()
+_hubs_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
 
 
 def hub_for(config: EtcdConfig) -> WatchHub:

@@ -57,6 +57,8 @@ from benchmarks.common import (
 from scripts.etcd_server import EtcdServer
 
 CLIENTS = (1, 8, 64)
+#: Most client threads one round may start (each holds a connection to the broker and the backend).
+MAX_CLIENTS = 512
 BROKERS = ("etcd", "redis", "redis-aof", "rabbitmq")
 MODELS = ("digits", "fashion")
 #: Worker threads, as the project runs its GPU workers (``-P threads -c 64``).
@@ -311,6 +313,28 @@ def pick_model_dir(models: list[str], model_dir: Path) -> Path:
     return QUICK_MODEL_DIR
 
 
+def client_count(text: str) -> int:
+    """argparse type: a client count from 1 to MAX_CLIENTS."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clients takes whole numbers, got {text!r}") from None
+    if not 1 <= value <= MAX_CLIENTS:
+        raise argparse.ArgumentTypeError(f"--clients must be from 1 to {MAX_CLIENTS}, got {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seconds takes a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--seconds must be above 0, got {text}")
+    return value
+
+
 def cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -362,8 +386,9 @@ def target_rows(results: dict[str, dict]) -> list[list]:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_main", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per round")
-    parser.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
+    parser.add_argument("--seconds", type=positive_seconds, default=5.0, help="measured seconds per round")
+    parser.add_argument("--clients", type=client_count, nargs="+", default=list(CLIENTS),
+                        help=f"concurrent clients per round, 1 to {MAX_CLIENTS}")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--brokers", nargs="+", default=list(BROKERS), choices=BROKERS)
     parser.add_argument("--no-in-process", dest="in_process", action="store_false", help="skip the ceiling")

@@ -7,9 +7,8 @@ import threading
 import pytest
 from celery import states
 
-from etcd_broker import compat, ops
+from etcd_broker import ops
 from etcd_broker.backend import watch_task
-from etcd_broker.client import EtcdClient
 from etcd_broker.watch import HUB_THREAD_NAME, hub_for
 from tests.helpers import wait_until
 
@@ -85,10 +84,3 @@ def test_results_task_events_and_subscriptions_share_one_stream(results_app, sto
     store.hub.subscribe(f"{etcd_prefix}/other", lambda events: None, prefix=True)
     assert hub_for(results_app.backend.config) is store.hub
     assert [t.name for t in threading.enumerate()].count(HUB_THREAD_NAME) == 1
-
-
-def test_the_private_names_compat_uses_still_exist(results_app, store):
-    """An upgrade of python3-etcd3 or Celery that moves one of these fails here, by name."""
-    assert compat.kv_stub(store.client) is not None, "etcd3 client.kvstub"
-    assert callable(getattr(EtcdClient, "_manage_grpc_errors", None)), "etcd3 _manage_grpc_errors"
-    assert callable(getattr(results_app.amqp, "_retry_publish", None)), "celery app.amqp._retry_publish"

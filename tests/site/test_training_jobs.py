@@ -126,3 +126,15 @@ def test_anyone_may_watch_a_training_job_but_only_staff_cancel_it(client, site_c
     client.force_login(staff)
     assert client.delete(f"/api/jobs/{job.id}").status_code == 202
     assert Job.objects.get(pk=job.pk).cancel_requested_at is not None
+
+
+def test_retrying_a_finished_training_job_retrains(site_celery, queued_messages, untrained):
+    from jobs import services
+
+    job, _ = submit_training("digits", 2)
+    queued_messages()  # taken: as if a worker ran it
+    Job.objects.filter(pk=job.pk).update(status=Status.SUCCEEDED)
+    job.refresh_from_db()
+    again = services.retry(job)
+    assert again.pk != job.pk and again.is_training and again.input == {"train": True, "epochs": 2}
+    assert [(m["task"], m["id"]) for m in queued_messages()] == [("jobs.tasks.train_model", str(again.id))]

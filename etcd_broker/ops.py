@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,8 +48,6 @@ RESULTS = {"==": EQUAL, "!=": NOT_EQUAL, ">": GREATER, "<": LESS,
 
 Key = str | bytes
 
-#: client -> the newest header revision any call or watch response of it carried.
-_revisions: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 class LeaseNotFound(Exception):
@@ -135,28 +132,11 @@ def get(client: Any, key: Key, **options: Any) -> etcdrpc.RangeResponse:
     return _call(client, "Range", range_request(key, **options))
 
 
-def last_revision(client: Any) -> int:
-    """The newest etcd revision ``client`` has seen (0: none yet).
-
-    Every revision seen is at or before etcd's current one: a watch started from
-    ``last_revision(client) + 1`` gets every write made after this call.
-    """
-    return _revisions.get(client, 0)
-
-
-def saw_revision(client: Any, revision: int) -> None:
-    """Record a response header's revision (ops calls and the watch hub do this)."""
-    if revision > _revisions.get(client, 0):
-        _revisions[client] = revision  # a racing lower value is still a revision seen: safe
-
-
 def _call(client: Any, method: str, request: Any) -> Any:
     """The library's one call site for a KV RPC: deadline, auth metadata, errors mapped."""
     try:
-        response = client.call(method, request)  # errors mapped by status code (client.classify)
+        return client.call(method, request)  # errors mapped by status code (client.classify)
     except grpc.RpcError as exc:
         if is_lease_not_found(exc):
             raise LeaseNotFound(exc.details()) from exc
         raise
-    saw_revision(client, response.header.revision)
-    return response

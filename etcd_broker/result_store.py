@@ -137,11 +137,6 @@ class ResultStore:
         """This process's watch hub for our etcd cluster."""
         return hub_for(self.config)
 
-    @property
-    def revision(self) -> int:
-        """The newest etcd revision this process has seen (0: none yet); see :func:`ops.last_revision`."""
-        return ops.last_revision(self.client)
-
     def current_revision(self) -> int:
         """etcd's current revision (one small read)."""
         return ops.get(self.client, self.keys.results(), count_only=True).header.revision

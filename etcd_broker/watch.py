@@ -24,7 +24,7 @@ from etcd3 import etcdrpc
 from etcd3.exceptions import NoServerAvailableError
 from etcd3.utils import prefix_range_end, to_bytes
 
-from etcd_broker import forking, ops
+from etcd_broker import forking
 from etcd_broker.client import EtcdConfig, get_client
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,6 @@ class WatchStream:
                 pass
 
     def _handle(self, response) -> None:
-        ops.saw_revision(self.client, response.header.revision)
         with self._lock:
             if response.created:
                 watch = self._pending.popleft() if self._pending else None
@@ -285,11 +284,6 @@ class WatchHub:
     def wait_created(self, watch: Watch, timeout: float | None = None) -> bool:
         """Block until etcd confirmed ``watch`` (events after this point will arrive)."""
         return self._stream.wait_created(watch, timeout)
-
-    @property
-    def revision(self) -> int:
-        """The newest etcd revision this process has seen on this cluster (0: none yet)."""
-        return ops.last_revision(self.client)
 
     @property
     def events_delivered(self) -> int:

@@ -1,6 +1,7 @@
 """kombu's contract as a kombu user meets it (issue 11), through kombu's public API only."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -11,7 +12,8 @@ from contextlib import closing
 
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
-from kombu.exceptions import ChannelError
+from kombu.exceptions import ChannelError, OperationalError
+from kombu.mixins import ConsumerMixin
 
 import etcd_broker  # noqa: F401
 from etcd_broker.queue_limits import MAX_QUEUE_NAME_BYTES, QueueArgumentError, QueueFull
@@ -148,6 +150,47 @@ def test_connect_timeout_bounds_a_server_that_accepts_and_never_answers():
     # kombu's connect() tries twice, 2 s apart: 1 + 2 + 1 s. Before the fix: 5 + 2 + 5 s.
     assert time.monotonic() - started < 8
     listener.close()
+
+
+class OutageWatcher(ConsumerMixin):
+    """A ConsumerMixin that records the first connection error it is told about, then stops."""
+
+    connect_max_retries = 1
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.ready = threading.Event()
+        self.lost = threading.Event()
+
+    def get_consumers(self, Consumer, channel):
+        return [Consumer([Queue("outage", routing_key="outage")], callbacks=[lambda body, message: message.ack()])]
+
+    def on_consume_ready(self, connection, channel, consumers, **kwargs):
+        self.ready.set()
+
+    def on_connection_error(self, exc, interval):
+        self.lost.set()
+        self.should_stop = True
+
+
+def test_a_consumer_mixin_is_told_when_etcd_goes_away(private_etcd, etcd_prefix):
+    conn = Connection(private_etcd.url, transport_options={"prefix": etcd_prefix, "lease_ttl": 3},
+                      connect_timeout=1)
+    watcher = OutageWatcher(conn)
+
+    def run():
+        with contextlib.suppress(OperationalError):  # its one reconnect attempt failed, as it should
+            watcher.run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert watcher.ready.wait(20)
+    private_etcd.stop()
+    # Before: only log lines, the consumer waited for ever. Now drain_events raises a connection
+    # error, ConsumerMixin reconnects, and its reconnect attempts report the outage.
+    assert watcher.lost.wait(30)
+    thread.join(30)
+    assert not thread.is_alive()
 
 
 def test_unimplemented_queue_arguments_are_refused_by_name(connect):

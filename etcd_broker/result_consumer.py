@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 MAX_DRAIN_WAIT = 1.0
 #: The shortest wait per drain_events() call when a get() has a tiny timeout (seconds).
 MIN_DRAIN_WAIT = 0.01
+#: Our subscriptions' label in the hub's event counts.
+HUB_LABEL = "results"
 
 Item = tuple[str, Stored]
 
@@ -69,7 +71,7 @@ class ResultConsumer(BaseResultConsumer):
             self._watches[task_id] = self.store.hub.subscribe(
                 self.store.keys.result(task_id), lambda events: self._on_events(task_id, events),
                 puts_only=True, on_created=lambda: self._on_created(task_id),
-                on_resync=lambda: self._on_resync(task_id))
+                on_resync=lambda: self._on_resync(task_id), label=HUB_LABEL)
 
     def cancel_for(self, task_id: str) -> None:
         # Runs from AsyncResult.__del__ in any thread, so it only queues; never blocks.

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 FINAL_STATES = frozenset({states.SUCCESS, states.FAILURE, states.REVOKED})
 #: Inbox marker for a deleted key (forget() or expiry): the task reads as PENDING again.
 DELETED = b""
+#: Our subscriptions' label in the hub's event counts.
+HUB_LABEL = "task-events"
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ class TaskStream:
 
     def _subscribe(self, start: int | None) -> Watch:
         return self.store.hub.subscribe(self.store.keys.result(self.task_id), self._on_events,
-                                        start_revision=start, on_resync=self._on_resync)
+                                        start_revision=start, on_resync=self._on_resync, label=HUB_LABEL)
 
     def next(self, timeout: float | None) -> TaskEvent | None:
         """The next new state, or None if none came within ``timeout`` seconds (None: wait)."""

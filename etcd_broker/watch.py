@@ -14,7 +14,7 @@ import logging
 import os
 import queue
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +56,7 @@ class Watch:
     watch_id: int | None = None
     created: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
+    label: str = ""  # who subscribed, for counting events (WatchHub.events_delivered)
 
     def create_request(self) -> etcdrpc.WatchRequest:
         create = etcdrpc.WatchCreateRequest(key=self.key, progress_notify=True, prev_kv=self.prev_kv)
@@ -82,8 +83,8 @@ class WatchStream:
         self._call = None
         self._closed = threading.Event()
         self._connected = threading.Event()
-        #: Events delivered to callbacks since the stream started (every watch together).
-        self.events_delivered = 0
+        #: Events delivered to callbacks since the stream started, by the watches' labels.
+        self.events_delivered: Counter[str] = Counter()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -91,16 +92,17 @@ class WatchStream:
     def watch(self, key: str | bytes, callback: EventsCallback, *, prefix: bool = False,
               start_revision: int | None = None, prev_kv: bool = False,
               on_resync: ResyncCallback | None = None, on_created: Callable[[], None] | None = None,
-              puts_only: bool = False) -> Watch:
+              puts_only: bool = False, label: str = "") -> Watch:
         """Start watching ``key`` (or every key under it with ``prefix=True``).
 
         ``on_created`` runs each time etcd confirms the watch, after a reconnect too;
-        ``puts_only`` drops DELETE events at the server.
+        ``puts_only`` drops DELETE events at the server; ``label`` names the subscriber in
+        the event counts.
         """
         key = to_bytes(key)
         watch = Watch(key=key, range_end=prefix_range_end(key) if prefix else None, callback=callback,
                       next_revision=start_revision, prev_kv=prev_kv, on_resync=on_resync,
-                      on_created=on_created,
+                      on_created=on_created, label=label,
                       filters=(etcdrpc.WatchCreateRequest.NODELETE,) if puts_only else ())
         with self._lock:
             self._watches.append(watch)
@@ -224,7 +226,7 @@ class WatchStream:
             return
         if response.events:
             watch.next_revision = response.events[-1].kv.mod_revision + 1
-            self.events_delivered += len(response.events)
+            self.events_delivered[watch.label] += len(response.events)
             watch.callback(response.events)
         elif not response.created:
             # A progress notification: every event up to this revision was sent.
@@ -269,13 +271,16 @@ class WatchHub:
     def subscribe(self, key: str | bytes, callback: EventsCallback, *, prefix: bool = False,
                   start_revision: int | None = None, puts_only: bool = False, prev_kv: bool = False,
                   on_resync: ResyncCallback | None = None,
-                  on_created: Callable[[], None] | None = None) -> Watch:
-        """Follow ``key`` (every key under it with ``prefix=True``); returns the handle to unsubscribe."""
+                  on_created: Callable[[], None] | None = None, label: str = "") -> Watch:
+        """Follow ``key`` (every key under it with ``prefix=True``); returns the handle to unsubscribe.
+
+        ``label`` names the subscriber in :meth:`events_delivered` (e.g. "results").
+        """
         if start_revision is not None and start_revision < 0:
             raise ValueError(f"start_revision must be a revision >= 0 (got {start_revision})")
         return self._stream.watch(key, callback, prefix=prefix, start_revision=start_revision or None,
                                   prev_kv=prev_kv, on_resync=on_resync, on_created=on_created,
-                                  puts_only=puts_only)
+                                  puts_only=puts_only, label=label)
 
     def unsubscribe(self, watch: Watch) -> None:
         """Stop delivering to ``watch``'s callback (idempotent)."""
@@ -285,10 +290,10 @@ class WatchHub:
         """Block until etcd confirmed ``watch`` (events after this point will arrive)."""
         return self._stream.wait_created(watch, timeout)
 
-    @property
-    def events_delivered(self) -> int:
-        """Events this process received from etcd through the hub (all subscriptions)."""
-        return self._stream.events_delivered
+    def events_delivered(self, label: str | None = None) -> int:
+        """Events this process received through the hub: all, or those of subscriptions with ``label``."""
+        counts = self._stream.events_delivered
+        return sum(counts.values()) if label is None else counts[label]
 
     @property
     def connected(self) -> bool:

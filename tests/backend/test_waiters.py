@@ -6,6 +6,7 @@ import uuid
 
 from celery import group, states
 
+from etcd_broker.result_consumer import HUB_LABEL
 from tests.backend.conftest import task
 from tests.helpers import wait_until
 
@@ -52,7 +53,7 @@ def test_a_waiter_receives_the_writes_of_its_task_and_no_other(results_app):
         results_app.AsyncResult(waited).get(timeout=30, on_message=lambda m: seen.append(m["status"]))
         done.set()
 
-    before = hub.events_delivered
+    before = hub.events_delivered(HUB_LABEL)
     waiter = threading.Thread(target=wait)
     waiter.start()
     backend.store_result(waited, {"progress": 10}, "PROGRESS")
@@ -66,19 +67,19 @@ def test_a_waiter_receives_the_writes_of_its_task_and_no_other(results_app):
     assert backend.store.read(other)[0] is not None  # the other task's 51 writes did happen
     # ... and none of them reached this process: its own SUCCESS did, and its PROGRESS too
     # unless that came through the read made when etcd confirmed the watch.
-    assert hub.events_delivered - before in (1, 2)
+    assert hub.events_delivered(HUB_LABEL) - before in (1, 2)
 
 
 def test_a_process_waiting_on_one_task_gets_no_events_of_a_task_a_worker_runs_meanwhile(worker_app):
     backend = worker_app.backend
     hub = backend.store.hub
-    before = hub.events_delivered
+    before = hub.events_delivered(HUB_LABEL)  # the transport's subscriptions share the hub
     busy = task(worker_app, "count_with_progress", 20, 0.01).apply_async()  # submitted, never waited on
     assert task(worker_app, "add", 2, 3).apply_async().get(timeout=30) == 5
     wait_until(lambda: (stored := backend.store.read(busy.id)[0]) is not None
                and b'"SUCCESS"' in stored.value, timeout=30, message="the busy task finished")
     # add's SUCCESS at most (it may come through the read instead); none of the busy task's 21 writes
-    assert hub.events_delivered - before <= 1
+    assert hub.events_delivered(HUB_LABEL) - before <= 1
 
 
 def test_hundreds_of_results_from_a_real_worker_all_arrive(worker_app):

@@ -107,6 +107,12 @@ def test_watch_a_model_train_then_use_it(page, live_server, job_watcher, empty_m
     expect(answer.locator(".bars li")).to_have_count(5)
     snap(page, "first-answer")
 
+    page.goto("/jobs/")  # My jobs lists the training job too, with the model card it produced
+    listed = page.locator(f'.job[data-job="{training.id}"]')
+    expect(listed).to_have_attribute("data-status", "succeeded")
+    expect(listed.locator(".facts")).to_contain_text("test accuracy")
+    expect(listed.locator("[data-action=cancel]")).to_have_count(0)
+
     training.refresh_from_db()
     assert (training.status, training.result["epochs"]) == (Status.SUCCEEDED, TINY_EPOCHS)
     assert (empty_models / "digits.keras").is_file()

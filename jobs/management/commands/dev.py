@@ -54,9 +54,10 @@ class Command(BaseCommand):
             waited = self.wait_for_site(addr, children)
             self.stdout.write(self.style.SUCCESS(f"\n  deephardway is running: http://{addr}/   (up in {waited:.0f} s)\n"
                                                  f"  etcd {etcd.url}   Ctrl-C stops everything\n"))
-            if not no_train:
-                self.stdout.write("  models not trained yet train now, as jobs on the worker; their pages "
-                                  "show the progress and switch to the model when it is ready\n")
+            missing = [] if no_train else self.untrained_models()
+            if missing:
+                self.stdout.write(f"  not trained yet: {', '.join(missing)}. They train now, as jobs on the worker; "
+                                  "their pages show the progress and switch to the model when it is ready\n")
                 helpers.append(self.spawn(self.training_command(), env))
             self.supervise(children, helpers)
         except KeyboardInterrupt:
@@ -91,6 +92,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         self.stdout.write(f"etcd serving {server.url}")
         return server
+
+    def untrained_models(self) -> list[str]:
+        from ml.registry import MODELS
+
+        return [name for name, spec in MODELS.items() if not spec.is_trained(settings.MODEL_DIR)]
 
     def training_command(self) -> list[str]:
         """Missing models as train_model jobs on the worker, followed in this terminal."""

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from etcd_broker.client import EtcdClient
 from etcd_broker.keys import KeySpace, range_end
-from etcd_broker.watch import EVENT_PUT, WatchStream
+from etcd_broker.watch import EVENT_PUT, Watch, WatchHub
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +24,11 @@ Binding = tuple[str, str, str]  # (routing_key, pattern, queue), kombu's table r
 class BindingTable:
     """Every exchange's bindings under one key space, kept current by a watch."""
 
-    def __init__(self, client: EtcdClient, keys: KeySpace, watch_stream: WatchStream) -> None:
+    def __init__(self, client: EtcdClient, keys: KeySpace, hub: WatchHub) -> None:
         self.client = client
         self.keys = keys
-        self._stream = watch_stream
+        self._hub = hub
+        self._watch: Watch | None = None
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._rows: dict[str, dict[bytes, Binding]] = defaultdict(dict)
@@ -40,10 +41,18 @@ class BindingTable:
             if self._loaded.is_set():
                 return
             revision = self._read_all()
-            watch = self._stream.watch(self.keys.all_bindings(), self._on_events, prefix=True,
-                                       start_revision=revision + 1, on_resync=self._read_all)
-            self._stream.wait_created(watch, timeout=self.client.timeout)
+            self._watch = self._hub.subscribe(self.keys.all_bindings(), self._on_events, prefix=True,
+                                              start_revision=revision + 1, on_resync=self._read_all)
+            self._hub.wait_created(self._watch, timeout=self.client.timeout)
             self._loaded.set()
+
+    def close(self) -> None:
+        """Stop following etcd (the process's watch hub carries on for its other subscribers)."""
+        with self._load_lock:
+            if self._watch is not None:
+                self._hub.unsubscribe(self._watch)
+                self._watch = None
+            self._loaded.clear()
 
     def _read_all(self) -> int:
         prefix = self.keys.all_bindings()

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from etcd_broker import forking, ops
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
 from etcd_broker.keys import KeySpace, range_end
-from etcd_broker.watch import EVENT_DELETE, WatchStream
+from etcd_broker.watch import EVENT_DELETE, Watch, WatchHub, hub_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class ConsumerLease:
         self._sweep_now = threading.Event()
         self._acks_waiting = threading.Event()
         self._closed = threading.Event()
-        self._watch_stream: WatchStream | None = None
+        self._consumers_watch: Watch | None = None
+        self._hub: WatchHub | None = None
         self._threads: list[threading.Thread] = []
         self._answered_at = 0.0  # monotonic time of the last keepalive etcd answered
         self._failing = False  # the last keepalive (or probe) failed or went unanswered
@@ -87,8 +88,9 @@ class ConsumerLease:
     def _start_threads(self) -> None:
         if self._threads:
             return
-        self._watch_stream = WatchStream(self.client, name="etcd-consumers-watch")
-        self._watch_stream.watch(self.keys.consumers(), self._on_consumer_events, prefix=True, prev_kv=True)
+        self._hub = hub_for(self.client.config)
+        self._consumers_watch = self._hub.subscribe(self.keys.consumers(), self._on_consumer_events, prefix=True,
+                                                    prev_kv=True)
         for target, name in ((self._keepalive_loop, "etcd-lease-keepalive"), (self._sweep_loop, "etcd-sweeper"),
                              (self._ack_loop, "etcd-acks")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -107,8 +109,9 @@ class ConsumerLease:
             self.flush_acks(ack_timeout)
         self._closed.set()
         self._sweep_now.set()
-        if self._watch_stream is not None:
-            self._watch_stream.close()
+        if self._consumers_watch is not None:
+            self._hub.unsubscribe(self._consumers_watch)
+            self._consumers_watch = None
         with self._lock:
             if self.lease_id is not None and (self._pending_deletes or not reachable):
                 logger.warning("etcd unreachable at close: %d ack(s) not written; lease %016x expires within %ss "

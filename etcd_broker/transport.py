@@ -58,7 +58,7 @@ from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_me
 from etcd_broker.publish_batch import PublishBatch
 from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
-from etcd_broker.watch import WatchStream
+from etcd_broker.watch import WatchHub, hub_for
 
 logger = logging.getLogger(__name__)
 
@@ -464,8 +464,8 @@ class Transport(virtual.Transport):
         self._wake_pending = threading.Event()  # a byte is in the pipe; no need to write another
         self._loop = None
         self._recheck_timer = None  # the hub's safety-net timer entry
-        self._watch_stream: WatchStream | None = None
         self._bindings: BindingTable | None = None
+        self._hub: WatchHub | None = None
         self._queue_watches: dict[str, list] = {}
         self._hints: dict[str, list | None] = {}
         self._read_revision: dict[str, int] = {}
@@ -493,21 +493,29 @@ class Transport(virtual.Transport):
     def close_connection(self, connection):
         super().close_connection(connection)
         self._close_pipe()
-        if self._watch_stream is not None:
-            self._watch_stream.close()
-            self._watch_stream = None
+        with self._watch_lock:
+            watches, self._queue_watches = [entry[0] for entry in self._queue_watches.values()], {}
+        for watch in watches:
+            self.watch_hub.unsubscribe(watch)
+        if self._bindings is not None:
+            self._bindings.close()
+            self._bindings = None
 
     # -- shared state for channels -------------------------------------------------
     @property
-    def watch_stream(self) -> WatchStream:
-        if self._watch_stream is None:
-            self._watch_stream = WatchStream(self.etcd, name="etcd-transport-watch")
-        return self._watch_stream
+    def watch_hub(self) -> WatchHub:
+        """The process's one watch stream for our etcd (shared with the result backend).
+
+        Kept once taken: unsubscribing must reach the stream that carries the watch.
+        """
+        if self._hub is None:
+            self._hub = hub_for(self.config)
+        return self._hub
 
     @property
     def bindings(self) -> BindingTable:
         if self._bindings is None:
-            self._bindings = BindingTable(self.etcd, self.keys, self.watch_stream)
+            self._bindings = BindingTable(self.etcd, self.keys, self.watch_hub)
         return self._bindings
 
     def remember_exchange(self, exchange: str, type: str) -> None:
@@ -530,10 +538,10 @@ class Transport(virtual.Transport):
             if entry is not None:
                 entry[1] += 1
                 return
-            watch = self.watch_stream.watch(self.keys.ready(queue), partial(self._on_ready, queue), prefix=True,
-                                            puts_only=True, on_created=self.forget_reads)
+            watch = self.watch_hub.subscribe(self.keys.ready(queue), partial(self._on_ready, queue), prefix=True,
+                                             puts_only=True, on_created=self.forget_reads)
             self._queue_watches[queue] = [watch, 1]
-        self.watch_stream.wait_created(watch, timeout=self.config.timeout)
+        self.watch_hub.wait_created(watch, timeout=self.config.timeout)
         self.wake()
 
     def unwatch_queue(self, queue: str) -> None:
@@ -544,7 +552,7 @@ class Transport(virtual.Transport):
             entry[1] -= 1
             if entry[1] <= 0:
                 del self._queue_watches[queue]
-                self.watch_stream.cancel(entry[0])
+                self.watch_hub.unsubscribe(entry[0])
 
     def _on_ready(self, queue: str, events) -> None:
         with self._watch_lock:

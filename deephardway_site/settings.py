@@ -11,6 +11,8 @@ from pathlib import Path
 import dj_database_url
 
 from etcd_broker.client import kombu_url, url_credentials
+from etcd_broker.keys import MAX_PRIORITY
+from jobs.queues import GPU_QUEUE
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -138,7 +140,7 @@ CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = envint("CELERY_RESULT_EXPIRES", "86400")
 CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_QUEUE_MAX_PRIORITY = 9
+CELERY_TASK_QUEUE_MAX_PRIORITY = MAX_PRIORITY
 CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -199,7 +201,7 @@ if not DEBUG:
 
 # --- model serving (ml/, jobs/tasks.py) -------------------------------------
 #: Model tasks run on the gpu queue (GPU hosts: `worker -Q gpu -P threads -c 64`; CPU hosts: `-Q gpu,default`).
-CELERY_TASK_ROUTES = {"jobs.tasks.run_model": {"queue": "gpu"}, "jobs.tasks.train_model": {"queue": "gpu"}}
+CELERY_TASK_ROUTES = {"jobs.tasks.run_model": {"queue": GPU_QUEUE}, "jobs.tasks.train_model": {"queue": GPU_QUEUE}}
 #: Micro-batching of concurrent classify requests in one worker: at most this many per forward pass...
 BATCH_MAX_SIZE = envint("BATCH_MAX_SIZE", "64")
 #: ...collected for at most this long (ms) once callers are queueing; a lone caller never waits.

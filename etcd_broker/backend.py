@@ -23,7 +23,7 @@ from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 
 from etcd_broker import compat
-from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, EtcdConfigError
+from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace
 from etcd_broker.result_consumer import ResultConsumer
 from etcd_broker.result_store import ResultStore, WriteOutcome, store_for
@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 __all__ = ("EtcdBackend", "TaskEvent", "TaskStream", "follow_task", "watch_task")
 
 DEFAULT_URL = "etcdv3://127.0.0.1:2379"
-ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
 #: Keys of result_backend_transport_options that Celery itself reads (not global_keyprefix:
 #: our keys come from KeySpace, so it would be silently ignored; ``prefix`` does that job).
 CELERY_OPTIONS = ("retry_policy",)

@@ -52,7 +52,7 @@ from kombu.utils.json import dumps
 
 from etcd_broker import ops
 from etcd_broker.bindings import BindingTable
-from etcd_broker.client import CONNECTION_ERRORS, EtcdConfig, EtcdUnreachable, get_client
+from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdUnreachable, get_client
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_message
 from etcd_broker.publish_batch import PublishBatch
@@ -74,7 +74,6 @@ CLAIM_ATTEMPTS = 4
 SAFETY_RECHECK_SECONDS = 30.0
 #: Most messages delivered per event-loop wake-up before the hub serves its other fds again.
 DELIVERIES_PER_WAKE = 64
-ETCD_OPTIONS = ("user", "password", "ca_cert", "cert_key", "cert_cert", "timeout")
 
 
 class MessageTooLarge(ValueError):

@@ -7,6 +7,8 @@ from __future__ import annotations
 from django.apps import AppConfig
 from django.core import checks
 
+from etcd_broker.keys import MAX_PRIORITY
+
 #: The development SECRET_KEY in settings.py starts with this; production must replace it.
 DEV_SECRET_PREFIX = "dev-only-insecure"
 
@@ -39,8 +41,9 @@ def check_job_limits(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     errors = []
     if settings.JOBS_MAX_QUEUED_PER_OWNER < 1:
         errors.append(checks.Error("JOBS_MAX_QUEUED_PER_OWNER must be at least 1", id="jobs.E002"))
-    if not 0 <= settings.JOBS_MAX_PRIORITY_NON_STAFF <= 9 or not 0 <= settings.JOBS_DEFAULT_PRIORITY <= 9:
-        errors.append(checks.Error("JOBS_MAX_PRIORITY_NON_STAFF and JOBS_DEFAULT_PRIORITY must be 0-9",
+    if not (0 <= settings.JOBS_MAX_PRIORITY_NON_STAFF <= MAX_PRIORITY
+            and 0 <= settings.JOBS_DEFAULT_PRIORITY <= MAX_PRIORITY):
+        errors.append(checks.Error(f"JOBS_MAX_PRIORITY_NON_STAFF and JOBS_DEFAULT_PRIORITY must be 0-{MAX_PRIORITY}",
                                    id="jobs.E003"))
     if settings.JOBS_DEFAULT_PRIORITY > settings.JOBS_MAX_PRIORITY_NON_STAFF:
         errors.append(checks.Error("JOBS_DEFAULT_PRIORITY is above JOBS_MAX_PRIORITY_NON_STAFF: "

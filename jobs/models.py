@@ -18,10 +18,12 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from jobs.queues import GPU_QUEUE
+
 logger = logging.getLogger(__name__)
 
 #: The Celery queue every model request goes to (workers: ``-Q gpu,default``).
-MODEL_QUEUE = "gpu"
+MODEL_QUEUE = GPU_QUEUE
 #: Owner key of the jobs that train models (``manage.py dev``, ``train_models --queue``):
 #: no user or session has it, and everyone may watch these jobs (a model page shows them).
 TRAINING_OWNER = "system:training"

@@ -15,13 +15,12 @@ from typing import Any
 from celery import Task, shared_task, signals
 from django.conf import settings
 
+from jobs.queues import GPU_QUEUE
 from ml.progress import Progress
 from ml.serving import ModelHost
 
 logger = logging.getLogger(__name__)
 
-#: Queue of everything that runs a model (consumed by GPU hosts; a CPU-only host consumes it too).
-GPU_QUEUE = "gpu"
 
 _host: ModelHost | None = None
 _host_lock = threading.Lock()

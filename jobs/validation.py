@@ -20,10 +20,10 @@ from django.core.files.uploadedfile import UploadedFile
 from django.http import HttpRequest
 from PIL import Image
 
+from etcd_broker.keys import MAX_PRIORITY  # the top priority (9), defined once
+
 logger = logging.getLogger(__name__)
 
-#: Highest Celery priority (AMQP: 9 is the most urgent).
-MAX_PRIORITY = 9
 #: Longest side of the greyscale grid an image is reduced to before it is queued. The models
 #: use 8x8 (digits) and 28x28 (fashion) after cropping, so 64 keeps every detail they can see.
 REDUCED_SIDE = 64

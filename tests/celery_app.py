@@ -11,6 +11,7 @@ import time
 from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
+from etcd_broker.keys import MAX_PRIORITY
 
 URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
 PREFIX = os.environ.get("ETCD_TEST_PREFIX", "/deephardway-test")
@@ -24,7 +25,7 @@ app.conf.update(
     accept_content=["json"],
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
-    task_queue_max_priority=9,
+    task_queue_max_priority=MAX_PRIORITY,
 )
 
 

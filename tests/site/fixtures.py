@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from jobs.models import Job, Status, owner_key_for
+from jobs.queues import GPU_QUEUE
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +70,6 @@ def blank_drawing() -> str:
 
 #: One key prefix for every site test in this session (the Celery app is configured once).
 SITE_PREFIX = f"/site-{uuid.uuid4().hex[:8]}"
-#: The queue every model job goes to.
-GPU_QUEUE = "gpu"
 
 
 @pytest.fixture(scope="session")

@@ -177,14 +177,12 @@ class QueueRegistry:
     # -- declaring --------------------------------------------------------------------
     def declare(self, queue: str, limits: QueueLimits, auto_delete_lease: int | None) -> None:
         """Write the declared key; a queue with ``expires`` hangs on its own lease (kept if alive)."""
-        lease = auto_delete_lease or 0
-        if limits.expires is not None and not lease:
-            lease = self._expiry_lease(queue, limits.expires)
-        info = json.dumps({"auto_delete": bool(auto_delete_lease), "limits": limits.as_dict(),
-                           "lease": lease if limits.expires is not None else 0})
-        self.client.put(self.keys.declared(queue), info, lease=lease or None)
+        # An auto-delete queue lives and dies with its consumer's lease, x-expires or not.
+        own = self._expiry_lease(queue, limits.expires) if limits.expires is not None and not auto_delete_lease else 0
+        info = json.dumps({"auto_delete": bool(auto_delete_lease), "limits": limits.as_dict(), "lease": own})
+        self.client.put(self.keys.declared(queue), info, lease=auto_delete_lease or own or None)
         with self._lock:
-            self._cache[queue] = (time.monotonic(), limits, lease if limits.expires is not None else 0)
+            self._cache[queue] = (time.monotonic(), limits, own)
 
     def _expiry_lease(self, queue: str, expires: float) -> int:
         """The queue's live expiry lease, refreshed (redeclaring counts as use), or a new one."""
@@ -202,7 +200,7 @@ class QueueRegistry:
             return cached[1], cached[2]
         value, _ = self.client.get(self.keys.declared(queue))
         limits = QueueLimits.from_declared(value)
-        lease = json.loads(value).get("lease", 0) if value and limits.expires is not None else 0
+        lease = json.loads(value).get("lease", 0) if value else 0
         with self._lock:
             self._cache[queue] = (time.monotonic(), limits, lease)
         return limits, lease
@@ -242,6 +240,7 @@ class QueueRegistry:
                                 f"{limits.max_length} and x-overflow is {REJECT_PUBLISH!r}: message refused")
             if excess > 1:
                 head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=excess)
+                excess = head.count + 1 - limits.max_length  # counted again at this read's revision
             dropped = list(head.kvs)[:max(excess, 0)]
             unchanged = ops.compare(prefix, "mod_revision", head.header.revision + 1, "<")
             unchanged.range_end = ops.range_request(prefix, prefix=True).range_end  # no key added since the count

@@ -67,6 +67,7 @@ export function renderCard(card, list = el("dl", { class: "facts" })) {
   facts.push(["training time", `${duration(card.train_seconds)} (${card.epochs} epochs)`]);
   if (card.trained_at) facts.push(["trained", new Date(card.trained_at).toLocaleString()]);
   facts.push(["data", card.data_source || ""]);
+  if (card.sample?.text) facts.push(["sample", `${card.sample.prompt}${card.sample.text}`]);
   list.replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
   return list;
 }

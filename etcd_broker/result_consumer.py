@@ -106,6 +106,7 @@ class ResultConsumer(BaseResultConsumer):
         for task_id, stored in sorted(read.items(), key=_revision):
             self._deliver(task_id, stored)
         if batch or read:
+            self._flush_cancels()  # a final state just delivered: unsubscribe now, not at the next get()
             with self._arrived:
                 self._arrived.notify_all()  # another thread sharing this backend may wait on these
 

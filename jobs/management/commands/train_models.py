@@ -130,7 +130,7 @@ class Command(BaseCommand):
         """Wait until a worker consumes the gpu queue, so training starts as it is queued."""
         from deephardway_site.celery import app
         from jobs.management.commands.queues import broker_report
-        from jobs.tasks import GPU_QUEUE
+        from jobs.queues import GPU_QUEUE
 
         deadline = time.monotonic() + seconds
         while True:

@@ -23,9 +23,14 @@ run: setup
 	@bash scripts/system-deps.sh run
 	$(BIN)/python manage.py dev
 
+# The library's tests run first, in a process where `import django` fails (tests/broker/no_django.py);
+# then everything else with pytest-django.
+LIBRARY_TESTS := tests/broker tests/transport tests/backend tests/kombu_integration
+
 test: setup
 	@bash scripts/system-deps.sh test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p no:django -p tests.broker.no_django $(LIBRARY_TESTS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(addprefix --ignore=,$(LIBRARY_TESTS)) $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not browser and not reliability" $(PYTEST_ARGS)

@@ -1,4 +1,9 @@
-"""Shared fixtures: a real etcd on a free loopback port, unique key prefixes, worker processes."""
+"""Shared fixtures: a real etcd on a free loopback port, unique key prefixes, worker processes.
+
+No Django here: the library's tests (tests/broker, transport, backend, kombu_integration) run
+with ``import django`` blocked. pytest-django sets DJANGO_SETTINGS_MODULE for the site's tests
+(pyproject.toml); setting it here would make Celery look for Django in the library's run.
+"""
 from __future__ import annotations
 
 import os
@@ -11,7 +16,6 @@ from etcd_broker.membership import close_all_leases
 from scripts.etcd_server import EtcdServer
 from tests.helpers import WorkerProcess
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deephardway_site.settings")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

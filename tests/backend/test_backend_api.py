@@ -10,7 +10,7 @@ import time
 
 import pytest
 from celery import states
-from celery.exceptions import ImproperlyConfigured, TimeoutError
+from celery.exceptions import Ignore, ImproperlyConfigured, TimeoutError
 
 from etcd_broker.backend import EtcdBackend
 from etcd_broker.client import get_client
@@ -116,6 +116,16 @@ def test_cancel_markers_are_set_and_read_back(results_app):
     assert not backend.is_cancelled("t-cancel")
     backend.request_cancel("t-cancel")
     assert backend.is_cancelled("t-cancel")
+
+
+def test_stop_if_cancelled_records_revoked_and_raises_ignore_only_when_cancelled(results_app):
+    backend = results_app.backend
+    assert backend.stop_if_cancelled("t-running") is None  # not cancelled: the task goes on
+    assert results_app.AsyncResult("t-running").state == states.PENDING
+    backend.request_cancel("t-stopped")
+    with pytest.raises(Ignore, match="t-stopped was cancelled"):
+        backend.stop_if_cancelled("t-stopped")
+    assert results_app.AsyncResult("t-stopped").state == states.REVOKED
 
 
 def test_transport_options_reach_the_etcd_client(etcd_url, etcd_prefix):

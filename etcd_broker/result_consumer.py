@@ -51,6 +51,8 @@ class ResultConsumer(BaseResultConsumer):
         #: task id -> its watch; tasks whose watch etcd (re)confirmed, so their key must be read.
         self._watches: dict[str, Watch] = {}
         self._to_read: set[str] = set()
+        #: reads that failed (etcd unreachable): tried again at each drain, which still waits
+        self._read_later: set[str] = set()
         self._seen: dict[str, int] = {}
         self._cancels: deque[str] = deque()
 
@@ -122,7 +124,8 @@ class ResultConsumer(BaseResultConsumer):
     def _read_confirmed(self) -> dict[str, Stored]:
         """Read the keys whose watch etcd confirmed since the last drain (in as few reads as etcd allows)."""
         with self._lock:
-            ids, self._to_read = [t for t in self._to_read if t in self._watches], set()
+            ids = [t for t in self._to_read | self._read_later if t in self._watches]
+            self._to_read, self._read_later = set(), set()
         if not ids:
             return {}
         try:
@@ -130,7 +133,7 @@ class ResultConsumer(BaseResultConsumer):
         except CONNECTION_ERRORS:
             logger.warning("etcd unreachable reading %d result(s); reading again at the next drain", len(ids))
             with self._lock:
-                self._to_read.update(ids)
+                self._read_later.update(ids)
             return {}
 
     # -- the hub's thread only fills the inbox --------------------------------------------
@@ -165,6 +168,7 @@ class ResultConsumer(BaseResultConsumer):
             with self._lock:
                 watch = self._watches.pop(task_id, None)
                 self._to_read.discard(task_id)
+                self._read_later.discard(task_id)
             if watch is not None:
                 self._seen.pop(task_id, None)
                 self.store.hub.unsubscribe(watch)

@@ -190,15 +190,18 @@ class Channel(virtual.Channel):
         candidates = None if self._single_get else self.connection.take_hints(queue)
         if candidates is None and not self._single_get and self.connection.known_empty(queue):
             raise Empty()
+        hinted = candidates is not None  # hints hold every put since a read found the queue empty
         for _ in range(CLAIM_ATTEMPTS):
-            candidates = candidates or self._read_ready(queue)
             if not candidates:
-                raise Empty()
-            messages = self._claim_many(queue, candidates, lease_id)
+                if hinted:
+                    raise Empty()  # other consumers won every message that arrived: nothing to read
+                candidates = self._read_ready(queue)
+                if not candidates:
+                    raise Empty()
+            messages, candidates = self._claim_many(queue, candidates, lease_id)
             if messages:
                 self._buffer.setdefault(queue, deque()).extend(messages[1:])
                 return messages[0]
-            candidates = None  # another consumer won them (or they expired): read what is left
         self.connection.wake()  # still losing races: look again soon, not only at the next put
         raise Empty()
 
@@ -221,20 +224,27 @@ class Channel(virtual.Channel):
         self.connection.after_read(queue, response.header.revision, drained=len(rows) < limit)
         return rows
 
-    def _claim_many(self, queue, candidates, lease_id: int) -> list[dict]:
-        """Claim what our allowance permits in one transaction; [] if another consumer won any of it."""
+    def _claim_many(self, queue, candidates, lease_id: int) -> tuple[list[dict], list]:
+        """Claim what our allowance permits in one transaction.
+
+        Returns the messages, and the candidates still worth trying when another consumer
+        won some of the batch: the ones it left, then those beyond the batch.
+        """
         batch, size = [], 0
         for row in candidates[:self._allowance()]:  # watch hints can outnumber our prefetch room
             if batch and size + len(row[1]) > CLAIM_BATCH_BYTES:
                 break
             batch.append(row)
             size += len(row[1])
-        return self._claim(queue, batch, lease_id) if batch else []
+        messages, left = self._claim(queue, batch, lease_id) if batch else ([], [])
+        return messages, left + candidates[len(batch):]
 
-    def _claim(self, queue, rows, lease_id: int) -> list[dict]:
+    def _claim(self, queue, rows, lease_id: int) -> tuple[list[dict], list]:
         """The ready keys unchanged and our lease alive -> all of them are ours, atomically.
 
         Messages past the deadline in their key are deleted in the same transaction, unread.
+        If the transaction fails, its failure branch reads which rows nobody took (returned
+        second), so a loser retries those without a range read of the queue.
         """
         consumer_key = self.keys.consumer(lease_id)
         no_ack = queue in self._no_ack_queues
@@ -253,7 +263,8 @@ class Channel(virtual.Channel):
                 success.append(ops.put(unacked, value))
             taken.append((value, unacked))
         try:
-            response = ops.txn(self.client, compare, success, failure=[ops.range_(consumer_key, count_only=True)])
+            failure = [ops.range_(consumer_key, count_only=True)] + [ops.range_(row[0], keys_only=True) for row in rows]
+            response = ops.txn(self.client, compare, success, failure)
         except CONNECTION_ERRORS:
             for _, unacked in taken:  # it may have been applied: give back whatever it took
                 if unacked:
@@ -262,8 +273,10 @@ class Channel(virtual.Channel):
         if not response.succeeded:
             if not ops.count(response.responses[0]):
                 self.lease.lost(lease_id)
-            return []
-        return [m for value, unacked in taken if (m := self._decode(queue, value, unacked)) is not None]
+                return [], []
+            return [], [row for row, read in zip(rows, response.responses[1:], strict=True)
+                        if (kv := ops.first_kv(read)) is not None and kv.mod_revision == row[2]]
+        return [m for value, unacked in taken if (m := self._decode(queue, value, unacked)) is not None], []
 
     def _decode(self, queue, value: bytes, unacked: str | None) -> dict | None:
         try:

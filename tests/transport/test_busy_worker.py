@@ -118,7 +118,10 @@ def test_a_hundred_terminates_in_a_row_leave_the_prefork_pool_working(busy, work
                              timeout=30, message=f"a running task after {round_} terminates")
         busy.control.revoke(running[0], terminate=True)
         revoked.add(running[0])
-    busy.control.revoke([row["task_id"] for row in busy.markers("busy-started")], terminate=True)  # the last two
+    last_two = wait_until(lambda: [row["task_id"] for row in busy.markers("busy-started")
+                                   if row["task_id"] not in revoked][:2] if len(busy.markers("busy-started")) == 102
+                          else None, timeout=30, message="the last two tasks started")
+    busy.control.revoke(last_two, terminate=True)
     assert busy.markers("busy-done") == []
     assert busy.send_task("busy.pid").get(timeout=60) not in (None, worker.process.pid)
     assert busy.control.inspect(timeout=10).ping(), "no ping answer after 100 terminates"

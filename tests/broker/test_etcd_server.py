@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from scripts.etcd_server import EtcdDataDirTooNew, EtcdPortTaken, EtcdServer, etcd_candidates, etcd_version
+from tests.helpers import REPO_ROOT
 
-#: Where an older etcd may be found for the downgrade test (Debian's etcd-server, 3.4), in order.
-OLD_ETCD_CANDIDATES = (os.environ.get("ETCD_OLD_BIN", ""), "/usr/bin/etcd", "/tmp/etcd34/usr/bin/etcd")
+#: Where an older etcd may be found for the downgrade test, in order. Debian's 3.4 kept off PATH
+#: (so it never becomes the etcd every other test uses): `apt-get download etcd-server &&
+#: dpkg-deb -x etcd-server_*.deb var/etcd-3.4`.
+OLD_ETCD_CANDIDATES = (os.environ.get("ETCD_OLD_BIN", ""), str(REPO_ROOT / "var/etcd-3.4/usr/bin/etcd"), "/usr/bin/etcd")
 
 
 def old_etcd() -> str | None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-
 #: Every private name used below, as (owner, attribute): the compat test checks each one exists.
 PRIVATE_NAMES = (
     ("etcd3.MultiEndpointEtcd3Client", "_manage_grpc_errors"),
@@ -51,16 +49,6 @@ def use_endpoint(client: Any, label: str) -> None:
     has not passed; we fail over at once, round robin (client.EtcdClient.fail_over).
     """
     client._current_endpoint_label = label
-
-
-def kv_stub(client: Any) -> Any:
-    """The KV stub on the endpoint in use: prefer ``EtcdClient.call`` (kept for older callers)."""
-    return client.kvstub
-
-
-def raise_connection_error(client: Any, exc: grpc.RpcError) -> None:
-    """Map a gRPC error the client's way: prefer ``EtcdClient.call``, which does it (kept for older callers)."""
-    client._manage_grpc_errors(exc)
 
 
 # -- Celery ---------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def test_another_owner_cannot_read_stream_fetch_or_list_a_job(callers, jobs, own
 
 def test_each_owner_reads_streams_fetches_and_lists_their_own_job(callers, jobs):
     """The control: the 404s above are about ownership, not a broken setup."""
+    streams = []
     for name, job in jobs.items():
         client = callers[name]
         assert client.get(f"/api/jobs/{job.id}").json()["id"] == str(job.id)
@@ -88,8 +89,10 @@ def test_each_owner_reads_streams_fetches_and_lists_their_own_job(callers, jobs)
         assert image.status_code == 200 and b"".join(image.streaming_content).startswith(b"\x89PNG")
         events = client.get(f"/api/jobs/{job.id}/events")
         assert events.status_code == 200 and events["Content-Type"] == "text/event-stream"
-        events.close()
+        streams.append(events)
         assert [item["id"] for item in client.get("/api/jobs").json()["jobs"]] == [str(job.id)]
+    for events in streams:  # last: closing one ends its request, which closes the database connection
+        events.close()
 
 
 def test_staff_read_list_and_cancel_any_job(callers, jobs, site_celery):

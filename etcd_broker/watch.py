@@ -165,6 +165,7 @@ class WatchStream:
     def _run(self) -> None:
         delay = RECONNECT_FIRST_DELAY
         while not self._closed.is_set():
+            forks, paused = forking.GATE.forks, False
             try:
                 call = self._open()
                 for response in call:
@@ -174,9 +175,12 @@ class WatchStream:
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     break
-                log = logger.info if delay == RECONNECT_FIRST_DELAY else logger.debug  # once per outage
+                # forking.py cancels watch streams before a fork(): resume at once, quietly.
+                paused = forking.GATE.forks != forks and exc.code() == grpc.StatusCode.CANCELLED
+                log = logger.info if delay == RECONNECT_FIRST_DELAY and not paused else logger.debug  # once per outage
                 log("%s: watch stream broke (%s); reconnecting", self.name, _describe(exc))
-                self._mark_endpoint_failed(exc)
+                if not paused:
+                    self._mark_endpoint_failed(exc)
             except NoServerAvailableError:  # every endpoint failed a moment ago; retried below
                 logger.debug("%s: no etcd endpoint available; reconnecting", self.name)
             except ValueError as exc:  # grpc: "Cannot invoke RPC: Channel closed!"
@@ -187,8 +191,9 @@ class WatchStream:
             self._connected.clear()
             with self._lock:
                 self._stop_call()
-            self._closed.wait(delay)
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            if not paused:
+                self._closed.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
 
     def _mark_endpoint_failed(self, exc: grpc.RpcError) -> None:
         if getattr(exc, "code", lambda: None)() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

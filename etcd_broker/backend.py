@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -26,7 +28,7 @@ from etcd_broker import compat
 from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace
 from etcd_broker.result_consumer import ResultConsumer
-from etcd_broker.result_store import ResultStore, WriteOutcome, store_for
+from etcd_broker.result_store import CHORD_CLAIM_TTL, ChordClaim, ResultStore, WriteOutcome, store_for
 from etcd_broker.task_events import TaskEvent, TaskStream, iter_events
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,11 @@ DEFAULT_URL = "etcdv3://127.0.0.1:2379"
 #: our keys come from KeySpace, so it would be silently ignored; ``prefix`` does that job).
 CELERY_OPTIONS = ("retry_policy",)
 KNOWN_OPTIONS = ("prefix", *ETCD_OPTIONS, *CELERY_OPTIONS)
+#: How long a chord's last part waits for another process's publisher claim to end (seconds):
+#: a dead holder's claim lapses within its TTL plus one lease bucket.
+CHORD_CLAIM_WAIT = 3 * CHORD_CLAIM_TTL
+#: Poll interval while waiting for that claim (seconds).
+CHORD_CLAIM_POLL = 0.5
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@;]*:)[^@;]*@")
 
 
@@ -159,15 +166,28 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
             return
         part = f"{task_id}.{request.group_index}"
         count = self._ensure(self.store.chord_part_done, group_id, part, self.chord_expires)
-        if count is None or count.size is None or count.done < count.size:
-            return  # a redelivered part, or more parts to come
+        if count is None:  # counted before: its first run may have died after counting the last part
+            if self._ensure(self.store.chord_due, group_id):
+                logger.warning("chord %s: every part is counted but the callback is not published; taking over",
+                               group_id)
+                self._complete_chord(request, group_id)
+            return
+        if count.size is None or count.done < count.size:
+            return  # more parts to come
         if count.done > count.size:
             logger.warning("chord %s: %d parts finished for size %d", group_id, count.done, count.size)
             return
         self._complete_chord(request, group_id)
 
     def _complete_chord(self, request: Any, group_id: str) -> None:
+        """Publish the callback once: claim, skip if it already ran, publish, then delete the chord's keys."""
+        if not self._claim_chord(group_id):
+            return
         callback = maybe_signature(request.chord, app=self.app)
+        if callback.id and self.store.read(callback.id)[0] is not None:
+            logger.warning("chord %s: callback %s has a state already (published before a crash)", group_id, callback.id)
+            self._ensure(self.store.delete_chord, group_id)
+            return
         deps = GroupResult.restore(group_id, backend=self)
         try:
             if deps is None:
@@ -181,6 +201,21 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         finally:
             self._ensure(self.store.delete_chord, group_id)
             self._ensure(self.store.delete, self.get_key_for_group(group_id))
+
+    def _claim_chord(self, group_id: str) -> bool:
+        """True once this process holds the publisher claim; False if the callback was published already.
+
+        While another process holds it, wait: it deletes the chord when done, or dies and its lease lapses.
+        """
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        deadline = time.monotonic() + CHORD_CLAIM_WAIT
+        while (claim := self._ensure(self.store.claim_chord, group_id, owner)) is ChordClaim.HELD:
+            if time.monotonic() > deadline:
+                logger.error("chord %s: another publisher held the claim for %.0f s; giving up", group_id,
+                             CHORD_CLAIM_WAIT)
+                return False
+            time.sleep(CHORD_CLAIM_POLL)
+        return claim is ChordClaim.CLAIMED
 
     def _chord_failed(self, callback: Any, group_id: str, deps: GroupResult | None, exc: Exception) -> None:
         culprit = next((r for r in deps.results if r.state in states.PROPAGATE_STATES), None) if deps else None

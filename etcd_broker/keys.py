@@ -15,6 +15,7 @@ in a queue name cannot escape its directory)::
     <prefix>/groups/<group id>                      saved GroupResult (result backend)
     <prefix>/chords/<group id>/size                 chord header size (result backend)
     <prefix>/chords/<group id>/parts/<task>.<index> one key per finished header task
+    <prefix>/chords/<group id>/publisher            who publishes the callback (short lease)
     <prefix>/cancel/<task id>                       cooperative cancel marker
 
 ``<band>/<seq>`` sorts by urgency then age, so one ascending range read returns
@@ -182,6 +183,9 @@ class KeySpace:
 
     def chord_part(self, group_id: str, part: str) -> str:
         return f"{self.chord_parts(group_id)}{_q(part)}"
+
+    def chord_publisher(self, group_id: str) -> str:
+        return f"{self.chord(group_id)}publisher"
 
     def cancel(self, task_id: str) -> str:
         return f"{self.prefix}/cancel/{_q(task_id)}"

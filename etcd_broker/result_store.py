@@ -36,6 +36,9 @@ MAX_TXN_OPS = 128
 LAST_WRITE_MEMORY = 4096
 #: Compare-and-put attempts on one key before giving up (only a concurrent writer forces a retry).
 MAX_WRITE_ATTEMPTS = 32
+#: Lease of a chord's publisher claim (seconds): if its holder dies between claiming and
+#: deleting the chord, a redelivered part may take over this long (plus one lease bucket) later.
+CHORD_CLAIM_TTL = 10
 SUCCESS = "SUCCESS"
 
 
@@ -43,6 +46,13 @@ class WriteOutcome(enum.Enum):
     WRITTEN = "written"
     KEPT_SUCCESS = "kept-success"  # a SUCCESS is stored already; like Celery, keep it
     CANCELLED = "cancelled"  # a cancel marker exists (checked for progress writes only)
+    WRITTEN_ACKED = "written_acked"  # stored, and the task's message deleted in the same transaction
+
+
+class ChordClaim(enum.Enum):
+    CLAIMED = "claimed"  # this process publishes the callback
+    HELD = "held"  # another process's claim is alive: it publishes (or its lease lapses)
+    DONE = "done"  # the chord's keys are gone: its callback was published
 
 
 class WriteConflict(RuntimeError):
@@ -168,18 +178,21 @@ class ResultStore:
         return found, revision or self.current_revision()
 
     def write_state(self, task_id: str, value: bytes, *, ttl: int | None, success: bool = False,
-                    check_cancel: bool = False) -> WriteOutcome:
+                    check_cancel: bool = False, ack_key: str | None = None) -> WriteOutcome:
         """Store ``value`` unless SUCCESS is stored already; one transaction when uncontended.
 
         ``success``: ``value`` is a SUCCESS, after which this process must read before writing.
+        ``ack_key``: the task's unacked message, deleted in the same transaction (settle.py).
         """
         key = self.keys.result(task_id)
         cancel_key = self.keys.cancel(task_id) if check_cancel else None
         expected = self._remembered(task_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
-            response = self._with_lease(ttl, self._put_if_unchanged, key, value, expected, cancel_key)
+            response = self._with_lease(ttl, self._put_if_unchanged, key, value, expected, cancel_key, ack_key)
             if response.succeeded:
                 self._remember(task_id, 0 if success else response.header.revision)
+                if ack_key is not None and response.responses[1].response_delete_range.deleted:
+                    return WriteOutcome.WRITTEN_ACKED
                 return WriteOutcome.WRITTEN
             current = _stored(response.responses[0])
             if cancel_key is not None and ops.count(response.responses[1]):
@@ -190,13 +203,14 @@ class ResultStore:
         raise WriteConflict(f"result of task {task_id} changed {MAX_WRITE_ATTEMPTS} times while we wrote it")
 
     def _put_if_unchanged(self, key: str, value: bytes, expected: int, cancel_key: str | None,
-                          *, lease: int) -> Any:
+                          ack_key: str | None = None, *, lease: int) -> Any:
         compare = [ops.compare(key, "mod_revision", expected)]
         failure = [ops.range_(key)]
         if cancel_key is not None:
             compare.append(ops.compare(cancel_key, "version", 0))
             failure.append(ops.range_(cancel_key, count_only=True))
-        return self._txn(compare=compare, success=[ops.put(key, value, lease)], failure=failure)
+        success = [ops.put(key, value, lease)] + ([ops.delete(ack_key)] if ack_key is not None else [])
+        return self._txn(compare=compare, success=success, failure=failure)
 
     def forget(self, task_id: str) -> None:
         """Delete the state and any cancel marker of ``task_id`` now."""
@@ -279,6 +293,29 @@ class ResultStore:
                          success=[ops.put(part_key, b"", lease),
                                   ops.range_(self.keys.chord_parts(group_id), count_only=True, prefix=True),
                                   ops.range_(self.keys.chord_size(group_id))])
+
+    def chord_due(self, group_id: str) -> bool:
+        """True while every part is counted and the chord's keys remain: its callback is not yet published."""
+        response = self._txn(success=[ops.range_(self.keys.chord_parts(group_id), count_only=True, prefix=True),
+                                      ops.range_(self.keys.chord_size(group_id))])
+        size = ops.first_kv(response.responses[1])
+        return size is not None and ops.count(response.responses[0]) >= int(size.value)
+
+    def claim_chord(self, group_id: str, owner: str) -> ChordClaim:
+        """Become the one publisher of the chord's callback, under a :data:`CHORD_CLAIM_TTL` lease.
+
+        One transaction: the size key still exists (not published yet) and nobody holds the claim.
+        """
+        return self._with_lease(CHORD_CLAIM_TTL, self._claim_chord, group_id, owner)
+
+    def _claim_chord(self, group_id: str, owner: str, *, lease: int) -> ChordClaim:
+        size, claim = self.keys.chord_size(group_id), self.keys.chord_publisher(group_id)
+        response = self._txn(compare=[ops.compare(size, "version", 0, ">"), ops.compare(claim, "version", 0)],
+                             success=[ops.put(claim, owner, lease)],
+                             failure=[ops.range_(size, count_only=True)])
+        if response.succeeded:
+            return ChordClaim.CLAIMED
+        return ChordClaim.HELD if ops.count(response.responses[0]) else ChordClaim.DONE
 
     def delete_chord(self, group_id: str) -> None:
         self.reset_chord(group_id)

@@ -3,7 +3,9 @@
 Configured by env in worker processes (``ETCD_TEST_URL``, ``ETCD_TEST_PREFIX``,
 ``ETCD_TEST_LEASE_TTL``, ``ETCD_TEST_OPTIONS`` as JSON: user, password, ca_cert,
 cert_key, cert_cert; ``ETCD_TEST_BACKEND=1`` adds the etcd result backend) and by
-:func:`configure` in the test process.
+:func:`configure` in the test process. Test hook: ``FAULT_CHORD_EXIT=1`` makes a worker
+process exit (``os._exit``, as abrupt as SIGKILL) after it counted a chord's last part and
+before it publishes the callback.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ LEASE_TTL = int(os.environ.get("ETCD_TEST_LEASE_TTL", "3"))
 OPTIONS: dict[str, str] = json.loads(os.environ.get("ETCD_TEST_OPTIONS", "{}"))
 WITH_BACKEND = os.environ.get("ETCD_TEST_BACKEND") == "1"
 PREFETCH_MULTIPLIER = int(os.environ.get("ETCD_TEST_PREFETCH", "1"))
+#: Exit code of a worker that the chord hook stopped (tests tell it from a crash).
+CHORD_EXIT_CODE = 86
 
 app = Celery("counting", set_as_current=False)  # tests elsewhere in the run keep their current_app
 app.conf.update(
@@ -106,5 +110,27 @@ def work(self, seconds: float) -> str:
     mark("done", self.request.id)
     return self.request.id
 
+
+@app.task(bind=True, acks_late=True, ignore_result=False)
+def collect(self, results: list[str]) -> int:
+    """A chord callback: markers like :func:`work`; returns how many header results it got."""
+    mark("started", self.request.id, redelivered=bool((self.request.delivery_info or {}).get("redelivered")))
+    mark("done", self.request.id)
+    return len(results)
+
+
+def _exit_before_publishing() -> None:
+    """Test hook: die between counting a chord's last part and publishing its callback."""
+    from etcd_broker.backend import EtcdBackend
+
+    def complete_chord(backend, request, group_id):
+        logger.warning("FAULT_CHORD_EXIT: exiting after counting chord %s's last part", group_id)
+        os._exit(CHORD_EXIT_CODE)
+
+    EtcdBackend._complete_chord = complete_chord
+
+
+if os.environ.get("FAULT_CHORD_EXIT") == "1":
+    _exit_before_publishing()
 
 configure(URL, PREFIX, LEASE_TTL, OPTIONS, WITH_BACKEND)

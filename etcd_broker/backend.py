@@ -24,7 +24,7 @@ from celery.result import GroupResult, allow_join_result
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 
-from etcd_broker import compat
+from etcd_broker import compat, settle
 from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace
 from etcd_broker.result_consumer import ResultConsumer
@@ -119,10 +119,14 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         progress_point = state not in states.ALL_STATES and _running_here(task_id)
         if progress_point and _revoked_here(task_id):
             self._stop(task_id)
+        success = state == states.SUCCESS
+        ack_key = settle.take(task_id, self.store.client) if success else None  # acks_late, same process
         outcome = self._ensure(self.store.write_state, task_id, ensure_bytes(self.encode(meta)),
-                               ttl=self.expires, success=state == states.SUCCESS, check_cancel=progress_point)
+                               ttl=self.expires, success=success, check_cancel=progress_point, ack_key=ack_key)
         if outcome is WriteOutcome.CANCELLED:
             self._stop(task_id)
+        elif outcome is WriteOutcome.WRITTEN_ACKED:
+            settle.settled(task_id)
         return result
 
     def _forget(self, task_id: str) -> None:

@@ -50,7 +50,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import ops
+from etcd_broker import ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdUnreachable, get_client
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
@@ -285,6 +285,9 @@ class Channel(virtual.Channel):
         except (ValueError, KeyError, TypeError) as exc:
             self._dead_letter(queue, unacked, value, exc)
             return None
+        task_id = (message.get("headers") or {}).get("id")
+        if unacked and isinstance(task_id, str):  # its SUCCESS write may delete it (settle.py)
+            settle.hold(task_id, unacked, self.client, self.lease.current_key)
         return message
 
     def _requeue_buffered(self, queue=None) -> None:
@@ -304,11 +307,12 @@ class Channel(virtual.Channel):
 
     def _forget(self, message) -> None:
         key = message.delivery_info.get("etcd_key")
-        if key:
+        if key and not settle.release(message.headers.get("id"), key):  # else deleted with its SUCCESS
             self.lease.delete_later(key)
 
     def _restore(self, message) -> None:
         """kombu's hook for a requeue (``reject(requeue=True)``, ``restore_unacked`` at close)."""
+        settle.release(message.headers.get("id"), message.delivery_info.get("etcd_key"))
         self._requeue_or_later(message)
 
     def _requeue_or_later(self, message) -> None:

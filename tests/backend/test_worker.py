@@ -8,8 +8,10 @@ import pytest
 from celery import chord, group
 from celery.exceptions import ChordError, TaskRevokedError
 
+from etcd_broker import ops
 from etcd_broker.backend import watch_task
 from etcd_broker.client import get_client
+from etcd_broker.keys import KeySpace
 from tests.backend.conftest import task
 from tests.helpers import wait_until
 
@@ -127,3 +129,19 @@ def test_forget_removes_a_workers_result(worker_app, etcd_url, module_prefix):
     result.forget()
     assert get_client(etcd_url).get(f"{module_prefix}/results/{result.id}") == (None, None)
     assert worker_app.AsyncResult(result.id).state == "PENDING"
+
+
+def _values_under(client, prefix: str, revision: int) -> list[bytes]:
+    response = client.call("Range", ops.range_request(prefix, prefix=True, revision=revision))
+    return [kv.value for kv in response.kvs]
+
+
+def test_an_acks_late_success_deletes_its_message_in_the_same_revision(worker_app, etcd_url, module_prefix):
+    """-P threads: the SUCCESS write acks (settle.py): no moment has both a result and a pending message."""
+    result = task(worker_app, "sleep_then_record", 0, "settled").apply_async()
+    assert result.get(timeout=30) == "settled"
+    client = get_client(etcd_url)
+    _, meta = client.get(KeySpace(module_prefix).result(result.id))
+    unacked = KeySpace(module_prefix).unacked("celery")
+    assert any(result.id.encode() in v for v in _values_under(client, unacked, meta.mod_revision - 1))
+    assert not any(result.id.encode() in v for v in _values_under(client, unacked, meta.mod_revision))

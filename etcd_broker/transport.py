@@ -16,6 +16,11 @@ no locks, no visibility timeout. A consumer that dies loses its lease and its
 messages go back to the queue at their original place. Waiting consumers are
 woken by an etcd watch; nothing polls. See docs/transport.md.
 
+Asynchronous: in a Celery worker the transport joins kombu's event loop (the hub)
+through a wake-up pipe that the watch thread, acks and prefetch changes write to,
+so a worker whose pool is full still answers control messages (docs/operators.md).
+Plain kombu consumers keep the synchronous ``drain_events``.
+
 Connection string
 =================
 .. code-block::

@@ -95,9 +95,10 @@ def busy_worker(name: str, url: str, pool: str, log_dir: str) -> list:
             if not ids:
                 not_stopped += 1
                 continue
+            victim = app.AsyncResult(ids[0])
             started = time.monotonic()
-            app.control.revoke(ids[0], terminate=True)
-            if wait_for(lambda: app.AsyncResult(ids[0]).state == "REVOKED", TERMINATE_WAIT):
+            app.control.revoke(victim.id, terminate=True)
+            if wait_for(lambda: victim.state == "REVOKED", TERMINATE_WAIT):  # noqa: B023 - called in this round
                 stopped.append(time.monotonic() - started)
             else:
                 not_stopped += 1

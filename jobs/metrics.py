@@ -14,10 +14,12 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Count, Min
 from django.db.models.signals import post_save
 from django.http import HttpRequest, HttpResponse
@@ -55,17 +57,23 @@ def seconds_between(start, end) -> float:
 
 def record_job_change(sender: type[Job], instance: Job, created: bool = False,
                       update_fields: Iterable[str] | None = None, **kwargs: Any) -> None:
-    """post_save: count a new job; observe the wait when it starts and the rest when it ends."""
+    """post_save: count a new job; observe the wait when it starts and the rest when it ends.
+    Recorded once the transaction commits (a rolled-back save counts nothing)."""
     job, fields = instance, set(update_fields or ())
+    records: list[Callable[[], None]] = []
     if created:
-        JOBS_SUBMITTED.labels(job.model, job.queue).inc()
-        return
-    if "started_at" in fields and job.status == Status.RUNNING and job.started_at is not None:
-        JOB_WAIT.labels(job.model, job.queue).observe(seconds_between(job.created_at, job.started_at))
-    if "finished_at" in fields and job.status in FINAL_STATUSES and job.finished_at is not None:
+        records.append(JOBS_SUBMITTED.labels(job.model, job.queue).inc)
+    elif "started_at" in fields and job.status == Status.RUNNING and job.started_at is not None:
+        records.append(partial(JOB_WAIT.labels(job.model, job.queue).observe,
+                               seconds_between(job.created_at, job.started_at)))
+    if not created and "finished_at" in fields and job.status in FINAL_STATUSES and job.finished_at is not None:
         if job.started_at is not None:
-            JOB_RUN.labels(job.model, job.status).observe(seconds_between(job.started_at, job.finished_at))
-        JOB_TOTAL.labels(job.model, job.status).observe(seconds_between(job.created_at, job.finished_at))
+            records.append(partial(JOB_RUN.labels(job.model, job.status).observe,
+                                   seconds_between(job.started_at, job.finished_at)))
+        records.append(partial(JOB_TOTAL.labels(job.model, job.status).observe,
+                               seconds_between(job.created_at, job.finished_at)))
+    for record in records:
+        transaction.on_commit(record, robust=True)
 
 
 post_save.connect(record_job_change, sender=Job, dispatch_uid="jobs.metrics.record_job_change")

@@ -6,6 +6,7 @@ import json
 import urllib.request
 
 import pytest
+from django.db import transaction
 from prometheus_client.parser import text_string_to_metric_families
 
 from etcd_broker.client import get_client
@@ -71,6 +72,7 @@ def watcher(site_celery):
     running.stop()
 
 
+@pytest.mark.django_db(transaction=True)  # submissions are counted when their transaction commits
 def test_it_shows_queue_depth_by_priority_and_jobs_by_state(client, staff, site_celery, make_job, settings):
     client.force_login(staff)  # staff may use priority 9
     before = scrape(client)
@@ -96,6 +98,18 @@ def test_it_shows_queue_depth_by_priority_and_jobs_by_state(client, staff, site_
     submitted = "deephardway_jobs_submitted_total"
     assert value(samples, submitted, model="text", queue="gpu") - value(before, submitted, model="text",
                                                                        queue="gpu") == len(PRIORITIES)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_saved_in_a_rolled_back_transaction_is_not_counted(client, user, make_job):
+    before = scrape(client)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        make_job(user)
+        raise RuntimeError("rolled back")
+    make_job(user)
+    submitted = "deephardway_jobs_submitted_total"
+    assert value(scrape(client), submitted, model="text", queue="gpu") - value(before, submitted, model="text",
+                                                                               queue="gpu") == 1
 
 
 def test_the_admin_job_list_shows_each_queue_in_etcd(client, staff, site_celery, settings):
@@ -128,6 +142,7 @@ def test_a_metrics_token_is_required_once_set(client, settings, site_celery):
 
 
 @pytest.mark.slow
+@pytest.mark.django_db(transaction=True)  # watch_jobs' changes are counted when they commit
 def test_a_real_run_is_counted_by_the_site_and_the_worker(client, staff, settings, start_model_worker, watcher):
     """Jobs wait (no worker yet), a worker with its exporter runs them, watch_jobs records them:
     every number on both /metrics pages matches what was submitted."""

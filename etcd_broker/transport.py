@@ -58,6 +58,7 @@ from kombu.utils.json import dumps
 from etcd_broker import ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdUnreachable, get_client
+from etcd_broker.executing import executing
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_message
 from etcd_broker.publish_batch import PublishBatch
@@ -98,6 +99,13 @@ class QoS(virtual.QoS):
         self._wake()
 
     def reject(self, delivery_tag, requeue=False):
+        running = self.channel._running.pop(delivery_tag, None)
+        if running is not None:  # kept across a reset (executing.py): its channel's QoS forgot it
+            if requeue:
+                self.channel._requeue_or_later(running)
+            else:
+                self.channel._forget(running)
+            return
         if not requeue:
             self._forget(delivery_tag)
         super().reject(delivery_tag, requeue=requeue)  # requeue=True -> Channel._restore
@@ -106,8 +114,10 @@ class QoS(virtual.QoS):
     def _forget(self, delivery_tag) -> None:
         try:
             message = self.get(delivery_tag)
-        except KeyError:  # acked twice, or given back by a reset
-            return
+        except KeyError:  # acked twice, given back by a reset, or still running across one
+            message = self.channel._running.pop(delivery_tag, None)
+            if message is None:
+                return
         self.channel._forget(message)
 
     def _wake(self) -> None:
@@ -145,6 +155,8 @@ class Channel(virtual.Channel):
         self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
         self._buffer: dict[str, deque] = {}
         self._single_get = False
+        #: delivery tag -> message still executing here when the channel closed (see _restore)
+        self._running: dict = {}
 
     # -- publishing -------------------------------------------------------------
     def _put(self, queue, message, **kwargs):
@@ -316,7 +328,16 @@ class Channel(virtual.Channel):
             self.lease.delete_later(key)
 
     def _restore(self, message) -> None:
-        """kombu's hook for a requeue (``reject(requeue=True)``, ``restore_unacked`` at close)."""
+        """kombu's hook for a requeue (``reject(requeue=True)``, ``restore_unacked`` at close).
+
+        At close (a connection reset), a message whose task is running in this process stays
+        under our lease: the task acks it when it ends (executing.py). Given back, it would run twice.
+        """
+        if self.closed and executing(message.headers.get("id")):
+            self._running[message.delivery_tag] = message
+            logger.info("channel closed while task %s runs here: its message %s stays ours until it acks",
+                        message.headers.get("id"), message.delivery_info.get("etcd_key"))
+            return
         settle.release(message.headers.get("id"), message.delivery_info.get("etcd_key"))
         self._requeue_or_later(message)
 

@@ -75,6 +75,11 @@ class EtcdUnreachable(etcd_exceptions.ConnectionFailedError):
         return str(self.args[0]) if self.args else super().__str__()
 
 
+class EtcdNoSpace(RuntimeError):
+    """etcd's backend quota is full (NOSPACE alarm): every write is refused until an operator
+    frees space (compact, defragment, disarm the alarm: docs/reliability.md). Not retried."""
+
+
 @dataclass(frozen=True)
 class EtcdConfig:
     """Everything needed to reach one etcd cluster."""
@@ -222,7 +227,20 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
             raise _ENDPOINT_FAILURES[kind]() from exc
         if kind == PRECONDITION:
             raise etcd_exceptions.PreconditionFailedError() from exc
+        if kind == NO_SPACE:
+            raise EtcdNoSpace(self._no_space_message()) from exc
         raise exc  # request too large, no space, lease not found...: the caller reads it (classify)
+
+    def _no_space_message(self) -> str:
+        """What a refused write tells its caller: the quota flag, the database's size, the way out."""
+        try:
+            size = f"{self.maintenancestub.Status(etcd3.etcdrpc.StatusRequest(), self.timeout).dbSize:,} bytes"
+        except grpc.RpcError:
+            size = "unknown size"
+        return (f"etcd at {self.config.describe()} is out of space: its database ({size}) reached the "
+                f"backend quota (--quota-backend-bytes) and etcd raised the NOSPACE alarm, so it refuses "
+                f"every write until an operator compacts, defragments and disarms the alarm "
+                f"(etcdctl compact, etcdctl defrag, etcdctl alarm disarm)")
 
     def fail_over(self) -> None:
         """Move to the next endpoint that has not failed lately (round robin; no-op with one).

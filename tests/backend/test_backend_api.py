@@ -146,6 +146,13 @@ def test_an_unknown_transport_option_is_refused_by_name(etcd_url, etcd_prefix):
         EtcdBackend(app=app, url=etcd_url)
 
 
+def test_a_negative_started_delay_is_refused_naming_the_limit(etcd_url, etcd_prefix):
+    app = make_app(etcd_url, etcd_prefix)
+    app.conf.result_backend_transport_options = {"prefix": etcd_prefix, "started_delay": -1}
+    with pytest.raises(ImproperlyConfigured, match="started_delay must be seconds >= 0"):
+        EtcdBackend(app=app, url=etcd_url)
+
+
 def test_a_bad_url_is_refused_with_the_reason(etcd_prefix):
     app = make_app("etcdv3://127.0.0.1:notaport", etcd_prefix)
     with pytest.raises(ImproperlyConfigured, match="bad port"):

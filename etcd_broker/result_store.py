@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from etcd_broker import forking, ops
+from etcd_broker import forking, group_commit, ops
 from etcd_broker.client import EtcdConfig, get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.watch import WatchHub, close_hubs, hub_for
@@ -210,7 +210,7 @@ class ResultStore:
             compare.append(ops.compare(cancel_key, "version", 0))
             failure.append(ops.range_(cancel_key, count_only=True))
         success = [ops.put(key, value, lease)] + ([ops.delete(ack_key)] if ack_key is not None else [])
-        return self._txn(compare=compare, success=success, failure=failure)
+        return group_commit.shared(self.client).txn(compare, success, failure)  # shared with concurrent writers
 
     def forget(self, task_id: str) -> None:
         """Delete the state and any cancel marker of ``task_id`` now."""

@@ -55,7 +55,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import ops, settle
+from etcd_broker import group_commit, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdUnreachable, get_client
 from etcd_broker.executing import executing
@@ -174,7 +174,8 @@ class Channel(virtual.Channel):
                 if batch is not None:
                     batch.add(key, value)  # Producer.batch(): written with others in one transaction
                 else:
-                    self.client.put(key, value)  # the common case: one put, nothing to check
+                    # the common case: one put, nothing to check; concurrent publishers share a txn
+                    group_commit.shared(self.client).txn(success=[ops.put(key, value)])
             else:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first

@@ -42,8 +42,11 @@ def guarded(task: Task, work: Callable[[Progress], dict[str, Any]]) -> dict[str,
 
     A job cancelled while queued never starts (``stop_if_cancelled``); a running one stops at
     its next progress point, where the PROGRESS write finds the revoke or the cancel marker.
+    On another result backend (the benchmarks' Redis rivals) only Celery's own revoke applies.
     """
-    task.backend.stop_if_cancelled(task.request.id)
+    stop_if_cancelled = getattr(task.backend, "stop_if_cancelled", None)
+    if stop_if_cancelled is not None:
+        stop_if_cancelled(task.request.id)
 
     def on_progress(percent: float, meta: dict[str, Any]) -> None:
         task.update_state(state="PROGRESS", meta={"progress": percent, **meta})

@@ -25,7 +25,7 @@ from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 
 from etcd_broker import compat, settle
-from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError
+from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError, EtcdNoSpace
 from etcd_broker.deferred import DeferredStarted
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace
 from etcd_broker.result_consumer import ResultConsumer
@@ -41,6 +41,8 @@ DEFAULT_URL = "etcdv3://127.0.0.1:2379"
 #: our keys come from KeySpace, so it would be silently ignored; ``prefix`` does that job).
 CELERY_OPTIONS = ("retry_policy",)
 KNOWN_OPTIONS = ("prefix", "started_delay", *ETCD_OPTIONS, *CELERY_OPTIONS)
+#: Errors a result write waits out (retry_policy): etcd unreachable, or full until an operator frees space.
+RETRIED_ERRORS = (*CONNECTION_ERRORS, EtcdNoSpace)
 #: Seconds a running task's STARTED is held back (``task_track_started``): a task done sooner never
 #: writes it (one etcd proposal less per short job); 0 writes it at once, as Celery does.
 STARTED_DELAY = 0.5
@@ -277,9 +279,13 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         return isinstance(exc, CONNECTION_ERRORS)
 
     def _ensure(self, fun: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Run a write, retrying while etcd is unreachable (the retry_policy, ~20 s by default)."""
+        """Run a write, retrying while etcd is unreachable or full (the retry_policy, ~20 s by default).
+
+        A full etcd (NOSPACE) is waited out like an outage: a task finishing while the operator
+        frees space keeps its result instead of failing outside its body.
+        """
         policy = self.retry_policy
-        return retry_over_time(fun, CONNECTION_ERRORS, args, kwargs, self._on_connection_error,
+        return retry_over_time(fun, RETRIED_ERRORS, args, kwargs, self._on_connection_error,
                                max_retries=policy.get("max_retries"),
                                interval_start=policy.get("interval_start", 0),
                                interval_step=policy.get("interval_step", 1),
@@ -287,7 +293,8 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
 
     def _on_connection_error(self, exc: BaseException, intervals: Iterator[float], retries: int) -> float:
         wait = next(intervals)
-        logger.warning("etcd result backend unreachable (%r); retry %d in %.1fs", exc, retries, wait)
+        logger.warning("etcd result backend %s (%s); retry %d in %.1fs",
+                       "full" if isinstance(exc, EtcdNoSpace) else "unreachable", exc, retries, wait)
         return wait
 
     def as_uri(self, include_password: bool = False) -> str:

@@ -19,7 +19,7 @@ import uuid
 from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
-from etcd_broker.client import CONNECTION_ERRORS, get_client
+from etcd_broker.client import CONNECTION_ERRORS, EtcdNoSpace, get_client
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def marker_prefix(prefix: str, kind: str) -> str:
 
 
 def mark(kind: str, task_id: str, **info) -> None:
-    """Record one execution step; retried until etcd answers (the key is unique, so a retry is idempotent)."""
+    """Record one execution step; retried until etcd answers or has space again (the key is unique, so
+    a retry is idempotent): the counting must not be what fails."""
     key = f"{marker_prefix(PREFIX, kind)}{task_id}/{uuid.uuid4().hex}"
     value = json.dumps({"task_id": task_id, "host": socket.gethostname(), "pid": os.getpid(),
                         "at": time.time(), **info})
@@ -94,7 +95,7 @@ def mark(kind: str, task_id: str, **info) -> None:
         try:
             get_client(URL, **OPTIONS).put(key, value)
             return
-        except CONNECTION_ERRORS:
+        except (*CONNECTION_ERRORS, EtcdNoSpace):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

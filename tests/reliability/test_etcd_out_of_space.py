@@ -11,6 +11,7 @@ import pytest
 from etcd_broker import ops
 from etcd_broker.client import EtcdNoSpace, get_client
 from scripts.etcd_server import EtcdServer
+from tests.helpers import wait_until
 from tests.reliability import counting_app
 from tests.reliability.counting import PUBLISH_RETRY_POLICY, Tally, locate, read_markers
 
@@ -22,13 +23,17 @@ QUOTA_BYTES = 8 * 1024 * 1024
 FILLER_BYTES = 512 * 1024
 FILLER_PREFIX = "/filler/"
 BATCH = 10
+#: The first batch is still queued or running when etcd fills up.
+BACKLOG_TASK_SECONDS = 1.0
+#: etcd stays full this long before the operator frees space.
+FULL_SECONDS = 4.0
 
 
-def publish(task_ids: list[str], accepted: list[str], refused: list[tuple[str, str]]) -> None:
+def publish(task_ids: list[str], accepted: list[str], refused: list[tuple[str, str]], seconds: float = 0.1) -> None:
     """Send one task per id the way the other fault tests do (Celery's publish retry)."""
     for task_id in task_ids:
         try:
-            counting_app.work.apply_async((0.1,), task_id=task_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+            counting_app.work.apply_async((seconds,), task_id=task_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
         except EtcdNoSpace as exc:
             refused.append((task_id, str(exc)))
         else:
@@ -69,9 +74,9 @@ def test_publishes_fail_clearly_when_etcd_is_full_and_resume_after_the_operator_
         accepted: list[str] = []
         refused: list[tuple[str, str]] = []
         before = [uuid.uuid4().hex for _ in range(BATCH)]
-        publish(before, accepted, refused)
-        assert [counting_app.app.AsyncResult(t).get(timeout=30) for t in before] == before
-
+        publish(before, accepted, refused, seconds=BACKLOG_TASK_SECONDS)
+        wait_until(lambda: len(read_markers(client, etcd_prefix, "started")) >= 2, timeout=30,
+                   message="the worker busy with a backlog behind it")
         fillers = fill(client)
         full_at = time.time()
         assert [alarm.alarm_type for alarm in client.list_alarms()] == [1]  # 1: NOSPACE
@@ -80,6 +85,7 @@ def test_publishes_fail_clearly_when_etcd_is_full_and_resume_after_the_operator_
         assert [task for task, _ in refused] == during
         assert all("--quota-backend-bytes" in message and "NOSPACE" in message for _, message in refused)
         assert locate(client, etcd_prefix, during) == {task: [] for task in during}  # nothing half-written
+        time.sleep(FULL_SECONDS)  # the worker meets the full etcd: claims, results and acks refused
 
         free_space(client)
         freed_at = time.time()
@@ -89,7 +95,8 @@ def test_publishes_fail_clearly_when_etcd_is_full_and_resume_after_the_operator_
         publish(resent, accepted, [])  # the callers who were refused send again
         after = [uuid.uuid4().hex for _ in range(BATCH)]
         publish(after, accepted, [])
-        assert [counting_app.app.AsyncResult(t).get(timeout=30) for t in resent + after] == resent + after
+        assert [counting_app.app.AsyncResult(t).get(timeout=30) for t in before + resent + after] == \
+            before + resent + after
 
         done = read_markers(client, etcd_prefix, "done")
         tally = Tally(f"etcd out of space ({QUOTA_BYTES // 2**20} MiB quota, {fillers} filler writes), freed",

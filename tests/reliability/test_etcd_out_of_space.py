@@ -62,20 +62,21 @@ def free_space(client) -> None:
 
 @pytest.mark.reliability
 def test_publishes_fail_clearly_when_etcd_is_full_and_resume_after_the_operator_frees_space(
-        tmp_path, etcd_prefix, worker_factory, summary):
+        tmp_path, etcd_url, etcd_prefix, worker_factory, summary):
     server = EtcdServer(data_dir=str(tmp_path / "etcd"), extra_args=["--quota-backend-bytes", str(QUOTA_BYTES)])
     server.start()
     try:
         url = server.url
         counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
-        worker = worker_factory(app=APP, env=counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True),
-                                concurrency=2)
-        client = get_client(url)
+        # executions are counted on the session's etcd, so tasks finish while this one is full
+        worker = worker_factory(app=APP, env=counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True,
+                                                                     marker_url=etcd_url), concurrency=2)
+        client, counter = get_client(url), get_client(etcd_url)
         accepted: list[str] = []
         refused: list[tuple[str, str]] = []
         before = [uuid.uuid4().hex for _ in range(BATCH)]
         publish(before, accepted, refused, seconds=BACKLOG_TASK_SECONDS)
-        wait_until(lambda: len(read_markers(client, etcd_prefix, "started")) >= 2, timeout=30,
+        wait_until(lambda: len(read_markers(counter, etcd_prefix, "started")) >= 2, timeout=30,
                    message="the worker busy with a backlog behind it")
         fillers = fill(client)
         full_at = time.time()
@@ -98,9 +99,9 @@ def test_publishes_fail_clearly_when_etcd_is_full_and_resume_after_the_operator_
         assert [counting_app.app.AsyncResult(t).get(timeout=30) for t in before + resent + after] == \
             before + resent + after
 
-        done = read_markers(client, etcd_prefix, "done")
+        done = read_markers(counter, etcd_prefix, "done")
         tally = Tally(f"etcd out of space ({QUOTA_BYTES // 2**20} MiB quota, {fillers} filler writes), freed",
-                      accepted, refused, read_markers(client, etcd_prefix, "started"), done, full_at, freed_at,
+                      accepted, refused, read_markers(counter, etcd_prefix, "started"), done, full_at, freed_at,
                       fetched=before + resent + after)
         summary(tally)
         assert tally.lost == [], locate(client, etcd_prefix, tally.lost)

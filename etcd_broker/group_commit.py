@@ -69,6 +69,9 @@ class GroupCommit:
                 self._cond.release()
                 try:
                     self._run(batch)
+                except BaseException as exc:  # never leave a caller of the batch waiting
+                    self._finish([p for p in batch if not p.done], error=exc)
+                    raise
                 finally:
                     self._cond.acquire()
                     self._busy = False

@@ -65,6 +65,12 @@ def task_ended(task_id: str | None = None, task: Any = None, state: str | None =
     TASKS.labels(task.name, (state or "UNKNOWN").lower()).inc()
 
 
+@signals.task_revoked.connect
+def task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+    """Revoked before it ran, or terminated while running (no task_postrun then)."""
+    TASKS.labels(getattr(sender, "name", None) or getattr(request, "task", "unknown"), "revoked").inc()
+
+
 @signals.task_failure.connect
 def task_failed(sender: Any = None, exception: BaseException | None = None, **kwargs: Any) -> None:
     FAILURES.labels(getattr(sender, "name", "unknown"), type(exception).__name__).inc()

@@ -1,5 +1,6 @@
 """The worker's own /metrics (jobs/worker_metrics.py) on real workers, prefork and threads:
-every task sent is counted once, failures by exception, nothing left running."""
+every task sent is counted once (succeeded, failed, revoked), failures by exception, nothing
+left running."""
 from __future__ import annotations
 
 import urllib.request
@@ -45,23 +46,28 @@ def test_every_task_is_counted_once_across_the_pool(pool, etcd_server, etcd_pref
         app.send_task(ADD, args=(index, 1))
     for index in range(FAILING):
         app.send_task(FAIL, args=(f"boom {index}",))
+    replies = app.control.revoke("revoked-before-it-was-sent", reply=True, timeout=10)
+    assert replies, "the worker did not answer the revoke"
+    app.send_task(ADD, args=(0, 0), task_id="revoked-before-it-was-sent")
 
     def finished() -> Samples | None:
         samples = scrape(port)
         done = (value(samples, "deephardway_worker_tasks_total", task=ADD, state="success")
-                + value(samples, "deephardway_worker_tasks_total", task=FAIL, state="failure"))
-        return samples if done >= SUCCEEDING + FAILING else None
+                + value(samples, "deephardway_worker_tasks_total", task=FAIL, state="failure")
+                + value(samples, "deephardway_worker_tasks_total", task=ADD, state="revoked"))
+        return samples if done >= SUCCEEDING + FAILING + 1 else None
 
     wait_until(finished, timeout=60, interval=0.2, message="every task counted")
     samples = scrape(port)
     assert value(samples, "deephardway_worker_tasks_total", task=ADD, state="success") == SUCCEEDING
     assert value(samples, "deephardway_worker_tasks_total", task=FAIL, state="failure") == FAILING
+    assert value(samples, "deephardway_worker_tasks_total", task=ADD, state="revoked") == 1
     assert value(samples, "deephardway_worker_task_failures_total", task=FAIL, exception="ValueError") == FAILING
     assert value(samples, "deephardway_worker_task_seconds_count", task=ADD) == SUCCEEDING
     assert value(samples, "deephardway_worker_tasks_running", task=ADD) == 0
     writers = {int(path.stem.split("_")[1]) for path in directory.glob("counter_*.db")}
-    if pool == "prefork":  # pool children counted the tasks; the main process served their samples
-        assert writers and worker.process.pid not in writers, writers
+    if pool == "prefork":  # pool children counted the tasks they ran (the main one, the revoked one)
+        assert writers - {worker.process.pid}, writers
     else:
         assert writers == {worker.process.pid}
     app.close()

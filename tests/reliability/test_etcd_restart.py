@@ -46,6 +46,7 @@ def test_producers_and_workers_ride_out_an_etcd_restart_and_none_is_lost(
     assert tally.unexpected == []
     assert tally.lost == [], locate(client, etcd_prefix, tally.lost)
     assert tally.completed == TASKS
+    assert tally.duplicated == [], "a task ran twice although no worker died"
     assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)
     assert tally.first_completion_after_fault() is not None
     assert all(worker.process.poll() is None for worker in workers), "a worker died instead of reconnecting"

@@ -131,12 +131,15 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         progress_point = state not in states.ALL_STATES and running_here
         if progress_point and _revoked_here(task_id):
             self._stop(task_id)
-        self._write_state(task_id, state, meta, progress_point)
+        # a chord part's message outlives its SUCCESS until the part is counted and the callback
+        # published: its redelivery is what publishes the callback if this worker dies in between
+        self._write_state(task_id, state, meta, progress_point, settle_ack=not getattr(request, "chord", None))
         return result
 
-    def _write_state(self, task_id: str, state: str, meta: dict, progress_point: bool) -> None:
+    def _write_state(self, task_id: str, state: str, meta: dict, progress_point: bool,
+                     settle_ack: bool = True) -> None:
         success = state == states.SUCCESS
-        ack_key = settle.take(task_id, self.store.client) if success else None  # acks_late, same process
+        ack_key = settle.take(task_id, self.store.client) if success and settle_ack else None  # acks_late
         outcome = self._ensure(self.store.write_state, task_id, ensure_bytes(self.encode(meta)),
                                ttl=self.expires, success=success, check_cancel=progress_point, ack_key=ack_key)
         if outcome is WriteOutcome.CANCELLED:

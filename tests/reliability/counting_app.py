@@ -3,9 +3,9 @@
 Configured by env in worker processes (``ETCD_TEST_URL``, ``ETCD_TEST_PREFIX``,
 ``ETCD_TEST_LEASE_TTL``, ``ETCD_TEST_OPTIONS`` as JSON: user, password, ca_cert,
 cert_key, cert_cert; ``ETCD_TEST_BACKEND=1`` adds the etcd result backend) and by
-:func:`configure` in the test process. Test hook: ``FAULT_CHORD_EXIT=1`` makes a worker
-process exit (``os._exit``, as abrupt as SIGKILL) after it counted a chord's last part and
-before it publishes the callback.
+:func:`configure` in the test process. Test hook: ``FAULT_CHORD_EXIT=counted`` (or
+``claimed``) makes a worker process exit (``os._exit``, as abrupt as SIGKILL) after it counted
+a chord's last part, before (after) it took the publisher claim, before publishing the callback.
 """
 from __future__ import annotations
 
@@ -124,18 +124,21 @@ def collect(self, results: list[str]) -> int:
     return len(results)
 
 
-def _exit_before_publishing() -> None:
-    """Test hook: die between counting a chord's last part and publishing its callback."""
+def _exit_before_publishing(point: str) -> None:
+    """Test hook: die after counting a chord's last part, before (``counted``) or after (``claimed``)
+    taking the publisher claim, in both cases before the callback is published."""
     from etcd_broker.backend import EtcdBackend
 
-    def complete_chord(backend, request, group_id):
-        logger.warning("FAULT_CHORD_EXIT: exiting after counting chord %s's last part", group_id)
+    method = {"counted": "_complete_chord", "claimed": "_chord_publish"}[point]
+
+    def exit_here(backend, *args, **kwargs):
+        logger.warning("FAULT_CHORD_EXIT=%s: exiting before publishing a chord callback", point)
         os._exit(CHORD_EXIT_CODE)
 
-    EtcdBackend._complete_chord = complete_chord
+    setattr(EtcdBackend, method, exit_here)
 
 
-if os.environ.get("FAULT_CHORD_EXIT") == "1":
-    _exit_before_publishing()
+if os.environ.get("FAULT_CHORD_EXIT"):
+    _exit_before_publishing(os.environ["FAULT_CHORD_EXIT"])
 
 configure(URL, PREFIX, LEASE_TTL, OPTIONS, WITH_BACKEND)

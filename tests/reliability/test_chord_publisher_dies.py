@@ -20,11 +20,14 @@ TASK_SECONDS = 0.2
 
 
 @pytest.mark.reliability
+@pytest.mark.parametrize("point", ["counted", "claimed"])
 def test_the_callback_runs_once_when_the_last_parts_worker_dies_before_publishing(
-        etcd_url, etcd_prefix, worker_factory, summary):
+        point, etcd_url, etcd_prefix, worker_factory, summary):
+    """``counted``: died before claiming (the redelivered part claims at once); ``claimed``: died
+    holding the claim (the redelivered part waits for the claim's lease to lapse)."""
     counting_app.configure(etcd_url, etcd_prefix, LEASE_TTL, backend=True)
     env = counting_app.worker_env(etcd_url, etcd_prefix, LEASE_TTL, backend=True)
-    victim = worker_factory(app=APP, env={**env, "FAULT_CHORD_EXIT": "1"}, concurrency=2)
+    victim = worker_factory(app=APP, env={**env, "FAULT_CHORD_EXIT": point}, concurrency=2)
     client = get_client(etcd_url)
     header = [counting_app.work.s(TASK_SECONDS) for _ in range(PARTS)]
     result = chord(header)(counting_app.collect.s())
@@ -38,7 +41,7 @@ def test_the_callback_runs_once_when_the_last_parts_worker_dies_before_publishin
     value = result.get(timeout=60)
 
     time.sleep(LEASE_TTL)  # a second publish would have run by now (nothing else is queued)
-    tally = Tally("chord: last part's worker died before publishing the callback", [*parts, result.id], [],
+    tally = Tally(f"chord: last part's worker died after it {point}, before publishing the callback", [*parts, result.id], [],
                   read_markers(client, etcd_prefix, "started"), read_markers(client, etcd_prefix, "done"),
                   died_at, died_at, fetched=[result.id] if value == PARTS else [])
     summary(tally)

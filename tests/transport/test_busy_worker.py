@@ -136,7 +136,7 @@ def test_prefork_runs_tasks_results_and_progress_with_one_task_per_child(busy, w
     result = busy.send_task("busy.steps", (4, 0.3))
     states: list[str] = []
     wait_until(lambda: states.append(result.state) or result.ready(), timeout=60, message="steps finished")
-    assert "PROGRESS" in states
+    assert "PROGRESS" in states, f"states seen while it ran: {sorted(set(states))}"
     assert result.get(timeout=10) not in pids
 
 

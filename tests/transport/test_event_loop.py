@@ -52,6 +52,5 @@ def test_drain_events_raises_a_connection_error_while_etcd_is_down(private_etcd,
                 return exc
             return None
 
-        error = wait_until(drain_until_error, timeout=30, interval=0, message="a connection error")
-        assert "etcd" in str(error)
+        wait_until(drain_until_error, timeout=30, interval=0, message="a connection error from drain_events")
         private_etcd.start()

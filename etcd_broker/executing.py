@@ -9,6 +9,11 @@ dies, the lease lapses and they come back). Messages not started yet go back to 
 Celery expects: its consumer forgets them at a reset (``Consumer.on_close``) and the prefork pool
 discards the ones no child accepted (``AsynPool.flush``).
 
+Kept messages still count against the prefetch limit of the channel that replaced theirs
+(:func:`kept`): otherwise the new channel claims a full prefetch more, and with ``-P threads``
+those extra tasks wait inside the pool behind the running ones, where a second reset would
+give them back although the pool will still run them.
+
 Celery's worker keeps the requests that have started in ``celery.worker.state.active_requests``
 (public module state, documented in Celery's API reference); a plain kombu consumer has no such
 set, and nothing is kept for it.
@@ -16,6 +21,14 @@ set, and nothing is kept for it.
 from __future__ import annotations
 
 import sys
+import threading
+from typing import Any
+
+from etcd_broker import forking
+
+#: (id of the closed channel, delivery tag) -> message kept across a reset, until its task acks it
+_kept: dict[tuple[int, Any], Any] = {}
+_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
 
 
 def executing(task_id: str | None) -> bool:
@@ -24,3 +37,20 @@ def executing(task_id: str | None) -> bool:
     if state is None or not task_id:
         return False
     return any(request.id == task_id for request in tuple(state.active_requests))
+
+
+def keep(channel: Any, message: Any) -> None:
+    """``message`` stays with this process after ``channel`` closed: its running task settles it."""
+    with _lock:
+        _kept[(id(channel), message.delivery_tag)] = message
+
+
+def take(channel: Any, delivery_tag: Any) -> Any | None:
+    """The kept message of ``channel`` with ``delivery_tag`` (now being acked or rejected), or None."""
+    with _lock:
+        return _kept.pop((id(channel), delivery_tag), None)
+
+
+def kept() -> int:
+    """How many messages this process holds for tasks that ran across a reset and have not acked yet."""
+    return len(_kept)

@@ -55,10 +55,9 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import group_commit, ops, settle
+from etcd_broker import executing, group_commit, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdUnreachable, get_client
-from etcd_broker.executing import executing
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_message
 from etcd_broker.publish_batch import PublishBatch
@@ -98,8 +97,17 @@ class QoS(virtual.QoS):
         super().ack(delivery_tag)
         self._wake()
 
+    def can_consume(self):
+        room = self.can_consume_max_estimate()
+        return room is None or room > 0
+
+    def can_consume_max_estimate(self):
+        """kombu's room under the prefetch limit, less the messages kept across a reset (executing.py)."""
+        room = super().can_consume_max_estimate()
+        return None if room is None else max(room - executing.kept(), 0)
+
     def reject(self, delivery_tag, requeue=False):
-        running = self.channel._running.pop(delivery_tag, None)
+        running = executing.take(self.channel, delivery_tag)
         if running is not None:  # kept across a reset (executing.py): its channel's QoS forgot it
             if requeue:
                 self.channel._requeue_or_later(running)
@@ -115,7 +123,7 @@ class QoS(virtual.QoS):
         try:
             message = self.get(delivery_tag)
         except KeyError:  # acked twice, given back by a reset, or still running across one
-            message = self.channel._running.pop(delivery_tag, None)
+            message = executing.take(self.channel, delivery_tag)
             if message is None:
                 return
         self.channel._forget(message)
@@ -155,8 +163,6 @@ class Channel(virtual.Channel):
         self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
         self._buffer: dict[str, deque] = {}
         self._single_get = False
-        #: delivery tag -> message still executing here when the channel closed (see _restore)
-        self._running: dict = {}
 
     # -- publishing -------------------------------------------------------------
     def _put(self, queue, message, **kwargs):
@@ -334,8 +340,8 @@ class Channel(virtual.Channel):
         At close (a connection reset), a message whose task is running in this process stays
         under our lease: the task acks it when it ends (executing.py). Given back, it would run twice.
         """
-        if self.closed and executing(message.headers.get("id")):
-            self._running[message.delivery_tag] = message
+        if self.closed and executing.executing(message.headers.get("id")):
+            executing.keep(self, message)
             logger.info("channel closed while task %s runs here: its message %s stays ours until it acks",
                         message.headers.get("id"), message.delivery_info.get("etcd_key"))
             return

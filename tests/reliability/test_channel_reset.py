@@ -1,5 +1,6 @@
 """What a consumer held when its connection failed goes back to the queue while the process lives:
-after a channel reset (what Celery does on any broker error) and after a claim whose answer was lost."""
+after a channel reset (what Celery does on any broker error) and after a claim whose answer was lost;
+except a message whose task is running in this process, which its task acks later (executing.py)."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,9 @@ import pytest
 from kombu import Connection, Consumer, Queue
 
 import etcd_broker  # noqa: F401
+from etcd_broker import executing
 from etcd_broker.client import CONNECTION_ERRORS
+from tests.helpers import wait_until
 from tests.reliability.blackhole import BlackholeProxy
 
 HELD = 3
@@ -26,6 +29,46 @@ def test_an_ack_after_its_connection_was_reset_is_harmless_and_the_message_comes
         again = queue.get(timeout=5)
         again.ack()
         assert again.payload == {"n": 1} and again.delivery_info["redelivered"]
+        queue.close()
+
+
+class _StartedRequest:
+    """What Celery's worker puts in ``celery.worker.state.active_requests`` when a task starts (its id)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+
+
+def test_a_reset_keeps_the_message_of_a_running_task_and_gives_back_the_others(etcd_url, etcd_prefix):
+    """Given back, a running task's message would run on another worker while it still runs here."""
+    from celery.worker import state
+
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix}) as conn:
+        queue = conn.SimpleQueue("running")
+        queue.put({"n": 1}, headers={"id": "task-running"})
+        queue.put({"n": 2}, headers={"id": "task-waiting"})
+        channel = conn.channel()
+        channel.basic_qos(0, 2, False)
+        keys, client = channel.keys, channel.client
+        running = channel.basic_get("running")
+        waiting = channel.basic_get("running")
+        assert (running.headers["id"], waiting.headers["id"]) == ("task-running", "task-waiting")
+        request = _StartedRequest("task-running")
+        state.active_requests.add(request)
+        try:
+            channel.close()  # a connection reset, while task-running runs and task-waiting waits
+        finally:
+            state.active_requests.discard(request)
+        assert executing.kept() == 1
+        back = queue.get(timeout=5)
+        assert back.headers["id"] == "task-waiting" and back.delivery_info["redelivered"]
+        back.ack()
+        with pytest.raises(queue.Empty):
+            queue.get(timeout=1)  # the running task's message stays with us, under our lease
+        running.ack()  # the task ends: its ack on the old channel deletes the message
+        assert executing.kept() == 0
+        wait_until(lambda: not list(client.get_prefix(keys.unacked("running"))), timeout=10,
+                   message="the running task's ack deleted its message")
         queue.close()
 
 

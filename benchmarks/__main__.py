@@ -8,7 +8,8 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ("bench_main", "bench_transport", "bench_results", "bench_batching", "bench_web", "bench_scale")
+BENCHMARKS = ("bench_main", "bench_transport", "bench_results", "bench_operators", "bench_kombu_contract",
+              "bench_batching", "bench_web", "bench_scale")
 
 
 def main(names: list[str]) -> None:

@@ -78,8 +78,10 @@ class RpcGate(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
 
     def _enter(self) -> None:
         with self._cond:
-            while self._forking:  # no new call starts while a fork is prepared
-                self._cond.wait()
+            # No new call starts while a fork is prepared; never wait longer than a fork can take.
+            if not self._cond.wait_for(lambda: not self._forking, 2 * FORK_QUIESCE_SECONDS):
+                logger.warning("an etcd call waited %ss for a fork to be prepared; going ahead",
+                               2 * FORK_QUIESCE_SECONDS)
             self._active += 1
 
     def _run(self, start: Callable[[], Any], details: Any) -> Any:

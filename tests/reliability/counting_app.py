@@ -3,9 +3,10 @@
 Configured by env in worker processes (``ETCD_TEST_URL``, ``ETCD_TEST_PREFIX``,
 ``ETCD_TEST_LEASE_TTL``, ``ETCD_TEST_OPTIONS`` as JSON: user, password, ca_cert,
 cert_key, cert_cert; ``ETCD_TEST_BACKEND=1`` adds the etcd result backend) and by
-:func:`configure` in the test process. Test hook: ``FAULT_CHORD_EXIT=counted`` (or
-``claimed``) makes a worker process exit (``os._exit``, as abrupt as SIGKILL) after it counted
-a chord's last part, before (after) it took the publisher claim, before publishing the callback.
+:func:`configure` in the test process. Test hook: ``FAULT_CHORD_EXIT=counted``, ``claimed``
+or ``published`` makes a worker process exit (``os._exit``, as abrupt as SIGKILL) after it
+counted a chord's last part: before the publisher claim, holding it, or after publishing the
+callback but before deleting the chord's keys.
 """
 from __future__ import annotations
 
@@ -124,21 +125,24 @@ def collect(self, results: list[str]) -> int:
     return len(results)
 
 
-def _exit_before_publishing(point: str) -> None:
-    """Test hook: die after counting a chord's last part, before (``counted``) or after (``claimed``)
-    taking the publisher claim, in both cases before the callback is published."""
+def _exit_in_chord_publish(point: str) -> None:
+    """Test hook: die after counting a chord's last part: before taking the publisher claim
+    (``counted``), holding it (``claimed``), or after publishing, before deleting the chord (``published``)."""
     from etcd_broker.backend import EtcdBackend
 
-    method = {"counted": "_complete_chord", "claimed": "_chord_publish"}[point]
+    method = "_complete_chord" if point == "counted" else "_chord_publish"
+    original = getattr(EtcdBackend, method)
 
     def exit_here(backend, *args, **kwargs):
-        logger.warning("FAULT_CHORD_EXIT=%s: exiting before publishing a chord callback", point)
+        if point == "published":
+            original(backend, *args, **kwargs)
+        logger.warning("FAULT_CHORD_EXIT=%s: exiting in a chord's publish", point)
         os._exit(CHORD_EXIT_CODE)
 
     setattr(EtcdBackend, method, exit_here)
 
 
 if os.environ.get("FAULT_CHORD_EXIT"):
-    _exit_before_publishing(os.environ["FAULT_CHORD_EXIT"])
+    _exit_in_chord_publish(os.environ["FAULT_CHORD_EXIT"])
 
 configure(URL, PREFIX, LEASE_TTL, OPTIONS, WITH_BACKEND)

@@ -1,5 +1,5 @@
-"""A chord's callback is published exactly once when the worker that counted the last part dies
-before publishing it: the redelivered part finds the chord complete but unpublished and takes over."""
+"""A chord's callback runs exactly once when the worker that counted the last part dies before the
+chord is settled: the redelivered part finds the chord complete but its keys still there and takes over."""
 from __future__ import annotations
 
 import time
@@ -20,11 +20,12 @@ TASK_SECONDS = 0.2
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("point", ["counted", "claimed"])
-def test_the_callback_runs_once_when_the_last_parts_worker_dies_before_publishing(
+@pytest.mark.parametrize("point", ["counted", "claimed", "published"])
+def test_the_callback_runs_once_when_the_worker_that_counted_the_last_part_dies(
         point, etcd_url, etcd_prefix, worker_factory, summary):
     """``counted``: died before claiming (the redelivered part claims at once); ``claimed``: died
-    holding the claim (the redelivered part waits for the claim's lease to lapse)."""
+    holding the claim (the redelivered part waits for the claim's lease to lapse); ``published``:
+    died after publishing, before deleting the chord (the takeover sees the callback's state)."""
     counting_app.configure(etcd_url, etcd_prefix, LEASE_TTL, backend=True)
     env = counting_app.worker_env(etcd_url, etcd_prefix, LEASE_TTL, backend=True)
     victim = worker_factory(app=APP, env={**env, "FAULT_CHORD_EXIT": point}, concurrency=2)
@@ -36,12 +37,15 @@ def test_the_callback_runs_once_when_the_last_parts_worker_dies_before_publishin
     wait_until(lambda: victim.process.poll() is not None, timeout=60, message="the victim exited at the hook")
     died_at = time.time()
     assert victim.process.returncode == counting_app.CHORD_EXIT_CODE, victim.log()[-3000:]
-    assert result.id not in read_markers(client, etcd_prefix, "started")  # it died before publishing
+    assert result.id not in read_markers(client, etcd_prefix, "started")  # nobody ran the callback yet
     survivor = worker_factory(app=APP, env=env, concurrency=2)
     value = result.get(timeout=60)
 
+    wait_until(lambda: list(client.get_prefix(KeySpace(etcd_prefix).chord(result.parent.id))) == [],
+               timeout=60, message="the chord's keys deleted")  # the takeover is over
     time.sleep(LEASE_TTL)  # a second publish would have run by now (nothing else is queued)
-    tally = Tally(f"chord: last part's worker died after it {point}, before publishing the callback", [*parts, result.id], [],
+    tally = Tally(f"chord: the worker that counted the last part died ({point})",
+                  [*parts, result.id], [],
                   read_markers(client, etcd_prefix, "started"), read_markers(client, etcd_prefix, "done"),
                   died_at, died_at, fetched=[result.id] if value == PARTS else [])
     summary(tally)
@@ -50,4 +54,3 @@ def test_the_callback_runs_once_when_the_last_parts_worker_dies_before_publishin
     assert tally.done[result.id][0]["pid"] == survivor.process.pid
     # only the part the victim counted last ran twice (the victim finished it but never acked it)
     assert set(tally.duplicated) <= {task for task in parts if tally.done[task][0]["pid"] == victim.process.pid}
-    assert list(client.get_prefix(KeySpace(etcd_prefix).chord(result.parent.id))) == []

@@ -190,8 +190,8 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         count = self._ensure(self.store.chord_part_done, group_id, part, self.chord_expires)
         if count is None:  # counted before: its first run may have died after counting the last part
             if self._ensure(self.store.chord_due, group_id):
-                logger.warning("chord %s: every part is counted but the chord is not settled (its counter died?); taking over",
-                               group_id)
+                logger.warning("chord %s: every part is counted but the chord is not settled "
+                               "(its counter died?); taking over", group_id)
                 self._complete_chord(request, group_id)
             return
         if count.size is None or count.done < count.size:

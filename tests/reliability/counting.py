@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: Celery's publish retry while etcd is down or electing: up to ~60 s, then the caller sees an error.
 PUBLISH_RETRY_POLICY = {"max_retries": 120, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+#: Worker pool of the fault tests that kill no worker (FAULT_TEST_POOL=prefork runs them on prefork).
+WORKER_POOL = os.environ.get("FAULT_TEST_POOL", "threads")
 SUMMARY_HEADERS = ("test", "tasks sent", "completed", "duplicated", "lost", "refused at publish",
                    "results fetched", "max redelivery delay (s)", "first completion after the fault (s)")
 

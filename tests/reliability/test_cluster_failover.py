@@ -16,7 +16,15 @@ from tests.reliability.cluster_tools import (
     make_leader,
     member_status,
 )
-from tests.reliability.counting import Collector, Producer, Tally, locate, read_markers, wait_for_completion
+from tests.reliability.counting import (
+    WORKER_POOL,
+    Collector,
+    Producer,
+    Tally,
+    locate,
+    read_markers,
+    wait_for_completion,
+)
 
 APP = "tests.reliability.counting_app"
 LEASE_TTL = 3
@@ -44,7 +52,7 @@ def test_the_leader_dies_under_load_none_is_lost_and_it_rejoins(cluster, etcd_pr
     url = cluster_url(cluster)
     counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
     env = counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True)
-    workers = [worker_factory(app=APP, env=env, concurrency=4) for _ in range(3)]
+    workers = [worker_factory(app=APP, env=env, concurrency=4, pool=WORKER_POOL) for _ in range(3)]
     victim, connected = lead_where_workers_are(cluster, [w.process.pid for w in workers])
     producer = Producer(TASKS, TASK_SECONDS, interval=0.05)
     collector = Collector(producer, timeout=120)

@@ -7,7 +7,7 @@ import pytest
 
 from etcd_broker.client import get_client
 from tests.reliability import counting_app
-from tests.reliability.counting import Collector, Producer, Tally, locate, wait_for_completion
+from tests.reliability.counting import WORKER_POOL, Collector, Producer, Tally, locate, wait_for_completion
 
 APP = "tests.reliability.counting_app"
 LEASE_TTL = 3
@@ -23,7 +23,7 @@ def test_producers_and_workers_ride_out_an_etcd_restart_and_none_is_lost(
     url = private_etcd.url
     counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
     env = counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True)
-    workers = [worker_factory(app=APP, env=env, concurrency=4) for _ in range(2)]
+    workers = [worker_factory(app=APP, env=env, concurrency=4, pool=WORKER_POOL) for _ in range(2)]
     producer = Producer(TASKS, TASK_SECONDS, interval=0.05)
     collector = Collector(producer, timeout=120)
     producer.start()

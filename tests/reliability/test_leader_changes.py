@@ -12,7 +12,7 @@ from etcd_broker.client import CONNECTION_ERRORS, get_client, make_client
 from scripts.etcd_server import cluster_url
 from tests.reliability import counting_app
 from tests.reliability.cluster_tools import leader_of, make_leader
-from tests.reliability.counting import Collector, Producer, Tally, locate, wait_for_completion
+from tests.reliability.counting import WORKER_POOL, Collector, Producer, Tally, locate, wait_for_completion
 
 WRITER_THREADS = 8
 LEADER_MOVES = 4
@@ -64,7 +64,7 @@ def test_four_leader_moves_under_load_run_every_task_exactly_once(cluster, etcd_
     url = cluster_url(cluster)
     counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
     env = counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True)
-    workers = [worker_factory(app=APP, env=env, concurrency=4) for _ in range(3)]
+    workers = [worker_factory(app=APP, env=env, concurrency=4, pool=WORKER_POOL) for _ in range(3)]
     producer = Producer(TASKS, TASK_SECONDS, interval=0.05)
     collector = Collector(producer, timeout=120)
     producer.start()

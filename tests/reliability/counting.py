@@ -188,6 +188,20 @@ def locate(client: EtcdClient, prefix: str, tasks: list[str]) -> dict[str, list[
     return found
 
 
+def wait_all_settled(client: EtcdClient, prefix: str, tasks: list[str], timeout: float = 30.0) -> dict[str, list[str]]:
+    """Wait until no message of ``tasks`` is left in etcd (each acked once it ran); return what is left.
+
+    A message kept by a live worker across a reset must be deleted by its task's ack, not linger
+    under the worker's lease.
+    """
+    try:
+        wait_until(lambda: not any(locate(client, prefix, tasks).values()), timeout=timeout, interval=0.5,
+                   message="every message acked")
+    except TimeoutError:
+        pass
+    return {task: keys for task, keys in locate(client, prefix, tasks).items() if keys}
+
+
 def wait_for_completion(client: EtcdClient, prefix: str, producer: Producer, timeout: float) -> None:
     """Wait for the producer to finish and every accepted task to have a ``done`` marker."""
     producer.join(timeout)

@@ -23,6 +23,7 @@ from tests.reliability.counting import (
     Tally,
     locate,
     read_markers,
+    wait_all_settled,
     wait_for_completion,
 )
 
@@ -77,6 +78,7 @@ def test_the_leader_dies_under_load_none_is_lost_and_it_rejoins(cluster, etcd_pr
     assert tally.lost == [], locate(client, etcd_prefix, tally.lost)
     assert tally.completed == TASKS
     assert tally.duplicated == [], "a task ran twice although no worker died"
+    assert wait_all_settled(client, etcd_prefix, tally.accepted) == {}, "a message outlived its task"
     assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)
     assert all(worker.process.poll() is None for worker in workers)
     assert not any(connected_ports(w.process.pid)[victim.port] for w in workers)

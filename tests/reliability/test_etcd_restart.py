@@ -7,7 +7,15 @@ import pytest
 
 from etcd_broker.client import get_client
 from tests.reliability import counting_app
-from tests.reliability.counting import WORKER_POOL, Collector, Producer, Tally, locate, wait_for_completion
+from tests.reliability.counting import (
+    WORKER_POOL,
+    Collector,
+    Producer,
+    Tally,
+    locate,
+    wait_all_settled,
+    wait_for_completion,
+)
 
 APP = "tests.reliability.counting_app"
 LEASE_TTL = 3
@@ -47,6 +55,7 @@ def test_producers_and_workers_ride_out_an_etcd_restart_and_none_is_lost(
     assert tally.lost == [], locate(client, etcd_prefix, tally.lost)
     assert tally.completed == TASKS
     assert tally.duplicated == [], "a task ran twice although no worker died"
+    assert wait_all_settled(client, etcd_prefix, tally.accepted) == {}, "a message outlived its task"
     assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)
     assert tally.first_completion_after_fault() is not None
     assert all(worker.process.poll() is None for worker in workers), "a worker died instead of reconnecting"

@@ -12,7 +12,15 @@ from etcd_broker.client import CONNECTION_ERRORS, get_client, make_client
 from scripts.etcd_server import cluster_url
 from tests.reliability import counting_app
 from tests.reliability.cluster_tools import leader_of, make_leader
-from tests.reliability.counting import WORKER_POOL, Collector, Producer, Tally, locate, wait_for_completion
+from tests.reliability.counting import (
+    WORKER_POOL,
+    Collector,
+    Producer,
+    Tally,
+    locate,
+    wait_all_settled,
+    wait_for_completion,
+)
 
 WRITER_THREADS = 8
 LEADER_MOVES = 4
@@ -87,5 +95,6 @@ def test_four_leader_moves_under_load_run_every_task_exactly_once(cluster, etcd_
     assert tally.lost == [], locate(client, etcd_prefix, tally.lost)
     assert tally.completed == TASKS
     assert tally.duplicated == [], "a task ran twice although no worker died"
+    assert wait_all_settled(client, etcd_prefix, tally.accepted) == {}, "a message outlived its task"
     assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)
     assert all(worker.process.poll() is None for worker in workers)

@@ -7,6 +7,10 @@ import threading
 
 import pytest
 
+from etcd_broker import ops
+from etcd_broker.client import get_client
+from etcd_broker.keys import KeySpace
+from jobs.queues import GPU_QUEUE
 from tests.helpers import wait_until
 from tests.ml.tiny import drawing_of, png_data_url
 
@@ -33,7 +37,7 @@ def follow(result, timeout: float = 60) -> list[dict]:
     return seen
 
 
-def test_a_worker_classifies_concurrent_drawings(client, model_worker):
+def test_a_worker_classifies_concurrent_drawings(client, model_worker, etcd_url, etcd_prefix):
     worker = model_worker()
     results = [client.send_task(RUN, args=["digits", {"image": a_drawn_digit()}]) for _ in range(12)]
     for result in results:
@@ -43,6 +47,17 @@ def test_a_worker_classifies_concurrent_drawings(client, model_worker):
         assert len(answer["seen"]) == 8
     assert "no GPU visible; running on CPU" in worker.log()
     assert worker.log().count("loaded digits from") == 1  # loaded once, then kept warm
+    warm = [client.send_task(RUN, args=["digits", {"image": a_drawn_digit()}]) for _ in range(3)]
+    assert all(len(result.get(timeout=60)["top"]) == 5 for result in warm)
+    keys, etcd = KeySpace(etcd_prefix), get_client(etcd_url)
+    writes = []
+    for result in results + warm:
+        _, meta = etcd.get(keys.result(result.id))
+        writes.append(meta.version)
+        left = etcd.call("Range", ops.range_request(keys.unacked(GPU_QUEUE), prefix=True, revision=meta.mod_revision))
+        assert not any(result.id.encode() in kv.value for kv in left.kvs)  # acked by the SUCCESS write itself
+    # A warm job is shorter than started_delay: SUCCESS is its one result write (no STARTED).
+    assert 1 in writes[-3:]
 
 
 def test_bad_input_fails_the_task_naming_the_field(client, model_worker):

@@ -341,12 +341,19 @@ class Channel(virtual.Channel):
         under our lease: the task acks it when it ends (executing.py). Given back, it would run twice.
         """
         if self.closed and executing.executing(message.headers.get("id")):
-            executing.keep(self, message)
+            executing.keep(self, message, self._requeue_later)
             logger.info("channel closed while task %s runs here: its message %s stays ours until it acks",
                         message.headers.get("id"), message.delivery_info.get("etcd_key"))
             return
         settle.release(message.headers.get("id"), message.delivery_info.get("etcd_key"))
         self._requeue_or_later(message)
+
+    def _requeue_later(self, message) -> None:
+        """Give back through the lease's sweeper thread (never blocks the caller on etcd)."""
+        key = message.delivery_info.get("etcd_key")
+        settle.release(message.headers.get("id"), key)
+        if key:
+            self.lease.requeue_later(key)
 
     def _requeue_or_later(self, message) -> None:
         """Requeue now; if etcd is unreachable, the lease's sweeper does it once etcd answers.

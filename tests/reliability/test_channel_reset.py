@@ -57,18 +57,43 @@ def test_a_reset_keeps_the_message_of_a_running_task_and_gives_back_the_others(e
         state.active_requests.add(request)
         try:
             channel.close()  # a connection reset, while task-running runs and task-waiting waits
+            assert executing.kept() == 1
+            back = queue.get(timeout=5)
+            assert back.headers["id"] == "task-waiting" and back.delivery_info["redelivered"]
+            back.ack()
+            with pytest.raises(queue.Empty):
+                queue.get(timeout=1)  # the running task's message stays with us, under our lease
+            running.ack()  # the task ends: its ack on the old channel deletes the message
+            assert executing.kept() == 0
         finally:
             state.active_requests.discard(request)
-        assert executing.kept() == 1
-        back = queue.get(timeout=5)
-        assert back.headers["id"] == "task-waiting" and back.delivery_info["redelivered"]
-        back.ack()
-        with pytest.raises(queue.Empty):
-            queue.get(timeout=1)  # the running task's message stays with us, under our lease
-        running.ack()  # the task ends: its ack on the old channel deletes the message
-        assert executing.kept() == 0
         wait_until(lambda: not list(client.get_prefix(keys.unacked("running"))), timeout=10,
                    message="the running task's ack deleted its message")
+        queue.close()
+
+
+def test_a_kept_message_whose_task_ends_without_an_ack_comes_back(etcd_url, etcd_prefix):
+    """A task that stops running without acking (e.g. Celery cancels it on connection loss) must not
+    leave its message held by this live process for ever."""
+    from celery.worker import state
+
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix}) as conn:
+        queue = conn.SimpleQueue("orphan")
+        queue.put({"n": 1}, headers={"id": "task-cancelled"})
+        channel = conn.channel()
+        held = channel.basic_get("orphan")
+        request = _StartedRequest("task-cancelled")
+        state.active_requests.add(request)
+        try:
+            channel.close()
+            assert executing.kept() == 1
+        finally:
+            state.active_requests.discard(request)  # it stops running; nobody acks
+        wait_until(lambda: executing.kept() == 0, timeout=executing.ORPHAN_GRACE_SECONDS + 10,
+                   interval=0.2, message="the orphaned message given back")
+        back = queue.get(timeout=10)
+        assert back.headers["id"] == held.headers["id"] and back.delivery_info["redelivered"]
+        back.ack()
         queue.close()
 
 

@@ -60,8 +60,9 @@ def test_a_partitioned_workers_tasks_run_elsewhere_and_its_late_writes_corrupt_n
         assert tally.refused == [] and set(tally.unexpected) == {result.id for result in after}
         assert tally.lost == [], locate(client, etcd_prefix, tally.lost)
         assert tally.completed == TASKS
-        for task in in_flight:  # what it was running when cut off ran again on a worker etcd could see
+        for task in in_flight:  # what it was running when cut off ran again on a worker etcd could see,
             assert any(run["pid"] != pid for run in tally.done[task])
+            assert any(run["pid"] == pid for run in tally.done[task])  # and it finished too: its writes came late
         # at-least-once: only what the cut-off worker was running may have run twice
         assert set(tally.duplicated) <= set(in_flight) | {t for t, runs in tally.started.items()
                                                           if any(r["pid"] == pid and r["at"] <= healed_at for r in runs)}

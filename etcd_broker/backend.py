@@ -207,8 +207,10 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
             return
         callback = maybe_signature(request.chord, app=self.app)
         if callback.id and self.store.read(callback.id)[0] is not None:
-            logger.warning("chord %s: callback %s has a state already (published before a crash)", group_id, callback.id)
+            logger.warning("chord %s: callback %s has a state already (published before a crash)",
+                           group_id, callback.id)
             self._ensure(self.store.delete_chord, group_id)
+            self._ensure(self.store.delete, self.get_key_for_group(group_id))
             return
         deps = GroupResult.restore(group_id, backend=self)
         try:

@@ -52,5 +52,6 @@ def test_the_callback_runs_once_when_the_worker_that_counted_the_last_part_dies(
     assert tally.lost == [] and tally.completed == PARTS + 1
     assert len(tally.done[result.id]) == 1, "the callback ran more than once"
     assert tally.done[result.id][0]["pid"] == survivor.process.pid
+    assert client.get(KeySpace(etcd_prefix).group_result(result.parent.id))[0] is None  # settled: group gone too
     # only the part the victim counted last ran twice (the victim finished it but never acked it)
     assert set(tally.duplicated) <= {task for task in parts if tally.done[task][0]["pid"] == victim.process.pid}

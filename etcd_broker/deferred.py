@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from etcd_broker import forking
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +41,8 @@ class DeferredStarted:
         self._held: dict[str, _Held] = {}
         self._heap: list[tuple[float, int, str, _Held]] = []
         self._order = itertools.count()
-        self._wake = threading.Condition()
+        # its lock is unlocked again in a forked child (a thread holding it did not follow)
+        self._wake = threading.Condition(forking.reinit_in_child(threading.Lock()))
         self._pid = 0
 
     def hold(self, task_id: str, write: Callable[[], object]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from etcd3 import etcdrpc
 
-from etcd_broker import ops
+from etcd_broker import forking, ops
 from etcd_broker.client import CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class GroupCommit:
 
 
 _shared: dict[tuple[int, int], GroupCommit] = {}
-_shared_lock = threading.Lock()
+_shared_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
 
 
 def shared(client: Any) -> GroupCommit:

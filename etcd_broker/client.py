@@ -20,6 +20,7 @@ import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
+from time import monotonic
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -437,3 +438,39 @@ def _adopt_clients_after_fork() -> None:
     shared = {(pid, config): client for (_, config), client in _clients.items()}
     _clients.clear()
     _clients.update(shared)
+
+
+def wait_connected(client, timeout: float | None) -> None:
+    """Raise a connection error unless one endpoint's gRPC channel is ready within ``timeout``.
+
+    A port that accepts and never answers would otherwise hold the first call for the whole
+    request timeout; a refused endpoint is skipped at once for the next one.
+    """
+    if not timeout:
+        return
+    deadline = monotonic() + timeout
+    for _ in range(len(client.endpoints)):
+        if channel_ready(client.channel, deadline - monotonic()):
+            return
+        client.fail_over()
+    raise EtcdUnreachable(f"etcd at {client.config.describe()} did not complete a connection within "
+                          f"connect_timeout={timeout} s")
+
+
+def channel_ready(channel: grpc.Channel, timeout: float) -> bool:
+    """Wait until ``channel`` connects (True) or fails to (False), at most ``timeout`` seconds."""
+    settled: list[grpc.ChannelConnectivity] = []
+    done = threading.Event()
+
+    def on_change(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            settled.append(state)
+            done.set()
+
+    channel.subscribe(on_change, try_to_connect=True)
+    try:
+        done.wait(max(timeout, 0.0))
+    finally:
+        channel.unsubscribe(on_change)
+    return bool(settled) and settled[0] is grpc.ChannelConnectivity.READY

@@ -40,13 +40,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 from collections import deque
-from functools import partial
 from queue import Empty
-from time import monotonic
 from urllib.parse import quote
 
 import etcd3
@@ -57,11 +53,22 @@ from kombu.utils.json import dumps
 
 from etcd_broker import executing, group_commit, ops, settle
 from etcd_broker.bindings import BindingTable
-from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdUnreachable, get_client
+from etcd_broker.client import (
+    CONNECTION_ERRORS,
+    ETCD_OPTIONS,
+    EtcdConfig,
+    EtcdUnreachable,
+    get_client,
+    is_request_too_large,
+    wait_connected,
+)
+from etcd_broker.event_loop import EventLoopMixin
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
-from etcd_broker.membership import DEFAULT_LEASE_TTL, consumer_lease, restore_message
+from etcd_broker.membership import DEFAULT_LEASE_TTL, LeaseHandle, restore_message
 from etcd_broker.publish_batch import PublishBatch
+from etcd_broker.qos import QoS
 from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
+from etcd_broker.queue_watch import CLAIM_BATCH, QueueWatchMixin
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
 from etcd_broker.watch import WatchHub, hub_for
 
@@ -69,70 +76,14 @@ logger = logging.getLogger(__name__)
 
 #: etcd refuses requests over 1.5 MiB (--max-request-bytes); keep 4 KiB for key and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 1_572_864 - 4_096
-#: Most messages claimed in one transaction (2 ops each; etcd allows 128 ops per txn).
-CLAIM_BATCH = 32
 #: Most message bytes claimed in one transaction (etcd refuses requests over 1.5 MiB).
 CLAIM_BATCH_BYTES = 1_048_576
 #: Reads in one _get after other consumers won the messages we read (then the loop looks again soon).
 CLAIM_ATTEMPTS = 4
-#: An idle consumer re-checks its queues this often even without a watch event (safety net only).
-SAFETY_RECHECK_SECONDS = 30.0
-#: Most messages delivered per event-loop wake-up before the hub serves its other fds again.
-DELIVERIES_PER_WAKE = 64
 
 
 class MessageTooLarge(ValueError):
     """A message bigger than etcd accepts; refused before anything is written."""
-
-
-class QoS(virtual.QoS):
-    """Acks delete the claimed key; requeue moves it back to its place in line.
-
-    Only kombu's public QoS API is used (``get``, ``ack``, ``reject``); a requeue
-    goes through :meth:`Channel._restore`, the hook kombu's ``restore_unacked`` calls.
-    """
-
-    def ack(self, delivery_tag):
-        self._forget(delivery_tag)
-        super().ack(delivery_tag)
-        self._wake()
-
-    def can_consume(self):
-        room = self.can_consume_max_estimate()
-        return room is None or room > 0
-
-    def can_consume_max_estimate(self):
-        """kombu's room under the prefetch limit, less the messages kept across a reset (executing.py)."""
-        room = super().can_consume_max_estimate()
-        return None if room is None else max(room - executing.kept(), 0)
-
-    def reject(self, delivery_tag, requeue=False):
-        running = executing.take(self.channel, delivery_tag)
-        if running is not None:  # kept across a reset (executing.py): its channel's QoS forgot it
-            if requeue:
-                self.channel._requeue_or_later(running)
-            else:
-                self.channel._forget(running)
-            return
-        if not requeue:
-            self._forget(delivery_tag)
-        super().reject(delivery_tag, requeue=requeue)  # requeue=True -> Channel._restore
-        self._wake()
-
-    def _forget(self, delivery_tag) -> None:
-        try:
-            message = self.get(delivery_tag)
-        except KeyError:  # acked twice, given back by a reset, or still running across one
-            message = executing.take(self.channel, delivery_tag)
-            if message is None:
-                return
-        self.channel._forget(message)
-
-    def _wake(self) -> None:
-        """A slot may have freed: let the event loop (or drain_events) claim again."""
-        connection = self.channel.connection
-        if connection is not None:  # None once the channel is closed (a reset requeued what it held)
-            connection.wake()
 
 
 class Channel(virtual.Channel):
@@ -483,8 +434,12 @@ class Channel(virtual.Channel):
         return self.connection.bindings.table(exchange)
 
 
-class Transport(virtual.Transport):
-    """kombu transport for etcd v3: ``kombu.Connection("etcdv3://host:2379")``."""
+class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
+    """kombu transport for etcd v3: ``kombu.Connection("etcdv3://host:2379")``.
+
+    Delivery through kombu's event loop or ``drain_events`` is event_loop.py's; the queue
+    watches and what they tell about queue contents are queue_watch.py's.
+    """
 
     Channel = Channel
 
@@ -509,25 +464,15 @@ class Transport(virtual.Transport):
                                           **{k: options[k] for k in ETCD_OPTIONS if k in options})
         self.etcd = get_client(self.config)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
-        self.lease = _LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)))
+        self.lease = LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)))
         self.sequence = Sequence()
         self.declared: set[str] = set()
         self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases (queue_limits.py)
         self._exchange_types: dict[str, str] = {}
-        self._wakeup = threading.Event()  # drain_events waits on this (no event loop)
-        self._wakeup.set()
-        self._pipe: tuple[int, int] | None = None  # (read, write): the event loop's wake-up fd
-        self._wake_pending = threading.Event()  # a byte is in the pipe; no need to write another
-        self._loop = None
-        self._recheck_timer = None  # the hub's safety-net timer entry
         self._bindings: BindingTable | None = None
         self._hub: WatchHub | None = None
-        self._queue_watches: dict[str, list] = {}
-        self._hints: dict[str, list | None] = {}
-        self._read_revision: dict[str, int] = {}
-        self._forgotten_at = monotonic()
-        self._event_revision: dict[str, int] = {}
-        self._watch_lock = threading.Lock()
+        self._init_event_loop()
+        self._init_queue_watch()
 
     @staticmethod
     def _urls(client, options) -> list[str]:
@@ -542,17 +487,14 @@ class Transport(virtual.Transport):
         return etcd3.__version__
 
     def establish_connection(self):
-        _wait_connected(self.etcd, self.client.connect_timeout)  # connect_timeout bounds the first contact
+        wait_connected(self.etcd, self.client.connect_timeout)  # connect_timeout bounds the first contact
         self.etcd.get(self.keys.root + "/ping")  # raises a connection error if etcd is unreachable
         return super().establish_connection()
 
     def close_connection(self, connection):
         super().close_connection(connection)
         self._close_pipe()
-        with self._watch_lock:
-            watches, self._queue_watches = [entry[0] for entry in self._queue_watches.values()], {}
-        for watch in watches:
-            self.watch_hub.unsubscribe(watch)
+        self._unwatch_all()
         if self._bindings is not None:
             self._bindings.close()
             self._bindings = None
@@ -587,244 +529,11 @@ class Transport(virtual.Transport):
             self._exchange_types[exchange] = value.decode()
         return self._exchange_types[exchange]
 
-    def watch_queue(self, queue: str) -> None:
-        """Wake :meth:`drain_events` whenever a message is put on ``queue``."""
-        with self._watch_lock:
-            entry = self._queue_watches.get(queue)
-            if entry is not None:
-                entry[1] += 1
-                return
-            watch = self.watch_hub.subscribe(self.keys.ready(queue), partial(self._on_ready, queue), prefix=True,
-                                             puts_only=True, on_created=self.forget_reads)
-            self._queue_watches[queue] = [watch, 1]
-        self.watch_hub.wait_created(watch, timeout=self.config.timeout)
-        self.wake()
-
-    def unwatch_queue(self, queue: str) -> None:
-        with self._watch_lock:
-            entry = self._queue_watches.get(queue)
-            if entry is None:
-                return
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del self._queue_watches[queue]
-                self.watch_hub.unsubscribe(entry[0])
-
-    def _on_ready(self, queue: str, events) -> None:
-        with self._watch_lock:
-            self._event_revision[queue] = events[-1].kv.mod_revision
-            hints = self._hints.get(queue)
-            if hints is not None:
-                if len(hints) + len(events) <= CLAIM_BATCH:
-                    hints.extend((e.kv.key, e.kv.value, e.kv.mod_revision) for e in events)
-                else:
-                    self._hints[queue] = None
-        self.wake()
-
-    def after_read(self, queue: str, revision: int, drained: bool) -> None:
-        """After a range read at ``revision``: if it saw the whole queue, new messages come by watch."""
-        with self._watch_lock:
-            self._hints[queue] = [] if drained else None
-            if drained:
-                self._read_revision[queue] = revision
-            else:
-                self._read_revision.pop(queue, None)
-
-    def known_empty(self, queue: str) -> bool:
-        """True if a read found ``queue`` empty and no put has been seen since (no need to read)."""
-        with self._watch_lock:
-            read = self._read_revision.get(queue)
-            return read is not None and self._event_revision.get(queue, 0) <= read
-
-    def forget_reads(self) -> None:
-        """Trust nothing remembered about queue contents (after a reconnect, or as a safety net)."""
-        with self._watch_lock:
-            self._read_revision.clear()
-            self._forgotten_at = monotonic()
-        self.wake()
-
-    def take_hints(self, queue: str) -> list | None:
-        """Messages seen arriving on a queue known to be empty: claimable without a range read."""
-        with self._watch_lock:
-            hints = self._hints.get(queue)
-            if not hints:
-                return None
-            self._hints[queue] = []
-        return sorted(hints)
-
-    # -- delivery: kombu's event loop (celery worker) or drain_events (plain kombu) ------
-    def wake(self) -> None:
-        """Something may be claimable (a put seen by the watch, an ack, more prefetch room)."""
-        self._wakeup.set()
-        pipe = self._pipe
-        if pipe is not None and not self._wake_pending.is_set():
-            self._wake_pending.set()
-            try:
-                os.write(pipe[1], b"!")
-            except (BlockingIOError, OSError):  # full (a wake is pending anyway) or closed
-                pass
-
-    def register_with_event_loop(self, connection, loop):
-        """Join the worker's hub: the watch thread, acks and timers wake it through a pipe."""
-        if self._pipe is None:
-            self._pipe = os.pipe()
-            for fd in self._pipe:
-                os.set_blocking(fd, False)
-        self._loop = loop
-        loop.add_reader(self._pipe[0], self.on_readable, self._pipe[0])
-        if self._recheck_timer is not None:
-            self._recheck_timer.cancel()
-        self._recheck_timer = loop.call_repeatedly(SAFETY_RECHECK_SECONDS, self.forget_reads)
-        self._wake_pending.clear()
-        self.wake()  # claim what waited before we joined
-
-    def unregister_from_event_loop(self, connection, loop):
-        if self._pipe is not None:
-            loop.remove_reader(self._pipe[0])
-        if self._recheck_timer is not None:
-            self._recheck_timer.cancel()
-            self._recheck_timer = None
-        self._loop = None
-
-    def on_readable(self, fileno):
-        """The hub saw a wake-up: deliver what our channels have room for, then return to the hub."""
-        try:
-            while os.read(fileno, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        self._wake_pending.clear()  # after draining: a wake from now on writes a new byte
-        for _ in range(DELIVERIES_PER_WAKE):
-            try:
-                self.cycle.get(self.dispatch)
-            except Empty:
-                return
-        self.wake()  # more may be waiting: come back after the hub has served its other fds
-
-    def dispatch(self, message: dict, queue: str) -> None:
-        """Hand a claimed message to the queue's consumer; without one, give it back to the queue."""
-        if queue not in self._queue_watches:  # its consumer was cancelled after the claim
-            key = message["properties"]["delivery_info"].get("etcd_key")
-            logger.info("no consumer for queue %r any more; message %s requeued", queue, key)
-            if key:
-                self.lease.requeue_later(key)
-            return
-        self.on_message_ready(None, message, queue)
-
-    def drain_events(self, connection, timeout=None):
-        """Deliver one message; wait on the watch-fed event, never a sleep loop.
-
-        While our lease keepalive fails, a wait that ends empty raises :class:`EtcdUnreachable`
-        (a connection error), so kombu's ``ConsumerMixin`` reconnects as it does for other brokers.
-        """
-        deadline = None if timeout is None else monotonic() + timeout
-        while True:
-            if monotonic() - self._forgotten_at > SAFETY_RECHECK_SECONDS:
-                self.forget_reads()
-            if self._wakeup.is_set():
-                self._wakeup.clear()
-                try:
-                    result = self.cycle.get(self.dispatch, timeout=timeout)
-                except Empty:
-                    pass
-                else:
-                    self._wakeup.set()  # more may be waiting: look again before sleeping
-                    return result
-            if self.lease.failing():
-                raise EtcdUnreachable(f"etcd at {self.config.describe()} does not answer the consumer lease "
-                                      "keepalive")
-            remaining = SAFETY_RECHECK_SECONDS if deadline is None else deadline - monotonic()
-            if remaining <= 0:
-                raise TimeoutError()
-            self._wakeup.wait(min(remaining, SAFETY_RECHECK_SECONDS))
-
-    def _close_pipe(self) -> None:
-        pipe, self._pipe = self._pipe, None
-        if pipe is None:
-            return
-        if self._loop is not None:
-            self.unregister_from_event_loop(None, self._loop)
-        for fd in pipe:
-            os.close(fd)
-
-
-class _LeaseHandle:
-    """The transport's view of the process-wide consumer lease (created on first use)."""
-
-    def __init__(self, transport: Transport, ttl: int) -> None:
-        self._transport = transport
-        self._ttl = ttl
-
-    @property
-    def _lease(self):
-        return consumer_lease(self._transport.etcd, self._transport.keys, self._ttl)
-
-    def ensure(self) -> int:
-        return self._lease.ensure()
-
-    def add_queue(self, queue: str) -> None:
-        self._lease.ensure()
-        self._lease.add_queue(queue)
-
-    def lost(self, lease_id: int) -> None:
-        self._lease.lost(lease_id)
-
-    def current_key(self, key: str) -> str:
-        return self._lease.current_key(key)
-
-    def delete_later(self, key: str) -> None:
-        self._lease.delete_later(key)
-
-    def requeue_later(self, key: str) -> None:
-        self._lease.requeue_later(key)
-
-    def reachable(self) -> bool:
-        return self._lease.reachable()
-
-    def failing(self) -> bool:
-        return self._lease.failing()
-
 
 def _too_large_or(exc: grpc.RpcError, queue: str, size: int, limit: int) -> Exception:
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    if "too large" in (details or ""):
+    if is_request_too_large(exc):
+        details = exc.details() if hasattr(exc, "details") else str(exc)
         return MessageTooLarge(
             f"etcd refused a {size}-byte message for queue {queue!r}: {details}; "
             f"the transport limit is {limit} bytes and the server's --max-request-bytes is lower")
     return exc
-
-
-def _wait_connected(client, timeout: float | None) -> None:
-    """Raise a connection error unless one endpoint's gRPC channel is ready within ``timeout``.
-
-    A port that accepts and never answers would otherwise hold the first call for the whole
-    request timeout; a refused endpoint is skipped at once for the next one.
-    """
-    if not timeout:
-        return
-    deadline = monotonic() + timeout
-    for _ in range(len(client.endpoints)):
-        if _channel_ready(client.channel, deadline - monotonic()):
-            return
-        client.fail_over()
-    raise EtcdUnreachable(f"etcd at {client.config.describe()} did not complete a connection within "
-                          f"connect_timeout={timeout} s")
-
-
-def _channel_ready(channel: grpc.Channel, timeout: float) -> bool:
-    """Wait until ``channel`` connects (True) or fails to (False), at most ``timeout`` seconds."""
-    settled: list[grpc.ChannelConnectivity] = []
-    done = threading.Event()
-
-    def on_change(state: grpc.ChannelConnectivity) -> None:
-        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                     grpc.ChannelConnectivity.SHUTDOWN):
-            settled.append(state)
-            done.set()
-
-    channel.subscribe(on_change, try_to_connect=True)
-    try:
-        done.wait(max(timeout, 0.0))
-    finally:
-        channel.unsubscribe(on_change)
-    return bool(settled) and settled[0] is grpc.ChannelConnectivity.READY

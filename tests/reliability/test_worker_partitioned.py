@@ -47,12 +47,15 @@ def test_a_partitioned_workers_tasks_run_elsewhere_and_its_late_writes_corrupt_n
         healed_at = time.time()
         wait_for_completion(client, etcd_prefix, producer, timeout=90)
         collector.join(90)
-        # the healed worker takes work again (its consumer re-registered under a new lease)
+        # the healed worker takes work again (its consumer re-registered under a new lease): with the
+        # others stopped, it is the only one that can run these
+        assert all(worker.process.poll() is None for worker in [cut_off, *others])
+        for worker in others:
+            worker.terminate()
         after = [counting_app.work.apply_async((0.1,)) for _ in range(8)]
-        wait_until(lambda: any(run["pid"] == pid and run["at"] > healed_at for runs in
-                               read_markers(client, etcd_prefix, "done").values() for run in runs),
-                   timeout=60, message="the healed worker finished a task")
         assert [result.get(timeout=60) for result in after] == [result.id for result in after]
+        done = read_markers(client, etcd_prefix, "done")
+        assert all(run["pid"] == pid for result in after for run in done[result.id])
 
         tally = Tally.collect(f"worker cut off from etcd {CUT_SECONDS} s (lease TTL {LEASE_TTL} s), healed",
                               client, etcd_prefix, producer, cut_at, fault_end=healed_at, collector=collector)
@@ -69,6 +72,6 @@ def test_a_partitioned_workers_tasks_run_elsewhere_and_its_late_writes_corrupt_n
         # its late SUCCESS writes and acks corrupted nothing: every result is the task's own, every queue is empty
         assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)
         assert locate(client, etcd_prefix, tally.accepted) == {task: [] for task in tally.accepted}
-        assert all(worker.process.poll() is None for worker in [cut_off, *others])
+        assert cut_off.process.poll() is None
     finally:
         proxy.close()

@@ -35,7 +35,7 @@ def test_concurrent_puts_are_all_durable_in_fewer_revisions(etcd_url, etcd_prefi
     keys = [f"{etcd_prefix}/gc/{i}" for i in range(THREADS)]
     responses = run_all([lambda k=k: committer.txn(success=[ops.put(k, k)]) for k in keys])
     assert all(r.succeeded for r in responses)
-    for key, response in zip(keys, responses):
+    for key, response in zip(keys, responses, strict=True):
         value, meta = client.get(key)
         assert value == key.encode() and meta.mod_revision == response.header.revision
     revisions = {r.header.revision for r in responses}

@@ -154,6 +154,10 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         super().forget(task_id)
         self.result_consumer.cancel_for(task_id)
 
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """A task is being sent from here: the result consumer counts it as awaited (no etcd call)."""
+        self.result_consumer.on_task_call(task_id)
+
     def get_many(self, task_ids: Iterable[str], timeout: float | None = None, interval: float = 0.5,
                  no_ack: bool = True, on_message: Callable | None = None, on_interval: Callable | None = None,
                  max_iterations: int | None = None, **kwargs: Any) -> Iterator[tuple[str, dict]]:

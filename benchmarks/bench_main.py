@@ -54,6 +54,7 @@ from benchmarks.common import (
     start_worker,
     stop_worker,
 )
+from jobs.messages import run_model_argsrepr
 from scripts.etcd_server import EtcdServer
 
 CLIENTS = (1, 8, 64)
@@ -182,7 +183,8 @@ def remote_request(app, model: str, work: list[dict], clients: int) -> Callable[
 
         def call() -> object:
             try:
-                result = app.send_task(TASK, args=[model, next_payload()])
+                payload = next_payload()
+                result = app.send_task(TASK, args=[model, payload], argsrepr=run_model_argsrepr(model, payload))
                 return is_answer(result.get(timeout=RESULT_TIMEOUT))
             except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
                 return type(exc).__name__

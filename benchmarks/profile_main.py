@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import etcd_calls
+from jobs.messages import run_model_argsrepr
 from benchmarks.bench_batching import describe_model, payloads
 from benchmarks.bench_main import TASK, client_app, is_answer, pick_model_dir, running, worker_env
 from benchmarks.common import (
@@ -292,7 +293,8 @@ def run_jobs(app, model: str, work: list[dict], jobs: int, clients: int) -> tupl
         ids, failed, publish = [], 0, 0.0
         for number in range(index, jobs, clients):
             sent = time.perf_counter()
-            result = app.send_task(TASK, args=[model, work[number % len(work)]])
+            payload = work[number % len(work)]
+            result = app.send_task(TASK, args=[model, payload], argsrepr=run_model_argsrepr(model, payload))
             publish += time.perf_counter() - sent
             ids.append(result.id)
             failed += not is_answer(result.get(timeout=60))

@@ -283,6 +283,31 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         self.mark_as_revoked(task_id, reason="cancelled", request=request)
         raise Ignore(f"task {task_id} was cancelled")
 
+    # -- batches (etcd_broker/batches.py) ---------------------------------------------------
+    def cancelled_among(self, task_ids: Iterable[str]) -> set[str]:
+        """The ids among ``task_ids`` that :meth:`is_cancelled` would call cancelled: one etcd read."""
+        ids = list(task_ids)
+        return {task_id for task_id in ids if _revoked_here(task_id)} | self.store.cancelled_among(ids)
+
+    def mark_many_as_done(self, done: Iterable[tuple[str, Any, Any]]) -> None:
+        """``mark_as_done`` for each ``(task_id, result, request context)``, sharing etcd transactions.
+
+        For requests without a chord (those go through ``mark_as_done``): each SUCCESS is stored
+        unless one is stored already, with the task's ``acks_late`` message deleted in the same
+        transaction where this process holds it (settle.py).
+        """
+        writes = []
+        for task_id, result, request in done:
+            meta = self._get_result_meta(result=self.encode_result(result, states.SUCCESS),
+                                         state=states.SUCCESS, traceback=None, request=request)
+            meta["task_id"] = task_id
+            self.started.drop(task_id)
+            writes.append((task_id, ensure_bytes(self.encode(meta)), settle.take(task_id, self.store.client)))
+        outcomes = self._ensure(self.store.write_successes, writes, ttl=self.expires)
+        for (task_id, _, _), outcome in zip(writes, outcomes, strict=True):
+            if outcome is WriteOutcome.WRITTEN_ACKED:
+                settle.settled(task_id)
+
     # -- plumbing ---------------------------------------------------------------------------
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         return isinstance(exc, CONNECTION_ERRORS)

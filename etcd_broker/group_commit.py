@@ -58,10 +58,15 @@ class GroupCommit:
     def txn(self, compare: Iterable[etcdrpc.Compare] = (), success: Iterable[etcdrpc.RequestOp] = (),
             failure: Iterable[etcdrpc.RequestOp] = ()) -> etcdrpc.TxnResponse:
         """As :func:`ops.txn`, returning once this transaction's writes are committed (or refused)."""
-        pending = _Pending(list(compare), list(success), list(failure))
+        return self.txn_many([(compare, success, failure)])[0]
+
+    def txn_many(self, transactions: Iterable[tuple[Iterable, Iterable, Iterable]]) -> list[etcdrpc.TxnResponse]:
+        """Several ``(compare, success, failure)`` transactions of one caller, sharing etcd
+        transactions with each other and with other threads'; their responses, in order."""
+        mine = [_Pending(list(compare), list(success), list(failure)) for compare, success, failure in transactions]
         with self._cond:
-            self._queue.append(pending)
-            while not pending.done:
+            self._queue.extend(mine)
+            while not all(pending.done for pending in mine):
                 if self._busy:
                     self._cond.wait()
                     continue
@@ -76,11 +81,10 @@ class GroupCommit:
                     self._cond.acquire()
                     self._busy = False
                     self._cond.notify_all()
-        if pending.error is not None:
-            raise pending.error
-        if pending.alone:
-            return ops.txn(self.client, pending.compare, pending.success, pending.failure)
-        return pending.response
+        for pending in mine:
+            if pending.error is not None:
+                raise pending.error
+        return [ops.txn(self.client, p.compare, p.success, p.failure) if p.alone else p.response for p in mine]
 
     def _take(self) -> list[_Pending]:
         """The oldest waiting transactions that fit in one etcd transaction."""

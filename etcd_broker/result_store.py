@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +202,28 @@ class ResultStore:
             expected = current.mod_revision if current is not None else 0
         raise WriteConflict(f"result of task {task_id} changed {MAX_WRITE_ATTEMPTS} times while we wrote it")
 
+    def write_successes(self, writes: Sequence[tuple[str, bytes, str | None]], *, ttl: int | None) -> list[WriteOutcome]:
+        """``write_state(task_id, value, success=True, ack_key=...)`` for each ``(task_id, value,
+        ack_key)``, sharing etcd transactions; one outcome per write, in order."""
+        responses = self._with_lease(ttl, self._put_many, writes)
+        outcomes = []
+        for (task_id, value, ack_key), response in zip(writes, responses, strict=True):
+            if not response.succeeded:  # a state stored meanwhile (or SUCCESS already): the careful path
+                outcomes.append(self.write_state(task_id, value, ttl=ttl, success=True, ack_key=ack_key))
+                continue
+            self._remember(task_id, 0)
+            acked = ack_key is not None and response.responses[1].response_delete_range.deleted
+            outcomes.append(WriteOutcome.WRITTEN_ACKED if acked else WriteOutcome.WRITTEN)
+        return outcomes
+
+    def _put_many(self, writes: Sequence[tuple[str, bytes, str | None]], *, lease: int) -> list[Any]:
+        transactions = []
+        for task_id, value, ack_key in writes:
+            key = self.keys.result(task_id)
+            success = [ops.put(key, value, lease)] + ([ops.delete(ack_key)] if ack_key is not None else [])
+            transactions.append(([ops.compare(key, "mod_revision", self._remembered(task_id))], success, []))
+        return group_commit.shared(self.client).txn_many(transactions)
+
     def _put_if_unchanged(self, key: str, value: bytes, expected: int, cancel_key: str | None,
                           ack_key: str | None = None, *, lease: int) -> Any:
         compare = [ops.compare(key, "mod_revision", expected)]
@@ -326,6 +348,15 @@ class ResultStore:
 
     def is_cancelled(self, task_id: str) -> bool:
         return self._get(self.keys.cancel(task_id), count_only=True).count > 0
+
+    def cancelled_among(self, task_ids: Sequence[str]) -> set[str]:
+        """The ids among ``task_ids`` with a cancel marker, read in as few transactions as etcd allows."""
+        cancelled: set[str] = set()
+        for start in range(0, len(task_ids), MAX_TXN_OPS):
+            chunk = task_ids[start:start + MAX_TXN_OPS]
+            response = self._txn(success=[ops.range_(self.keys.cancel(task_id), count_only=True) for task_id in chunk])
+            cancelled.update(task_id for task_id, op in zip(chunk, response.responses, strict=True) if ops.count(op))
+        return cancelled
 
     # -- plumbing -------------------------------------------------------------------------
     def _with_lease(self, ttl: int | None, call: Callable[..., Any], *args: Any) -> Any:

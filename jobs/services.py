@@ -19,6 +19,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from PIL import Image
 
+from jobs.messages import run_model_argsrepr
 from jobs.models import CELERY_STATES, Job, Status
 from jobs.validation import RequestRefused, Submission, lookup_model, prepare, rebuild_payload
 
@@ -42,7 +43,8 @@ def send_task(job: Job, payload: dict[str, Any]) -> None:
     from deephardway_site.celery import app
 
     app.send_task(RUN_MODEL_TASK, args=[job.model, payload], priority=job.priority, task_id=str(job.id),
-                  queue=job.queue)
+                  queue=job.queue, argsrepr=run_model_argsrepr(job.model, payload))
+
 
 
 def submit(submission: Submission, *, owner_key: str, user: Any = None, session_key: str = "",

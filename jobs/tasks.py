@@ -15,7 +15,9 @@ from typing import Any
 from celery import Task, shared_task, signals
 from django.conf import settings
 
+from etcd_broker.batches import BatchTask
 from jobs.queues import GPU_QUEUE
+from ml import registry
 from ml.progress import Progress
 from ml.serving import ModelHost
 
@@ -54,7 +56,51 @@ def guarded(task: Task, work: Callable[[Progress], dict[str, Any]]) -> dict[str,
     return work(on_progress)
 
 
-@shared_task(bind=True, name="jobs.tasks.run_model", queue=GPU_QUEUE, acks_late=True)
+class RunModel(BatchTask):
+    """``run_model``: classify requests received together run as one forward pass (etcd_broker/batches.py).
+
+    Requests for generators (they report progress while they run) and for unknown models run
+    alone, through Celery's usual path.
+    """
+
+    abstract = True
+
+    def batchable(self, args: Any, kwargs: dict[str, Any]) -> bool:
+        model = kwargs.get("model", args[0] if args else None)
+        spec = registry.MODELS.get(model) if isinstance(model, str) else None
+        return spec is not None and spec.kind == "classify"
+
+    def run_batch(self, calls: list[tuple[Any, dict[str, Any]]]) -> list[Any]:
+        by_model: dict[str, list[int]] = {}
+        payloads: dict[int, Any] = {}
+        outcomes: list[Any] = [None] * len(calls)
+        for index, (args, kwargs) in enumerate(calls):
+            try:
+                model, payload = _model_and_payload(args, kwargs)
+            except TypeError as exc:  # as calling run_model(...) with them would raise
+                outcomes[index] = exc
+                continue
+            by_model.setdefault(model, []).append(index)
+            payloads[index] = payload
+        for model, indexes in by_model.items():
+            try:
+                results = host().classify_many(model, [payloads[i] for i in indexes])
+            except Exception as exc:  # noqa: BLE001 - e.g. ModelUnavailable: every call of that model fails with it
+                results = [exc] * len(indexes)
+            for index, result in zip(indexes, results, strict=True):
+                outcomes[index] = result
+        return outcomes
+
+
+def _model_and_payload(args: Any, kwargs: dict[str, Any]) -> tuple[str, Any]:
+    """``run_model``'s two arguments from a call, or the TypeError calling it would raise."""
+    values = dict(zip(("model", "payload"), args)) | kwargs
+    if len(args) > 2 or set(values) != {"model", "payload"}:
+        raise TypeError(f"run_model() takes (model, payload); got {len(args)} positional and {sorted(kwargs)} keywords")
+    return values["model"], values["payload"]
+
+
+@shared_task(bind=True, base=RunModel, name="jobs.tasks.run_model", queue=GPU_QUEUE, acks_late=True)
 def run_model(self: Task, model: str, payload: dict) -> dict:
     """Run one request: classify -> {"top": [...], "seen": [...]}, generate -> {"text": ...},
     suggest -> {"suggestions": [...]}; PROGRESS {"progress", "text"} while generating."""

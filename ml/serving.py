@@ -13,6 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ml import artifacts, registry
 from ml.batching import MicroBatcher
 from ml.errors import InvalidInput, ModelUnavailable
@@ -89,6 +91,27 @@ class ModelHost:
         if loaded.spec.kind == "classify":
             return self.classify(loaded, payload)
         return self.generate(loaded, payload, on_progress)
+
+    def classify_many(self, name: str, payloads: list[Any]) -> list[dict[str, Any] | Exception]:
+        """``run(name, payload)`` for each payload of classifier ``name`` in one forward pass; one
+        outcome per payload, in order: its result, or the error its input raised (InvalidInput).
+        The forward pass runs here, not through the micro-batcher: the batch is already formed."""
+        from ml import classifier
+
+        loaded = self.get(name)
+        outcomes: list[dict[str, Any] | Exception] = []
+        inputs: dict[int, Any] = {}
+        for index, payload in enumerate(payloads):
+            try:
+                inputs[index] = loaded.module.preprocess(payload)
+                outcomes.append({})
+            except Exception as exc:  # noqa: BLE001 - that payload's outcome (InvalidInput for bad input)
+                outcomes.append(exc)
+        if inputs:
+            probabilities = loaded.module.predict(loaded.model, np.stack(list(inputs.values())))
+            for (index, x), row in zip(inputs.items(), probabilities, strict=True):
+                outcomes[index] = {"top": classifier.top(row, loaded.spec.labels), "seen": classifier.seen(x)}
+        return outcomes
 
     def classify(self, loaded: Loaded, payload: Any) -> dict[str, Any]:
         from ml import classifier

@@ -11,6 +11,7 @@ import time
 from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
+from etcd_broker.batches import BatchTask
 from etcd_broker.keys import MAX_PRIORITY
 
 URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
@@ -77,3 +78,30 @@ def fail_with(exc_type: str, message: str) -> None:
     import builtins
 
     raise getattr(builtins, exc_type)(message)
+
+
+# --- batched tasks (tests/backend/test_batches.py) -------------------------------------
+
+#: A ``double`` argument that may not join a batch: it runs alone, through Celery's usual path.
+RUN_ALONE = 999
+
+
+class Doubler(BatchTask):
+    """``double`` in batches: each outcome says how many requests its batch held."""
+
+    abstract = True
+
+    def batchable(self, args, kwargs) -> bool:
+        return args[0] != RUN_ALONE
+
+    def run_batch(self, calls):
+        return [ValueError(f"negative: {args[0]}") if args[0] < 0 else {"double": 2 * args[0], "batch": len(calls)}
+                for args, _ in calls]
+
+
+@app.task(base=Doubler, acks_late=True)
+def double(x: int) -> dict:
+    """Run alone (prefork, or ``RUN_ALONE``): the same answer with a batch of one."""
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return {"double": 2 * x, "batch": 1}

@@ -1,0 +1,209 @@
+"""Batched tasks: the messages a worker receives together run as one call of the task.
+
+A worker claims up to 32 messages in one etcd transaction and the transport hands them to
+Celery's consumer in one go. For a task whose work batches (a model's forward pass), running
+each through Celery's per-task machinery (a pool hand-off, a trace, a cancel read, a result
+transaction, log lines) costs more than the work. A :class:`BatchTask` keeps Celery's strategy
+for every message (revokes, expiry, ETA, rate limits, ``task-received`` events, ``inspect
+reserved``), then, instead of one pool job per request, collects the requests delivered in the
+same turn of the worker's event loop and runs them as one pool job:
+
+1. each request is accepted (``inspect active``, ``task-started``) as Celery's pool would;
+2. the cancel markers of the whole batch are read at once (``backend.cancelled_among``, one
+   etcd transaction on :class:`~etcd_broker.backend.EtcdBackend`): a job cancelled while queued
+   never starts, as with ``stop_if_cancelled``;
+3. ``task.run_batch(calls)`` runs them together and returns one outcome per call, a value or
+   an exception;
+4. the values are stored together (``backend.mark_many_as_done``: one shared etcd transaction
+   that also deletes the ``acks_late`` messages, settle.py), then each request finishes as
+   Celery's pool would finish it (ack, ``task-succeeded``/``task-failed``, ready).
+
+A request is run alone, through Celery's own path, when batching cannot keep its meaning: the
+prefork pool (a batch cannot cross into a child process without pickling the requests), a
+request with callbacks, errbacks, a chain or a chord, and any request ``task.batchable()``
+refuses (for instance one that reports progress for a long time). Batched requests send no
+``task_prerun``/``task_postrun`` signals and write no STARTED state (a batch finishes in
+milliseconds); ``self.request`` is not set inside ``run_batch``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from time import monotonic
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from celery import Task
+from celery.concurrency import solo, thread
+from celery.worker import state as worker_state
+from celery.worker.strategy import default as default_strategy
+from kombu.asynchronous import get_event_loop
+
+from etcd_broker import compat
+
+logger = logging.getLogger(__name__)
+
+#: Pools whose jobs run in this process: a batch of Request objects can be handed to them as is.
+IN_PROCESS_POOLS = (thread.TaskPool, solo.TaskPool)
+
+
+class BatchTask(Task):
+    """A task whose requests received together run as one ``run_batch`` call (see the module)."""
+
+    abstract = True
+    #: Most requests in one call of ``run_batch``.
+    batch_max_size = 32
+    Strategy = "etcd_broker.batches:strategy"
+
+    def batchable(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        """Whether a request with these arguments may run in a batch (else it runs alone)."""
+        return True
+
+    def run_batch(self, calls: list[tuple[Sequence[Any], dict[str, Any]]]) -> list[Any]:
+        """Run every ``(args, kwargs)``; one outcome per call, in order: its value, or the
+        exception it raised (an exception raised here fails the whole batch)."""
+        outcomes: list[Any] = []
+        for args, kwargs in calls:
+            try:
+                outcomes.append(self.run(*args, **kwargs))
+            except Exception as exc:  # noqa: BLE001 - the outcome of that call
+                outcomes.append(exc)
+        return outcomes
+
+
+class _ConsumerView:
+    """Celery's consumer as the default strategy sees it, with our batcher as its request handler."""
+
+    def __init__(self, consumer: Any, on_task_request: Callable[[Any], None]) -> None:
+        self._consumer = consumer
+        self.on_task_request = on_task_request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def strategy(task: BatchTask, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+    """The default strategy of ``task``, handing its requests to a :class:`Batcher`."""
+    batcher = Batcher(task, consumer)
+    return default_strategy(task, app, _ConsumerView(consumer, batcher.add), **kwargs)
+
+
+class Batcher:
+    """Collects one task's requests for a turn of the event loop, then runs them as batches."""
+
+    def __init__(self, task: BatchTask, consumer: Any) -> None:
+        self.task, self.consumer = task, consumer
+        self.pool = consumer.pool
+        self.batching = isinstance(self.pool, IN_PROCESS_POOLS)
+        self._buffer: list[Any] = []
+        self._flush_due = False
+
+    def add(self, request: Any) -> None:
+        """Called by the strategy for each request ready to run (where Celery would run it)."""
+        if not (self.batching and self._batchable(request)):
+            self.consumer.on_task_request(request)
+            return
+        self._buffer.append(request)
+        if len(self._buffer) >= self.task.batch_max_size:
+            self.flush()
+            return
+        hub = get_event_loop()
+        if hub is None:
+            self.flush()
+        elif not self._flush_due:
+            self._flush_due = True
+            hub.call_soon(self.flush)  # after the rest of this delivery
+
+    def _batchable(self, request: Any) -> bool:
+        context = compat.request_context(request)
+        if context.callbacks or context.errbacks or context.chain or context.chord:
+            return False
+        return self.task.batchable(request.args, request.kwargs)
+
+    def flush(self) -> None:
+        """Hand the collected requests to the pool, ``batch_max_size`` at a time."""
+        self._flush_due = False
+        requests, self._buffer = self._buffer, []
+        # a connection reset in between made Celery forget them (their messages went back)
+        requests = [r for r in requests if r in worker_state.reserved_requests and not r.revoked()]
+        size = self.task.batch_max_size
+        for start in range(0, len(requests), size):
+            batch = requests[start:start + size]
+            self.pool.apply_async(run_batch, args=(self.task, batch), callback=_ignore)
+
+
+def _ignore(result: Any) -> None:
+    """The pool's callback: each request of the batch has finished already."""
+
+
+def run_batch(task: BatchTask, requests: list[Any]) -> None:
+    """In a pool thread: accept, check cancels, run, store and finish every request of one batch."""
+    pid, accepted = os.getpid(), monotonic()
+    for request in requests:
+        request.on_accepted(pid, accepted)
+    cancelled_among = getattr(task.backend, "cancelled_among", None)
+    cancelled = cancelled_among([r.id for r in requests]) if cancelled_among else set()
+    for request in requests:
+        if request.id in cancelled:
+            _finish_cancelled(task, request)
+    runnable = [r for r in requests if r.id not in cancelled]
+    if not runnable:
+        return
+    started = monotonic()
+    try:
+        outcomes = task.run_batch([(r.args, r.kwargs) for r in runnable])
+        if len(outcomes) != len(runnable):
+            raise RuntimeError(f"{task.name}.run_batch returned {len(outcomes)} outcomes for {len(runnable)} calls")
+    except Exception as exc:  # noqa: BLE001 - every request of the batch fails with it
+        logger.exception("%s: batch of %d failed", task.name, len(runnable))
+        outcomes = [exc] * len(runnable)
+    runtime = monotonic() - started
+    done = [(r, value) for r, value in zip(runnable, outcomes) if not isinstance(value, BaseException)]
+    _store(task, done)
+    for request, value in done:
+        request.on_success((False, value, runtime))
+    failed = [(r, value) for r, value in zip(runnable, outcomes) if isinstance(value, BaseException)]
+    for request, exc in failed:
+        _finish_failed(task, request, exc)
+    logger.info("%s: batch of %d ran in %.4fs (%d succeeded, %d failed, %d cancelled)",
+                task.name, len(requests), runtime, len(done), len(failed), len(cancelled))
+
+
+def _store(task: BatchTask, done: list[tuple[Any, Any]]) -> None:
+    """Store every value as its task's SUCCESS: together where the backend can, else one by one."""
+    if task.ignore_result:
+        return
+    backend = task.backend
+    mark_many = getattr(backend, "mark_many_as_done", None)
+    together = []
+    for request, value in done:
+        context = compat.request_context(request)
+        if context.ignore_result:
+            continue
+        if mark_many is None or context.chord:
+            backend.mark_as_done(request.id, value, request=context)
+        else:
+            together.append((request.id, value, context))
+    if together:
+        mark_many(together)
+
+
+def _finish_cancelled(task: BatchTask, request: Any) -> None:
+    """As ``stop_if_cancelled`` at a task's start: REVOKED stored, the message acked, nothing run."""
+    logger.info("task %s was cancelled: not running it", request.id)
+    task.backend.mark_as_revoked(request.id, reason="cancelled", request=compat.request_context(request))
+    request.acknowledge()
+    worker_state.task_ready(request)
+    request.send_event("task-revoked", terminated=False, signum=None, expired=False)
+
+
+def _finish_failed(task: BatchTask, request: Any, exc: BaseException) -> None:
+    """As Celery's trace and pool finish a task that raised: FAILURE stored, then ack or requeue."""
+    try:
+        raise exc
+    except BaseException:  # noqa: BLE001 - an ExceptionInfo needs the exception being handled
+        info = ExceptionInfo()
+    logger.error("Task %s[%s] raised: %r", task.name, request.id, exc)
+    task.backend.mark_as_failure(request.id, exc, info.traceback, request=compat.request_context(request))
+    request.on_failure(info, return_ok=True)  # stored above: Celery only acks (or requeues) and announces

@@ -1,0 +1,117 @@
+"""Batched tasks (etcd_broker/batches.py) on real workers: what a batch keeps of each task.
+
+The tasks are published before the worker starts, so its first claim takes many at once
+and the batch sizes the results report are the ones the worker actually ran.
+"""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from etcd_broker.client import get_client
+from tests.backend.conftest import make_app, task, worker_env
+from tests.celery_app import RUN_ALONE
+from tests.helpers import WorkerProcess
+
+#: Seconds to wait for a batch's results.
+RESULT_TIMEOUT = 60
+
+
+@pytest.fixture
+def app_and_prefix(etcd_server):
+    prefix = f"/tbatch-{uuid.uuid4().hex[:10]}"
+    app = make_app(etcd_server.url, prefix)
+    yield app, prefix
+    app.close()
+
+
+def start_worker(etcd_server, prefix, tmp_path, pool="threads", concurrency=16) -> WorkerProcess:
+    return WorkerProcess(env=worker_env(etcd_server.url, prefix), pool=pool, concurrency=concurrency,
+                         log_dir=tmp_path).start()
+
+
+def messages_left(etcd_server, prefix) -> list[str]:
+    """Keys of messages still waiting or unacked in the celery queue."""
+    keys = [meta.key.decode() for _, meta in get_client(etcd_server.url).get_prefix(prefix)]
+    return [key for key in keys if "/q/celery/ready/" in key or "/q/celery/unacked/" in key]
+
+
+def send_doubles(app, values):
+    return [task(app, "double", value).apply_async() for value in values]
+
+
+def test_tasks_received_together_run_as_one_batch_each_once_with_its_own_result(etcd_server, app_and_prefix, tmp_path):
+    app, prefix = app_and_prefix
+    values = list(range(40))
+    results = send_doubles(app, values)
+    worker = start_worker(etcd_server, prefix, tmp_path)
+    try:
+        answers = [result.get(timeout=RESULT_TIMEOUT) for result in results]
+        assert [answer["double"] for answer in answers] == [2 * value for value in values]
+        assert max(answer["batch"] for answer in answers) > 1, "no two requests ran in one batch"
+        assert all(result.state == "SUCCESS" for result in results)
+        log = worker.log()
+        assert "tests.celery_app.double: batch of" in log
+        assert log.count("received") >= len(values)  # Celery's strategy still saw each message
+    finally:
+        worker.terminate(timeout=15)
+    assert messages_left(etcd_server, prefix) == []  # every acks_late message deleted
+
+
+def test_a_failure_stays_with_its_own_request_and_the_rest_of_the_batch_succeeds(etcd_server, app_and_prefix, tmp_path):
+    app, prefix = app_and_prefix
+    results = send_doubles(app, [1, -2, 3, -4, 5])
+    worker = start_worker(etcd_server, prefix, tmp_path)
+    try:
+        for result, value in zip(results, [1, -2, 3, -4, 5], strict=True):
+            if value < 0:
+                with pytest.raises(ValueError, match=f"negative: {value}"):
+                    result.get(timeout=RESULT_TIMEOUT)
+                assert result.state == "FAILURE"
+            else:
+                assert result.get(timeout=RESULT_TIMEOUT)["double"] == 2 * value
+    finally:
+        worker.terminate(timeout=15)
+    assert messages_left(etcd_server, prefix) == []  # failed ones acked too (acks_on_failure)
+
+
+def test_a_request_cancelled_while_queued_never_runs_and_its_batch_does_not_wait_for_it(etcd_server, app_and_prefix, tmp_path):
+    app, prefix = app_and_prefix
+    results = send_doubles(app, [1, 2, 3, 4])
+    app.backend.request_cancel(results[1].id)
+    worker = start_worker(etcd_server, prefix, tmp_path)
+    try:
+        for index in (0, 2, 3):
+            assert results[index].get(timeout=RESULT_TIMEOUT)["double"] == 2 * (index + 1)
+        cancelled = results[1]
+        assert app.backend.get_task_meta(cancelled.id)["status"] == "REVOKED"
+        assert "was cancelled: not running it" in worker.log()
+    finally:
+        worker.terminate(timeout=15)
+    assert messages_left(etcd_server, prefix) == []
+
+
+def test_a_request_the_task_will_not_batch_runs_alone_through_celery(etcd_server, app_and_prefix, tmp_path):
+    app, prefix = app_and_prefix
+    results = send_doubles(app, [1, RUN_ALONE, 2, 3])
+    worker = start_worker(etcd_server, prefix, tmp_path)
+    try:
+        answers = [result.get(timeout=RESULT_TIMEOUT) for result in results]
+    finally:
+        worker.terminate(timeout=15)
+    assert answers[1] == {"double": 2 * RUN_ALONE, "batch": 1}
+    assert f"tests.celery_app.double[{results[1].id}] succeeded" in worker.log()  # Celery's own trace
+    assert max(answers[i]["batch"] for i in (0, 2, 3)) > 1
+
+
+def test_on_prefork_every_request_runs_alone_and_succeeds(etcd_server, app_and_prefix, tmp_path):
+    app, prefix = app_and_prefix
+    results = send_doubles(app, list(range(8)))
+    worker = start_worker(etcd_server, prefix, tmp_path, pool="prefork", concurrency=2)
+    try:
+        answers = [result.get(timeout=RESULT_TIMEOUT) for result in results]
+    finally:
+        worker.terminate(timeout=15)
+    assert answers == [{"double": 2 * value, "batch": 1} for value in range(8)]
+    assert messages_left(etcd_server, prefix) == []

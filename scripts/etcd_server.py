@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+
+from scripts.processes import STOP_TIMEOUT, log_tail, stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -283,30 +286,15 @@ class EtcdServer:
             client.close()
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(str(self.log_path), errors="replace") as fh:
-                return "".join(fh.readlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines) if self.log_path else ""
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+    def stop(self, kill: bool = False, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the process (SIGTERM, or SIGKILL with ``kill=True``); keep the data dir."""
-        if not self.running:
-            return
-        assert self.process is not None
-        if kill:
-            self.process.kill()
-        else:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, signal.SIGKILL if kill else signal.SIGTERM, timeout)
 
     def cleanup(self) -> None:
         """Stop and remove the data dir if we created it."""

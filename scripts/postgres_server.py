@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts.etcd_server import free_port
+from scripts.processes import STOP_TIMEOUT, log_tail, stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -169,26 +170,15 @@ class PostgresServer:
         return self.url(name)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Fast shutdown (SIGINT: open sessions are ended), SIGKILL if it hangs."""
-        if not self.running:
-            return
-        assert self.process is not None
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, signal.SIGINT, timeout)
 
     def cleanup(self) -> None:
         """Stop and remove the data directory."""

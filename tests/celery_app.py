@@ -95,7 +95,8 @@ class Doubler(BatchTask):
         return args[0] != RUN_ALONE
 
     def run_batch(self, calls):
-        return [ValueError(f"negative: {args[0]}") if args[0] < 0 else {"double": 2 * args[0], "batch": len(calls)}
+        time.sleep(float(os.environ.get("DOUBLE_PAUSE", "0")))  # a worker about to be killed mid-batch
+        return [ValueError(f"negative: {args[0]}") if args[0] < 0 else {"double": 2 * args[0], "batch": len(calls), "pid": os.getpid()}
                 for args, _ in calls]
 
 
@@ -104,4 +105,4 @@ def double(x: int) -> dict:
     """Run alone (prefork, or ``RUN_ALONE``): the same answer with a batch of one."""
     if x < 0:
         raise ValueError(f"negative: {x}")
-    return {"double": 2 * x, "batch": 1}
+    return {"double": 2 * x, "batch": 1, "pid": os.getpid()}

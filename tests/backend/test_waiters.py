@@ -86,15 +86,18 @@ def test_a_process_waiting_on_one_task_gets_no_events_of_a_task_a_worker_runs_me
 def test_a_process_holding_two_results_follows_the_results_prefix(worker_app):
     # The rule's other side: a process awaiting several results at once (here one sent and
     # still held, one in get()) shares one subscription of the results prefix, so it also
-    # receives writes it does not wait for (the busy task's progress) and drops them.
+    # receives writes of tasks it is not waiting on at the moment, and keeps or drops them.
     backend = worker_app.backend
     hub = backend.store.hub
+    held = task(worker_app, "add", 1, 1).apply_async()  # held, not waited on yet
+    assert task(worker_app, "add", 2, 3).apply_async().get(timeout=30) == 5  # two awaited: the prefix
+    assert backend.result_consumer.following_prefix
     before = hub.events_delivered(HUB_LABEL)
-    busy = task(worker_app, "count_with_progress", 20, 0.01).apply_async()  # held, not waited on yet
-    assert task(worker_app, "add", 2, 3).apply_async().get(timeout=30) == 5
-    assert busy.get(timeout=30) is not None
-    # both tasks' writes came as events of the prefix subscription: the busy task's 21 at least
-    assert hub.events_delivered(HUB_LABEL) - before >= 21
+    busy = task(worker_app, "count_with_progress", 20, 0.01).apply_async()  # sent while the prefix is live
+    wait_until(lambda: (stored := backend.store.read(busy.id)[0]) is not None
+               and b'"SUCCESS"' in stored.value, timeout=30, message="the busy task finished")
+    assert hub.events_delivered(HUB_LABEL) - before >= 21  # its 20 PROGRESS and SUCCESS, none awaited
+    assert busy.get(timeout=30) == 20 and held.get(timeout=30) == 2
 
 
 def test_hundreds_of_results_from_a_real_worker_all_arrive(worker_app):

@@ -61,6 +61,11 @@ class EventLoopMixin:
         self._wake_pending.clear()
         self.wake()  # claim what waited before we joined
 
+    @property
+    def in_event_loop(self) -> bool:
+        """True while a hub (a Celery worker's event loop) delivers for us."""
+        return self._loop is not None
+
     def unregister_from_event_loop(self, connection, loop):
         if self._pipe is not None:
             loop.remove_reader(self._pipe[0])

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from etcd_broker import forking, ops
+from etcd_broker import forking, handoff, ops
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
 from etcd_broker.keys import KeySpace, range_end
 from etcd_broker.watch import EVENT_DELETE, Watch, WatchHub, hub_for
@@ -49,6 +49,7 @@ class ConsumerLease:
         self._lock = threading.RLock()
         self._pending_deletes: list[str] = []
         self._pending_requeues: list[str] = []
+        self._pending_withdraws: list[tuple[str, int]] = []  # parks to delete (handoff.py)
         self._dead_queues: set[str] = set()
         self._sweep_now = threading.Event()
         self._acks_waiting = threading.Event()
@@ -254,7 +255,26 @@ class ConsumerLease:
             self._pending_requeues.append(key)
         self._sweep_now.set()
 
+    def withdraw_later(self, key: str, seen: int) -> None:
+        """A park of a connection that stopped consuming: delete it, and put back a hand-off that
+        came after ``seen`` (never taken); by the sweeper, so a closing channel never waits on etcd."""
+        with self._lock:
+            self._pending_withdraws.append((key, seen))
+        self._sweep_now.set()
+
+    def _withdraw_pending(self) -> None:
+        with self._lock:
+            parks, self._pending_withdraws = self._pending_withdraws, []
+        for index, (key, seen) in enumerate(parks):
+            try:
+                handoff.withdraw(self.client, key, seen, self.requeue_later)
+            except CONNECTION_ERRORS:
+                with self._lock:
+                    self._pending_withdraws[:0] = parks[index:]
+                raise
+
     def _requeue_pending(self) -> int:
+        self._withdraw_pending()  # first: a hand-off it finds untaken is requeued below
         with self._lock:
             keys, self._pending_requeues = self._pending_requeues, []
         restored = 0
@@ -414,6 +434,9 @@ class LeaseHandle:
 
     def requeue_later(self, key: str) -> None:
         self._lease.requeue_later(key)
+
+    def withdraw_later(self, key: str, seen: int) -> None:
+        self._lease.withdraw_later(key, seen)
 
     def reachable(self) -> bool:
         return self._lease.reachable()

@@ -2,7 +2,9 @@
 
 One watch per consumed queue (on the process's watch hub) wakes the transport on every put.
 After a read that saw a whole queue, the puts seen since are kept as hints (claimable without a
-range read) and the queue is known empty until a put arrives; a reconnect forgets it all.
+range read) and the queue is known empty until a put arrives. Once every hint taken has been
+claimed (by us or by others), the queue is known empty again as of the last put seen, so a lone
+message costs its claim and no range read. A reconnect forgets it all.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class QueueWatchMixin:
         self._read_revision: dict[str, int] = {}
         self._forgotten_at = monotonic()
         self._event_revision: dict[str, int] = {}
+        self._reads_generation = 0  # bumped by forget_reads: hints taken before it prove nothing
         self._watch_lock = threading.Lock()
 
     def _unwatch_all(self) -> None:
@@ -52,15 +55,18 @@ class QueueWatchMixin:
         self.watch_hub.wait_created(watch, timeout=self.config.timeout)
         self.wake()
 
-    def unwatch_queue(self, queue: str) -> None:
+    def unwatch_queue(self, queue: str) -> bool:
+        """One consumer of ``queue`` less; True if it was the last (the watch is gone)."""
         with self._watch_lock:
             entry = self._queue_watches.get(queue)
             if entry is None:
-                return
+                return False
             entry[1] -= 1
-            if entry[1] <= 0:
-                del self._queue_watches[queue]
-                self.watch_hub.unsubscribe(entry[0])
+            if entry[1] > 0:
+                return False
+            del self._queue_watches[queue]
+        self.watch_hub.unsubscribe(entry[0])
+        return True
 
     def _on_ready(self, queue: str, events) -> None:
         with self._watch_lock:
@@ -74,13 +80,24 @@ class QueueWatchMixin:
         self.wake()
 
     def after_read(self, queue: str, revision: int, drained: bool) -> None:
-        """After a range read at ``revision``: if it saw the whole queue, new messages come by watch."""
+        """After a range read at ``revision``: if it saw the whole queue, new messages come by watch.
+
+        Hints start only if no put after ``revision`` was seen before this call (its event would
+        be missing from them); the queue is not known empty then either.
+        """
         with self._watch_lock:
-            self._hints[queue] = [] if drained else None
+            complete = drained and self._event_revision.get(queue, 0) <= revision
+            self._hints[queue] = [] if complete else None
             if drained:
                 self._read_revision[queue] = revision
             else:
                 self._read_revision.pop(queue, None)
+
+    def unread(self, queue: str) -> None:
+        """Messages may wait that no hint names (a claim left some): the next get reads the queue."""
+        with self._watch_lock:
+            self._hints[queue] = None
+            self._read_revision.pop(queue, None)
 
     def known_empty(self, queue: str) -> bool:
         """True if a read found ``queue`` empty and no put has been seen since (no need to read)."""
@@ -92,15 +109,29 @@ class QueueWatchMixin:
         """Trust nothing remembered about queue contents (after a reconnect, or as a safety net)."""
         with self._watch_lock:
             self._read_revision.clear()
+            self._reads_generation += 1
             self._forgotten_at = monotonic()
         self.wake()
 
-    def take_hints(self, queue: str) -> list | None:
-        """Messages seen arriving on a queue known to be empty: claimable without a range read."""
+    def take_hints(self, queue: str) -> tuple[list, tuple[int, int]] | None:
+        """Messages seen arriving on a queue known to be empty: claimable without a range read.
+
+        Returns the hints (every put since the queue was last known empty, in queue order) and a
+        token for :meth:`hints_settled`.
+        """
         with self._watch_lock:
             hints = self._hints.get(queue)
             if not hints:
                 return None
             self._hints[queue] = []
-        return sorted(hints)
+            token = (self._event_revision.get(queue, 0), self._reads_generation)
+        return sorted(hints), token
+
+    def hints_settled(self, queue: str, token: tuple[int, int]) -> None:
+        """Every hint :meth:`take_hints` gave is claimed, by us or by others: the queue is known
+        empty again as of the last put those hints include (later puts are hints of their own)."""
+        revision, generation = token
+        with self._watch_lock:
+            if generation == self._reads_generation and self._hints.get(queue) is not None:
+                self._read_revision[queue] = revision
 

@@ -51,7 +51,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import executing, group_commit, ops, settle
+from etcd_broker import executing, group_commit, handoff, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
@@ -131,8 +131,14 @@ class Channel(virtual.Channel):
                 if batch is not None:
                     batch.add(key, value)  # Producer.batch(): written with others in one transaction
                 else:
-                    # the common case: one put, nothing to check; concurrent publishers share a txn
-                    group_commit.shared(self.client).txn(success=[ops.put(key, value)])
+                    # the common case: one put (straight to an idle consumer if one is parked, handoff.py);
+                    # concurrent publishers share a txn
+                    park = self.connection.parked.pick(queue) if len(value) <= handoff.HANDOFF_MAX_BYTES else None
+                    if park is not None:
+                        group_commit.shared(self.client).txn(*handoff.handoff_ops(self.keys, queue, position, value,
+                                                                                   key, park))
+                    else:
+                        group_commit.shared(self.client).txn(success=[ops.put(key, value)])
             else:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first
@@ -161,24 +167,46 @@ class Channel(virtual.Channel):
         if buffered:
             return buffered.popleft()
         lease_id = self.lease.ensure()
-        # What the consume watch tells (hints, "known empty") is for consumers; a synchronous get reads.
-        candidates = None if self._single_get else self.connection.take_hints(queue)
-        if candidates is None and not self._single_get and self.connection.known_empty(queue):
+        if not self._single_get:  # what the consume watches tell is for consumers; a synchronous get reads
+            while (handed := self.connection.parking.take(queue)) is not None:  # claimed by its publisher
+                message = self._decode(queue, handed[1], handed[0])
+                if message is not None:
+                    return message
+        hints = None if self._single_get else self.connection.take_hints(queue)
+        if hints is None and not self._single_get and self.connection.known_empty(queue):
+            self._park(queue, lease_id)
             raise Empty()
-        hinted = candidates is not None  # hints hold every put since a read found the queue empty
+        # Hints hold every put since the queue was known empty: claimed straight from the watch
+        # events, no range read. Once all are settled the queue is known empty again.
+        candidates, token = hints if hints is not None else (None, None)
         for _ in range(CLAIM_ATTEMPTS):
             if not candidates:
-                if hinted:
-                    raise Empty()  # other consumers won every message that arrived: nothing to read
+                if token is not None:  # every hinted message is ours or another consumer's
+                    self.connection.hints_settled(queue, token)
+                    raise Empty()
                 candidates = self._read_ready(queue)
                 if not candidates:
                     raise Empty()
             messages, candidates = self._claim_many(queue, candidates, lease_id)
             if messages:
+                if candidates:  # more than our room: read them next time
+                    self.connection.unread(queue)
+                elif token is not None:
+                    self.connection.hints_settled(queue, token)
                 self._buffer.setdefault(queue, deque()).extend(messages[1:])
                 return messages[0]
-        self.connection.wake()  # still losing races: look again soon, not only at the next put
+        self.connection.unread(queue)  # still losing races: read again soon, not only at the next put
+        self.connection.wake()
         raise Empty()
+
+    def _park(self, queue, lease_id: int) -> None:
+        """Idle on an empty queue inside an event loop: let publishers hand us its next message (handoff.py)."""
+        if self.connection.in_event_loop and queue in self._consumer_queues.values() \
+                and queue not in self._no_ack_queues:
+            try:
+                self.connection.parking.park(queue, lease_id)
+            except CONNECTION_ERRORS as exc:  # parking is an optimisation: the watch still wakes us
+                logger.debug("could not park on queue %r: %s", queue, exc)
 
     def _allowance(self) -> int:
         """How many messages we may claim now: one for a get, else the prefetch room (at most a batch).
@@ -248,6 +276,7 @@ class Channel(virtual.Channel):
         if not response.succeeded:
             if not ops.count(response.responses[0]):
                 self.lease.lost(lease_id)
+                self.connection.unread(queue)  # nothing claimed: the next get reads the queue again
                 return [], []
             return [], [row for row, read in zip(rows, response.responses[1:], strict=True)
                         if (kv := ops.first_kv(read)) is not None and kv.mod_revision == row[2]]
@@ -471,6 +500,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self._exchange_types: dict[str, str] = {}
         self._bindings: BindingTable | None = None
         self._hub: WatchHub | None = None
+        self.parking = handoff.Parking(self.etcd, self.keys, lambda: self.watch_hub, self.wake, self.config.timeout)
         self._init_event_loop()
         self._init_queue_watch()
 
@@ -493,6 +523,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
 
     def close_connection(self, connection):
         super().close_connection(connection)
+        self.parking.withdraw_all(self.lease.requeue_later, self.lease.withdraw_later)
         self._close_pipe()
         self._unwatch_all()
         if self._bindings is not None:
@@ -509,6 +540,16 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         if self._hub is None:
             self._hub = hub_for(self.config)
         return self._hub
+
+    @property
+    def parked(self) -> handoff.ParkedConsumers:
+        """Which consumers wait on the queues we publish to (handoff.py; shared by the process)."""
+        return handoff.parked_consumers(self.etcd, self.keys, self.watch_hub)
+
+    def unwatch_queue(self, queue: str) -> None:
+        """The last consumer of ``queue`` here is gone: withdraw our park, give back hand-offs not delivered."""
+        if super().unwatch_queue(queue):
+            self.parking.withdraw(queue, self.lease.requeue_later, self.lease.withdraw_later)
 
     @property
     def bindings(self) -> BindingTable:

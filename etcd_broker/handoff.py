@@ -1,0 +1,301 @@
+"""Hand-off: a publish that goes straight to an idle consumer, its claim in the same transaction.
+
+Every etcd write is a Raft proposal and a disk sync. A message for an idle worker used to cost
+two on its way: the publish, then the consumer's claim. Here an idle consumer *parks* on the
+queue: it writes ``<queue>/parked/<token>`` (empty value, attached to its lease) once it knows
+the queue is empty and it has prefetch room. A publisher that knows a parked consumer (it follows
+the queue's parked keys through the watch hub) writes the message in one transaction that
+
+* if the parked key is unchanged since it was parked (its mod_revision): puts the message under
+  the consumer's ``unacked/<lease>/`` (claimed, exactly as a claim transaction leaves it) and
+  overwrites the parked key with a hand-off record (the unacked key and the message);
+* else: puts the message under ``ready/``, as any publish does.
+
+So the publish returns once the message is durable, as before, and the consumer learns of it
+from the watch event on its parked key (which carries the message): no claim transaction, no
+read. Guarantees are those of a claim: the message lives without a lease under the consumer's
+``unacked/<lease>/``, so if the consumer dies its lease lapses and the sweeper puts the message
+back in line; one parked key takes one message (the compare); a consumer parks only with room
+under its prefetch limit (a hand-off that finds the room taken meanwhile waits, claimed, until a
+slot frees, as a prefetched message does). A consumer that stops consuming a queue withdraws its
+park: the key is deleted if it is unchanged, and a hand-off it never took is put back in line.
+
+Only consumers inside an event loop (a Celery worker) park, and only publishes without TTL,
+queue limits or ``Producer.batch()``, of at most HANDOFF_MAX_BYTES, are handed off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from etcd_broker import forking, ops
+from etcd_broker.keys import KeySpace
+from etcd_broker.watch import EVENT_PUT, Watch, WatchHub
+
+logger = logging.getLogger(__name__)
+
+#: Largest message handed off (the transaction carries it twice: message and hand-off record).
+HANDOFF_MAX_BYTES = 65_536
+#: A parked key's value while its consumer waits; a hand-off record replaces it.
+IDLE = b""
+#: Most queues one process follows the parked consumers of (each costs a watch).
+MAX_FOLLOWED_QUEUES = 64
+
+
+def parked_key(keys: KeySpace, queue: str, token: str) -> str:
+    return f"{keys.queue(queue)}parked/{token}"
+
+
+def parked_prefix(keys: KeySpace, queue: str) -> str:
+    return f"{keys.queue(queue)}parked/"
+
+
+def record(unacked_key: str, value: bytes) -> bytes:
+    """The hand-off record a publisher writes over a parked key: the claimed key, then the message."""
+    return unacked_key.encode() + b"\n" + value
+
+
+def parse_record(value: bytes) -> tuple[str, bytes]:
+    key, _, message = value.partition(b"\n")
+    return key.decode(), message
+
+
+def handoff_ops(keys: KeySpace, queue: str, position: str, value: bytes, ready_key: str,
+                park: tuple[str, int, int]) -> tuple[list, list, list]:
+    """The publish transaction for a parked consumer: (compare, success, failure)."""
+    key, revision, lease = park
+    unacked = keys.unacked_message(queue, lease, position)
+    return ([ops.compare(key, "mod_revision", revision)],
+            [ops.put(unacked, value), ops.put(key, record(unacked, value), lease)],
+            [ops.put(ready_key, value)])
+
+
+# -- publisher side: which consumers are parked ------------------------------------------
+class ParkedConsumers:
+    """What one process knows of the consumers parked on the queues it publishes to.
+
+    A queue is followed from its first publish (a watch on its parked keys, read once each time
+    the watch is created); until then, and whenever no consumer is parked, publishes go to ready.
+    A stale entry costs nothing but the fallback: the transaction's compare fails and the
+    message is put in ready by the same transaction.
+    """
+
+    def __init__(self, client: Any, keys: KeySpace, hub: WatchHub) -> None:
+        self.client, self.keys, self.hub = client, keys, hub
+        self._lock = threading.Lock()
+        self._idle: dict[str, dict[bytes, tuple[int, int]]] = {}  # queue -> parked key -> (revision, lease)
+        self._seen: dict[bytes, int] = {}  # parked key -> newest revision known (stale news is ignored)
+        self._watches: dict[str, Watch] = {}
+
+    def pick(self, queue: str) -> tuple[str, int, int] | None:
+        """A parked consumer of ``queue`` (key, revision, lease), taken from the view: this process
+        never hands two messages to one park."""
+        with self._lock:
+            idle = self._idle.get(queue)
+            if idle is None:
+                if queue not in self._watches and len(self._watches) < MAX_FOLLOWED_QUEUES:
+                    self._follow(queue)
+                return None
+            if not idle:
+                return None
+            key, (revision, lease) = idle.popitem()
+        return key.decode(), revision, lease
+
+    def _follow(self, queue: str) -> None:
+        prefix = parked_prefix(self.keys, queue)
+        self._watches[queue] = self.hub.subscribe(
+            prefix, lambda events: self._update(queue, ((e.kv, e.type == EVENT_PUT) for e in events)),
+            prefix=True, on_created=lambda: self._read(queue), label="parked")
+
+    def _read(self, queue: str) -> None:
+        """Each time the watch is (re)created: the parked keys now (on the watch thread; one read)."""
+        try:
+            response = ops.get(self.client, parked_prefix(self.keys, queue), prefix=True)
+        except Exception as exc:  # noqa: BLE001 - the view stays empty; publishes go to ready
+            logger.debug("parked consumers of %r not read: %s", queue, exc)
+            return
+        with self._lock:
+            self._idle.setdefault(queue, {})
+        self._update(queue, ((kv, True) for kv in response.kvs))
+
+    def _update(self, queue: str, changes: Iterable[tuple[Any, bool]]) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(queue, {})
+            for kv, present in changes:
+                if kv.mod_revision and kv.mod_revision <= self._seen.get(kv.key, 0):
+                    continue
+                self._seen[kv.key] = kv.mod_revision
+                if present and kv.value == IDLE and kv.lease:
+                    idle[kv.key] = (kv.mod_revision, kv.lease)
+                else:
+                    idle.pop(kv.key, None)
+                    if not present:
+                        self._seen.pop(kv.key, None)
+
+    def close(self) -> None:
+        with self._lock:
+            watches, self._watches, self._idle = list(self._watches.values()), {}, {}
+        for watch in watches:
+            self.hub.unsubscribe(watch)
+
+
+_views: dict[tuple[int, int, str], ParkedConsumers] = {}
+_views_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
+
+
+def parked_consumers(client: Any, keys: KeySpace, hub: WatchHub) -> ParkedConsumers:
+    """This process's view of the parked consumers for ``client`` and ``keys`` (shared by its connections)."""
+    key = (os.getpid(), id(client), keys.root)
+    with _views_lock:
+        view = _views.get(key)
+        if view is None or view.client is not client:
+            view = _views[key] = ParkedConsumers(client, keys, hub)
+        return view
+
+
+# -- consumer side: parking and taking hand-offs -----------------------------------------------
+class _Park:
+    """One consumed queue's parked key: the newest revision we know of it (``seen``), its
+    mod_revision then (``mod``, 0: absent), whether it says we wait, and the hand-offs received
+    and not yet delivered."""
+
+    __slots__ = ("key", "watch", "seen", "mod", "parked", "handed")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.watch: Watch | None = None
+        self.seen = 0
+        self.mod = 0
+        self.parked = False
+        self.handed: deque[tuple[str, bytes]] = deque()
+
+
+class Parking:
+    """A consuming transport's parks: one key per consumed queue, written while the queue is empty.
+
+    ``wake()`` is called when a hand-off arrives; ``withdraw_later(key, seen)`` (the lease's
+    sweeper) deletes a park and puts back a hand-off that was never taken.
+    """
+
+    def __init__(self, client: Any, keys: KeySpace, hub: Callable[[], WatchHub], wake: Callable[[], None],
+                 timeout: float | None) -> None:
+        self.client, self.keys = client, keys
+        self._hub, self._wake, self._timeout = hub, wake, timeout
+        self._token = uuid.uuid4().hex
+        self._parks: dict[str, _Park] = {}
+        self._lock = threading.Lock()
+
+    def take(self, queue: str) -> tuple[str, bytes] | None:
+        """A message handed to us on ``queue`` (its unacked key and value), oldest first."""
+        park = self._parks.get(queue)
+        if park is None or not park.handed:
+            return None
+        with self._lock:
+            return park.handed.popleft() if park.handed else None
+
+    def park(self, queue: str, lease_id: int) -> None:
+        """Tell publishers we wait on ``queue`` (it is empty and we have room); no-op if parked."""
+        park = self._parks.get(queue)
+        if park is None:
+            park = self._start(queue)
+            if park is None:
+                return
+        with self._lock:
+            if park.parked or park.handed:
+                return
+            mod = park.mod
+        response = ops.txn(self.client, [ops.compare(park.key, "mod_revision", mod)],
+                           [ops.put(park.key, IDLE, lease_id)])
+        if not response.succeeded:  # a hand-off we have not seen yet: its event is on its way
+            return
+        with self._lock:
+            revision = response.header.revision
+            if park.seen <= revision:  # else newer news of the key (its event) came first
+                park.seen = park.mod = revision
+                park.parked = True
+
+    def _start(self, queue: str) -> _Park | None:
+        """Follow our parked key for ``queue`` before the first park (a hand-off must reach us)."""
+        park = _Park(parked_key(self.keys, queue, self._token))
+        hub = self._hub()
+        park.watch = hub.subscribe(park.key, lambda events: self._on_events(queue, park, events), label="parked",
+                                   on_resync=lambda: self._resync(queue, park))
+        if not hub.wait_created(park.watch, timeout=self._timeout):
+            hub.unsubscribe(park.watch)
+            return None
+        with self._lock:
+            self._parks[queue] = park
+        return park
+
+    def _on_events(self, queue: str, park: _Park, events) -> None:
+        with self._lock:
+            handed = [self._apply(queue, park, event.kv if event.type == EVENT_PUT else None, event.kv.mod_revision)
+                      for event in events]
+        if any(handed):
+            self._wake()
+
+    def _resync(self, queue: str, park: _Park) -> int:
+        """The watch fell behind etcd's compaction: read the key, so a hand-off in the gap still reaches us."""
+        response = ops.get(self.client, park.key)
+        kv = response.kvs[0] if response.kvs else None
+        with self._lock:
+            handed = self._apply(queue, park, kv, kv.mod_revision if kv is not None else response.header.revision)
+        if handed:
+            self._wake()
+        return response.header.revision
+
+    def _apply(self, queue: str, park: _Park, kv: Any | None, revision: int) -> bool:
+        """Our parked key is ``kv`` (None: deleted) at ``revision``; True if it brought a hand-off."""
+        if revision <= park.seen:
+            return False  # our own park, already known from its response
+        park.seen = revision
+        if kv is None:  # gone with our lease, or the queue was deleted
+            park.parked, park.mod = False, 0
+            return False
+        park.mod = revision
+        if kv.value == IDLE:  # only we write it: our park, its event before its response
+            park.parked = True
+            return False
+        park.parked = False
+        if self._parks.get(queue) is not park:  # withdrawn: the withdrawal puts it back
+            return False
+        park.handed.append(parse_record(kv.value))
+        return True
+
+    def withdraw(self, queue: str, requeue: Callable[[str], None], withdraw_later: Callable[[str, int], None]) -> None:
+        """We stop consuming ``queue``: hand-offs not delivered go back, and so will the park."""
+        with self._lock:
+            park = self._parks.pop(queue, None)
+            if park is None:
+                return
+            handed, seen = list(park.handed), park.mod
+            park.handed.clear()
+        if park.watch is not None:
+            self._hub().unsubscribe(park.watch)
+        for key, _ in handed:
+            requeue(key)
+        withdraw_later(park.key, seen)
+
+    def withdraw_all(self, requeue: Callable[[str], None], withdraw_later: Callable[[str, int], None]) -> None:
+        for queue in list(self._parks):
+            self.withdraw(queue, requeue, withdraw_later)
+
+
+def withdraw(client: Any, key: str, seen: int, requeue: Callable[[str], None]) -> None:
+    """Delete parked ``key``; a hand-off written after mod_revision ``seen`` (never taken by its
+    consumer) is requeued."""
+    while True:
+        response = ops.txn(client, [ops.compare(key, "mod_revision", seen)], [ops.delete(key)], [ops.range_(key)])
+        if response.succeeded:
+            return
+        kv = ops.first_kv(response.responses[0])
+        if kv is None:
+            return  # gone with its lease
+        if kv.value != IDLE:
+            requeue(parse_record(kv.value)[0])
+        seen = kv.mod_revision

@@ -1,0 +1,172 @@
+"""Hand-off (handoff.py): a publish goes straight to an idle consumer, its claim in the same transaction.
+
+Real etcd, real ``celery worker`` processes and kombu's own hub. What is checked: an idle worker
+parks and lone tasks reach it without passing through ``ready/`` and run once; a consumer that
+stops consuming gives back a hand-off it never took; a hand-off to a consumer that was SIGKILLed
+comes back when its lease lapses and runs on another worker; a park that changed since the
+publisher saw it sends the message to ``ready/`` in the same transaction.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from kombu import Connection, Consumer, Exchange, Queue
+from kombu.asynchronous import Hub
+
+from etcd_broker import handoff, ops
+from etcd_broker.client import get_client
+from etcd_broker.keys import KeySpace
+from etcd_broker.watch import hub_for
+from tests.helpers import wait_until
+from tests.transport.busy_app import make_app
+
+APP = "tests.transport.busy_app"
+
+
+def env_for(url: str, prefix: str, lease_ttl: int = 3) -> dict[str, str]:
+    return {"ETCD_TEST_URL": url, "ETCD_TEST_PREFIX": prefix, "ETCD_TEST_LEASE_TTL": str(lease_ttl)}
+
+
+def parks(client, keys: KeySpace, queue: str) -> list:
+    """The parked keys of ``queue``: (value, lease) of each."""
+    response = ops.get(client, handoff.parked_prefix(keys, queue), prefix=True)
+    return [(kv.value, kv.lease) for kv in response.kvs]
+
+
+def idle_park(client, keys: KeySpace, queue: str):
+    return [row for row in parks(client, keys, queue) if row[0] == handoff.IDLE and row[1]]
+
+
+class ReadyPuts:
+    """Counts the puts under a queue's ``ready/`` while it lives (a watch on the process's hub)."""
+
+    def __init__(self, url: str, keys: KeySpace, queue: str) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+        self._hub = hub_for(get_client(url).config)
+        self._watch = self._hub.subscribe(keys.ready(queue), self._on_events, prefix=True, puts_only=True)
+        assert self._hub.wait_created(self._watch, timeout=10)
+
+    def _on_events(self, events) -> None:
+        with self._lock:
+            self.count += len(events)
+
+    def close(self) -> None:
+        self._hub.unsubscribe(self._watch)
+
+
+def successes(worker) -> list[str]:
+    return re.findall(r"busy\.pid\[([0-9a-f-]+)\] succeeded", worker.log())
+
+
+def test_lone_tasks_reach_an_idle_worker_without_a_claim_and_run_once(worker_factory, etcd_url, etcd_prefix):
+    env = env_for(etcd_url, etcd_prefix)
+    worker = worker_factory(app=APP, env=env, pool="threads", concurrency=2)
+    app = make_app(etcd_url, etcd_prefix, lease_ttl=3)
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    ready = ReadyPuts(etcd_url, keys, "celery")
+    try:
+        first = app.send_task("busy.pid")  # the client starts following the queue's parks
+        assert first.get(timeout=60) == worker.process.pid
+        ids = [first.id]
+        for _ in range(10):
+            wait_until(lambda: idle_park(client, keys, "celery"), timeout=30, message="the idle worker parked")
+            result = app.send_task("busy.pid")
+            assert result.get(timeout=60) == worker.process.pid
+            ids.append(result.id)
+        (park,) = parks(client, keys, "celery")  # one park per worker and queue
+        assert park[1], "a park is attached to the worker's lease"
+        # Only the first message (sent before the client followed the parks) went through ready/.
+        assert ready.count <= 1, f"{ready.count} of 11 lone tasks were put in ready/, not handed off"
+        # The worker logs a success just after storing its result: wait for the last line.
+        wait_until(lambda: len(successes(worker)) >= len(ids), timeout=30, message="every success logged")
+        time.sleep(0.5)  # a task run twice would log a second success by now
+        succeeded = successes(worker)
+        assert sorted(succeeded) == sorted(ids), "a task ran twice or not at all"
+        assert ops.get(client, keys.unacked("celery"), prefix=True, count_only=True).count == 0, "acks left keys"
+    finally:
+        ready.close()
+        app.close()
+
+
+def test_a_consumer_that_stops_gives_back_a_handoff_it_never_took(etcd_url, etcd_prefix):
+    queue = Queue("park-q", Exchange("park-x", type="direct"), routing_key="park-q")
+    keys, client = KeySpace(etcd_prefix), get_client(etcd_url)
+    received: list[int] = []
+    hub = Hub()
+    options = {"prefix": etcd_prefix, "lease_ttl": 3}
+    with Connection(etcd_url, transport_options=options) as conn, \
+            Connection(etcd_url, transport_options=options) as producer_conn:
+        conn.connect()
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        channel = conn.channel()
+        channel.basic_qos(0, 4, False)
+        consumer = Consumer(channel, [queue], accept=["json"],
+                            callbacks=[lambda body, message: (received.append(body["n"]), message.ack())])
+        consumer.consume()
+        producer = producer_conn.Producer(serializer="json")
+        loop = hub.create_loop()
+
+        def run_until(predicate, message: str) -> None:
+            deadline = time.monotonic() + 20
+            while not predicate():
+                assert time.monotonic() < deadline, message
+                next(loop)
+
+        producer.publish({"n": 0}, exchange=queue.exchange, routing_key="park-q", declare=[queue])
+        run_until(lambda: received == [0], "message 0 delivered")
+        run_until(lambda: idle_park(client, keys, "park-q"), "the consumer parked")
+        time.sleep(0.5)  # the producer's view of the parks catches up (a watch event)
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key="park-q")  # the hub loop is not run
+        (park,) = parks(client, keys, "park-q")
+        assert park[0] != handoff.IDLE, "message 1 was not handed to the parked consumer"
+        assert ops.get(client, keys.ready("park-q"), prefix=True, count_only=True).count == 0
+        consumer.cancel()  # stops consuming: the hand-off it never delivered goes back in line
+        hub.close()
+        assert received == [0]
+        with Connection(etcd_url, transport_options=options) as other:
+            simple = other.SimpleQueue(queue)
+            message = simple.get(timeout=20)
+            assert message.payload == {"n": 1}
+            message.ack()
+            simple.close()
+        wait_until(lambda: not parks(client, keys, "park-q"), timeout=20, message="the park withdrawn")
+
+
+def test_a_handoff_to_a_sigkilled_worker_comes_back_and_runs_elsewhere(worker_factory, etcd_url, etcd_prefix):
+    ttl = 3
+    env = env_for(etcd_url, etcd_prefix, lease_ttl=ttl)
+    app = make_app(etcd_url, etcd_prefix, lease_ttl=ttl)
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    first = worker_factory(app=APP, env=env, pool="threads", concurrency=2)
+    try:
+        assert app.send_task("busy.pid").get(timeout=60) == first.process.pid  # the client follows the parks
+        wait_until(lambda: idle_park(client, keys, "celery"), timeout=30, message="the idle worker parked")
+        time.sleep(0.5)  # the client's view of the parks catches up
+        first.kill()  # its park stays until its lease lapses
+        lost = app.send_task("busy.pid")
+        (park,) = parks(client, keys, "celery")
+        assert park[0] != handoff.IDLE, "the task was not handed to the dead worker's park"
+        second = worker_factory(app=APP, env=env, pool="threads", concurrency=2)
+        assert lost.get(timeout=ttl + 60) == second.process.pid
+    finally:
+        app.close()
+
+
+def test_a_park_that_changed_since_the_publisher_saw_it_gets_nothing(etcd_url, etcd_prefix):
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    lease = client.lease(10)
+    key = handoff.parked_key(keys, "stale-q", "token")
+    seen = ops.txn(client, success=[ops.put(key, handoff.IDLE, lease.id)]).header.revision
+    ops.txn(client, success=[ops.put(key, handoff.IDLE, lease.id)])  # parked again since (a new revision)
+    position = keys.position(0, "00000000000000000001-test")
+    ready_key = keys.ready_message("stale-q", position)
+    response = ops.txn(client, *handoff.handoff_ops(keys, "stale-q", position, b'{"n": 1}', ready_key,
+                                                    (key, seen, lease.id)))
+    assert not response.succeeded
+    assert client.get(ready_key)[0] == b'{"n": 1}'
+    assert ops.get(client, keys.unacked("stale-q"), prefix=True, count_only=True).count == 0
+    assert client.get(key)[0] == handoff.IDLE
+    client.revoke_lease(lease.id)

@@ -21,9 +21,10 @@ same turn of the worker's event loop and runs them as one pool job:
 A request is run alone, through Celery's own path, when batching cannot keep its meaning: the
 prefork pool (a batch cannot cross into a child process without pickling the requests), a
 request with callbacks, errbacks, a chain or a chord, and any request ``task.batchable()``
-refuses (for instance one that reports progress for a long time). Batched requests send no
-``task_prerun``/``task_postrun`` signals and write no STARTED state (a batch finishes in
-milliseconds); ``self.request`` is not set inside ``run_batch``.
+refuses (for instance one that reports progress for a long time). Each batched request still
+sends Celery's ``task_prerun``, ``task_success``/``task_failure``, ``task_postrun`` and
+``task_revoked`` signals (metrics and hooks keep counting tasks); it writes no STARTED state (a
+batch finishes in milliseconds), and ``self.request`` is not set inside ``run_batch``.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from time import monotonic
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
-from celery import Task
+from celery import Task, signals, states
 from celery.concurrency import solo, thread
 from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
@@ -150,6 +151,8 @@ def run_batch(task: BatchTask, requests: list[Any]) -> None:
     runnable = [r for r in requests if r.id not in cancelled]
     if not runnable:
         return
+    for request in runnable:
+        signals.task_prerun.send(sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs)
     started = monotonic()
     try:
         outcomes = task.run_batch([(r.args, r.kwargs) for r in runnable])
@@ -163,9 +166,13 @@ def run_batch(task: BatchTask, requests: list[Any]) -> None:
     _store(task, done)
     for request, value in done:
         request.on_success((False, value, runtime))
+        signals.task_success.send(sender=task, result=value)
     failed = [(r, value) for r, value in zip(runnable, outcomes) if isinstance(value, BaseException)]
     for request, exc in failed:
         _finish_failed(task, request, exc)
+    for request, value in zip(runnable, outcomes):
+        signals.task_postrun.send(sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs,
+                                  retval=value, state=states.FAILURE if isinstance(value, BaseException) else states.SUCCESS)
     logger.info("%s: batch of %d ran in %.4fs (%d succeeded, %d failed, %d cancelled)",
                 task.name, len(requests), runtime, len(done), len(failed), len(cancelled))
 
@@ -196,6 +203,8 @@ def _finish_cancelled(task: BatchTask, request: Any) -> None:
     request.acknowledge()
     worker_state.task_ready(request)
     request.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    signals.task_revoked.send(sender=task, request=compat.request_context(request), terminated=False, signum=None,
+                              expired=False)
 
 
 def _finish_failed(task: BatchTask, request: Any, exc: BaseException) -> None:
@@ -205,5 +214,8 @@ def _finish_failed(task: BatchTask, request: Any, exc: BaseException) -> None:
     except BaseException:  # noqa: BLE001 - an ExceptionInfo needs the exception being handled
         info = ExceptionInfo()
     logger.error("Task %s[%s] raised: %r", task.name, request.id, exc)
-    task.backend.mark_as_failure(request.id, exc, info.traceback, request=compat.request_context(request))
+    context = compat.request_context(request)
+    task.backend.mark_as_failure(request.id, exc, info.traceback, request=context)
+    signals.task_failure.send(sender=task, task_id=request.id, exception=exc, args=request.args, kwargs=request.kwargs,
+                              traceback=info.tb, einfo=info)
     request.on_failure(info, return_ok=True)  # stored above: Celery only acks (or requeues) and announces

@@ -135,8 +135,13 @@ class MicroBatcher:
         self.stats.record(len(batch))
         for slot, output in zip(batch, outputs, strict=True):
             slot.resolve(output)
-        for observe in BATCH_OBSERVERS:
-            try:
-                observe(self.name, len(batch))
-            except Exception:  # noqa: BLE001 - metrics never break serving
-                logger.exception("%s: batch observer %r failed", self.name, observe)
+        notify_observers(self.name, len(batch))
+
+
+def notify_observers(model: str, size: int) -> None:
+    """Tell every BATCH_OBSERVERS entry that ``model`` ran a forward pass over ``size`` inputs."""
+    for observe in BATCH_OBSERVERS:
+        try:
+            observe(model, size)
+        except Exception:  # noqa: BLE001 - metrics never break serving
+            logger.exception("%s: batch observer %r failed", model, observe)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml import artifacts, registry
-from ml.batching import MicroBatcher
+from ml.batching import MicroBatcher, notify_observers
 from ml.errors import InvalidInput, ModelUnavailable
 from ml.progress import WAITING
 
@@ -109,6 +109,7 @@ class ModelHost:
                 outcomes.append(exc)
         if inputs:
             probabilities = loaded.module.predict(loaded.model, np.stack(list(inputs.values())))
+            notify_observers(name, len(inputs))
             for (index, x), row in zip(inputs.items(), probabilities, strict=True):
                 outcomes[index] = {"top": classifier.top(row, loaded.spec.labels), "seen": classifier.seen(x)}
         return outcomes

@@ -14,7 +14,7 @@ import uuid
 import pytest
 from celery import states
 
-from etcd_broker import result_consumer
+from etcd_broker import result_consumer, watch
 from tests.backend.conftest import task
 from tests.helpers import wait_until
 
@@ -174,3 +174,43 @@ def test_the_prefix_subscription_ends_when_the_process_stops_awaiting_several(re
     backend.store_result(lone, "lone", states.SUCCESS)
     assert results_app.AsyncResult(lone).get(timeout=20) == "lone"
     assert not backend.result_consumer.following_prefix  # a lone waiter: its own subscription again
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["resumed", "compacted"])
+def test_prefix_waiters_get_results_written_while_the_stream_was_down(results_app, monkeypatch, compact):
+    # The stream breaks and stays down for a second; the results are written meanwhile and,
+    # in the compacted case, etcd compacts the revisions the prefix subscription would
+    # resume from: it resyncs (the waiters are read again) instead of replaying them.
+    monkeypatch.setattr(watch, "RECONNECT_FIRST_DELAY", 1.0)
+    backend = results_app.backend
+    shared = backend.result_consumer.shared
+    resyncs: list[int] = []
+    resync = shared._on_resync
+    monkeypatch.setattr(shared, "_on_resync", lambda generation: resyncs.append(generation) or resync(generation))
+    ids = [new_id("down") for _ in range(6)]
+    got: dict[str, object] = {}
+    threads = [threading.Thread(target=lambda t=t: got.update({t: results_app.AsyncResult(t).get(timeout=30)}))
+               for t in ids]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: shared._own + len(shared._consumers) == len(ids) and shared._live, timeout=10,
+               message="every waiter waits (the first on its own key, the others on the prefix)")
+    hub = backend.store.hub
+    hub._stream._call.cancel()  # as a network break would
+    wait_until(lambda: not hub.connected, timeout=10, message="the stream is down")
+    for number, task_id in enumerate(ids):
+        backend.store_result(task_id, number, states.SUCCESS)
+    if compact:
+        backend.store.client.compact(backend.store.current_revision())
+    for thread in threads:
+        thread.join(timeout=30)
+    assert got == {task_id: number for number, task_id in enumerate(ids)}
+    if compact:  # etcd reports the compaction from its 100 ms sync loop, maybe after the re-read
+        wait_until(lambda: resyncs, timeout=10, message="the prefix subscription resynced")
+        later = new_id("after-resync")  # and it still serves waiters afterwards
+        writer = threading.Timer(0.05, backend.store_result, args=(later, "later", states.SUCCESS))
+        writer.start()
+        assert results_app.AsyncResult(later).get(timeout=20) == "later"
+        writer.join()
+    else:
+        assert resyncs == []  # resumed from its next revision

@@ -67,8 +67,10 @@ def put_raw(url: str, prefix: str, queue: str, value: bytes) -> None:
 
 
 def queue_is_empty(url: str, prefix: str, queue: str) -> bool:
+    """No message waiting or claimed (an idle worker's parked key, etcd_broker/handoff.py, is no message)."""
     client, keys = get_client(url), KeySpace(prefix)
-    return not any(True for _ in client.get_prefix(keys.queue(queue), keys_only=True))
+    return not any(True for where in (keys.ready(queue), keys.unacked(queue))
+                   for _ in client.get_prefix(where, keys_only=True))
 
 
 def test_a_kombu_consumer_refuses_a_pickle_without_loading_it(etcd_url, etcd_prefix, tmp_path):

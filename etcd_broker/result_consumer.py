@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from celery import states
@@ -109,16 +109,11 @@ class ResultConsumer(BaseResultConsumer):
             self._watches[task_id] = PREFIX  # claimed; replaced below by its own watch if lone
         if self.shared.attach(task_id, self):
             return
-        watch = self.store.hub.subscribe(
-            self.store.keys.result(task_id), lambda events: self._on_events(task_id, events),
-            puts_only=True, on_created=lambda: self._on_created(task_id),
-            on_resync=lambda: self._on_resync(task_id), label=HUB_LABEL)
-        with self._lock:
-            if task_id in self._watches:
-                self._watches[task_id] = watch
-                return
-        self.store.hub.unsubscribe(watch)  # cancelled meanwhile
-        self.shared.detach(task_id, own=True)
+        with self._lock:  # held until the watch is recorded: _on_created must find it
+            self._watches[task_id] = self.store.hub.subscribe(
+                self.store.keys.result(task_id), lambda events: self._on_events(task_id, events),
+                puts_only=True, on_created=lambda: self._on_created(task_id),
+                on_resync=lambda: self._on_resync(task_id), label=HUB_LABEL)
 
     def cancel_for(self, task_id: str) -> None:
         # Runs from AsyncResult.__del__ in any thread, so it only queues; never blocks.
@@ -225,7 +220,7 @@ class ResultConsumer(BaseResultConsumer):
                 done.add(task_id)
                 if watch is not None:
                     self.store.hub.unsubscribe(watch)
-                self.shared.detach(task_id, own=watch is not None)
+                self.shared.detach(task_id, self, own=watch is not None)
             else:
                 self.shared.forget(task_id)  # sent and dropped, or final, before any get()
         if done:
@@ -247,7 +242,7 @@ class SharedWaits:
     def __init__(self, store: ResultStore) -> None:
         self.store = store
         self._lock = threading.Lock()
-        self._consumers: dict[str, ResultConsumer] = {}  # task -> consumer awaiting it on the prefix
+        self._consumers: dict[str, list[ResultConsumer]] = {}  # task -> consumers awaiting it on the prefix
         self._own = 0  # tasks awaited on their own subscription, all threads
         self._sent: dict[str, None] = {}  # sent from here, not awaited yet, result object alive
         self._known: dict[str, Stored | None] = {}  # covered task -> newest state seen (None: none yet)
@@ -271,9 +266,11 @@ class SharedWaits:
                 self._remember(task_id)  # its result is written after this: an event will bring it
 
     def forget(self, task_id: str) -> None:
+        """A result object of ``task_id`` was dropped (or its final state came) before any get() of it here."""
         with self._lock:
             self._sent.pop(task_id, None)
-            self._known.pop(task_id, None)
+            if task_id not in self._consumers:  # another thread may await it
+                self._known.pop(task_id, None)
 
     def attach(self, task_id: str, consumer: ResultConsumer) -> bool:
         """Await ``task_id`` for ``consumer``: True on the prefix subscription, False: subscribe its own key."""
@@ -288,7 +285,7 @@ class SharedWaits:
             if self._prefix is None:
                 self._own += 1
                 return False
-            self._consumers[task_id] = consumer
+            self._consumers.setdefault(task_id, []).append(consumer)
             if task_id in self._known:
                 item = self._known[task_id]  # covered: its state so far (None: nothing written yet)
             else:
@@ -299,11 +296,17 @@ class SharedWaits:
             consumer.post([(task_id, item)])
         return True
 
-    def detach(self, task_id: str, own: bool) -> None:
+    def detach(self, task_id: str, consumer: ResultConsumer, own: bool) -> None:
+        """``consumer`` stops awaiting ``task_id`` (final state, or its result object dropped)."""
         with self._lock:
             if own:
                 self._own -= 1
-            elif self._consumers.pop(task_id, None) is not None:
+                return
+            consumers = self._consumers.get(task_id, [])
+            if consumer in consumers:
+                consumers.remove(consumer)
+            if not consumers:
+                self._consumers.pop(task_id, None)
                 self._known.pop(task_id, None)
                 self._to_read.discard(task_id)
 
@@ -331,8 +334,7 @@ class SharedWaits:
                     known = self._known[task_id]
                     if known is None or known.mod_revision < stored.mod_revision:
                         self._known[task_id] = stored
-                consumer = self._consumers.get(task_id)
-                if consumer is not None:
+                for consumer in self._consumers.get(task_id, ()):
                     by_consumer.setdefault(consumer, []).append((task_id, stored))
         for consumer, items in by_consumer.items():
             consumer.post(items)
@@ -376,8 +378,7 @@ class SharedWaits:
                 if task_id not in self._known:
                     continue  # another process's task (or one sent here and dropped)
                 stored = self._known[task_id] = Stored.from_kv(event.kv)
-                consumer = self._consumers.get(task_id)
-                if consumer is not None:
+                for consumer in self._consumers.get(task_id, ()):
                     by_consumer.setdefault(consumer, []).append((task_id, stored))
         for consumer, items in by_consumer.items():
             consumer.post(items)
@@ -392,8 +393,9 @@ class SharedWaits:
             for task_id in ahead:
                 self._remember(task_id)
             self._to_read.update(self._consumers, ahead)
-            consumers = set(self._consumers.values())
-        _notify(consumers)
+            consumers = {consumer for waiting in self._consumers.values() for consumer in waiting}
+        for consumer in consumers:
+            consumer.notify()
 
     def _on_resync(self, generation: int) -> int:
         """etcd compacted the revision to resume from: the re-confirmation reads the waiters again."""
@@ -402,11 +404,6 @@ class SharedWaits:
                 self._live = False
                 self._known = {task_id: None for task_id in self._consumers}
         return self.store.current_revision()
-
-
-def _notify(consumers: Iterable[ResultConsumer]) -> None:
-    for consumer in consumers:
-        consumer.notify()
 
 
 _shared: weakref.WeakKeyDictionary[ResultStore, SharedWaits] = weakref.WeakKeyDictionary()

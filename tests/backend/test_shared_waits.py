@@ -214,3 +214,23 @@ def test_prefix_waiters_get_results_written_while_the_stream_was_down(results_ap
         writer.join()
     else:
         assert resyncs == []  # resumed from its next revision
+
+
+def test_threads_awaiting_the_same_task_all_get_it_while_a_stray_handle_is_dropped(results_app):
+    backend = results_app.backend
+    shared_id, other = new_id("same"), new_id("other")
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(results_app.AsyncResult(shared_id).get(timeout=20)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(backend.result_consumer.shared._consumers.get(shared_id, ())) >= 2, timeout=10,
+               message="the task is awaited on the prefix by several threads")
+    results_app.AsyncResult(shared_id).__del__()  # a handle dropped here (cancel_for from this thread)
+    writer = threading.Timer(0.05, backend.store_result, args=(other, "other", states.SUCCESS))
+    writer.start()
+    assert results_app.AsyncResult(other).get(timeout=20) == "other"  # this thread's consume_from flushes it
+    backend.store_result(shared_id, "same", states.SUCCESS)
+    for thread in threads:
+        thread.join(timeout=20)
+    assert got == ["same"] * 3

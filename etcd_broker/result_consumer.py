@@ -311,7 +311,8 @@ class SharedWaits:
                 self._to_read.discard(task_id)
 
     def reads_due(self) -> bool:
-        return bool(self._to_read or self._read_later)
+        """Reads to make now (failed ones are retried at the next drain, which still waits first)."""
+        return bool(self._to_read)
 
     def read_due(self) -> None:
         """Read every covered task due for a read (for all threads), in as few reads as etcd allows."""

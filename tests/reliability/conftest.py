@@ -1,4 +1,4 @@
-"""Fault-test fixtures: a three-member etcd cluster, and the summary table printed after the run."""
+"""Fault-test fixtures: counting workers, a three-member etcd cluster, and the summary table printed after the run."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,12 @@ import pytest
 from etcd_broker.membership import close_all_leases
 from etcd_broker.result_store import close_shared
 from scripts.etcd_server import EtcdServer, start_cluster
+from tests.helpers import WorkerProcess
 from tests.reliability import counting_app
 from tests.reliability.counting import SUMMARY_HEADERS, Tally
+
+#: The app every fault-test worker runs: each execution leaves markers the tests count.
+APP = "tests.reliability.counting_app"
 
 _rows: list[tuple] = []
 
@@ -18,6 +22,20 @@ def _release_counting_app():
     counting_app.release()
     close_shared()  # result watch streams end with the test (its etcd is about to go)
     close_all_leases()  # so do this process's consumer leases
+
+
+@pytest.fixture
+def counting_workers(etcd_prefix, worker_factory):
+    """``start(url, count, ...)``: point this process's counting app at ``url`` under the test's prefix
+    and start ``count`` counting workers configured the same way (``marker_url``: they count
+    executions on that etcd instead); returns the workers, each ready."""
+    def start(url: str, count: int, *, lease_ttl: int = 3, backend: bool = True, concurrency: int = 2,
+              pool: str = "threads", marker_url: str | None = None) -> list[WorkerProcess]:
+        counting_app.configure(url, etcd_prefix, lease_ttl, backend=backend)
+        env = counting_app.worker_env(url, etcd_prefix, lease_ttl, backend=backend, marker_url=marker_url)
+        return [worker_factory(app=APP, env=env, concurrency=concurrency, pool=pool) for _ in range(count)]
+
+    return start
 
 
 @pytest.fixture

@@ -87,6 +87,16 @@ class Collector(threading.Thread):
                 (self.fetched if value == result.id else self.failed).append(result.id)
 
 
+def start_traffic(tasks: int, seconds: float, interval: float, timeout: float) -> tuple[Producer, Collector]:
+    """A :class:`Producer` of ``tasks`` tasks of ``seconds`` each, one every ``interval`` seconds, and a
+    :class:`Collector` waiting up to ``timeout`` for each result: both started."""
+    producer = Producer(tasks, seconds, interval=interval)
+    collector = Collector(producer, timeout=timeout)
+    producer.start()
+    collector.start()
+    return producer, collector
+
+
 def read_markers(client: EtcdClient, prefix: str, kind: str) -> dict[str, list[dict]]:
     """Every ``kind`` marker under ``prefix``, grouped by task id, oldest first."""
     found: dict[str, list[dict]] = defaultdict(list)
@@ -202,8 +212,10 @@ def wait_all_settled(client: EtcdClient, prefix: str, tasks: list[str], timeout:
     return {task: keys for task, keys in locate(client, prefix, tasks).items() if keys}
 
 
-def wait_for_completion(client: EtcdClient, prefix: str, producer: Producer, timeout: float) -> None:
-    """Wait for the producer to finish and every accepted task to have a ``done`` marker."""
+def wait_for_completion(client: EtcdClient, prefix: str, producer: Producer, timeout: float,
+                        collector: Collector | None = None) -> None:
+    """Wait for the producer to finish, every accepted task to have a ``done`` marker, and the
+    ``collector`` (if any) to have waited on every result."""
     producer.join(timeout)
     assert not producer.is_alive(), "the producer was still publishing"
 
@@ -215,3 +227,18 @@ def wait_for_completion(client: EtcdClient, prefix: str, producer: Producer, tim
         wait_until(all_done, timeout=timeout, interval=0.5, message="every accepted task done")
     except TimeoutError:
         pass  # the tally names what is missing
+    if collector is not None:
+        collector.join(timeout)
+
+
+def assert_every_task_ran_once(tally: Tally, client: EtcdClient, prefix: str, tasks: int,
+                               collector: Collector) -> None:
+    """What a fault that kills no worker must leave: nothing refused or lost, no task run twice,
+    no message left in etcd, every result fetched through the backend."""
+    assert tally.refused == [], "a producer gave up instead of waiting for etcd"
+    assert tally.unexpected == []
+    assert tally.lost == [], locate(client, prefix, tally.lost)
+    assert tally.completed == tasks
+    assert tally.duplicated == [], "a task ran twice although no worker died"
+    assert wait_all_settled(client, prefix, tally.accepted) == {}, "a message outlived its task"
+    assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)

@@ -8,7 +8,6 @@ import pytest
 from etcd_broker.client import CONNECTION_ERRORS, get_client, make_client
 from scripts.etcd_server import EtcdServer, cluster_url
 from tests.helpers import wait_until
-from tests.reliability import counting_app
 from tests.reliability.cluster_tools import (
     busiest_member,
     connected_ports,
@@ -18,16 +17,13 @@ from tests.reliability.cluster_tools import (
 )
 from tests.reliability.counting import (
     WORKER_POOL,
-    Collector,
-    Producer,
     Tally,
-    locate,
+    assert_every_task_ran_once,
     read_markers,
-    wait_all_settled,
+    start_traffic,
     wait_for_completion,
 )
 
-APP = "tests.reliability.counting_app"
 LEASE_TTL = 3
 TASKS = 120
 TASK_SECONDS = 0.2
@@ -49,16 +45,11 @@ def lead_where_workers_are(cluster: list[EtcdServer], pids: list[int]) -> tuple[
 
 
 @pytest.mark.reliability
-def test_the_leader_dies_under_load_none_is_lost_and_it_rejoins(cluster, etcd_prefix, worker_factory, summary):
+def test_the_leader_dies_under_load_none_is_lost_and_it_rejoins(cluster, etcd_prefix, counting_workers, summary):
     url = cluster_url(cluster)
-    counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
-    env = counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True)
-    workers = [worker_factory(app=APP, env=env, concurrency=4, pool=WORKER_POOL) for _ in range(3)]
+    workers = counting_workers(url, 3, lease_ttl=LEASE_TTL, concurrency=4, pool=WORKER_POOL)
     victim, connected = lead_where_workers_are(cluster, [w.process.pid for w in workers])
-    producer = Producer(TASKS, TASK_SECONDS, interval=0.05)
-    collector = Collector(producer, timeout=120)
-    producer.start()
-    collector.start()
+    producer, collector = start_traffic(TASKS, TASK_SECONDS, interval=0.05, timeout=120)
     producer.sent_half.wait(60)
 
     victim.stop(kill=True)
@@ -67,19 +58,13 @@ def test_the_leader_dies_under_load_none_is_lost_and_it_rejoins(cluster, etcd_pr
     wait_until(lambda: leader_of(survivors), timeout=30, message="a new leader")
     elected_at = time.time()
     client = get_client(url)
-    wait_for_completion(client, etcd_prefix, producer, timeout=120)
-    collector.join(120)
+    wait_for_completion(client, etcd_prefix, producer, timeout=120, collector=collector)
 
     tally = Tally.collect(f"leader of 3 SIGKILLed ({connected} of 3 workers on it)", client, etcd_prefix,
                           producer, killed_at, fault_end=elected_at,
                           collector=collector)
     summary(tally)
-    assert tally.refused == [] and tally.unexpected == []
-    assert tally.lost == [], locate(client, etcd_prefix, tally.lost)
-    assert tally.completed == TASKS
-    assert tally.duplicated == [], "a task ran twice although no worker died"
-    assert wait_all_settled(client, etcd_prefix, tally.accepted) == {}, "a message outlived its task"
-    assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)
+    assert_every_task_ran_once(tally, client, etcd_prefix, TASKS, collector)
     assert all(worker.process.poll() is None for worker in workers)
     assert not any(connected_ports(w.process.pid)[victim.port] for w in workers)
 

@@ -15,7 +15,6 @@ from tests.helpers import wait_until
 from tests.reliability import counting_app
 from tests.reliability.counting import PUBLISH_RETRY_POLICY, Tally, locate, read_markers
 
-APP = "tests.reliability.counting_app"
 LEASE_TTL = 3
 #: A quota small enough to fill in a second (etcd's default is 2 GiB).
 QUOTA_BYTES = 8 * 1024 * 1024
@@ -62,15 +61,13 @@ def free_space(client) -> None:
 
 @pytest.mark.reliability
 def test_publishes_fail_clearly_when_etcd_is_full_and_resume_after_the_operator_frees_space(
-        tmp_path, etcd_url, etcd_prefix, worker_factory, summary):
+        tmp_path, etcd_url, etcd_prefix, counting_workers, summary):
     server = EtcdServer(data_dir=str(tmp_path / "etcd"), extra_args=["--quota-backend-bytes", str(QUOTA_BYTES)])
     server.start()
     try:
         url = server.url
-        counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
         # executions are counted on the session's etcd, so tasks finish while this one is full
-        worker = worker_factory(app=APP, env=counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True,
-                                                                     marker_url=etcd_url), concurrency=2)
+        (worker,) = counting_workers(url, 1, lease_ttl=LEASE_TTL, marker_url=etcd_url)
         client, counter = get_client(url), get_client(etcd_url)
         accepted: list[str] = []
         refused: list[tuple[str, str]] = []

@@ -10,21 +10,17 @@ import pytest
 
 from etcd_broker.client import CONNECTION_ERRORS, get_client, make_client
 from scripts.etcd_server import cluster_url
-from tests.reliability import counting_app
 from tests.reliability.cluster_tools import leader_of, make_leader
 from tests.reliability.counting import (
     WORKER_POOL,
-    Collector,
-    Producer,
     Tally,
-    locate,
-    wait_all_settled,
+    assert_every_task_ran_once,
+    start_traffic,
     wait_for_completion,
 )
 
 WRITER_THREADS = 8
 LEADER_MOVES = 4
-APP = "tests.reliability.counting_app"
 LEASE_TTL = 3
 TASKS = 120
 TASK_SECONDS = 0.2
@@ -66,17 +62,12 @@ def test_writes_during_leader_changes_fail_only_with_errors_kombu_retries(cluste
 
 
 @pytest.mark.reliability
-def test_four_leader_moves_under_load_run_every_task_exactly_once(cluster, etcd_prefix, worker_factory, summary):
+def test_four_leader_moves_under_load_run_every_task_exactly_once(cluster, etcd_prefix, counting_workers, summary):
     """Three workers (acks late) while leadership moves four times in a row: every move fails requests in
     flight, so workers reset their connections mid-task; nobody dies, so nothing may run twice."""
     url = cluster_url(cluster)
-    counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
-    env = counting_app.worker_env(url, etcd_prefix, LEASE_TTL, backend=True)
-    workers = [worker_factory(app=APP, env=env, concurrency=4, pool=WORKER_POOL) for _ in range(3)]
-    producer = Producer(TASKS, TASK_SECONDS, interval=0.05)
-    collector = Collector(producer, timeout=120)
-    producer.start()
-    collector.start()
+    workers = counting_workers(url, 3, lease_ttl=LEASE_TTL, concurrency=4, pool=WORKER_POOL)
+    producer, collector = start_traffic(TASKS, TASK_SECONDS, interval=0.05, timeout=120)
     producer.sent_half.wait(60)
 
     moved_at = time.time()
@@ -85,16 +76,10 @@ def test_four_leader_moves_under_load_run_every_task_exactly_once(cluster, etcd_
         make_leader(cluster, followers[move % len(followers)])
     moves_done = time.time()
     client = get_client(url)
-    wait_for_completion(client, etcd_prefix, producer, timeout=120)
-    collector.join(120)
+    wait_for_completion(client, etcd_prefix, producer, timeout=120, collector=collector)
 
     tally = Tally.collect(f"{LEADER_MOVES} leader moves in a row", client, etcd_prefix, producer, moved_at,
                           fault_end=moves_done, collector=collector)
     summary(tally)
-    assert tally.refused == [] and tally.unexpected == []
-    assert tally.lost == [], locate(client, etcd_prefix, tally.lost)
-    assert tally.completed == TASKS
-    assert tally.duplicated == [], "a task ran twice although no worker died"
-    assert wait_all_settled(client, etcd_prefix, tally.accepted) == {}, "a message outlived its task"
-    assert collector.failed == [] and sorted(tally.fetched) == sorted(tally.accepted)
+    assert_every_task_ran_once(tally, client, etcd_prefix, TASKS, collector)
     assert all(worker.process.poll() is None for worker in workers)

@@ -8,10 +8,8 @@ import pytest
 
 from etcd_broker.client import get_client
 from etcd_broker.keys import KeySpace
-from tests.reliability import counting_app
 from tests.reliability.counting import Producer, read_markers, wait_for_completion
 
-APP = "tests.reliability.counting_app"
 WORKERS = 3
 CONCURRENCY = 2  # x worker_prefetch_multiplier 1 = prefetch 2 per worker
 TASKS = 36
@@ -25,10 +23,8 @@ def held_per_consumer(client, prefix: str) -> Counter:
 
 
 @pytest.mark.reliability
-def test_a_burst_is_shared_and_no_worker_holds_more_than_its_prefetch(etcd_url, etcd_prefix, worker_factory):
-    counting_app.configure(etcd_url, etcd_prefix)
-    env = counting_app.worker_env(etcd_url, etcd_prefix)
-    workers = [worker_factory(app=APP, env=env, concurrency=CONCURRENCY) for _ in range(WORKERS)]
+def test_a_burst_is_shared_and_no_worker_holds_more_than_its_prefetch(etcd_url, etcd_prefix, counting_workers):
+    workers = counting_workers(etcd_url, WORKERS, backend=False, concurrency=CONCURRENCY)
     client = get_client(etcd_url)
     producer = Producer(TASKS, TASK_SECONDS, interval=0.02)  # faster than the workers: a backlog forms
     producer.start()

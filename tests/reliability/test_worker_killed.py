@@ -8,10 +8,8 @@ import pytest
 
 from etcd_broker.client import get_client
 from tests.helpers import wait_until
-from tests.reliability import counting_app
 from tests.reliability.counting import Producer, Tally, locate, read_markers, wait_for_completion
 
-APP = "tests.reliability.counting_app"
 #: A short lease keeps the test quick; FAULT_TEST_LEASE_TTL=10 measures the default (docs/reliability.md).
 LEASE_TTL = int(os.environ.get("FAULT_TEST_LEASE_TTL", "3"))
 TASKS = 36
@@ -30,10 +28,8 @@ def running_on(client, prefix: str, pid: int) -> list[str]:
 
 @pytest.mark.reliability
 def test_a_killed_workers_tasks_finish_on_other_workers_and_none_is_lost(
-        etcd_url, etcd_prefix, worker_factory, summary):
-    counting_app.configure(etcd_url, etcd_prefix, LEASE_TTL)
-    env = counting_app.worker_env(etcd_url, etcd_prefix, LEASE_TTL)
-    workers = [worker_factory(app=APP, env=env, concurrency=2) for _ in range(3)]
+        etcd_url, etcd_prefix, counting_workers, summary):
+    workers = counting_workers(etcd_url, 3, lease_ttl=LEASE_TTL, backend=False)
     victim = workers[0].process.pid
     client = get_client(etcd_url)
     producer = Producer(TASKS, TASK_SECONDS, interval=0.05)

@@ -10,7 +10,7 @@ from etcd_broker.client import get_client
 from tests.helpers import wait_until
 from tests.reliability import counting_app
 from tests.reliability.blackhole import BlackholeProxy
-from tests.reliability.counting import Collector, Producer, Tally, locate, read_markers, wait_for_completion
+from tests.reliability.counting import Tally, locate, read_markers, start_traffic, wait_for_completion
 from tests.reliability.test_worker_killed import running_on
 
 APP = "tests.reliability.counting_app"
@@ -33,10 +33,7 @@ def test_a_partitioned_workers_tasks_run_elsewhere_and_its_late_writes_corrupt_n
                                  concurrency=2) for _ in range(2)]
         client = get_client(etcd_url)
         pid = cut_off.process.pid
-        producer = Producer(TASKS, TASK_SECONDS, interval=0.05)
-        collector = Collector(producer, timeout=90)
-        producer.start()
-        collector.start()
+        producer, collector = start_traffic(TASKS, TASK_SECONDS, interval=0.05, timeout=90)
 
         wait_until(lambda: len(running_on(client, etcd_prefix, pid)) == 2, timeout=60, message="cut-off worker busy")
         proxy.cut.set()
@@ -45,8 +42,7 @@ def test_a_partitioned_workers_tasks_run_elsewhere_and_its_late_writes_corrupt_n
         time.sleep(CUT_SECONDS)
         proxy.cut.clear()
         healed_at = time.time()
-        wait_for_completion(client, etcd_prefix, producer, timeout=90)
-        collector.join(90)
+        wait_for_completion(client, etcd_prefix, producer, timeout=90, collector=collector)
         # the healed worker takes work again (its consumer re-registered under a new lease): with the
         # others stopped, it is the only one that can run these
         assert all(worker.process.poll() is None for worker in [cut_off, *others])

@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> str:
         durable_redis.stop()
     headers = ["broker", "publish/s (1 thread)", "drain/s", *[f"end-to-end/s ({n} prod.)" for n in PRODUCER_THREADS],
                "latency p50 ms", "p95 ms", "p99 ms"]
-    table = print_table(f"Celery no-op tasks, worker -P threads -c 8, {args.tasks} tasks, "
-                        f"{args.rounds} latency rounds, load average {os.getloadavg()[0]:.1f}", headers, rows)
+    tasks = "" if args.latency_only else f"{args.tasks} tasks, "
+    table = print_table(f"Celery no-op tasks, worker -P threads -c 8, {tasks}{args.rounds} latency rounds, "
+                        f"load average {os.getloadavg()[0]:.1f}", headers, rows)
     ours, default, durable = (row[-3] for row in rows)
     ratios = (f"latency p50 ours / redis default: {ours / default:.2f}x (issue 14: at most 1.2x); "
               f"ours / redis appendfsync always: {ours / durable:.2f}x (at most 1x)")

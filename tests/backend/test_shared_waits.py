@@ -27,6 +27,13 @@ def new_id(label: str) -> str:
     return f"{label}-{uuid.uuid4().hex[:8]}"
 
 
+def await_in_thread(app, task_id: str, got: dict[str, object]) -> threading.Thread:
+    """A thread whose get() of ``task_id`` puts the result in ``got``."""
+    thread = threading.Thread(target=lambda: got.update({task_id: app.AsyncResult(task_id).get(timeout=20)}))
+    thread.start()
+    return thread
+
+
 class CountedReads:
     """Counts the result store's batched reads (the waiters' only etcd requests besides watches)."""
 
@@ -104,12 +111,12 @@ def test_a_result_stored_before_the_prefix_subscription_is_found(results_app):
     for number in range(40):
         early, late = new_id("early"), new_id("late")
         backend.store_result(early, number, states.SUCCESS)  # before anything watches
-        waiter = threading.Thread(target=lambda: results_app.AsyncResult(late).get(timeout=20))
-        waiter.start()
+        got: dict[str, object] = {}
+        waiter = await_in_thread(results_app, late, got)
         assert results_app.AsyncResult(early).get(timeout=20) == number
         backend.store_result(late, number, states.SUCCESS)
         waiter.join(timeout=20)
-        assert not waiter.is_alive()
+        assert got == {late: number}
 
 
 def test_a_result_stored_while_the_prefix_is_live_before_its_get_is_found(results_app):
@@ -139,8 +146,7 @@ def test_results_racing_the_switch_between_modes_are_never_missed(results_app, m
     for number in range(60):
         first, second, third = new_id("first"), new_id("second"), new_id("third")
         got: dict[str, object] = {}
-        waiter = threading.Thread(target=lambda: got.update(first=results_app.AsyncResult(first).get(timeout=20)))
-        waiter.start()
+        waiter = await_in_thread(results_app, first, got)
         writers = [threading.Thread(target=backend.store_result, args=(task_id, number, states.SUCCESS))
                    for task_id in (first, second)]
         for writer in writers:
@@ -148,7 +154,7 @@ def test_results_racing_the_switch_between_modes_are_never_missed(results_app, m
         assert results_app.AsyncResult(second).get(timeout=20) == number
         modes.add(backend.result_consumer.following_prefix)
         waiter.join(timeout=20)
-        assert got == {"first": number}
+        assert got == {first: number}
         writer = threading.Thread(target=backend.store_result, args=(third, number, states.SUCCESS))
         writer.start()
         assert results_app.AsyncResult(third).get(timeout=20) == number

@@ -359,13 +359,18 @@ class SharedWaits:
     def _maybe_stop(self) -> None:
         """Back to per-task subscriptions once nobody awaits on the prefix and the process was not busy lately."""
         with self._lock:
-            if self._prefix is None or self._consumers or time.monotonic() - self._busy_at < PREFIX_LINGER:
-                return
-            watch, self._prefix, self._live = self._prefix, None, False
-            self._generation += 1
-            self._known.clear()  # sent tasks are read when awaited, as without the prefix
-            self._to_read, self._read_later = set(), set()
-        self.store.hub.unsubscribe(watch)
+            watch = self._detach_if_idle()
+        if watch is not None:
+            self.store.hub.unsubscribe(watch)
+
+    def _detach_if_idle(self) -> Watch | None:
+        if self._prefix is None or self._consumers or time.monotonic() - self._busy_at < PREFIX_LINGER:
+            return None
+        watch, self._prefix, self._live = self._prefix, None, False
+        self._generation += 1
+        self._known.clear()  # sent tasks are read when awaited, as without the prefix
+        self._to_read, self._read_later = set(), set()
+        return watch
 
     # -- the hub's thread ----------------------------------------------------------------
     def _on_events(self, generation: int, events: Sequence[Any]) -> None:
@@ -381,8 +386,11 @@ class SharedWaits:
                 stored = self._known[task_id] = Stored.from_kv(event.kv)
                 for consumer in self._consumers.get(task_id, ()):
                     by_consumer.setdefault(consumer, []).append((task_id, stored))
+            idle = self._detach_if_idle()  # a process that stopped awaiting stops receiving every result
         for consumer, items in by_consumer.items():
             consumer.post(items)
+        if idle is not None:
+            self.store.hub.unsubscribe(idle)  # safe here: the stream calls back without its lock
 
     def _on_created(self, generation: int) -> None:
         """etcd confirmed the subscription (again): read its waiters, and tasks sent before it, once."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 
 import pytest
 from celery import states
 
 from etcd_broker import result_consumer, watch
+from etcd_broker.result_consumer import HUB_LABEL
 from tests.backend.conftest import task
 from tests.helpers import wait_until
 
@@ -240,3 +242,32 @@ def test_threads_awaiting_the_same_task_all_get_it_while_a_stray_handle_is_dropp
     for thread in threads:
         thread.join(timeout=20)
     assert got == ["same"] * 3
+
+
+def test_an_idle_process_stops_receiving_every_result_at_the_next_write(results_app, monkeypatch):
+    # Nobody awaits here any more (and did not for PREFIX_LINGER): the next result written
+    # anywhere ends the prefix subscription, without waiting for another get() here.
+    monkeypatch.setattr(result_consumer, "PREFIX_LINGER", 0.2)
+    backend = results_app.backend
+    hub = backend.store.hub
+    first, second = new_id("first"), new_id("second")
+    got: dict[str, object] = {}
+    waiter = await_in_thread(results_app, first, got)
+    writer = threading.Timer(0.05, backend.store_result, args=(second, 2, states.SUCCESS))
+    writer.start()
+    assert results_app.AsyncResult(second).get(timeout=20) == 2
+    assert backend.result_consumer.following_prefix
+    backend.store_result(first, 1, states.SUCCESS)
+    waiter.join(timeout=20)
+    assert got == {first: 1}
+    wait_until(lambda: backend.result_consumer.shared._busy_at + 0.2 < time.monotonic(), timeout=5)
+    backend.store_result(new_id("elsewhere"), 3, states.SUCCESS)  # another process's result
+    wait_until(lambda: not backend.result_consumer.following_prefix, timeout=10,
+               message="the prefix subscription ended")
+    before = hub.events_delivered(HUB_LABEL)
+    for number in range(5):
+        backend.store_result(new_id("elsewhere"), number, states.SUCCESS)
+    lone = new_id("lone")
+    backend.store_result(lone, "lone", states.SUCCESS)
+    assert results_app.AsyncResult(lone).get(timeout=20) == "lone"
+    assert hub.events_delivered(HUB_LABEL) - before <= 1  # none of the 5 other writes

@@ -17,8 +17,11 @@ read. Guarantees are those of a claim: the message lives without a lease under t
 ``unacked/<lease>/``, so if the consumer dies its lease lapses and the sweeper puts the message
 back in line; one parked key takes one message (the compare); a consumer parks only with room
 under its prefetch limit (a hand-off that finds the room taken meanwhile waits, claimed, until a
-slot frees, as a prefetched message does). A consumer that stops consuming a queue withdraws its
-park: the key is deleted if it is unchanged, and a hand-off it never took is put back in line.
+slot frees, as a prefetched message does). A hand-off still waiting when the consumer's lease
+lapses (a partition longer than the TTL) is delivered afterwards only if etcd says it is still the
+consumer's: the sweeper may have put it back in line for another worker. A consumer that stops
+consuming a queue withdraws its park: the key is deleted if it is unchanged, and a hand-off it
+never took is put back in line.
 
 Only consumers inside an event loop (a Celery worker) park, and only publishes without TTL,
 queue limits or ``Producer.batch()``, of at most HANDOFF_MAX_BYTES, are handed off.
@@ -106,6 +109,11 @@ class ParkedConsumers:
             key, (revision, lease) = idle.popitem()
         return key.decode(), revision, lease
 
+    def waiting(self, queue: str) -> int:
+        """How many consumers this process knows to be parked on ``queue`` (for operators and tests)."""
+        with self._lock:
+            return len(self._idle.get(queue) or ())
+
     def _follow(self, queue: str) -> None:
         prefix = parked_prefix(self.keys, queue)
         self._watches[queue] = self.hub.subscribe(
@@ -158,13 +166,20 @@ def parked_consumers(client: Any, keys: KeySpace, hub: WatchHub) -> ParkedConsum
         return view
 
 
+def waiting(queue: str) -> int:
+    """Parked consumers of ``queue`` known to this process's publishers (all its views)."""
+    with _views_lock:
+        views = [view for (pid, _, _), view in _views.items() if pid == os.getpid()]
+    return sum(view.waiting(queue) for view in views)
+
+
 # -- consumer side: parking and taking hand-offs -----------------------------------------------
 class _Park:
     """One consumed queue's parked key: the newest revision we know of it (``seen``), its
     mod_revision then (``mod``, 0: absent), whether it says we wait, and the hand-offs received
     and not yet delivered."""
 
-    __slots__ = ("key", "watch", "seen", "mod", "parked", "handed")
+    __slots__ = ("key", "watch", "seen", "mod", "parked", "handed", "lapsed")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -173,6 +188,8 @@ class _Park:
         self.mod = 0
         self.parked = False
         self.handed: deque[tuple[str, bytes]] = deque()
+        #: unacked keys of hand-offs received before the park's lease lapsed: checked before delivery
+        self.lapsed: set[str] = set()
 
 
 class Parking:
@@ -190,13 +207,43 @@ class Parking:
         self._parks: dict[str, _Park] = {}
         self._lock = threading.Lock()
 
-    def take(self, queue: str) -> tuple[str, bytes] | None:
-        """A message handed to us on ``queue`` (its unacked key and value), oldest first."""
+    def take(self, queue: str, current_key: Callable[[str], str] = str) -> tuple[str, bytes] | None:
+        """A message handed to us on ``queue`` (its unacked key and value), oldest first.
+
+        A hand-off made under a lease that lapsed (we saw its park deleted, or ``current_key``,
+        the lease's mapping of a key to our current lease, moves it) is delivered only if its key
+        is still ours: under the lapsed lease, or where the lease's adoption moved it. Else a
+        sweeper put it back in line and it may have run elsewhere already, so it is dropped.
+        """
         park = self._parks.get(queue)
-        if park is None or not park.handed:
-            return None
-        with self._lock:
-            return park.handed.popleft() if park.handed else None
+        while park is not None and park.handed:
+            with self._lock:
+                if not park.handed:
+                    return None
+                key, value = park.handed.popleft()
+                lapsed = key in park.lapsed
+                park.lapsed.discard(key)
+            adopted = current_key(key)
+            if not lapsed and adopted == key:
+                return key, value
+            try:
+                held = self._still_ours(key, adopted)
+            except Exception:  # etcd unreachable: keep it for the next take, still to be checked
+                with self._lock:
+                    park.handed.appendleft((key, value))
+                    park.lapsed.add(key)
+                raise
+            if held is not None:
+                return held, value
+            logger.warning("hand-off %s dropped: our lease lapsed before we took it and it went back in line", key)
+        return None
+
+    def _still_ours(self, key: str, adopted: str) -> str | None:
+        """Which of ``key`` and ``adopted`` etcd still has (None: neither)."""
+        for candidate in dict.fromkeys((adopted, key)):
+            if ops.get(self.client, candidate, keys_only=True).kvs:
+                return candidate
+        return None
 
     def park(self, queue: str, lease_id: int) -> None:
         """Tell publishers we wait on ``queue`` (it is empty and we have room); no-op if parked."""
@@ -256,6 +303,7 @@ class Parking:
         park.seen = revision
         if kv is None:  # gone with our lease, or the queue was deleted
             park.parked, park.mod = False, 0
+            park.lapsed.update(key for key, _ in park.handed)  # a sweeper may put these back in line
             return False
         park.mod = revision
         if kv.value == IDLE:  # only we write it: our park, its event before its response

@@ -72,7 +72,7 @@ def test_lone_tasks_reach_an_idle_worker_without_a_claim_and_run_once(worker_fac
         assert first.get(timeout=60) == worker.process.pid
         ids = [first.id]
         for _ in range(10):
-            wait_until(lambda: idle_park(client, keys, "celery"), timeout=30, message="the idle worker parked")
+            wait_until(lambda: handoff.waiting("celery"), timeout=30, message="the client saw the idle worker park")
             result = app.send_task("busy.pid")
             assert result.get(timeout=60) == worker.process.pid
             ids.append(result.id)
@@ -117,8 +117,7 @@ def test_a_consumer_that_stops_gives_back_a_handoff_it_never_took(etcd_url, etcd
 
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="park-q", declare=[queue])
         run_until(lambda: received == [0], "message 0 delivered")
-        run_until(lambda: idle_park(client, keys, "park-q"), "the consumer parked")
-        time.sleep(0.5)  # the producer's view of the parks catches up (a watch event)
+        run_until(lambda: handoff.waiting("park-q"), "the producer saw the consumer park")
         producer.publish({"n": 1}, exchange=queue.exchange, routing_key="park-q")  # the hub loop is not run
         (park,) = parks(client, keys, "park-q")
         assert park[0] != handoff.IDLE, "message 1 was not handed to the parked consumer"
@@ -143,8 +142,7 @@ def test_a_handoff_to_a_sigkilled_worker_comes_back_and_runs_elsewhere(worker_fa
     first = worker_factory(app=APP, env=env, pool="threads", concurrency=2)
     try:
         assert app.send_task("busy.pid").get(timeout=60) == first.process.pid  # the client follows the parks
-        wait_until(lambda: idle_park(client, keys, "celery"), timeout=30, message="the idle worker parked")
-        time.sleep(0.5)  # the client's view of the parks catches up
+        wait_until(lambda: handoff.waiting("celery"), timeout=30, message="the client saw the idle worker park")
         first.kill()  # its park stays until its lease lapses
         lost = app.send_task("busy.pid")
         (park,) = parks(client, keys, "celery")
@@ -170,3 +168,53 @@ def test_a_park_that_changed_since_the_publisher_saw_it_gets_nothing(etcd_url, e
     assert ops.get(client, keys.unacked("stale-q"), prefix=True, count_only=True).count == 0
     assert client.get(key)[0] == handoff.IDLE
     client.revoke_lease(lease.id)
+
+
+def test_a_handoff_not_taken_before_its_lease_lapsed_is_delivered_only_if_still_ours(etcd_url, etcd_prefix):
+    """A worker cut off longer than its lease (test_worker_partitioned.py) had a hand-off waiting for a
+    free slot; a sweeper put it back in line and another worker ran it. Taken after that, it must not
+    run again; one the lapsed lease's adoption moved under the new lease is still delivered."""
+    queue, keys, client = "lapse-q", KeySpace(etcd_prefix), get_client(etcd_url)
+    hub = hub_for(client.config)
+    parking = handoff.Parking(client, keys, lambda: hub, lambda: None, 10)
+
+    def hand_off(lease_id: int, seq: str) -> str:
+        parking.park(queue, lease_id)
+        (kv,) = ops.get(client, handoff.parked_prefix(keys, queue), prefix=True).kvs
+        position = f"9/{seq}"
+        compare, success, failure = handoff.handoff_ops(keys, queue, position, b'{"n": 1}',
+                                                        keys.ready_message(queue, position),
+                                                        (kv.key.decode(), kv.mod_revision, kv.lease))
+        assert ops.txn(client, compare, success, failure).succeeded
+        key = keys.unacked_message(queue, lease_id, position)
+        wait_until(lambda: parking._parks[queue].handed, timeout=10, message="the hand-off event")
+        return key
+
+    def lapse(lease_id: int, key: str, to: str | None) -> None:
+        """The lease lapses (its park goes with it); a sweeper moves ``key`` back to ready/, or the
+        adoption under a new lease moves it to ``to``."""
+        client.revoke_lease(lease_id)
+        target = to or keys.ready_message(queue, keys.position_of(key))
+        assert ops.txn(client, [], [ops.delete(key), ops.put(target, b'{"n": 1}')]).succeeded
+        wait_until(lambda: parking._parks[queue].mod == 0, timeout=10, message="the park's deletion seen")
+
+    first = client.lease(30).id
+    swept = hand_off(first, "0001")
+    lapse(first, swept, to=None)
+    assert parking.take(queue) is None, "a hand-off put back in line by a sweeper was delivered"
+
+    second, third = client.lease(30).id, client.lease(30).id
+    adopted = hand_off(second, "0002")
+    moved = keys.unacked_message(queue, third, keys.position_of(adopted))
+    lapse(second, adopted, to=moved)
+    assert parking.take(queue, lambda key: moved if key == adopted else key) == (moved, b'{"n": 1}')
+
+    # Our lease changed (the keepalive saw it lapse) before the park's deletion reached us.
+    early = hand_off(third, "0003")
+    assert ops.txn(client, [], [ops.delete(early), ops.put(keys.ready_message(queue, "9/0003"), b'{"n": 1}')]).succeeded
+    assert parking.take(queue, lambda key: key.replace(f"{third:016x}", f"{second:016x}")) is None
+
+    live = hand_off(third, "0004")  # a lease that did not lapse: delivered without a read
+    assert parking.take(queue) == (live, b'{"n": 1}')
+    parking.withdraw_all(lambda key: None, lambda key, seen: None)
+    client.revoke_lease(third)

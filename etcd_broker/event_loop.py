@@ -24,8 +24,9 @@ DELIVERIES_PER_WAKE = 64
 class EventLoopMixin:
     """Wake-up pipe, hub registration and ``drain_events`` of :class:`etcd_broker.transport.Transport`.
 
-    Needs ``cycle``, ``lease``, ``config``, ``forget_reads()``, ``on_message_ready()`` and the queue
-    watches (queue_watch.py) from the class it is mixed into.
+    Needs ``cycle``, ``lease``, ``config``, ``forget_reads()``, ``on_message_ready()``,
+    ``give_back_handoffs_without_room()`` and the queue watches (queue_watch.py) from the class it
+    is mixed into.
     """
 
     def _init_event_loop(self) -> None:
@@ -86,6 +87,7 @@ class EventLoopMixin:
             try:
                 self.cycle.get(self.dispatch)
             except Empty:
+                self.give_back_handoffs_without_room()
                 return
         self.wake()  # more may be waiting: come back after the hub has served its other fds
 

@@ -238,6 +238,21 @@ class Parking:
             logger.warning("hand-off %s dropped: our lease lapsed before we took it and it went back in line", key)
         return None
 
+    def queues_with_handoffs(self) -> list[str]:
+        """The queues with hand-offs received and not delivered yet."""
+        return [queue for queue, park in list(self._parks.items()) if park.handed]
+
+    def give_back(self, queue: str) -> list[str]:
+        """Take every hand-off not delivered on ``queue``; their unacked keys, for the caller to requeue."""
+        park = self._parks.get(queue)
+        if park is None:
+            return []
+        with self._lock:
+            handed = [key for key, _ in park.handed]
+            park.handed.clear()
+            park.lapsed.clear()
+        return handed
+
     def _still_ours(self, key: str, adopted: str) -> str | None:
         """Which of ``key`` and ``adopted`` etcd still has (None: neither)."""
         for candidate in dict.fromkeys((adopted, key)):

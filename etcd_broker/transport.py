@@ -183,9 +183,11 @@ class Channel(virtual.Channel):
             if not candidates:
                 if token is not None:  # every hinted message is ours or another consumer's
                     self.connection.hints_settled(queue, token)
+                    self._park(queue, lease_id)
                     raise Empty()
                 candidates = self._read_ready(queue)
                 if not candidates:
+                    self._park(queue, lease_id)
                     raise Empty()
             messages, candidates = self._claim_many(queue, candidates, lease_id)
             if messages:
@@ -202,11 +204,15 @@ class Channel(virtual.Channel):
     def _park(self, queue, lease_id: int) -> None:
         """Idle on an empty queue inside an event loop: let publishers hand us its next message (handoff.py)."""
         if self.connection.in_event_loop and queue in self._consumer_queues.values() \
-                and queue not in self._no_ack_queues:
+                and queue not in self._no_ack_queues and self.connection.known_empty(queue):
             try:
                 self.connection.parking.park(queue, lease_id)
             except CONNECTION_ERRORS as exc:  # parking is an optimisation: the watch still wakes us
                 logger.debug("could not park on queue %r: %s", queue, exc)
+
+    def has_room_for(self, queue) -> bool:
+        """True if this channel consumes ``queue`` and may take a message now (prefetch room)."""
+        return not self.closed and queue in self._consumer_queues.values() and self.qos.can_consume()
 
     def _allowance(self) -> int:
         """How many messages we may claim now: one for a get, else the prefetch room (at most a batch).
@@ -545,6 +551,15 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     def parked(self) -> handoff.ParkedConsumers:
         """Which consumers wait on the queues we publish to (handoff.py; shared by the process)."""
         return handoff.parked_consumers(self.etcd, self.keys, self.watch_hub)
+
+    def give_back_handoffs_without_room(self) -> None:
+        """Hand-offs that arrived after our prefetch room filled go back in line at once (handoff.py),
+        where an idle consumer can take them, instead of waiting here for a slot."""
+        for queue in self.parking.queues_with_handoffs():
+            if not any(channel.has_room_for(queue) for channel in self.channels):
+                for key in self.parking.give_back(queue):
+                    logger.debug("hand-off %s on queue %r given back: no prefetch room", key, queue)
+                    self.lease.requeue_later(key)
 
     def unwatch_queue(self, queue: str) -> None:
         """The last consumer of ``queue`` here is gone: withdraw our park, give back hand-offs not delivered."""

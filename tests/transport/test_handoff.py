@@ -218,3 +218,52 @@ def test_a_handoff_not_taken_before_its_lease_lapsed_is_delivered_only_if_still_
     assert parking.take(queue) == (live, b'{"n": 1}')
     parking.withdraw_all(lambda key: None, lambda key, seen: None)
     client.revoke_lease(third)
+
+
+def test_a_handoff_that_finds_the_prefetch_room_taken_goes_back_in_line(etcd_url, etcd_prefix):
+    """Parked with room for one; a message that came through ready/ takes that room; the next
+    publish is still handed to the park. It must not wait for a slot there (an idle consumer may
+    take it; a lapse of the lease meanwhile could run it twice): it goes back to ready/ at once."""
+    queue = Queue("full-q", Exchange("full-x", type="direct"), routing_key="full-q")
+    keys, client = KeySpace(etcd_prefix), get_client(etcd_url)
+    received: list = []
+    hub = Hub()
+    options = {"prefix": etcd_prefix, "lease_ttl": 3}
+    with Connection(etcd_url, transport_options=options) as conn, \
+            Connection(etcd_url, transport_options=options) as producer_conn:
+        conn.connect()
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        channel = conn.channel()
+        channel.basic_qos(0, 1, False)
+        consumer = Consumer(channel, [queue], accept=["json"], callbacks=[lambda body, message: received.append(message)])
+        consumer.consume()
+        producer = producer_conn.Producer(serializer="json")
+        loop = hub.create_loop()
+
+        def run_until(predicate, message: str) -> None:
+            deadline = time.monotonic() + 20
+            while not predicate():
+                assert time.monotonic() < deadline, message
+                next(loop)
+
+        producer.publish({"n": 0}, exchange=queue.exchange, routing_key="full-q", declare=[queue])
+        run_until(lambda: len(received) == 1, "message 0 delivered")
+        received.pop().ack()
+        run_until(lambda: handoff.waiting("full-q"), "the producer saw the consumer park")
+        # A message with a TTL is never handed off: it comes through ready/ and fills the room.
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key="full-q", expiration=60)
+        run_until(lambda: len(received) == 1, "message 1 delivered")
+        assert handoff.waiting("full-q"), "the park is still there (nothing withdrew it)"
+        producer.publish({"n": 2}, exchange=queue.exchange, routing_key="full-q")
+        wait_until(lambda: parks(client, keys, "full-q")[0][0] != handoff.IDLE, timeout=10,
+                   message="message 2 handed to the park")
+        run_until(lambda: ops.get(client, keys.ready("full-q"), prefix=True, count_only=True).count == 1,
+                  "the hand-off given back to ready/ while the room is taken")
+        assert [m.payload for m in received] == [{"n": 1}]
+        received.pop().ack()
+        run_until(lambda: len(received) == 1, "message 2 delivered once a slot freed")
+        assert received[0].payload == {"n": 2}
+        received.pop().ack()
+        consumer.cancel()
+        hub.close()
+        wait_until(lambda: not parks(client, keys, "full-q"), timeout=20, message="the park withdrawn")

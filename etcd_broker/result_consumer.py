@@ -158,10 +158,27 @@ class ResultConsumer(BaseResultConsumer):
     def _deliver(self, task_id: str, stored: Stored) -> None:
         if task_id not in self._watches or task_id in self._cancels:
             return  # done with it already
-        if stored.mod_revision <= self._seen.get(task_id, 0):
+        seen = self._seen.get(task_id, 0)
+        if stored.mod_revision <= seen:
             return  # both read and watched
         self._seen[task_id] = stored.mod_revision
+        if not seen and self.on_message is not None:
+            self._deliver_earlier(task_id, stored)
         self.on_state_change(self.backend.decode_result(stored.value), None)
+
+    def _deliver_earlier(self, task_id: str, stored: Stored) -> None:
+        """A caller that wants every state (``get(on_message=...)``) but whose watch began after some
+        were written gets those from etcd's history first, oldest first (as Redis's subscription
+        before the send would have given them)."""
+        if stored.create_revision >= stored.mod_revision:
+            return  # written once: nothing before it
+        try:
+            earlier = self.store.earlier_states(task_id, stored)
+        except CONNECTION_ERRORS:
+            logger.warning("etcd unreachable reading the earlier states of %s; delivering its current one", task_id)
+            return
+        for state in earlier:
+            self.on_state_change(self.backend.decode_result(state.value), None)
 
     def _read_confirmed(self) -> dict[str, Stored]:
         """Read the keys whose own watch etcd confirmed since the last drain (in as few reads as etcd allows)."""

@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from etcd_broker import forking, group_commit, ops
-from etcd_broker.client import EtcdConfig, get_client
+from etcd_broker.client import COMPACTED, EtcdConfig, classify, get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.watch import WatchHub, close_hubs, hub_for
 
@@ -36,6 +38,8 @@ MAX_TXN_OPS = 128
 LAST_WRITE_MEMORY = 4096
 #: Compare-and-put attempts on one key before giving up (only a concurrent writer forces a retry).
 MAX_WRITE_ATTEMPTS = 32
+#: Most earlier states read back for a waiter that asked for every state but started late.
+MAX_EARLIER_STATES = 100
 #: Lease of a chord's publisher claim (seconds): if its holder dies between claiming and
 #: deleting the chord, a redelivered part may take over this long (plus one lease bucket) later.
 CHORD_CLAIM_TTL = 10
@@ -176,6 +180,26 @@ class ResultStore:
                 if stored is not None:
                     found[task_id] = stored
         return found, revision or self.current_revision()
+
+    def earlier_states(self, task_id: str, stored: Stored) -> list[Stored]:
+        """The states ``task_id`` had before ``stored`` (same run of the key), oldest first, as far
+        back as etcd still keeps its history (compaction ends the walk; at most MAX_EARLIER_STATES)."""
+        key = self.keys.result(task_id)
+        found: list[Stored] = []
+        revision = stored.mod_revision
+        while len(found) < MAX_EARLIER_STATES and revision > stored.create_revision > 0:
+            try:
+                response = self._get(key, revision=revision - 1)
+            except grpc.RpcError as exc:
+                if classify(exc) == COMPACTED:
+                    break
+                raise
+            kv = response.kvs[0] if response.kvs else None
+            if kv is None or kv.create_revision != stored.create_revision:
+                break
+            found.append(Stored.from_kv(kv))
+            revision = kv.mod_revision
+        return found[::-1]
 
     def write_state(self, task_id: str, value: bytes, *, ttl: int | None, success: bool = False,
                     check_cancel: bool = False, ack_key: str | None = None) -> WriteOutcome:

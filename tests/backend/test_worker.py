@@ -30,6 +30,32 @@ def test_get_on_message_sees_each_progress_update_in_order(worker_app):
     assert seen[-1]["status"] == "SUCCESS"
 
 
+def test_a_get_started_after_some_progress_still_sees_every_state_in_order(worker_app):
+    """Its watch begins after PROGRESS 20 and 40 were written: they come from etcd's history."""
+    seen = []
+    result = task(worker_app, "count_with_progress", 5, 0.3).apply_async()
+    events = watch_task(result.id, app=worker_app, timeout=30)
+    next(e for e in events if e.state == "PROGRESS" and e.progress >= 40)  # 20 and 40 are stored
+    assert result.get(timeout=30, on_message=seen.append) == 5
+    assert [m["result"]["progress"] for m in seen if m["status"] == "PROGRESS"] == [20, 40, 60, 80, 100]
+    assert seen[-1]["status"] == "SUCCESS"
+
+
+def test_a_get_without_on_message_reads_no_history(worker_app):
+    """Only a caller asking for every state pays for the history reads."""
+    result = task(worker_app, "count_with_progress", 3, 0.05).apply_async()
+    wait_until(lambda: result.state == "SUCCESS", timeout=30, message="the task done")
+    store = worker_app.backend.store
+    reads = []
+    original = store.earlier_states
+    store.earlier_states = lambda *args: reads.append(args) or original(*args)
+    try:
+        assert result.get(timeout=30) == 3
+    finally:
+        del store.earlier_states
+    assert reads == []
+
+
 def test_every_watcher_sees_every_progress_update_in_order(worker_app):
     result = task(worker_app, "count_with_progress", 4, 0.1).apply_async()
     streams = [watch_task(result.id, app=worker_app, timeout=30) for _ in range(3)]

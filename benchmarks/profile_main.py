@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import etcd_calls
-from jobs.messages import run_model_argsrepr
 from benchmarks.bench_batching import describe_model, payloads
 from benchmarks.bench_main import TASK, client_app, is_answer, pick_model_dir, running, worker_env
 from benchmarks.common import (
@@ -49,6 +48,7 @@ from benchmarks.common import (
     start_worker,
     stop_worker,
 )
+from jobs.messages import run_model_argsrepr
 
 #: Jobs run before measuring (model load, connections, first watch).
 WARMUP_JOBS = 20

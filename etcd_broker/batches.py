@@ -162,15 +162,15 @@ def run_batch(task: BatchTask, requests: list[Any]) -> None:
         logger.exception("%s: batch of %d failed", task.name, len(runnable))
         outcomes = [exc] * len(runnable)
     runtime = monotonic() - started
-    done = [(r, value) for r, value in zip(runnable, outcomes) if not isinstance(value, BaseException)]
+    done = [(r, value) for r, value in zip(runnable, outcomes, strict=True) if not isinstance(value, BaseException)]
     _store(task, done)
     for request, value in done:
         request.on_success((False, value, runtime))
         signals.task_success.send(sender=task, result=value)
-    failed = [(r, value) for r, value in zip(runnable, outcomes) if isinstance(value, BaseException)]
+    failed = [(r, value) for r, value in zip(runnable, outcomes, strict=True) if isinstance(value, BaseException)]
     for request, exc in failed:
         _finish_failed(task, request, exc)
-    for request, value in zip(runnable, outcomes):
+    for request, value in zip(runnable, outcomes, strict=True):
         signals.task_postrun.send(sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs,
                                   retval=value, state=states.FAILURE if isinstance(value, BaseException) else states.SUCCESS)
     logger.info("%s: batch of %d ran in %.4fs (%d succeeded, %d failed, %d cancelled)",

@@ -94,7 +94,7 @@ class RunModel(BatchTask):
 
 def _model_and_payload(args: Any, kwargs: dict[str, Any]) -> tuple[str, Any]:
     """``run_model``'s two arguments from a call, or the TypeError calling it would raise."""
-    values = dict(zip(("model", "payload"), args)) | kwargs
+    values = dict(zip(("model", "payload"), args, strict=False)) | kwargs
     if len(args) > 2 or set(values) != {"model", "payload"}:
         raise TypeError(f"run_model() takes (model, payload); got {len(args)} positional and {sorted(kwargs)} keywords")
     return values["model"], values["payload"]

@@ -3,11 +3,14 @@
     python -m benchmarks.bench_main [--seconds 5] [--clients 1 8 64] [--models digits fashion]
                                     [--brokers etcd redis redis-aof rabbitmq] [--model-dir var/models]
 
-Clients (threads of this process) send ``jobs.tasks.run_model`` by name, as the web tier does, and
-each waits for its result (``send_task(...).get()``) before sending the next. Every broker gets the
-same worker: ``celery -A deephardway_site worker -Q gpu -P threads -c 64 --without-gossip
---without-mingle --without-heartbeat`` with the project's own settings (prefetch multiplier 1,
-task_track_started, result_extended, priorities 0-9, micro-batching on); only the URLs differ
+Clients (threads of this process) send ``jobs.tasks.run_model`` by name with the web tier's
+argsrepr (``jobs.messages``), and each waits for its result (``send_task(...).get()``) before
+sending the next. Every broker gets the same worker: ``celery -A deephardway_site worker -Q gpu
+-P threads -c 64 --without-gossip --without-mingle --without-heartbeat`` with the project's own
+settings (prefetch multiplier 1, task_track_started, result_extended, priorities 0-9) and the same
+task code: ``run_model`` is an ``etcd_broker.batches.BatchTask``, so on every broker the requests a
+worker receives together run as one forward pass (what differs is how many arrive together, and
+that only our result backend stores a batch's results in shared transactions); only the URLs differ
 (and Celery's Redis result backend gets a no-op ``stop_if_cancelled``: benchmarks/rival_worker.py):
 
 * etcd: our transport and result backend on one etcd member (every write fsynced);

@@ -25,6 +25,14 @@ from tests.transport.busy_app import make_app
 APP = "tests.transport.busy_app"
 
 
+def run_until(loop, predicate, message: str) -> None:
+    """Turn the kombu hub's loop until ``predicate()`` holds (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while not predicate():
+        assert time.monotonic() < deadline, message
+        next(loop)
+
+
 def env_for(url: str, prefix: str, lease_ttl: int = 3) -> dict[str, str]:
     return {"ETCD_TEST_URL": url, "ETCD_TEST_PREFIX": prefix, "ETCD_TEST_LEASE_TTL": str(lease_ttl)}
 
@@ -109,15 +117,9 @@ def test_a_consumer_that_stops_gives_back_a_handoff_it_never_took(etcd_url, etcd
         producer = producer_conn.Producer(serializer="json")
         loop = hub.create_loop()
 
-        def run_until(predicate, message: str) -> None:
-            deadline = time.monotonic() + 20
-            while not predicate():
-                assert time.monotonic() < deadline, message
-                next(loop)
-
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="park-q", declare=[queue])
-        run_until(lambda: received == [0], "message 0 delivered")
-        run_until(lambda: handoff.waiting("park-q"), "the producer saw the consumer park")
+        run_until(loop, lambda: received == [0], "message 0 delivered")
+        run_until(loop, lambda: handoff.waiting("park-q"), "the producer saw the consumer park")
         producer.publish({"n": 1}, exchange=queue.exchange, routing_key="park-q")  # the hub loop is not run
         (park,) = parks(client, keys, "park-q")
         assert park[0] != handoff.IDLE, "message 1 was not handed to the parked consumer"
@@ -240,28 +242,22 @@ def test_a_handoff_that_finds_the_prefetch_room_taken_goes_back_in_line(etcd_url
         producer = producer_conn.Producer(serializer="json")
         loop = hub.create_loop()
 
-        def run_until(predicate, message: str) -> None:
-            deadline = time.monotonic() + 20
-            while not predicate():
-                assert time.monotonic() < deadline, message
-                next(loop)
-
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="full-q", declare=[queue])
-        run_until(lambda: len(received) == 1, "message 0 delivered")
+        run_until(loop, lambda: len(received) == 1, "message 0 delivered")
         received.pop().ack()
-        run_until(lambda: handoff.waiting("full-q"), "the producer saw the consumer park")
+        run_until(loop, lambda: handoff.waiting("full-q"), "the producer saw the consumer park")
         # A message with a TTL is never handed off: it comes through ready/ and fills the room.
         producer.publish({"n": 1}, exchange=queue.exchange, routing_key="full-q", expiration=60)
-        run_until(lambda: len(received) == 1, "message 1 delivered")
+        run_until(loop, lambda: len(received) == 1, "message 1 delivered")
         assert handoff.waiting("full-q"), "the park is still there (nothing withdrew it)"
         producer.publish({"n": 2}, exchange=queue.exchange, routing_key="full-q")
         wait_until(lambda: parks(client, keys, "full-q")[0][0] != handoff.IDLE, timeout=10,
                    message="message 2 handed to the park")
-        run_until(lambda: ops.get(client, keys.ready("full-q"), prefix=True, count_only=True).count == 1,
+        run_until(loop, lambda: ops.get(client, keys.ready("full-q"), prefix=True, count_only=True).count == 1,
                   "the hand-off given back to ready/ while the room is taken")
         assert [m.payload for m in received] == [{"n": 1}]
         received.pop().ack()
-        run_until(lambda: len(received) == 1, "message 2 delivered once a slot freed")
+        run_until(loop, lambda: len(received) == 1, "message 2 delivered once a slot freed")
         assert received[0].payload == {"n": 2}
         received.pop().ack()
         consumer.cancel()

@@ -12,8 +12,8 @@ same turn of the worker's event loop and runs them as one pool job:
 2. the cancel markers of the whole batch are read at once (``backend.cancelled_among``, one
    etcd transaction on :class:`~etcd_broker.backend.EtcdBackend`): a job cancelled while queued
    never starts, as with ``stop_if_cancelled``;
-3. ``task.run_batch(calls)`` runs them together and returns one outcome per call, a value or
-   an exception;
+3. ``task.run_batch(calls)`` runs them together (each a :class:`Call`: the request's id,
+   arguments and delivery info) and returns one outcome per call, a value or an exception;
 4. the values are stored together (``backend.mark_many_as_done``: one shared etcd transaction
    that also deletes the ``acks_late`` messages, settle.py), then each request finishes as
    Celery's pool would finish it (ack, ``task-succeeded``/``task-failed``, ready).
@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
 
@@ -49,6 +50,22 @@ logger = logging.getLogger(__name__)
 IN_PROCESS_POOLS = (thread.TaskPool, solo.TaskPool)
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request of a batch as ``run_batch`` sees it."""
+
+    id: str
+    args: tuple
+    kwargs: dict[str, Any]
+    #: The message's delivery info (``redelivered``, ``priority``, ``routing_key``...).
+    delivery_info: dict[str, Any] = field(default_factory=dict)
+
+
+def call_of(request: Any) -> Call:
+    """The :class:`Call` of a worker request."""
+    return Call(request.id, tuple(request.args), dict(request.kwargs), dict(request.delivery_info or {}))
+
+
 class BatchTask(Task):
     """A task whose requests received together run as one ``run_batch`` call (see the module)."""
 
@@ -57,17 +74,17 @@ class BatchTask(Task):
     batch_max_size = 32
     Strategy = "etcd_broker.batches:strategy"
 
-    def batchable(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
-        """Whether a request with these arguments may run in a batch (else it runs alone)."""
+    def batchable(self, call: Call) -> bool:
+        """Whether this request may run in a batch (else it runs alone, through Celery's path)."""
         return True
 
-    def run_batch(self, calls: list[tuple[Sequence[Any], dict[str, Any]]]) -> list[Any]:
-        """Run every ``(args, kwargs)``; one outcome per call, in order: its value, or the
-        exception it raised (an exception raised here fails the whole batch)."""
+    def run_batch(self, calls: list[Call]) -> list[Any]:
+        """Run every call; one outcome per call, in order: its value, or the exception it raised
+        (an exception raised here fails the whole batch)."""
         outcomes: list[Any] = []
-        for args, kwargs in calls:
+        for call in calls:
             try:
-                outcomes.append(self.run(*args, **kwargs))
+                outcomes.append(self.run(*call.args, **call.kwargs))
             except Exception as exc:  # noqa: BLE001 - the outcome of that call
                 outcomes.append(exc)
         return outcomes
@@ -120,7 +137,7 @@ class Batcher:
         context = compat.request_context(request)
         if context.callbacks or context.errbacks or context.chain or context.chord:
             return False
-        return self.task.batchable(request.args, request.kwargs)
+        return self.task.batchable(call_of(request))
 
     def flush(self) -> None:
         """Hand the collected requests to the pool, ``batch_max_size`` at a time."""
@@ -155,7 +172,7 @@ def run_batch(task: BatchTask, requests: list[Any]) -> None:
         signals.task_prerun.send(sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs)
     started = monotonic()
     try:
-        outcomes = task.run_batch([(r.args, r.kwargs) for r in runnable])
+        outcomes = task.run_batch([call_of(r) for r in runnable])
         if len(outcomes) != len(runnable):
             raise RuntimeError(f"{task.name}.run_batch returned {len(outcomes)} outcomes for {len(runnable)} calls")
     except Exception as exc:  # noqa: BLE001 - every request of the batch fails with it

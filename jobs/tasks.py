@@ -15,7 +15,7 @@ from typing import Any
 from celery import Task, shared_task, signals
 from django.conf import settings
 
-from etcd_broker.batches import BatchTask
+from etcd_broker.batches import BatchTask, Call
 from jobs.queues import GPU_QUEUE
 from ml import registry
 from ml.progress import Progress
@@ -65,18 +65,18 @@ class RunModel(BatchTask):
 
     abstract = True
 
-    def batchable(self, args: Any, kwargs: dict[str, Any]) -> bool:
-        model = kwargs.get("model", args[0] if args else None)
+    def batchable(self, call: Call) -> bool:
+        model = call.kwargs.get("model", call.args[0] if call.args else None)
         spec = registry.MODELS.get(model) if isinstance(model, str) else None
         return spec is not None and spec.kind == "classify"
 
-    def run_batch(self, calls: list[tuple[Any, dict[str, Any]]]) -> list[Any]:
+    def run_batch(self, calls: list[Call]) -> list[Any]:
         by_model: dict[str, list[int]] = {}
         payloads: dict[int, Any] = {}
         outcomes: list[Any] = [None] * len(calls)
-        for index, (args, kwargs) in enumerate(calls):
+        for index, call in enumerate(calls):
             try:
-                model, payload = _model_and_payload(args, kwargs)
+                model, payload = _model_and_payload(call.args, call.kwargs)
             except TypeError as exc:  # as calling run_model(...) with them would raise
                 outcomes[index] = exc
                 continue

@@ -91,13 +91,14 @@ class Doubler(BatchTask):
 
     abstract = True
 
-    def batchable(self, args, kwargs) -> bool:
-        return args[0] != RUN_ALONE
+    def batchable(self, call) -> bool:
+        return call.args[0] != RUN_ALONE
 
     def run_batch(self, calls):
         time.sleep(float(os.environ.get("DOUBLE_PAUSE", "0")))  # a worker about to be killed mid-batch
-        return [ValueError(f"negative: {args[0]}") if args[0] < 0 else {"double": 2 * args[0], "batch": len(calls), "pid": os.getpid()}
-                for args, _ in calls]
+        return [ValueError(f"negative: {call.args[0]}") if call.args[0] < 0
+                else {"double": 2 * call.args[0], "batch": len(calls), "pid": os.getpid(), "id": call.id}
+                for call in calls]
 
 
 @app.task(base=Doubler, acks_late=True)

@@ -33,9 +33,10 @@ SUMMARY_HEADERS = ("test", "tasks sent", "completed", "duplicated", "lost", "ref
 class Producer(threading.Thread):
     """Sends ``count`` tasks, one every ``interval`` seconds; remembers which ones were accepted."""
 
-    def __init__(self, count: int, seconds: float, interval: float) -> None:
+    def __init__(self, count: int, seconds: float, interval: float, task: str = "work") -> None:
         super().__init__(name="fault-test-producer", daemon=True)
         self.count, self.seconds, self.interval = count, seconds, interval
+        self.task = getattr(counting_app, task)  # work, or work_batch (a batched task)
         self.accepted: list[str] = []
         self.refused: list[tuple[str, str]] = []
         self.results: list = []
@@ -45,7 +46,7 @@ class Producer(threading.Thread):
         for index in range(self.count):
             task_id = uuid.uuid4().hex
             try:
-                result = counting_app.work.apply_async((self.seconds,), task_id=task_id, retry=True,
+                result = self.task.apply_async((self.seconds,), task_id=task_id, retry=True,
                                                        retry_policy=PUBLISH_RETRY_POLICY)
             except Exception as exc:  # noqa: BLE001 - the caller saw an error: refused, not lost
                 logger.warning("publish of %s refused: %r", task_id, exc)
@@ -87,10 +88,11 @@ class Collector(threading.Thread):
                 (self.fetched if value == result.id else self.failed).append(result.id)
 
 
-def start_traffic(tasks: int, seconds: float, interval: float, timeout: float) -> tuple[Producer, Collector]:
-    """A :class:`Producer` of ``tasks`` tasks of ``seconds`` each, one every ``interval`` seconds, and a
-    :class:`Collector` waiting up to ``timeout`` for each result: both started."""
-    producer = Producer(tasks, seconds, interval=interval)
+def start_traffic(tasks: int, seconds: float, interval: float, timeout: float,
+                  task: str = "work") -> tuple[Producer, Collector]:
+    """A :class:`Producer` of ``tasks`` ``task`` tasks of ``seconds`` each, one every ``interval`` seconds,
+    and a :class:`Collector` waiting up to ``timeout`` for each result: both started."""
+    producer = Producer(tasks, seconds, interval=interval, task=task)
     collector = Collector(producer, timeout=timeout)
     producer.start()
     collector.start()

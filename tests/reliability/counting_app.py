@@ -20,6 +20,7 @@ import uuid
 from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
+from etcd_broker.batches import BatchTask
 from etcd_broker.client import CONNECTION_ERRORS, EtcdNoSpace, get_client
 
 logger = logging.getLogger(__name__)
@@ -110,11 +111,36 @@ def mark(kind: str, task_id: str, **info) -> None:
 @app.task(bind=True, acks_late=True, ignore_result=False)
 def work(self, seconds: float) -> str:
     """Take ``seconds``; markers say when it started and finished (acks_late: survives a kill)."""
-    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    mark("started", self.request.id, redelivered=redelivered)
+    return _counted(self.request, seconds)
+
+
+def _counted(request, seconds: float) -> str:
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    mark("started", request.id, redelivered=redelivered)
     time.sleep(seconds)
-    mark("done", self.request.id)
-    return self.request.id
+    mark("done", request.id)
+    return request.id
+
+
+class CountingBatch(BatchTask):
+    """:func:`work_batch` on a threads worker: the requests received together run as one batch
+    (etcd_broker/batches.py), each leaving its own markers."""
+
+    abstract = True
+
+    def run_batch(self, calls):
+        for call in calls:
+            mark("started", call.id, redelivered=bool(call.delivery_info.get("redelivered")), batch=len(calls))
+        time.sleep(max(call.args[0] for call in calls))
+        for call in calls:
+            mark("done", call.id)
+        return [call.id for call in calls]
+
+
+@app.task(bind=True, base=CountingBatch, acks_late=True, ignore_result=False)
+def work_batch(self, seconds: float) -> str:
+    """:func:`work` as a batched task (alone, e.g. on prefork, it runs exactly as ``work``)."""
+    return _counted(self.request, seconds)
 
 
 @app.task(bind=True, acks_late=True, ignore_result=False)

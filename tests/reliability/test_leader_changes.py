@@ -62,12 +62,14 @@ def test_writes_during_leader_changes_fail_only_with_errors_kombu_retries(cluste
 
 
 @pytest.mark.reliability
-def test_four_leader_moves_under_load_run_every_task_exactly_once(cluster, etcd_prefix, counting_workers, summary):
+@pytest.mark.parametrize("task", ["work", "work_batch"])
+def test_four_leader_moves_under_load_run_every_task_exactly_once(cluster, etcd_prefix, counting_workers, summary,
+                                                                  task):
     """Three workers (acks late) while leadership moves four times in a row: every move fails requests in
     flight, so workers reset their connections mid-task; nobody dies, so nothing may run twice."""
     url = cluster_url(cluster)
     workers = counting_workers(url, 3, lease_ttl=LEASE_TTL, concurrency=4, pool=WORKER_POOL)
-    producer, collector = start_traffic(TASKS, TASK_SECONDS, interval=0.05, timeout=120)
+    producer, collector = start_traffic(TASKS, TASK_SECONDS, interval=0.05, timeout=120, task=task)
     producer.sent_half.wait(60)
 
     moved_at = time.time()
@@ -78,7 +80,7 @@ def test_four_leader_moves_under_load_run_every_task_exactly_once(cluster, etcd_
     client = get_client(url)
     wait_for_completion(client, etcd_prefix, producer, timeout=120, collector=collector)
 
-    tally = Tally.collect(f"{LEADER_MOVES} leader moves in a row", client, etcd_prefix, producer, moved_at,
+    tally = Tally.collect(f"{LEADER_MOVES} leader moves in a row ({task})", client, etcd_prefix, producer, moved_at,
                           fault_end=moves_done, collector=collector)
     summary(tally)
     assert_every_task_ran_once(tally, client, etcd_prefix, TASKS, collector)

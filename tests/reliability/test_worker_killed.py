@@ -27,12 +27,13 @@ def running_on(client, prefix: str, pid: int) -> list[str]:
 
 
 @pytest.mark.reliability
+@pytest.mark.parametrize("task", ["work", "work_batch"])
 def test_a_killed_workers_tasks_finish_on_other_workers_and_none_is_lost(
-        etcd_url, etcd_prefix, counting_workers, summary):
+        etcd_url, etcd_prefix, counting_workers, summary, task):
     workers = counting_workers(etcd_url, 3, lease_ttl=LEASE_TTL, backend=False)
     victim = workers[0].process.pid
     client = get_client(etcd_url)
-    producer = Producer(TASKS, TASK_SECONDS, interval=0.05)
+    producer = Producer(TASKS, TASK_SECONDS, interval=0.05, task=task)
     producer.start()
 
     wait_until(lambda: len(running_on(client, etcd_prefix, victim)) == 2, timeout=60, message="victim busy")
@@ -42,7 +43,7 @@ def test_a_killed_workers_tasks_finish_on_other_workers_and_none_is_lost(
     assert in_flight
     wait_for_completion(client, etcd_prefix, producer, timeout=90)
 
-    tally = Tally.collect(f"worker SIGKILLed mid-task (lease TTL {LEASE_TTL} s)", client, etcd_prefix, producer, killed_at)
+    tally = Tally.collect(f"worker SIGKILLed mid-task ({task}, lease TTL {LEASE_TTL} s)", client, etcd_prefix, producer, killed_at)
     summary(tally)
     assert tally.refused == [] and tally.unexpected == []
     assert tally.lost == [], locate(client, etcd_prefix, tally.lost)

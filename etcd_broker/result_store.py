@@ -241,22 +241,14 @@ class ResultStore:
         return outcomes
 
     def _put_many(self, writes: Sequence[tuple[str, bytes, str | None]], *, lease: int) -> list[Any]:
-        transactions = []
-        for task_id, value, ack_key in writes:
-            key = self.keys.result(task_id)
-            success = [ops.put(key, value, lease)] + ([ops.delete(ack_key)] if ack_key is not None else [])
-            transactions.append(([ops.compare(key, "mod_revision", self._remembered(task_id))], success, []))
+        transactions = [_put_if_unchanged_ops(self.keys.result(task_id), value, self._remembered(task_id), None,
+                                              ack_key, lease) for task_id, value, ack_key in writes]
         return group_commit.shared(self.client).txn_many(transactions)
 
     def _put_if_unchanged(self, key: str, value: bytes, expected: int, cancel_key: str | None,
                           ack_key: str | None = None, *, lease: int) -> Any:
-        compare = [ops.compare(key, "mod_revision", expected)]
-        failure = [ops.range_(key)]
-        if cancel_key is not None:
-            compare.append(ops.compare(cancel_key, "version", 0))
-            failure.append(ops.range_(cancel_key, count_only=True))
-        success = [ops.put(key, value, lease)] + ([ops.delete(ack_key)] if ack_key is not None else [])
-        return group_commit.shared(self.client).txn(compare, success, failure)  # shared with concurrent writers
+        transaction = _put_if_unchanged_ops(key, value, expected, cancel_key, ack_key, lease)
+        return group_commit.shared(self.client).txn(*transaction)  # shared with concurrent writers
 
     def forget(self, task_id: str) -> None:
         """Delete the state and any cancel marker of ``task_id`` now."""
@@ -398,6 +390,20 @@ class ResultStore:
 
     def _get(self, key: str | bytes, **options: Any) -> Any:
         return ops.get(self.client, key, **options)
+
+
+def _put_if_unchanged_ops(key: str, value: bytes, expected: int, cancel_key: str | None, ack_key: str | None,
+                          lease: int) -> tuple[list, list, list]:
+    """(compare, success, failure) of one state write: put ``value`` if the key's mod_revision is still
+    ``expected`` (and no cancel marker, when ``cancel_key``), deleting ``ack_key`` with it; on failure read
+    the key (and count the marker)."""
+    compare = [ops.compare(key, "mod_revision", expected)]
+    failure = [ops.range_(key)]
+    if cancel_key is not None:
+        compare.append(ops.compare(cancel_key, "version", 0))
+        failure.append(ops.range_(cancel_key, count_only=True))
+    success = [ops.put(key, value, lease)] + ([ops.delete(ack_key)] if ack_key is not None else [])
+    return compare, success, failure
 
 
 def _stored(response_op: Any) -> Stored | None:

@@ -217,6 +217,39 @@ def reinit_in_child(lock: Any) -> Any:
     return lock
 
 
+class PerProcess:
+    """One object per key in this process: made on first use, made again in a forked child (the
+    pid is part of every key) or when ``usable`` says the one there is spent. The registries of
+    leases, group commits and parked-consumer views are such maps; their lock is unlocked again
+    in a forked child."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, Any] = {}
+        self._lock = reinit_in_child(threading.Lock())
+
+    def get(self, key: tuple, make: Callable[[], Any], usable: Callable[[Any], bool] = lambda item: True) -> Any:
+        full_key = (os.getpid(), *key)
+        with self._lock:
+            item = self._items.get(full_key)
+            if item is None or not usable(item):
+                item = self._items[full_key] = make()
+            return item
+
+    def mine(self) -> list[Any]:
+        """This process's objects (a forked child's map still holds its parent's)."""
+        with self._lock:
+            return [item for (pid, *_), item in self._items.items() if pid == os.getpid()]
+
+    def clear(self, each: Callable[[Any], None] | None = None) -> None:
+        """Forget every object, calling ``each`` on this process's ones first (under the lock)."""
+        with self._lock:
+            if each is not None:
+                for (pid, *_), item in self._items.items():
+                    if pid == os.getpid():
+                        each(item)
+            self._items.clear()
+
+
 def _before() -> None:
     GATE.before_fork()
 

@@ -13,7 +13,6 @@ have reached each of them alone (the writes may or may not have been applied).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -138,15 +137,9 @@ class GroupCommit:
             pending.error, pending.alone, pending.done = error, alone, True
 
 
-_shared: dict[tuple[int, int], GroupCommit] = {}
-_shared_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
+_shared = forking.PerProcess()
 
 
 def shared(client: Any) -> GroupCommit:
     """This process's :class:`GroupCommit` for ``client`` (publishes and result writes share it)."""
-    key = (os.getpid(), id(client))
-    with _shared_lock:
-        committer = _shared.get(key)
-        if committer is None or committer.client is not client:
-            committer = _shared[key] = GroupCommit(client)
-        return committer
+    return _shared.get((id(client),), lambda: GroupCommit(client), usable=lambda committer: committer.client is client)

@@ -29,7 +29,6 @@ queue limits or ``Producer.batch()``, of at most HANDOFF_MAX_BYTES, are handed o
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from collections import deque
@@ -152,25 +151,18 @@ class ParkedConsumers:
             self.hub.unsubscribe(watch)
 
 
-_views: dict[tuple[int, int, str], ParkedConsumers] = {}
-_views_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
+_views = forking.PerProcess()
 
 
 def parked_consumers(client: Any, keys: KeySpace, hub: WatchHub) -> ParkedConsumers:
     """This process's view of the parked consumers for ``client`` and ``keys`` (shared by its connections)."""
-    key = (os.getpid(), id(client), keys.root)
-    with _views_lock:
-        view = _views.get(key)
-        if view is None or view.client is not client:
-            view = _views[key] = ParkedConsumers(client, keys, hub)
-        return view
+    return _views.get((id(client), keys.root), lambda: ParkedConsumers(client, keys, hub),
+                      usable=lambda view: view.client is client)
 
 
 def waiting(queue: str) -> int:
     """Parked consumers of ``queue`` known to this process's publishers (all its views)."""
-    with _views_lock:
-        views = [view for (pid, _, _), view in _views.items() if pid == os.getpid()]
-    return sum(view.waiting(queue) for view in views)
+    return sum(view.waiting(queue) for view in _views.mine())
 
 
 # -- consumer side: parking and taking hand-offs -----------------------------------------------

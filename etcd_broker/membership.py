@@ -376,27 +376,19 @@ def restore_message(client: EtcdClient, keys: KeySpace, queue: str, key: str, va
     return int(response.succeeded)
 
 
-_leases: dict[tuple[int, int, str], ConsumerLease] = {}
-_leases_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
+_leases = forking.PerProcess()
 
 
 def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int) -> ConsumerLease:
     """The process's lease for this client and key space (shared by every channel)."""
-    key = (os.getpid(), id(client), keys.root)
-    with _leases_lock:
-        lease = _leases.get(key)
-        if lease is None or lease._closed.is_set():
-            lease = _leases[key] = ConsumerLease(client, keys, ttl)
-        return lease
+    return _leases.get((id(client), keys.root), lambda: ConsumerLease(client, keys, ttl),
+                       usable=lambda lease: not lease._closed.is_set())
 
 
 def close_all_leases(ack_timeout: float = 10.0) -> None:
-    """Close every lease of this process (at exit, and in tests before an etcd goes away)."""
-    with _leases_lock:
-        for (pid, _, _), lease in _leases.items():
-            if pid == os.getpid():  # a forked child never closes (revokes) its parent's lease
-                lease.close(ack_timeout=ack_timeout)
-        _leases.clear()
+    """Close every lease of this process (at exit, and in tests before an etcd goes away); a forked
+    child never closes (revokes) its parent's lease."""
+    _leases.clear(each=lambda lease: lease.close(ack_timeout=ack_timeout))
 
 
 @atexit.register

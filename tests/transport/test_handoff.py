@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from contextlib import contextmanager
 
 from kombu import Connection, Consumer, Exchange, Queue
 from kombu.asynchronous import Hub
@@ -23,6 +24,26 @@ from tests.helpers import wait_until
 from tests.transport.busy_app import make_app
 
 APP = "tests.transport.busy_app"
+
+
+def transport_options(prefix: str) -> dict:
+    return {"prefix": prefix, "lease_ttl": 3}
+
+
+@contextmanager
+def hub_consumer(url: str, prefix: str, queue: Queue, prefetch: int, callback):
+    """A consumer of ``queue`` (prefetch ``prefetch``) on a connection registered with a kombu hub, and
+    a producer on another connection: yields (hub, the hub's loop, consumer, producer)."""
+    hub = Hub()
+    options = transport_options(prefix)
+    with Connection(url, transport_options=options) as conn, Connection(url, transport_options=options) as producer_conn:
+        conn.connect()
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        channel = conn.channel()
+        channel.basic_qos(0, prefetch, False)
+        consumer = Consumer(channel, [queue], accept=["json"], callbacks=[callback])
+        consumer.consume()
+        yield hub, hub.create_loop(), consumer, producer_conn.Producer(serializer="json")
 
 
 def run_until(loop, predicate, message: str) -> None:
@@ -103,19 +124,9 @@ def test_a_consumer_that_stops_gives_back_a_handoff_it_never_took(etcd_url, etcd
     queue = Queue("park-q", Exchange("park-x", type="direct"), routing_key="park-q")
     keys, client = KeySpace(etcd_prefix), get_client(etcd_url)
     received: list[int] = []
-    hub = Hub()
-    options = {"prefix": etcd_prefix, "lease_ttl": 3}
-    with Connection(etcd_url, transport_options=options) as conn, \
-            Connection(etcd_url, transport_options=options) as producer_conn:
-        conn.connect()
-        conn.transport.register_with_event_loop(conn.connection, hub)
-        channel = conn.channel()
-        channel.basic_qos(0, 4, False)
-        consumer = Consumer(channel, [queue], accept=["json"],
-                            callbacks=[lambda body, message: (received.append(body["n"]), message.ack())])
-        consumer.consume()
-        producer = producer_conn.Producer(serializer="json")
-        loop = hub.create_loop()
+    options = transport_options(etcd_prefix)
+    with hub_consumer(etcd_url, etcd_prefix, queue, 4,
+                      lambda body, message: (received.append(body["n"]), message.ack())) as (hub, loop, consumer, producer):
 
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="park-q", declare=[queue])
         run_until(loop, lambda: received == [0], "message 0 delivered")
@@ -229,18 +240,8 @@ def test_a_handoff_that_finds_the_prefetch_room_taken_goes_back_in_line(etcd_url
     queue = Queue("full-q", Exchange("full-x", type="direct"), routing_key="full-q")
     keys, client = KeySpace(etcd_prefix), get_client(etcd_url)
     received: list = []
-    hub = Hub()
-    options = {"prefix": etcd_prefix, "lease_ttl": 3}
-    with Connection(etcd_url, transport_options=options) as conn, \
-            Connection(etcd_url, transport_options=options) as producer_conn:
-        conn.connect()
-        conn.transport.register_with_event_loop(conn.connection, hub)
-        channel = conn.channel()
-        channel.basic_qos(0, 1, False)
-        consumer = Consumer(channel, [queue], accept=["json"], callbacks=[lambda body, message: received.append(message)])
-        consumer.consume()
-        producer = producer_conn.Producer(serializer="json")
-        loop = hub.create_loop()
+    with hub_consumer(etcd_url, etcd_prefix, queue, 1,
+                      lambda body, message: received.append(message)) as (hub, loop, consumer, producer):
 
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="full-q", declare=[queue])
         run_until(loop, lambda: len(received) == 1, "message 0 delivered")

@@ -63,6 +63,7 @@ from etcd_broker.client import (
     wait_connected,
 )
 from etcd_broker.event_loop import EventLoopMixin
+from etcd_broker.expired import revoke_expired
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.membership import DEFAULT_LEASE_TTL, LeaseHandle, restore_message
 from etcd_broker.publish_batch import PublishBatch
@@ -120,7 +121,11 @@ class Channel(virtual.Channel):
         check_queue_name(queue)
         priority = self._get_message_priority(message)
         limits, queue_lease = self.connection.queues.limits(queue)
-        deadline = message_deadline(message, limits, time.time())
+        now = time.time()
+        deadline = message_deadline(message, limits, now)
+        if deadline is not None and deadline <= now:  # expired already: dropped, as a claim would drop it
+            revoke_expired(message)
+            return
         value = dumps(message).encode()
         self._check_size(queue, value)
         position = self.keys.position(priority, self.connection.sequence.next(), deadline)
@@ -259,14 +264,15 @@ class Channel(virtual.Channel):
         no_ack = queue in self._no_ack_queues
         now = time.time()
         compare = [ops.compare(consumer_key, "version", 0, ">")]
-        success, taken = [], []
+        success, taken, expired = [], [], []
         for key, value, revision in rows:
             key = key.decode()
             compare.append(ops.compare(key, "mod_revision", revision))
             success.append(ops.delete(key))
             deadline = self.keys.deadline_of(key)
             if deadline is not None and deadline <= now:
-                continue  # expired (TTL): dropped, as RabbitMQ drops it at the head of the queue
+                expired.append(value)  # expired (TTL): dropped, as RabbitMQ drops it at the head of the queue
+                continue
             unacked = None if no_ack else self.keys.unacked_message(queue, lease_id, self.keys.position_of(key))
             if unacked:
                 success.append(ops.put(unacked, value))
@@ -286,6 +292,8 @@ class Channel(virtual.Channel):
                 return [], []
             return [], [row for row, read in zip(rows, response.responses[1:], strict=True)
                         if (kv := ops.first_kv(read)) is not None and kv.mod_revision == row[2]]
+        for value in expired:  # ours to drop: the transaction deleted them
+            revoke_expired(value)
         return [m for value, unacked in taken if (m := self._decode(queue, value, unacked)) is not None], []
 
     def _decode(self, queue, value: bytes, unacked: str | None) -> dict | None:

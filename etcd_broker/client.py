@@ -291,6 +291,7 @@ REQUEST_TOO_LARGE = "request_too_large"
 TOO_MANY_OPS = "too_many_ops"
 NO_SPACE = "no_space"
 TOO_MANY_REQUESTS = "too_many_requests"
+REPLY_TOO_LARGE = "reply_too_large"
 LEASE_NOT_FOUND = "lease_not_found"
 COMPACTED = "compacted"
 PERMISSION_DENIED = "permission_denied"
@@ -313,6 +314,8 @@ _BY_CODE_AND_MESSAGE = {
     (grpc.StatusCode.INVALID_ARGUMENT, "authentication failed"): AUTH_FAILED,
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "database space exceeded"): NO_SPACE,
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests"): TOO_MANY_REQUESTS,
+    # gRPC's own, client side: a reply over GRPC_MAX_MESSAGE_BYTES (a range read with too many values)
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"): REPLY_TOO_LARGE,
     (grpc.StatusCode.UNKNOWN, "raft proposal dropped"): PROPOSAL_DROPPED,
 }
 _ENDPOINT_FAILURES: dict[str, type[Exception]] = {
@@ -340,6 +343,11 @@ def classify(exc: BaseException) -> str | None:
 def is_request_too_large(exc: BaseException) -> bool:
     """etcd refused a request over its ``--max-request-bytes``."""
     return classify(exc) == REQUEST_TOO_LARGE
+
+
+def is_reply_too_large(exc: BaseException) -> bool:
+    """A reply was over gRPC's receive limit (``GRPC_MAX_MESSAGE_BYTES``): read fewer keys at once."""
+    return classify(exc) == REPLY_TOO_LARGE
 
 
 def is_no_space(exc: BaseException) -> bool:

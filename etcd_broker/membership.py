@@ -21,7 +21,7 @@ from typing import Any
 
 from etcd_broker import forking, handoff, ops
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
-from etcd_broker.keys import KeySpace, range_end
+from etcd_broker.keys import KeySpace
 from etcd_broker.watch import EVENT_DELETE, Watch, WatchHub, hub_for
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ SAFETY_SWEEP_SECONDS = 30.0
 #: A lease keepalive unanswered this long means etcd is unreachable now (the RPC deadline is longer):
 #: closing then skips every etcd call and leaves the lease to expire, which hands our messages back.
 PROBE_SECONDS = 1.0
+#: First wait (seconds) of a background loop after an unexpected error; doubled each time it fails again.
+FAILED_LOOP_BACKOFF = 1.0
 
 
 class ConsumerLease:
@@ -162,6 +164,9 @@ class ConsumerLease:
                 log("lease keepalive failed (%s); retrying every 0.5s", type(exc).__name__)
                 self._failing = True
                 interval = 0.5
+            except Exception:  # noqa: BLE001 - the keepalive must outlive anything one refresh meets
+                logger.exception("lease keepalive failed; retrying in %.1fs", FAILED_LOOP_BACKOFF)
+                interval = FAILED_LOOP_BACKOFF
             else:
                 if self._failing:
                     logger.info("lease keepalive answered again")
@@ -191,11 +196,11 @@ class ConsumerLease:
     def _adopt(self, old: int, new: int | None) -> None:
         """Move what our expired lease still owns to the new one, unless a sweeper got there first."""
         for queue in list(self.queues):
-            for value, meta in self.client.get_prefix(self.keys.unacked(queue, old)):
-                key = meta.key.decode()
+            for kv in ops.scan(self.client, self.keys.unacked(queue, old), prefix=True):
+                key = kv.key.decode()
                 position = self.keys.position_of(key)
-                ops.txn(self.client, compare=[ops.compare(key, "mod_revision", meta.mod_revision)],
-                        success=[ops.delete(key), ops.put(self.keys.unacked_message(queue, new, position), value)])
+                ops.txn(self.client, compare=[ops.compare(key, "mod_revision", kv.mod_revision)],
+                        success=[ops.delete(key), ops.put(self.keys.unacked_message(queue, new, position), kv.value)])
 
     def current_key(self, key: str) -> str:
         """An unacked key under our current lease (it changes only after an adopt)."""
@@ -234,6 +239,10 @@ class ConsumerLease:
                     "acks not written (%s); retrying every 0.2s", type(exc).__name__)
                 failing = True
                 self._closed.wait(0.2)
+                self._acks_waiting.set()
+            except Exception:  # noqa: BLE001 - the ack writer must outlive anything one batch meets
+                logger.exception("acks not written; retrying in %.0fs", FAILED_LOOP_BACKOFF)
+                self._closed.wait(FAILED_LOOP_BACKOFF)
                 self._acks_waiting.set()
 
     def _write_acks(self) -> None:
@@ -305,6 +314,7 @@ class ConsumerLease:
             self._sweep_now.set()
 
     def _sweep_loop(self) -> None:
+        backoff = FAILED_LOOP_BACKOFF
         while not self._closed.is_set():
             self._sweep_now.wait(SAFETY_SWEEP_SECONDS)
             self._sweep_now.clear()
@@ -312,14 +322,22 @@ class ConsumerLease:
                 return
             try:
                 restored = self._requeue_pending() + self.sweep()
+                if restored:
+                    logger.warning("restored %d message(s) from dead consumers or closed channels", restored)
+                self._drop_orphaned_queues()
             except CONNECTION_ERRORS as exc:
                 logger.info("sweep postponed: etcd unreachable (%s)", type(exc).__name__)
-                self._closed.wait(1.0)
-                self._sweep_now.set()
-                continue
-            if restored:
-                logger.warning("restored %d message(s) from dead consumers or closed channels", restored)
-            self._drop_orphaned_queues()
+                self._retry_sweep(1.0)
+            except Exception:  # noqa: BLE001 - the sweeper must outlive anything one sweep meets
+                logger.exception("sweep failed; retrying in %.0fs", backoff)
+                self._retry_sweep(backoff)
+                backoff = min(backoff * 2, SAFETY_SWEEP_SECONDS)
+            else:
+                backoff = FAILED_LOOP_BACKOFF
+
+    def _retry_sweep(self, delay: float) -> None:
+        self._closed.wait(delay)
+        self._sweep_now.set()
 
     def _drop_orphaned_queues(self) -> None:
         """A dead consumer's auto-delete queues (events, replies) vanish with its lease: drop their messages."""
@@ -334,24 +352,25 @@ class ConsumerLease:
 
     def sweep(self) -> int:
         """Give back every unacked message whose consumer lease is gone; return how many."""
-        live = {int(meta.key.decode().rsplit("/", 1)[1], 16)
-                for _, meta in self.client.get_prefix(self.keys.consumers(), keys_only=True)}
+        live = {int(kv.key.decode().rsplit("/", 1)[1], 16)
+                for kv in ops.scan(self.client, self.keys.consumers(), prefix=True, keys_only=True)}
         restored = 0
         for queue in declared_queues(self.client, self.keys):
-            prefix = self.keys.unacked(queue)
-            for value, meta in self.client.get_range(prefix, range_end(prefix)):
-                key = meta.key.decode()
+            # keys only, in pages: a busy worker holds thousands (one unbounded read of 19k failed, issue 20)
+            for kv in ops.scan(self.client, self.keys.unacked(queue), prefix=True, keys_only=True):
+                key = kv.key.decode()
                 lease = self.keys.lease_of_unacked(key)
                 if lease in live:
                     continue
-                restored += restore_message(self.client, self.keys, queue, key, value, meta.mod_revision,
-                                            dead_lease=lease)
+                held = ops.first_kv_of(ops.get(self.client, key))
+                if held is not None:  # else acked meanwhile
+                    restored += restore_message(self.client, self.keys, queue, key, held.value, held.mod_revision,
+                                                dead_lease=lease)
         return restored
 
 
 def declared_queues(client: EtcdClient, keys: KeySpace) -> list[str]:
-    prefix = keys.declared_queues()
-    return [keys.queue_of_declared(meta.key) for _, meta in client.get_prefix(prefix, keys_only=True)]
+    return [keys.queue_of_declared(kv.key) for kv in ops.scan(client, keys.declared_queues(), prefix=True, keys_only=True)]
 
 
 def mark_redelivered(value: bytes) -> bytes:

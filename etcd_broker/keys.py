@@ -7,6 +7,7 @@ in a queue name cannot escape its directory)::
     <root>/q/<queue>/ready/<band>/<seq>[~<ms>]      waiting message; band = 9 - priority;
                                                     ~<ms>: expires at this epoch millisecond (TTL)
     <root>/q/<queue>/unacked/<lease>/<band>/<seq>   claimed by the consumer holding <lease>
+    <root>/q/<queue>/body/<seq>/<n>                 chunk n of a large expiring message's body
     <root>/x/<exchange>                             exchange type
     <root>/b/<exchange>/<queue>/<routing key>       binding (JSON: routing_key, pattern, queue)
     <root>/consumer/<lease>                         live consumer (attached to its lease)
@@ -99,6 +100,13 @@ class KeySpace:
 
     def unacked_message(self, queue: str, lease: int, position: str) -> str:
         return f"{self.unacked(queue, lease)}{position}"
+
+    def body_chunks(self, queue: str, seq: str) -> str:
+        """The chunks of one large message's body (large_body.py), under the message's TTL lease."""
+        return f"{self.queue(queue)}body/{seq}/"
+
+    def body_chunk(self, queue: str, seq: str, index: int) -> str:
+        return f"{self.body_chunks(queue, seq)}{index:06d}"
 
     @staticmethod
     def band(priority: int) -> int:

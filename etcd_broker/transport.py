@@ -51,7 +51,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import executing, group_commit, handoff, ops, settle
+from etcd_broker import executing, group_commit, handoff, large_body, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
@@ -126,9 +126,11 @@ class Channel(virtual.Channel):
         if deadline is not None and deadline <= now:  # expired already: dropped, as a claim would drop it
             revoke_expired(message)
             return
-        value = dumps(message).encode()
+        value, chunks, seq = dumps(message).encode(), [], self.connection.sequence.next()
+        if len(value) > self.max_message_bytes and deadline is not None:  # its body beside it (large_body.py)
+            value, chunks = large_body.split(message, self.keys, queue, seq)
         self._check_size(queue, value)
-        position = self.keys.position(priority, self.connection.sequence.next(), deadline)
+        position = self.keys.position(priority, seq, deadline)
         key = self.keys.ready_message(queue, position)
         batch = kwargs.get("_publish_batch")
         try:
@@ -147,6 +149,8 @@ class Channel(virtual.Channel):
             else:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first
+                if chunks:
+                    large_body.put_chunks(self.client, chunks, self.connection.queues.leases.lease_for(deadline))
                 self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
@@ -298,9 +302,13 @@ class Channel(virtual.Channel):
 
     def _decode(self, queue, value: bytes, unacked: str | None) -> dict | None:
         try:
-            message = json.loads(value)
+            message = large_body.join(self.client, json.loads(value), discard=unacked is None)
             message["properties"]["delivery_info"]["etcd_key"] = unacked
-        except (ValueError, KeyError, TypeError) as exc:
+        except CONNECTION_ERRORS:
+            if unacked:  # claimed but not delivered: back in line once etcd answers
+                self.lease.requeue_later(unacked)
+            return None
+        except (ValueError, KeyError, TypeError) as exc:  # large_body.BodyMissing too
             self._dead_letter(queue, unacked, value, exc)
             return None
         task_id = (message.get("headers") or {}).get("id")

@@ -41,14 +41,17 @@ ENDPOINT_RETRY_SECONDS = 0.5
 DEFAULT_TIMEOUT = 5.0
 #: gRPC message size limit; above etcd's default 1.5 MiB request limit so etcd, not gRPC, refuses.
 GRPC_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-#: Channel options: message limits above, keepalive pings every 10 s (a dead peer is noticed in ~15 s),
-#: reconnect back-off from 100 ms to 1 s.
+#: Channel options: message limits above, keepalive pings every 10 s while a call is open (a watch
+#: stream, a unary call; a dead peer is noticed in ~15 s), reconnect back-off from 100 ms to 1 s.
+#: Never pings without a call: etcd's server (grpc-go, PermitWithoutStream false, min time 5 s) counts a
+#: ping on a connection without streams as a strike unless 2 h passed since the last one, and after
+#: three it answers GOAWAY "too_many_pings" and closes the connection, failing calls in flight.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
 ]

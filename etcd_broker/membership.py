@@ -16,12 +16,14 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 from etcd_broker import forking, handoff, ops
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
 from etcd_broker.keys import KeySpace
+from etcd_broker.reconcile import RECONCILE_SECONDS, Reconciler
 from etcd_broker.watch import EVENT_DELETE, Watch, WatchHub, hub_for
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ FAILED_LOOP_BACKOFF = 1.0
 class ConsumerLease:
     """The lease a process claims messages under; one per client and key space."""
 
-    def __init__(self, client: EtcdClient, keys: KeySpace, ttl: int = DEFAULT_LEASE_TTL) -> None:
+    def __init__(self, client: EtcdClient, keys: KeySpace, ttl: int = DEFAULT_LEASE_TTL,
+                 reconcile_seconds: float = RECONCILE_SECONDS) -> None:
         self.client = client
         self.keys = keys
         self.ttl = ttl
@@ -61,6 +64,10 @@ class ConsumerLease:
         self._threads: list[threading.Thread] = []
         self._answered_at = 0.0  # monotonic time of the last keepalive etcd answered
         self._failing = False  # the last keepalive (or probe) failed or went unanswered
+        #: what claims under this lease (transports: ``held_keys()``, ``arriving(key)``), for reconcile.py
+        self._holders: weakref.WeakSet = weakref.WeakSet()
+        self.reconciler = Reconciler(client, keys, self._held, self._arriving, self.current_key, self._restore,
+                                     reconcile_seconds)
 
     # -- lifecycle ------------------------------------------------------------
     def ensure(self) -> int:
@@ -171,6 +178,8 @@ class ConsumerLease:
                 if self._failing:
                     logger.info("lease keepalive answered again")
                     self._failing = False
+                    self.reconciler.soon()  # a claim answered by nobody during the outage comes back
+                    self._sweep_now.set()
                 interval = max(self.ttl / 3.0, 0.5)
 
     def _refresh(self) -> None:
@@ -300,6 +309,43 @@ class ConsumerLease:
                 raise
         return restored
 
+    # -- reconciliation: what our live lease owns is what we hold (reconcile.py) ----
+    def hold_for(self, holder: Any) -> None:
+        """``holder`` (a transport) claims under this lease: its ``held_keys()`` count as held."""
+        self._holders.add(holder)
+
+    def _held(self) -> set[str]:
+        held: set[str] = set()
+        for holder in list(self._holders):
+            held.update(holder.held_keys())
+        with self._lock:
+            held.update(self._pending_deletes)
+            held.update(self._pending_requeues)
+        return held
+
+    def _arriving(self, key: str) -> bool:
+        return any(holder.arriving(key) for holder in list(self._holders))
+
+    def _restore(self, key: str, value: bytes, mod_revision: int) -> int:
+        return restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, mod_revision)
+
+    def _reconcile(self) -> int:
+        """A reconciliation pass when one is due and etcd answers; how many messages it gave back."""
+        with self._lock:
+            lease_id, queues = self.lease_id, set(self.queues)
+        if self.reconciler.due() > 0:
+            return 0
+        if lease_id is None or self._failing:  # no pass now; the keepalive's recovery asks for one
+            self.reconciler.postpone()
+            return 0
+        try:
+            return self.reconciler.run(lease_id, queues)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception:  # noqa: BLE001 - a failed pass must not end the sweeper thread
+            logger.exception("reconciliation pass failed; the next one runs in %ss", self.reconciler.interval)
+            return 0
+
     # -- sweeping dead consumers' messages back ---------------------------------
     def _on_consumer_events(self, events: Iterable) -> None:
         for event in events:
@@ -316,14 +362,15 @@ class ConsumerLease:
     def _sweep_loop(self) -> None:
         backoff = FAILED_LOOP_BACKOFF
         while not self._closed.is_set():
-            self._sweep_now.wait(SAFETY_SWEEP_SECONDS)
+            self._sweep_now.wait(min(SAFETY_SWEEP_SECONDS, max(self.reconciler.due(), 0.1)))
             self._sweep_now.clear()
             if self._closed.is_set():
                 return
             try:
-                restored = self._requeue_pending() + self.sweep()
+                restored = self._requeue_pending() + self.sweep() + self._reconcile()
                 if restored:
-                    logger.warning("restored %d message(s) from dead consumers or closed channels", restored)
+                    logger.warning("restored %d message(s) from dead consumers, closed channels or reconciliation",
+                                   restored)
                 self._drop_orphaned_queues()
             except CONNECTION_ERRORS as exc:
                 logger.info("sweep postponed: etcd unreachable (%s)", type(exc).__name__)
@@ -398,9 +445,10 @@ def restore_message(client: EtcdClient, keys: KeySpace, queue: str, key: str, va
 _leases = forking.PerProcess()
 
 
-def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int) -> ConsumerLease:
+def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int,
+                   reconcile_seconds: float = RECONCILE_SECONDS) -> ConsumerLease:
     """The process's lease for this client and key space (shared by every channel)."""
-    return _leases.get((id(client), keys.root), lambda: ConsumerLease(client, keys, ttl),
+    return _leases.get((id(client), keys.root), lambda: ConsumerLease(client, keys, ttl, reconcile_seconds),
                        usable=lambda lease: not lease._closed.is_set())
 
 
@@ -419,16 +467,20 @@ def _close_at_exit() -> None:
 class LeaseHandle:
     """The transport's view of the process-wide consumer lease (created on first use)."""
 
-    def __init__(self, transport: Any, ttl: int) -> None:
+    def __init__(self, transport: Any, ttl: int, reconcile_seconds: float = RECONCILE_SECONDS) -> None:
         self._transport = transport
         self._ttl = ttl
+        self._reconcile_seconds = reconcile_seconds
 
     @property
     def _lease(self):
-        return consumer_lease(self._transport.etcd, self._transport.keys, self._ttl)
+        return consumer_lease(self._transport.etcd, self._transport.keys, self._ttl, self._reconcile_seconds)
 
     def ensure(self) -> int:
-        return self._lease.ensure()
+        """The lease id; the transport's held messages count from its first claim (reconcile.py)."""
+        lease = self._lease
+        lease.hold_for(self._transport)
+        return lease.ensure()
 
     def add_queue(self, queue: str) -> None:
         self._lease.ensure()

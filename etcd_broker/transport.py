@@ -33,6 +33,8 @@ Transport options
 * ``prefix``: key prefix for everything (default ``/deephardway``).
 * ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
 * ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB).
+* ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
+  holds, and how long such a message stays unheld first (default 30; reconcile.py).
 * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
 * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
 """
@@ -70,6 +72,7 @@ from etcd_broker.publish_batch import PublishBatch
 from etcd_broker.qos import QoS
 from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
 from etcd_broker.queue_watch import CLAIM_BATCH, QueueWatchMixin
+from etcd_broker.reconcile import RECONCILE_SECONDS
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
 from etcd_broker.watch import WatchHub, hub_for
 
@@ -316,6 +319,12 @@ class Channel(virtual.Channel):
             settle.hold(task_id, unacked, self.client, self.lease.current_key)
         return message
 
+    def held_keys(self) -> list[str]:
+        """Unacked keys this channel holds: delivered and not settled, or claimed and not delivered yet."""
+        buffered = [raw["properties"]["delivery_info"].get("etcd_key") for queue in list(self._buffer)
+                    for raw in list(self._buffer.get(queue, ()))]
+        return [key for key in buffered if key] + (self.qos.held_keys() if not self.closed else [])
+
     def _requeue_buffered(self, queue=None) -> None:
         for name in [queue] if queue is not None else list(self._buffer):
             for raw in self._buffer.pop(name, ()):
@@ -515,7 +524,8 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
                                           **{k: options[k] for k in ETCD_OPTIONS if k in options})
         self.etcd = get_client(self.config)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
-        self.lease = LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)))
+        self.lease = LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)),
+                                 float(options.get("reconcile_seconds", RECONCILE_SECONDS)))
         self.sequence = Sequence()
         self.declared: set[str] = set()
         self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases (queue_limits.py)
@@ -567,6 +577,18 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     def parked(self) -> handoff.ParkedConsumers:
         """Which consumers wait on the queues we publish to (handoff.py; shared by the process)."""
         return handoff.parked_consumers(self.etcd, self.keys, self.watch_hub)
+
+    def held_keys(self) -> set[str]:
+        """Every unacked key this connection holds (reconcile.py): its channels', hand-offs received
+        and not taken, and messages kept across a reset for tasks still running (executing.py)."""
+        held = set(self.parking.held_keys()) | set(executing.kept_keys())
+        for channel in list(self.channels):
+            held.update(channel.held_keys())
+        return held
+
+    def arriving(self, key: str) -> bool:
+        """True if ``key`` is a hand-off to us whose watch event has not arrived yet (reconcile.py)."""
+        return self.parking.arriving(key)
 
     def give_back_handoffs_without_room(self) -> None:
         """Hand-offs that arrived after our prefetch room filled go back in line at once (handoff.py),

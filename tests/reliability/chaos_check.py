@@ -238,7 +238,7 @@ class Checker:
         state = self.leftovers.states.get(task)
         if len(live_finished) > 1:
             violations.append(Violation(task, f"finished {len(live_finished)} times on live, connected workers"))
-        counts["re-runs after a kill or cut"] += len(finished) - len(live_finished) if len(finished) > 1 else 0
+        counts["finished again after a kill or cut"] += max(len(finished) - 1, 0)
         for run in runs:
             stopped_by_revoke = revoke is not None and run.started <= revoke[0] + REVOKE_GRACE
             if run.done is None and self.suspect(run) is None and not stopped_by_revoke:

@@ -34,6 +34,8 @@ MEMBER_DOWN_MAX = 5.0
 #: Until the fork fix is on main, a prefork worker's terminated child never comes back (issue 18,
 #: item 1), so the terminate fault picks only tasks running on threads workers.
 TERMINATE_ON_PREFORK = os.environ.get("CHAOS_TERMINATE_PREFORK") == "1"
+#: The terminate fault waits this long for a ``work_steps`` task to be running (seconds).
+TERMINATE_WAIT = 8.0
 
 
 @dataclass
@@ -152,17 +154,21 @@ class Fleet:
 
     def terminate(self) -> str:
         """``revoke(terminate=True)`` of a ``work_steps`` task running now (threads workers only unless
-        CHAOS_TERMINATE_PREFORK=1, see :data:`TERMINATE_ON_PREFORK`)."""
+        CHAOS_TERMINATE_PREFORK=1, see :data:`TERMINATE_ON_PREFORK`), waiting a little for one to start."""
+        try:
+            running = wait_until(self._terminable, timeout=TERMINATE_WAIT, interval=0.3, message="a work_steps task")
+        except TimeoutError:
+            return "no work_steps task running: nothing terminated"
+        task, worker = self.rng.choice(sorted(running.items()))
+        self.history.terminate(task, worker)
+        counting_app.app.control.revoke(task, terminate=True)
+        return f"{task} on {worker}"
+
+    def _terminable(self) -> dict[str, str]:
+        """``work_steps`` tasks running now, not terminated yet, on a pool the fault may aim at: task -> worker."""
         pools = {slot.name: slot.pool for slot in self.slots}
         started = read_markers_retrying(get_client(self.url), self.prefix, "started")
         done = read_markers_retrying(get_client(self.url), self.prefix, "done")
-        running = sorted(task for task, runs in started.items()
-                         if self.history.kind_of(task) == "steps" and task not in done
-                         and task not in self.history.terminated
-                         and (TERMINATE_ON_PREFORK or pools.get(runs[-1].get("worker")) == "threads"))
-        if not running:
-            return "no work_steps task running: nothing terminated"
-        task = self.rng.choice(running)
-        self.history.terminate(task, started[task][-1].get("worker", ""))
-        counting_app.app.control.revoke(task, terminate=True)
-        return f"{task} on {started[task][-1].get('worker')}"
+        return {task: runs[-1].get("worker", "") for task, runs in started.items()
+                if self.history.kind_of(task) == "steps" and task not in done and task not in self.history.terminated
+                and (TERMINATE_ON_PREFORK or pools.get(runs[-1].get("worker")) == "threads")}

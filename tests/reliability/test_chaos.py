@@ -63,6 +63,29 @@ def checker(history: History, fleet: Fleet, client, prefix: str) -> Checker:
                    {slot.name: slot.worker.process.poll() is None for slot in fleet.slots})
 
 
+#: The summary table's columns (docs/reliability.md keeps the runs' rows).
+REPORT_HEADERS = ("seed", "s", "pools", "faults: kill worker / stop member / kill leader / move leader / cut / "
+                  "terminate (done)", "tasks accepted", "finished", "finished again after a kill or cut",
+                  "lost with a killed worker (early ack)", "terminated: REVOKED", "lease lapses", "violations")
+
+
+def report(history: History, verdict) -> list[str]:
+    """A Markdown table of one run: its faults by kind, what was accepted and what became of it."""
+    def faults(name: str) -> int:
+        return sum(1 for fault in history.faults if fault[2] == name)
+
+    counts = verdict.counts
+    terminated = sum(1 for fault in history.faults if fault[2] == "terminate" and "nothing" not in fault[3])
+    row = (SEED, f"{SECONDS:.0f}", ",".join(POOLS),
+           " / ".join(str(faults(name)) for name in DEFAULT_FAULTS[:-1]) + f" / {faults('terminate')} ({terminated})",
+           len(history.sent), counts["finished"], counts["finished again after a kill or cut"],
+           counts["lost with a killed worker (early ack)"], counts["terminated: REVOKED"], counts["lease lapses"],
+           len(verdict.violations))
+    return ["| " + " | ".join(REPORT_HEADERS) + " |", "|" + "---|" * len(REPORT_HEADERS),
+            "| " + " | ".join(str(cell) for cell in row) + " |",
+            "counts: " + ", ".join(f"{key} {value}" for key, value in sorted(counts.items()))]
+
+
 @pytest.mark.reliability
 def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice_on_live_workers(
         cluster, etcd_prefix, tmp_path, summary_lines):
@@ -90,11 +113,7 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice_on_live_wo
             pass  # the verdict names what is still open
         final = checker(history, fleet, client, etcd_prefix)
         verdict = final.verdict()
-        summary_lines(f"chaos seed {SEED}, {SECONDS:.0f} s, pools {','.join(POOLS)}",
-                      [f"{len(history.faults)} faults: " + ", ".join(
-                          f"{name} {sum(1 for f in history.faults if f[2] == name)}" for name in FAULTS),
-                       ", ".join(f"{key} {value}" for key, value in sorted(verdict.counts.items())),
-                       f"violations {len(verdict.violations)}"])
+        summary_lines(f"chaos seed {SEED}, {SECONDS:.0f} s, pools {','.join(POOLS)}", report(history, verdict))
         assert not verdict.violations, final.failure_text(verdict)
     finally:
         counting_app.app.conf.task_publish_retry_policy = retry_policy

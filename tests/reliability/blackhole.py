@@ -46,7 +46,11 @@ class BlackholeProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # upstream down (a killed member): refuse this one, keep accepting
+                client.close()
+                continue
             for source, target, replies in ((client, upstream, False), (upstream, client, True)):
                 chunks: queue.Queue = queue.Queue()
                 threading.Thread(target=self._read, args=(source, chunks), daemon=True).start()

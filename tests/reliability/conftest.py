@@ -14,6 +14,7 @@ from tests.reliability.counting import SUMMARY_HEADERS, Tally
 APP = "tests.reliability.counting_app"
 
 _rows: list[tuple] = []
+_notes: list[tuple[str, list[str]]] = []
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,21 @@ def summary():
     return record
 
 
+@pytest.fixture
+def summary_lines():
+    """``record(title, lines)``: print a test's own summary now and again at the end of the run."""
+    def record(title: str, lines: list[str]) -> None:
+        print(f"\n{title}\n" + "\n".join(lines), flush=True)
+        _notes.append((title, lines))
+
+    return record
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
+    for title, lines in _notes:
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)
     if not _rows:
         return
     terminalreporter.section("fault tests: what was sent and what arrived")

@@ -38,6 +38,10 @@ WITH_BACKEND = os.environ.get("ETCD_TEST_BACKEND") == "1"
 PREFETCH_MULTIPLIER = int(os.environ.get("ETCD_TEST_PREFETCH", "1"))
 #: Exit code of a worker that the chord hook stopped (tests tell it from a crash).
 CHORD_EXIT_CODE = 86
+#: The worker's name in the chaos test's history (markers say which worker ran an execution).
+WORKER_NAME = os.environ.get("CHAOS_WORKER", "")
+#: How often ``work_steps`` looks for a cancel (seconds).
+CANCEL_CHECK_INTERVAL = 0.2
 
 app = Celery("counting", set_as_current=False)  # tests elsewhere in the run keep their current_app
 app.conf.update(
@@ -95,7 +99,7 @@ def mark(kind: str, task_id: str, **info) -> None:
     a retry is idempotent): the counting must not be what fails."""
     key = f"{marker_prefix(PREFIX, kind)}{task_id}/{uuid.uuid4().hex}"
     value = json.dumps({"task_id": task_id, "host": socket.gethostname(), "pid": os.getpid(),
-                        "at": time.time(), **info})
+                        "worker": WORKER_NAME, "at": time.time(), **info})
     deadline = time.monotonic() + MARK_RETRY_SECONDS
     while True:
         try:
@@ -112,6 +116,28 @@ def mark(kind: str, task_id: str, **info) -> None:
 def work(self, seconds: float) -> str:
     """Take ``seconds``; markers say when it started and finished (acks_late: survives a kill)."""
     return _counted(self.request, seconds)
+
+
+@app.task(bind=True, ignore_result=False)
+def work_early(self, seconds: float) -> str:
+    """:func:`work` with Celery's default early ack (at most once if its worker dies)."""
+    return _counted(self.request, seconds)
+
+
+@app.task(bind=True, acks_late=True, ignore_result=False)
+def work_steps(self, seconds: float) -> str:
+    """:func:`work` in small steps, each a cooperative cancel point: ``revoke(terminate=True)`` stops it
+    on a threads worker (REVOKED, ``Ignore``) as the prefork pool stops it with a signal."""
+    mark("started", self.request.id, redelivered=bool((self.request.delivery_info or {}).get("redelivered")))
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            self.backend.stop_if_cancelled(self.request.id)
+        except CONNECTION_ERRORS:  # etcd unreachable for a moment: look again at the next step
+            logger.warning("cancel check of %s failed: etcd unreachable", self.request.id)
+        time.sleep(min(left, CANCEL_CHECK_INTERVAL))
+    mark("done", self.request.id)
+    return self.request.id
 
 
 def _counted(request, seconds: float) -> str:

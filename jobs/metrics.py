@@ -120,6 +120,37 @@ class BrokerCollector:
             unacked.add_metric([row["queue"]], row["unacked"])
             consumers.add_metric([row["queue"]], row["consumers"])
         yield from (ready, unacked, consumers)
+        yield from etcd_gauges()
+
+
+def etcd_gauges() -> Iterator[Metric]:
+    """etcd's DB size and compaction lag (``etcd_broker.maintenance.etcd_status``) for operators who
+    do not scrape etcd's own /metrics."""
+    from etcd_broker.client import get_client
+    from etcd_broker.keys import KeySpace
+    from etcd_broker.maintenance import etcd_status
+
+    try:
+        status = etcd_status(get_client(settings.ETCD_URL, **settings.ETCD_OPTIONS), KeySpace(settings.ETCD_PREFIX))
+    except Exception as exc:  # noqa: BLE001 - the queue gauges above still go out
+        logger.warning("metrics: etcd status not read: %s", exc)
+        return
+    for name, text, number in (
+            ("deephardway_etcd_db_size_bytes", "etcd's database file (what --quota-backend-bytes limits)",
+             status.db_size),
+            ("deephardway_etcd_db_size_in_use_bytes", "Of the database file, bytes in use (the rest: freed "
+             "by compaction, given back by defragmenting)", status.db_size_in_use),
+            ("deephardway_etcd_compaction_lag_revisions", "Revisions since etcd's last compaction",
+             status.compaction_lag)):
+        if number is not None:
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], number)
+            yield gauge
+    alarms = GaugeMetricFamily("deephardway_etcd_alarm", "1 while etcd raises this alarm (NOSPACE: no writes)",
+                               labels=["alarm"])
+    for alarm in ("NOSPACE", "CORRUPT"):
+        alarms.add_metric([alarm], int(alarm in status.alarms))
+    yield alarms
 
 
 def job_queues() -> list[str]:

@@ -83,6 +83,10 @@ def test_it_shows_queue_depth_by_priority_and_jobs_by_state(client, staff, site_
     samples = scrape(client)
 
     assert value(samples, "deephardway_broker_up") == 1 and value(samples, "deephardway_database_up") == 1
+    assert value(samples, "deephardway_etcd_db_size_bytes") > 0 and value(samples, "deephardway_etcd_alarm",
+                                                                           alarm="NOSPACE") == 0
+    assert 0 < value(samples, "deephardway_etcd_db_size_in_use_bytes") <= value(samples, "deephardway_etcd_db_size_bytes")
+    assert value(samples, "deephardway_etcd_compaction_lag_revisions") > 0
     for priority in range(10):
         expected = PRIORITIES.count(priority)
         assert value(samples, "deephardway_queue_ready_messages", queue="gpu", priority=str(priority)) == expected

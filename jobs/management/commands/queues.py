@@ -24,6 +24,15 @@ def broker_report(app: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         return queue_stats(client, keys), live_consumers(client, keys)
 
 
+def etcd_report(app: Any) -> Any:
+    """etcd's own status: DB size, compaction lag, alarms (etcd_broker/maintenance.py)."""
+    from etcd_broker.maintenance import etcd_status
+    from etcd_broker.stats import stats_for_connection
+
+    with app.connection_for_read() as connection:
+        return etcd_status(*stats_for_connection(connection))
+
+
 def job_counts() -> dict[str, dict[str, int]]:
     """Unfinished jobs per queue and status, from the database."""
     counts: dict[str, dict[str, int]] = {}
@@ -41,10 +50,12 @@ class Command(BaseCommand):
 
         try:
             queues, consumers = broker_report(app)
+            status = etcd_report(app)
         except OperationalError as exc:
             raise CommandError(f"{exc}. Is etcd running? `make run` prints its URL; set ETCD_URL to it.") from None
         self.write_queues(queues, job_counts())
         self.write_consumers(consumers)
+        self.stdout.write(f"\n{status.describe()}")
 
     def write_queues(self, queues: list[dict[str, Any]], jobs: dict[str, dict[str, int]]) -> None:
         self.stdout.write(f"{'queue':<24} {'ready':>6} {'unacked':>8}  {'ready by priority (9 = urgent)':<34}"

@@ -338,13 +338,7 @@ class ConsumerLease:
         if lease_id is None or self._failing:  # no pass now; the keepalive's recovery asks for one
             self.reconciler.postpone()
             return 0
-        try:
-            return self.reconciler.run(lease_id, queues)
-        except CONNECTION_ERRORS:
-            raise
-        except Exception:  # noqa: BLE001 - a failed pass must not end the sweeper thread
-            logger.exception("reconciliation pass failed; the next one runs in %ss", self.reconciler.interval)
-            return 0
+        return self.reconciler.run(lease_id, queues)  # what it raises, the sweep loop logs and retries
 
     # -- sweeping dead consumers' messages back ---------------------------------
     def _on_consumer_events(self, events: Iterable) -> None:

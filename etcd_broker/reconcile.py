@@ -38,7 +38,7 @@ RECONCILE_SECONDS = 30.0
 
 
 def unacked_keys(client: Any, keys: KeySpace, queue: str, lease_id: int) -> Iterator[tuple[str, int]]:
-    """(key, mod_revision) of every message under ``lease_id`` on ``queue``, in bounded pages."""
+    """(key, mod_revision) of every message under ``lease_id`` on ``queue``, a page per read (ops.pages)."""
     for kv in ops.scan(client, keys.unacked(queue, lease_id), prefix=True, keys_only=True):
         yield kv.key.decode(), kv.mod_revision
 
@@ -101,10 +101,10 @@ class Reconciler:
         """Back to ready if still unheld and unchanged; False if it turned out held (keep watching it)."""
         if key in self._held_now() or self._arriving(key):
             return False
-        value, meta = self.client.get(key)
-        if meta is None or meta.mod_revision != revision:
+        kv = ops.first_kv_of(ops.get(self.client, key))
+        if kv is None or kv.mod_revision != revision:
             return True  # acked or moved meanwhile: nothing to give back, no longer a suspect
-        if self._restore(key, value, revision):
+        if self._restore(key, kv.value, revision):
             logger.warning("message %s was under our live lease for %.0fs with nobody here holding it: "
                            "given back to the queue", key, unheld_for)
         return True

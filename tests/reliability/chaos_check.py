@@ -293,7 +293,8 @@ class Checker:
                            ("in dead/", left.dead), ("under chords/", left.chords)):
             for key in keys:
                 open_items.append(f"{key} {name}")
-                violations.append(Violation(left.task_of_key.get(key, "") or "-", f"message left {name}", key))
+                violations.append(Violation(left.task_of_key.get(key, "") or _part_task(key) or "-",
+                                            f"message left {name}", key))
         accepted = set(self.history.sent) | set(self.history.refused)
         for task in sorted(set(self.runs) - accepted):
             violations.append(Violation(task, "ran although nobody was told it was accepted"))
@@ -318,7 +319,20 @@ class Checker:
             at, worker = self.history.terminated[task]
             lines.append(f"    terminated {self.history.rel(at)} while on {worker}")
         lines.append(f"    state {self.leftovers.states.get(task)}; message at {self.leftovers.where(task) or 'nowhere'}")
+        lines.extend(f"    {line}" for line in self.log_lines(task))
         return "\n".join(lines)
+
+    def log_lines(self, task: str) -> list[str]:
+        """Every worker's log lines that name ``task`` (Celery's, with dashes, or ours)."""
+        dashed = f"{task[:8]}-{task[8:12]}-{task[12:16]}-{task[16:20]}-{task[20:]}" if len(task) == 32 else task
+        found = []
+        for name, info in self.history.workers.items():
+            try:
+                lines = info["log"].read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            found.extend(f"{name}: {line[:240]}" for line in lines if task in line or dashed in line)
+        return found
 
     def failure_text(self, verdict: Verdict) -> str:
         lines = [f"chaos seed {self.history.seed}: {len(verdict.violations)} violation(s); replay with "
@@ -330,3 +344,8 @@ class Checker:
             if violation.task != "-":
                 lines.append(self.describe(violation.task))
         return "\n".join(lines)
+
+
+def _part_task(key: str) -> str:
+    """The task id in a chord part's key (``chords/<group>/parts/<task>.<index>``), else ""."""
+    return key.rsplit("/", 1)[1].rsplit(".", 1)[0] if "/parts/" in key else ""

@@ -12,13 +12,15 @@ each task that broke a rule with its runs and where its message is.
 Environment: ``CHAOS_SEED`` replays a schedule (the seed is printed either way); ``CHAOS_SECONDS``
 (600 for the note's 10-minute runs); ``CHAOS_POOLS`` the workers' pools, comma separated
 (``threads,prefork,threads`` by default; ``threads`` or ``prefork`` alone means three of it);
-``CHAOS_FAULTS`` the faults to draw from (default :data:`DEFAULT_FAULTS`); ``CHAOS_LEASE_TTL``.
+``CHAOS_FAULTS`` the faults to draw from (default :data:`DEFAULT_FAULTS`); ``CHAOS_LEASE_TTL``;
+``CHAOS_LOG_DIR`` where the worker logs go (default: the test's tmp dir, which pytest rotates).
 """
 from __future__ import annotations
 
 import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,7 +98,9 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice_on_live_wo
     counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
     retry_policy = counting_app.app.conf.task_publish_retry_policy
     counting_app.app.conf.task_publish_retry_policy = PUBLISH_RETRY_POLICY  # a chord's header waits out elections
-    fleet = Fleet(cluster, etcd_prefix, POOLS, LEASE_TTL, tmp_path, history, random.Random(SEED))
+    log_dir = Path(os.environ.get("CHAOS_LOG_DIR") or tmp_path)  # kept across pytest's tmp rotation if set
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(cluster, etcd_prefix, POOLS, LEASE_TTL, log_dir, history, random.Random(SEED))
     load = MixedLoad(history, random.Random(SEED + 1))
     client = get_client(url)
     try:

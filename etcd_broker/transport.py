@@ -32,9 +32,12 @@ Transport options
 =================
 * ``prefix``: key prefix for everything (default ``/deephardway``).
 * ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
-* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB).
+* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
+  unless they expire (large_body.py).
 * ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
   holds, and how long such a message stays unheld first (default 30; reconcile.py).
+* ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
+  not in a worker's memory (default True; delayed.py).
 * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
 * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
 """
@@ -53,7 +56,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import executing, group_commit, handoff, large_body, ops, settle
+from etcd_broker import delayed, executing, group_commit, handoff, large_body, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
@@ -102,9 +105,11 @@ class Channel(virtual.Channel):
     lease_ttl = DEFAULT_LEASE_TTL
     #: Refuse larger messages at publish time.
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+    #: Celery tasks with a future ``eta`` (countdown) wait in etcd until due, not in a worker (delayed.py).
+    delayed_delivery = True
 
     from_transport_options = virtual.Channel.from_transport_options + (
-        "prefix", "lease_ttl", "max_message_bytes", "default_priority",
+        "prefix", "lease_ttl", "max_message_bytes", "default_priority", "delayed_delivery",
     )
 
     def __init__(self, connection, **kwargs):
@@ -126,8 +131,9 @@ class Channel(virtual.Channel):
         limits, queue_lease = self.connection.queues.limits(queue)
         now = time.time()
         deadline = message_deadline(message, limits, now)
-        if deadline is not None and deadline <= now:  # expired already: dropped, as a claim would drop it
-            revoke_expired(message)
+        due = delayed.due_time(message, now) if self.delayed_delivery else None
+        if deadline is not None and (deadline <= now or (due is not None and deadline <= due)):
+            revoke_expired(message)  # expired already, or before it is due: dropped, as a claim would drop it
             return
         value, chunks, seq = dumps(message).encode(), [], self.connection.sequence.next()
         if len(value) > self.max_message_bytes and deadline is not None:  # its body beside it (large_body.py)
@@ -137,7 +143,11 @@ class Channel(virtual.Channel):
         key = self.keys.ready_message(queue, position)
         batch = kwargs.get("_publish_batch")
         try:
-            if deadline is None and not queue_lease and limits.max_length is None:
+            if due is not None and not chunks and not queue_lease and limits.max_length is None:
+                if batch is not None:
+                    batch.flush()  # keep publish order: what came before is written first
+                self._put_delayed(queue, due, position, value, deadline)
+            elif deadline is None and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.add(key, value)  # Producer.batch(): written with others in one transaction
                 else:
@@ -157,6 +167,19 @@ class Channel(virtual.Channel):
                 self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
+
+    def _put_delayed(self, queue, due: float, position: str, value: bytes, deadline: float | None) -> None:
+        """An ETA task waits under ``delayed/`` until due, on its TTL lease if it expires (delayed.py)."""
+        key = self.keys.delayed_message(queue, due, position)
+        for attempt in range(2):
+            lease = self.connection.queues.leases.lease_for(deadline) if deadline is not None else 0
+            try:
+                group_commit.shared(self.client).txn(success=[ops.put(key, value, lease)])
+                return
+            except ops.LeaseNotFound:
+                if attempt or not lease:
+                    raise
+                self.connection.queues.leases.forget(lease)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
@@ -460,8 +483,9 @@ class Channel(virtual.Channel):
         return self.client.get_range_response(prefix, range_end(prefix), count_only=True).count
 
     def _purge(self, queue):
-        prefix = self.keys.ready(queue)
-        return self.client.delete_prefix(prefix).deleted
+        """Every message waiting: ready, and delayed (ETA tasks not due yet)."""
+        return sum(self.client.delete_prefix(prefix).deleted
+                   for prefix in (self.keys.ready(queue), self.keys.delayed(queue)))
 
     def _delete(self, queue, *args, **kwargs):
         self.client.delete_prefix(self.keys.queue(queue))
@@ -532,6 +556,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self._exchange_types: dict[str, str] = {}
         self._bindings: BindingTable | None = None
         self._hub: WatchHub | None = None
+        self.delayed = delayed.DelayedMover(self.etcd, self.keys, lambda: self.watch_hub)
         self.parking = handoff.Parking(self.etcd, self.keys, lambda: self.watch_hub, self.wake, self.config.timeout)
         self._init_event_loop()
         self._init_queue_watch()
@@ -556,6 +581,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     def close_connection(self, connection):
         super().close_connection(connection)
         self.parking.withdraw_all(self.lease.requeue_later, self.lease.withdraw_later)
+        self.delayed.close()
         self._close_pipe()
         self._unwatch_all()
         if self._bindings is not None:
@@ -599,9 +625,15 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
                     logger.debug("hand-off %s on queue %r given back: no prefetch room", key, queue)
                     self.lease.requeue_later(key)
 
+    def watch_queue(self, queue: str) -> None:
+        """A consumer of ``queue`` here: wake on its puts, and move its delayed messages when due."""
+        super().watch_queue(queue)
+        self.delayed.follow(queue)
+
     def unwatch_queue(self, queue: str) -> None:
         """The last consumer of ``queue`` here is gone: withdraw our park, give back hand-offs not delivered."""
         if super().unwatch_queue(queue):
+            self.delayed.unfollow(queue)
             self.parking.withdraw(queue, self.lease.requeue_later, self.lease.withdraw_later)
 
     @property

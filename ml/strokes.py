@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 CANVAS, HEIGHT = 48, 28.0
 #: Key point jitter (grid units; the digit is 10 high).
 JITTER = 0.3
+#: How far the middle of each stroke segment bows out sideways (grid units, either way):
+#: hands draw straight lines bent.
+BEND = 1.0
 #: Shear, rotation (degrees), width stretch, pen width (pixels on the 28-pixel digit).
 SHEAR, ROTATION, STRETCH, PEN = (-0.45, 0.5), (-14.0, 14.0), (0.7, 1.35), (1.0, 6.5)
 #: Rounds of Chaikin corner cutting.
@@ -83,11 +86,26 @@ def chaikin(points: np.ndarray, corners: np.ndarray, rounds: int = SMOOTHING) ->
     return np.concatenate(runs)
 
 
+def bend(points: np.ndarray, corners: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A bowed midpoint in every segment: straight strokes come out curved one way or the other."""
+    a, b = points[:-1], points[1:]
+    along = b - a
+    length = np.linalg.norm(along, axis=1)[:, None]
+    normal = np.stack([-along[:, 1], along[:, 0]], axis=1) / np.maximum(length, 1e-6)
+    # Short segments bow less: a full BEND only for segments 4 units or longer.
+    middle = (a + b) / 2 + normal * rng.uniform(-BEND, BEND, (len(a), 1)) * np.minimum(length, 4) / 4
+    merged = np.empty((2 * len(points) - 1, 2))
+    merged[0::2], merged[1::2] = points, middle
+    flags = np.zeros(len(merged), dtype=bool)
+    flags[0::2] = corners
+    return merged, flags
+
+
 def shape(stroke: list[tuple], rng: np.random.Generator) -> np.ndarray:
-    """One stroke's key points, jittered, then smoothed."""
+    """One stroke's key points, jittered and bent, then smoothed."""
     points = np.array([p[:2] for p in stroke], dtype=float) + rng.normal(0, JITTER, (len(stroke), 2))
     corners = np.array([len(p) > 2 for p in stroke])
-    return chaikin(points, corners)
+    return chaikin(*bend(points, corners, rng))
 
 
 def transform(paths: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:

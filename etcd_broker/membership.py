@@ -393,7 +393,7 @@ def close_all_leases(ack_timeout: float = 10.0) -> None:
 
 @atexit.register
 def _close_at_exit() -> None:
-    logging.disable(logging.WARNING)  # handlers may already be gone; an unrevoked lease just expires
+    logging.getLogger("etcd_broker").setLevel(logging.ERROR)  # ours only: handlers may be gone; an unrevoked lease just expires
     close_all_leases(ack_timeout=2.0)
 
 

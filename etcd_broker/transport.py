@@ -92,15 +92,11 @@ class Channel(virtual.Channel):
     QoS = QoS
     supports_fanout = True
 
-    #: Key prefix; several deployments can share one etcd cluster.
-    prefix = DEFAULT_PREFIX
-    #: Seconds a dead consumer keeps its messages before they are requeued.
-    lease_ttl = DEFAULT_LEASE_TTL
     #: Refuse larger messages at publish time.
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
 
     from_transport_options = virtual.Channel.from_transport_options + (
-        "prefix", "lease_ttl", "max_message_bytes", "default_priority",
+        "max_message_bytes", "default_priority",
     )
 
     def __init__(self, connection, **kwargs):

@@ -46,13 +46,17 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=
 # TensorFlow's C++ headers (290 MB) are for compiling custom ops against it; nothing here does.
 RUN rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include
 
-# ---- builder: the project as a wheel, /app, static files ----------------------------------------
+# ---- builder: the project and the library as wheels, /app, static files ---------------------------
 FROM deps AS builder
 COPY . /src/
-# A regular (not editable) install: the code, templates and static sources go into site-packages
-# with the celery.result_backends entry point. /app keeps only what runs from a directory:
-# manage.py, scripts/ (`manage etcd`, `manage dev`) and docker/ (entrypoint, health check).
-RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels /src \
+# Regular (not editable) installs: the site (code, templates, static sources) and the library's own
+# distribution (broker-dist/, celery-etcd-broker, with the celery.result_backends entry point) go into
+# site-packages. The library's build backend (hatchling) comes from the package index.
+# /app keeps only what runs from a directory: manage.py, scripts/ (`manage etcd`, `manage dev`) and
+# docker/ (entrypoint, health check).
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-cert \
+    pip wheel --no-deps --no-build-isolation --wheel-dir /wheels /src \
+    && pip wheel --no-deps --wheel-dir /wheels /src/broker-dist \
     && pip install --no-deps /wheels/*.whl \
     && mkdir -p /app \
     && cp -r /src/manage.py /src/scripts /src/docker /app/ \

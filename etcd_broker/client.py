@@ -353,11 +353,6 @@ def is_reply_too_large(exc: BaseException) -> bool:
     return classify(exc) == REPLY_TOO_LARGE
 
 
-def is_no_space(exc: BaseException) -> bool:
-    """etcd's backend quota is full (``mvcc: database space exceeded``): writes fail until compaction."""
-    return classify(exc) == NO_SPACE
-
-
 def is_lease_not_found(exc: BaseException) -> bool:
     """A request named a lease etcd no longer knows."""
     return classify(exc) == LEASE_NOT_FOUND

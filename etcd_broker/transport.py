@@ -70,7 +70,7 @@ from etcd_broker.client import (
 from etcd_broker.event_loop import EventLoopMixin
 from etcd_broker.expired import revoke_expired
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
-from etcd_broker.membership import DEFAULT_LEASE_TTL, LeaseHandle, restore_message
+from etcd_broker.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
 from etcd_broker.publish_batch import PublishBatch
 from etcd_broker.qos import QoS
 from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
@@ -99,25 +99,19 @@ class Channel(virtual.Channel):
     QoS = QoS
     supports_fanout = True
 
-    #: Key prefix; several deployments can share one etcd cluster.
-    prefix = DEFAULT_PREFIX
-    #: Seconds a dead consumer keeps its messages before they are requeued.
-    lease_ttl = DEFAULT_LEASE_TTL
     #: Refuse larger messages at publish time.
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
     #: Celery tasks with a future ``eta`` (countdown) wait in etcd until due, not in a worker (delayed.py).
     delayed_delivery = True
 
     from_transport_options = virtual.Channel.from_transport_options + (
-        "prefix", "lease_ttl", "max_message_bytes", "default_priority", "delayed_delivery",
+        "max_message_bytes", "default_priority", "delayed_delivery",
     )
 
     def __init__(self, connection, **kwargs):
         super().__init__(connection, **kwargs)
         self.keys = connection.keys
         self.client = connection.etcd
-        #: Kept after close: a task finishing after a reconnect still acks through it.
-        self.lease = connection.lease
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
         self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
@@ -414,10 +408,16 @@ class Channel(virtual.Channel):
         if meta is not None:
             restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, meta.mod_revision)
 
+    @property
+    def lease(self) -> ConsumerLease:
+        """The transport's consumer lease (also after close: a task finishing after a reconnect acks through it)."""
+        return self.connection.lease
+
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         self._consumer_queues[consumer_tag] = queue
         if no_ack:
             self._no_ack_queues.add(queue)
+        self.lease.ensure()
         self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
         self.connection.queues.consuming(queue)  # keeps an expiring queue alive (H4)
@@ -548,8 +548,8 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
                                           **{k: options[k] for k in ETCD_OPTIONS if k in options})
         self.etcd = get_client(self.config)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
-        self.lease = LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)),
-                                 float(options.get("reconcile_seconds", RECONCILE_SECONDS)))
+        self.lease_ttl = int(options.get("lease_ttl", DEFAULT_LEASE_TTL))
+        self.reconcile_seconds = float(options.get("reconcile_seconds", RECONCILE_SECONDS))
         self.sequence = Sequence()
         self.declared: set[str] = set()
         self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases (queue_limits.py)
@@ -589,6 +589,14 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
             self._bindings = None
 
     # -- shared state for channels -------------------------------------------------
+    @property
+    def lease(self) -> ConsumerLease:
+        """The process's consumer lease for this etcd and key space (membership.consumer_lease: made on
+        first use, made again in a forked child or once closed)."""
+        lease = consumer_lease(self.etcd, self.keys, self.lease_ttl, self.reconcile_seconds)
+        lease.hold_for(self)  # what this transport holds counts as held (reconcile.py)
+        return lease
+
     @property
     def watch_hub(self) -> WatchHub:
         """The process's one watch stream for our etcd (shared with the result backend).

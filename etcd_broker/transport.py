@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from queue import Empty
@@ -56,7 +57,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import delayed, executing, group_commit, handoff, large_body, ops, settle
+from etcd_broker import delayed, executing, forking, group_commit, handoff, large_body, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
@@ -348,9 +349,19 @@ class Channel(virtual.Channel):
                 self._requeue_or_later(self.Message(raw, channel=self))
 
     def close(self):
+        if self.connection is not None and forking.inherited(self.connection.owner_pid):
+            self._forget_after_fork()
+            return
         if not self.closed:
             self._requeue_buffered()
         super().close()
+
+    def _forget_after_fork(self) -> None:
+        """Closed in a forked child: what it holds (buffered, unacked, consumers) is the parent's."""
+        self.closed = True
+        self._buffer.clear()
+        self._consumer_queues.clear()
+        self.connection = None
 
     def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
         dead = self.keys.dead(queue) + self.connection.sequence.next()
@@ -547,6 +558,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self.config = EtcdConfig.from_url(self._urls(client, options),
                                           **{k: options[k] for k in ETCD_OPTIONS if k in options})
         self.etcd = get_client(self.config)
+        self.owner_pid = os.getpid()  # the process it belongs to (forking.inherited)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
         self.lease_ttl = int(options.get("lease_ttl", DEFAULT_LEASE_TTL))
         self.reconcile_seconds = float(options.get("reconcile_seconds", RECONCILE_SECONDS))
@@ -579,6 +591,9 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection):
+        if forking.inherited(self.owner_pid):
+            self._forget_after_fork()
+            return
         super().close_connection(connection)
         self.parking.withdraw_all(self.lease.requeue_later, self.lease.withdraw_later)
         self.delayed.close()
@@ -587,6 +602,25 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         if self._bindings is not None:
             self._bindings.close()
             self._bindings = None
+
+    def _forget_after_fork(self) -> None:
+        """Closed in a forked child (kombu's after-fork ``Connection.collect``): forget everything.
+
+        Its channels' messages, parks, queue watches and lease are the parent's, which still runs:
+        giving any of it back would run tasks twice, and the parent's threads may hold its locks.
+        Only the child's copies of the wake-up pipe's descriptors are closed (the parent's event loop
+        keeps its own).
+        """
+        for channel in self._avail_channels + self.channels:
+            channel._forget_after_fork()
+        self._avail_channels, self.channels = [], []
+        pipe, self._pipe, self._loop = self._pipe, None, None
+        for fd in pipe or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._bindings, self._hub = None, None
 
     # -- shared state for channels -------------------------------------------------
     @property

@@ -96,12 +96,12 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice_on_live_wo
     url = cluster_url(cluster)
     history = History(SEED, LEASE_TTL)
     counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
-    retry_policy = counting_app.app.conf.task_publish_retry_policy
-    counting_app.app.conf.task_publish_retry_policy = PUBLISH_RETRY_POLICY  # a chord's header waits out elections
     log_dir = Path(os.environ.get("CHAOS_LOG_DIR") or tmp_path)  # kept across pytest's tmp rotation if set
     log_dir.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(cluster, etcd_prefix, POOLS, LEASE_TTL, log_dir, history, random.Random(SEED))
     load = MixedLoad(history, random.Random(SEED + 1))
+    retry_policy = counting_app.app.conf.task_publish_retry_policy  # a chord's header waits out elections:
+    counting_app.app.conf.task_publish_retry_policy = {**PUBLISH_RETRY_POLICY, "errback": load.retry_errback}
     client = get_client(url)
     try:
         fleet.start_all()

@@ -168,7 +168,9 @@ class Channel(virtual.Channel):
             return buffered.popleft()
         lease_id = self.lease.ensure()
         if not self._single_get:  # what the consume watches tell is for consumers; a synchronous get reads
-            while (handed := self.connection.parking.take(queue, self.lease.current_key)) is not None:  # claimed by its publisher
+            # claimed by its publisher; checked with etcd while our lease is in doubt
+            while (handed := self.connection.parking.take(queue, self.lease.current_key,
+                                                          self.lease.in_doubt())) is not None:
                 message = self._decode(queue, handed[1], handed[0])
                 if message is not None:
                     return message

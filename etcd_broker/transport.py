@@ -56,8 +56,10 @@ from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
     ETCD_OPTIONS,
+    LEASE_NOT_FOUND,
     EtcdConfig,
     EtcdUnreachable,
+    classify,
     get_client,
     is_request_too_large,
     wait_connected,
@@ -425,7 +427,15 @@ class Channel(virtual.Channel):
         if queue in self.connection.declared and limits.expires is None:
             return
         lease = self.lease.ensure() if queue in self._auto_delete else None
-        self.connection.queues.declare(queue, limits, lease)
+        try:
+            self.connection.queues.declare(queue, limits, lease)
+        except grpc.RpcError as exc:
+            if lease is None or classify(exc) != LEASE_NOT_FOUND:
+                raise
+            # our consumer lease expired while etcd could not hear us (a partition longer than its TTL) and the
+            # keepalive has not said so yet: re-register now; raised, this ended the worker (chaos test)
+            self.lease.lost(lease)
+            self.connection.queues.declare(queue, limits, self.lease.ensure())
         self.connection.declared.add(queue)
 
     def _has_queue(self, queue, **kwargs):

@@ -339,7 +339,8 @@ class Checker:
                                                       "although nobody cut it off"))
         for name, alive in self.alive.items():
             if not alive:
-                violations.append(Violation("-", f"worker {name} exited although nobody killed it"))
+                violations.append(Violation("-", f"worker {name} exited although nobody killed it (see its log: "
+                                                  f"{self.history.workers[name]['log']})"))
 
     def describe(self, task: str) -> str:
         """A task's runs and where its message is, for a failure message."""

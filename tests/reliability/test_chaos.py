@@ -43,6 +43,8 @@ DEFAULT_FAULTS = ("kill_worker", "stop_member", "kill_leader", "move_leader", "c
 FAULTS = tuple(os.environ.get("CHAOS_FAULTS", ",".join(DEFAULT_FAULTS)).split(","))
 #: Seconds between the end of one fault and the start of the next, drawn uniformly.
 FAULT_GAP = (1.0, 4.0)
+#: Starting the cluster and the workers, the last fault's end, the check (seconds; for pytest's timeout).
+SETUP_TIMEOUT = 240
 #: After the last fault: every accepted task settles and every queue empties within this (seconds).
 DRAIN_TIMEOUT = 60.0 + 2 * LEASE_TTL
 
@@ -89,6 +91,7 @@ def report(history: History, verdict) -> list[str]:
 
 
 @pytest.mark.reliability
+@pytest.mark.timeout(int(SECONDS + DRAIN_TIMEOUT + SETUP_TIMEOUT))
 def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice_on_live_workers(
         cluster, etcd_prefix, tmp_path, summary_lines):
     print(f"\nchaos seed {SEED} (CHAOS_SEED={SEED} replays it), {SECONDS:.0f} s, pools {POOLS}, "

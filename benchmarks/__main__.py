@@ -9,7 +9,7 @@ import sys
 import time
 
 BENCHMARKS = ("bench_main", "bench_transport", "bench_results", "bench_operators", "bench_kombu_contract",
-              "bench_batching", "bench_web", "bench_scale")
+              "bench_batching", "bench_web", "bench_scale", "bench_growth", "bench_delayed")
 
 
 def main(names: list[str]) -> None:

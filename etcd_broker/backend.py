@@ -284,8 +284,8 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
     # -- batches (etcd_broker/batches.py) ---------------------------------------------------
     def cancelled_among(self, task_ids: Iterable[str]) -> set[str]:
         """The ids among ``task_ids`` that :meth:`is_cancelled` would call cancelled: one etcd read."""
-        ids = list(task_ids)
-        return {task_id for task_id in ids if _revoked_here(task_id)} | self.store.cancelled_among(ids)
+        ids = list(task_ids)  # retried like a write: a leader move must not break the batch off
+        return {task_id for task_id in ids if _revoked_here(task_id)} | self._ensure(self.store.cancelled_among, ids)
 
     def mark_many_as_done(self, done: Iterable[tuple[str, Any, Any]]) -> None:
         """``mark_as_done`` for each ``(task_id, result, request context)``, sharing etcd transactions.
@@ -311,7 +311,8 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         return isinstance(exc, CONNECTION_ERRORS)
 
     def _ensure(self, fun: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Run a write, retrying while etcd is unreachable or full (the retry_policy, ~20 s by default).
+        """Run a write (or a read a task waits on), retrying while etcd is unreachable or full
+        (the retry_policy, ~20 s by default).
 
         A full etcd (NOSPACE) is waited out like an outage: a task finishing while the operator
         frees space keeps its result instead of failing outside its body.

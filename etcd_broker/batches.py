@@ -156,7 +156,35 @@ def _ignore(result: Any) -> None:
 
 
 def run_batch(task: BatchTask, requests: list[Any]) -> None:
-    """In a pool thread: accept, check cancels, run, store and finish every request of one batch."""
+    """In a pool thread: accept, check cancels, run, store and finish every request of one batch.
+
+    Whatever raises outside ``run_batch`` (etcd unreachable past the backend's retry policy, a
+    bug), every request not finished yet is given back: Celery's thread pool keeps a job's
+    exception in a future nobody reads, so the requests would stay accepted, never run, their
+    messages held by this live worker for as long as it lives.
+    """
+    try:
+        _run_batch(task, requests)
+    except BaseException as exc:
+        _give_back_unfinished(task, requests, exc)
+        if not isinstance(exc, Exception):
+            raise
+
+
+def _give_back_unfinished(task: BatchTask, requests: list[Any], exc: BaseException) -> None:
+    """The batch broke off: each request not finished goes back to the queue (redelivered, at its place)."""
+    unfinished = [r for r in requests if r in worker_state.active_requests or r in worker_state.reserved_requests]
+    logger.error("%s: batch of %d broke off (%r); %d unfinished request(s) go back to the queue",
+                 task.name, len(requests), exc, len(unfinished), exc_info=exc)
+    for request in unfinished:
+        worker_state.task_ready(request)
+        try:
+            request.reject(requeue=True)  # a no-op for a request acked already (not acks_late)
+        except Exception:  # noqa: BLE001 - given back at a reset already; the others still go back
+            logger.exception("task %s: message not given back", request.id)
+
+
+def _run_batch(task: BatchTask, requests: list[Any]) -> None:
     pid, accepted = os.getpid(), monotonic()
     for request in requests:
         request.on_accepted(pid, accepted)

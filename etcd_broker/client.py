@@ -41,14 +41,17 @@ ENDPOINT_RETRY_SECONDS = 0.5
 DEFAULT_TIMEOUT = 5.0
 #: gRPC message size limit; above etcd's default 1.5 MiB request limit so etcd, not gRPC, refuses.
 GRPC_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-#: Channel options: message limits above, keepalive pings every 10 s (a dead peer is noticed in ~15 s),
-#: reconnect back-off from 100 ms to 1 s.
+#: Channel options: message limits above, keepalive pings every 10 s while a call is open (a watch
+#: stream, a unary call; a dead peer is noticed in ~15 s), reconnect back-off from 100 ms to 1 s.
+#: Never pings without a call: etcd's server (grpc-go, PermitWithoutStream false, min time 5 s) counts a
+#: ping on a connection without streams as a strike unless 2 h passed since the last one, and after
+#: three it answers GOAWAY "too_many_pings" and closes the connection, failing calls in flight.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
@@ -291,6 +294,7 @@ REQUEST_TOO_LARGE = "request_too_large"
 TOO_MANY_OPS = "too_many_ops"
 NO_SPACE = "no_space"
 TOO_MANY_REQUESTS = "too_many_requests"
+REPLY_TOO_LARGE = "reply_too_large"
 LEASE_NOT_FOUND = "lease_not_found"
 COMPACTED = "compacted"
 PERMISSION_DENIED = "permission_denied"
@@ -313,6 +317,8 @@ _BY_CODE_AND_MESSAGE = {
     (grpc.StatusCode.INVALID_ARGUMENT, "authentication failed"): AUTH_FAILED,
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "database space exceeded"): NO_SPACE,
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests"): TOO_MANY_REQUESTS,
+    # gRPC's own, client side: a reply over GRPC_MAX_MESSAGE_BYTES (a range read with too many values)
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"): REPLY_TOO_LARGE,
     (grpc.StatusCode.UNKNOWN, "raft proposal dropped"): PROPOSAL_DROPPED,
 }
 _ENDPOINT_FAILURES: dict[str, type[Exception]] = {
@@ -342,9 +348,9 @@ def is_request_too_large(exc: BaseException) -> bool:
     return classify(exc) == REQUEST_TOO_LARGE
 
 
-def is_no_space(exc: BaseException) -> bool:
-    """etcd's backend quota is full (``mvcc: database space exceeded``): writes fail until compaction."""
-    return classify(exc) == NO_SPACE
+def is_reply_too_large(exc: BaseException) -> bool:
+    """A reply was over gRPC's receive limit (``GRPC_MAX_MESSAGE_BYTES``): read fewer keys at once."""
+    return classify(exc) == REPLY_TOO_LARGE
 
 
 def is_lease_not_found(exc: BaseException) -> bool:

@@ -84,6 +84,13 @@ def take(channel: Any, delivery_tag: Any) -> Any | None:
     return None if entry is None else entry.message
 
 
+def kept_keys() -> list[str]:
+    """The unacked keys of the messages kept across a reset (reconcile.py counts them as held)."""
+    with _lock:
+        entries = list(_kept.values())
+    return [key for entry in entries if (key := entry.message.delivery_info.get("etcd_key"))]
+
+
 def kept() -> int:
     """How many messages this process holds for tasks that ran across a reset and have not acked yet."""
     if _kept:

@@ -238,6 +238,20 @@ class Parking:
         """The queues with hand-offs received and not delivered yet."""
         return [queue for queue, park in list(self._parks.items()) if park.handed]
 
+    def held_keys(self) -> list[str]:
+        """Unacked keys of the hand-offs received and not delivered yet (reconcile.py)."""
+        with self._lock:
+            return [key for park in self._parks.values() for key, _ in park.handed]
+
+    def arriving(self, key: str) -> bool:
+        """True if our parked key on ``key``'s queue names it: a hand-off whose watch event is still
+        on its way to us (one read)."""
+        park = self._parks.get(self.keys.queue_of(key))
+        if park is None:
+            return False
+        kvs = ops.get(self.client, park.key).kvs
+        return bool(kvs) and kvs[0].value != IDLE and parse_record(kvs[0].value)[0] == key
+
     def give_back(self, queue: str) -> list[str]:
         """Take every hand-off not delivered on ``queue``; their unacked keys, for the caller to requeue."""
         park = self._parks.get(queue)

@@ -16,12 +16,14 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 from etcd_broker import forking, handoff, ops
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
-from etcd_broker.keys import KeySpace, range_end
+from etcd_broker.keys import KeySpace
+from etcd_broker.reconcile import RECONCILE_SECONDS, Reconciler
 from etcd_broker.watch import EVENT_DELETE, Watch, WatchHub, hub_for
 
 logger = logging.getLogger(__name__)
@@ -35,12 +37,15 @@ SAFETY_SWEEP_SECONDS = 30.0
 #: A lease keepalive unanswered this long means etcd is unreachable now (the RPC deadline is longer):
 #: closing then skips every etcd call and leaves the lease to expire, which hands our messages back.
 PROBE_SECONDS = 1.0
+#: First wait (seconds) of a background loop after an unexpected error; doubled each time it fails again.
+FAILED_LOOP_BACKOFF = 1.0
 
 
 class ConsumerLease:
     """The lease a process claims messages under; one per client and key space."""
 
-    def __init__(self, client: EtcdClient, keys: KeySpace, ttl: int = DEFAULT_LEASE_TTL) -> None:
+    def __init__(self, client: EtcdClient, keys: KeySpace, ttl: int = DEFAULT_LEASE_TTL,
+                 reconcile_seconds: float = RECONCILE_SECONDS) -> None:
         self.client = client
         self.keys = keys
         self.ttl = ttl
@@ -59,6 +64,10 @@ class ConsumerLease:
         self._threads: list[threading.Thread] = []
         self._answered_at = 0.0  # monotonic time of the last keepalive etcd answered
         self._failing = False  # the last keepalive (or probe) failed or went unanswered
+        #: what claims under this lease (transports: ``held_keys()``, ``arriving(key)``), for reconcile.py
+        self._holders: weakref.WeakSet = weakref.WeakSet()
+        self.reconciler = Reconciler(client, keys, self._held, self._arriving, self.current_key, self._restore,
+                                     reconcile_seconds)
 
     # -- lifecycle ------------------------------------------------------------
     def ensure(self) -> int:
@@ -168,10 +177,15 @@ class ConsumerLease:
                 log("lease keepalive failed (%s); retrying every 0.5s", type(exc).__name__)
                 self._failing = True
                 interval = 0.5
+            except Exception:  # noqa: BLE001 - the keepalive must outlive anything one refresh meets
+                logger.exception("lease keepalive failed; retrying in %.1fs", FAILED_LOOP_BACKOFF)
+                interval = FAILED_LOOP_BACKOFF
             else:
                 if self._failing:
                     logger.info("lease keepalive answered again")
                     self._failing = False
+                    self.reconciler.soon()  # a claim answered by nobody during the outage comes back
+                    self._sweep_now.set()
                 interval = max(self.ttl / 3.0, 0.5)
 
     def _refresh(self) -> None:
@@ -197,11 +211,11 @@ class ConsumerLease:
     def _adopt(self, old: int, new: int | None) -> None:
         """Move what our expired lease still owns to the new one, unless a sweeper got there first."""
         for queue in list(self.queues):
-            for value, meta in self.client.get_prefix(self.keys.unacked(queue, old)):
-                key = meta.key.decode()
+            for kv in ops.scan(self.client, self.keys.unacked(queue, old), prefix=True):
+                key = kv.key.decode()
                 position = self.keys.position_of(key)
-                ops.txn(self.client, compare=[ops.compare(key, "mod_revision", meta.mod_revision)],
-                        success=[ops.delete(key), ops.put(self.keys.unacked_message(queue, new, position), value)])
+                ops.txn(self.client, compare=[ops.compare(key, "mod_revision", kv.mod_revision)],
+                        success=[ops.delete(key), ops.put(self.keys.unacked_message(queue, new, position), kv.value)])
 
     def current_key(self, key: str) -> str:
         """An unacked key under our current lease (it changes only after an adopt)."""
@@ -240,6 +254,10 @@ class ConsumerLease:
                     "acks not written (%s); retrying every 0.2s", type(exc).__name__)
                 failing = True
                 self._closed.wait(0.2)
+                self._acks_waiting.set()
+            except Exception:  # noqa: BLE001 - the ack writer must outlive anything one batch meets
+                logger.exception("acks not written; retrying in %.0fs", FAILED_LOOP_BACKOFF)
+                self._closed.wait(FAILED_LOOP_BACKOFF)
                 self._acks_waiting.set()
 
     def _write_acks(self) -> None:
@@ -297,6 +315,37 @@ class ConsumerLease:
                 raise
         return restored
 
+    # -- reconciliation: what our live lease owns is what we hold (reconcile.py) ----
+    def hold_for(self, holder: Any) -> None:
+        """``holder`` (a transport) claims under this lease: its ``held_keys()`` count as held."""
+        self._holders.add(holder)
+
+    def _held(self) -> set[str]:
+        held: set[str] = set()
+        for holder in list(self._holders):
+            held.update(holder.held_keys())
+        with self._lock:
+            held.update(self._pending_deletes)
+            held.update(self._pending_requeues)
+        return held
+
+    def _arriving(self, key: str) -> bool:
+        return any(holder.arriving(key) for holder in list(self._holders))
+
+    def _restore(self, key: str, value: bytes, mod_revision: int) -> int:
+        return restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, mod_revision)
+
+    def _reconcile(self) -> int:
+        """A reconciliation pass when one is due and etcd answers; how many messages it gave back."""
+        with self._lock:
+            lease_id, queues = self.lease_id, set(self.queues)
+        if self.reconciler.due() > 0:
+            return 0
+        if lease_id is None or self._failing:  # no pass now; the keepalive's recovery asks for one
+            self.reconciler.postpone()
+            return 0
+        return self.reconciler.run(lease_id, queues)  # what it raises, the sweep loop logs and retries
+
     # -- sweeping dead consumers' messages back ---------------------------------
     def _on_consumer_events(self, events: Iterable) -> None:
         for event in events:
@@ -311,21 +360,31 @@ class ConsumerLease:
             self._sweep_now.set()
 
     def _sweep_loop(self) -> None:
+        backoff = FAILED_LOOP_BACKOFF
         while not self._closed.is_set():
-            self._sweep_now.wait(SAFETY_SWEEP_SECONDS)
+            self._sweep_now.wait(min(SAFETY_SWEEP_SECONDS, max(self.reconciler.due(), 0.1)))
             self._sweep_now.clear()
             if self._closed.is_set():
                 return
             try:
-                restored = self._requeue_pending() + self.sweep()
+                restored = self._requeue_pending() + self.sweep() + self._reconcile()
+                if restored:
+                    logger.warning("restored %d message(s) from dead consumers, closed channels or reconciliation",
+                                   restored)
+                self._drop_orphaned_queues()
             except CONNECTION_ERRORS as exc:
                 logger.info("sweep postponed: etcd unreachable (%s)", type(exc).__name__)
-                self._closed.wait(1.0)
-                self._sweep_now.set()
-                continue
-            if restored:
-                logger.warning("restored %d message(s) from dead consumers or closed channels", restored)
-            self._drop_orphaned_queues()
+                self._retry_sweep(1.0)
+            except Exception:  # noqa: BLE001 - the sweeper must outlive anything one sweep meets
+                logger.exception("sweep failed; retrying in %.0fs", backoff)
+                self._retry_sweep(backoff)
+                backoff = min(backoff * 2, SAFETY_SWEEP_SECONDS)
+            else:
+                backoff = FAILED_LOOP_BACKOFF
+
+    def _retry_sweep(self, delay: float) -> None:
+        self._closed.wait(delay)
+        self._sweep_now.set()
 
     def _drop_orphaned_queues(self) -> None:
         """A dead consumer's auto-delete queues (events, replies) vanish with its lease: drop their messages."""
@@ -340,24 +399,25 @@ class ConsumerLease:
 
     def sweep(self) -> int:
         """Give back every unacked message whose consumer lease is gone; return how many."""
-        live = {int(meta.key.decode().rsplit("/", 1)[1], 16)
-                for _, meta in self.client.get_prefix(self.keys.consumers(), keys_only=True)}
+        live = {int(kv.key.decode().rsplit("/", 1)[1], 16)
+                for kv in ops.scan(self.client, self.keys.consumers(), prefix=True, keys_only=True)}
         restored = 0
         for queue in declared_queues(self.client, self.keys):
-            prefix = self.keys.unacked(queue)
-            for value, meta in self.client.get_range(prefix, range_end(prefix)):
-                key = meta.key.decode()
+            # keys only, in pages: a busy worker holds thousands (one unbounded read of 19k failed, issue 20)
+            for kv in ops.scan(self.client, self.keys.unacked(queue), prefix=True, keys_only=True):
+                key = kv.key.decode()
                 lease = self.keys.lease_of_unacked(key)
                 if lease in live:
                     continue
-                restored += restore_message(self.client, self.keys, queue, key, value, meta.mod_revision,
-                                            dead_lease=lease)
+                held = ops.first_kv_of(ops.get(self.client, key))
+                if held is not None:  # else acked meanwhile
+                    restored += restore_message(self.client, self.keys, queue, key, held.value, held.mod_revision,
+                                                dead_lease=lease)
         return restored
 
 
 def declared_queues(client: EtcdClient, keys: KeySpace) -> list[str]:
-    prefix = keys.declared_queues()
-    return [keys.queue_of_declared(meta.key) for _, meta in client.get_prefix(prefix, keys_only=True)]
+    return [keys.queue_of_declared(kv.key) for kv in ops.scan(client, keys.declared_queues(), prefix=True, keys_only=True)]
 
 
 def mark_redelivered(value: bytes) -> bytes:
@@ -385,9 +445,10 @@ def restore_message(client: EtcdClient, keys: KeySpace, queue: str, key: str, va
 _leases = forking.PerProcess()
 
 
-def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int) -> ConsumerLease:
+def consumer_lease(client: EtcdClient, keys: KeySpace, ttl: int,
+                   reconcile_seconds: float = RECONCILE_SECONDS) -> ConsumerLease:
     """The process's lease for this client and key space (shared by every channel)."""
-    return _leases.get((id(client), keys.root), lambda: ConsumerLease(client, keys, ttl),
+    return _leases.get((id(client), keys.root), lambda: ConsumerLease(client, keys, ttl, reconcile_seconds),
                        usable=lambda lease: not lease._closed.is_set())
 
 
@@ -399,49 +460,5 @@ def close_all_leases(ack_timeout: float = 10.0) -> None:
 
 @atexit.register
 def _close_at_exit() -> None:
-    logging.disable(logging.WARNING)  # handlers may already be gone; an unrevoked lease just expires
+    logging.getLogger("etcd_broker").setLevel(logging.ERROR)  # ours only: handlers may be gone; an unrevoked lease just expires
     close_all_leases(ack_timeout=2.0)
-
-
-class LeaseHandle:
-    """The transport's view of the process-wide consumer lease (created on first use)."""
-
-    def __init__(self, transport: Any, ttl: int) -> None:
-        self._transport = transport
-        self._ttl = ttl
-
-    @property
-    def _lease(self):
-        return consumer_lease(self._transport.etcd, self._transport.keys, self._ttl)
-
-    def ensure(self) -> int:
-        return self._lease.ensure()
-
-    def add_queue(self, queue: str) -> None:
-        self._lease.ensure()
-        self._lease.add_queue(queue)
-
-    def lost(self, lease_id: int) -> None:
-        self._lease.lost(lease_id)
-
-    def current_key(self, key: str) -> str:
-        return self._lease.current_key(key)
-
-    def delete_later(self, key: str) -> None:
-        self._lease.delete_later(key)
-
-    def requeue_later(self, key: str) -> None:
-        self._lease.requeue_later(key)
-
-    def withdraw_later(self, key: str, seen: int) -> None:
-        self._lease.withdraw_later(key, seen)
-
-    def reachable(self) -> bool:
-        return self._lease.reachable()
-
-    def failing(self) -> bool:
-        return self._lease.failing()
-
-    def in_doubt(self) -> bool:
-        return self._lease.in_doubt()
-

@@ -19,14 +19,14 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
 from etcd3 import etcdrpc
 from etcd3.utils import prefix_range_end, to_bytes
 
-from etcd_broker.client import is_lease_not_found
+from etcd_broker.client import is_lease_not_found, is_reply_too_large
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ RESULTS = {"==": EQUAL, "!=": NOT_EQUAL, ">": GREATER, "<": LESS,
            EQUAL: EQUAL, NOT_EQUAL: NOT_EQUAL, GREATER: GREATER, LESS: LESS}
 
 Key = str | bytes
+#: Keys per page of a read over a set that grows with the work (a queue, ``unacked/``, results):
+#: a reply stays far under gRPC's receive limit with keys only; with values a page halves until it fits.
+PAGE_KEYS = 1000
 
 
 
@@ -114,6 +117,11 @@ def first_kv(response_op: etcdrpc.ResponseOp) -> Any | None:
     return kvs[0] if kvs else None
 
 
+def first_kv_of(response: etcdrpc.RangeResponse) -> Any | None:
+    """The first key-value of a lone range read (:func:`get`); None: no such key."""
+    return response.kvs[0] if response.kvs else None
+
+
 def count(response_op: etcdrpc.ResponseOp) -> int:
     """How many keys a (count_only) range op matched."""
     return response_op.response_range.count
@@ -130,6 +138,36 @@ def txn(client: Any, compare: Iterable[etcdrpc.Compare] = (), success: Iterable[
 def get(client: Any, key: Key, **options: Any) -> etcdrpc.RangeResponse:
     """One range read outside a transaction (``kvs``, ``count``, ``header.revision``)."""
     return _call(client, "Range", range_request(key, **options))
+
+
+def pages(client: Any, key: Key, *, prefix: bool = False, range_end: Key | None = None, keys_only: bool = False,
+          limit: int = PAGE_KEYS) -> Iterator[list[Any]]:
+    """Every key under ``key`` (``prefix``) or in [key, range_end), ``limit`` keys per read, in key order.
+
+    The one way to read a range that grows with the work: no reply is unbounded. A page whose
+    values exceed gRPC's receive limit is read again at half the size (down to one key). Keys
+    added or deleted meanwhile may or may not be seen (each page is read at its own revision).
+    """
+    request = range_request(key, prefix=prefix, range_end=range_end, keys_only=keys_only, limit=limit)
+    while True:
+        try:
+            response = _call(client, "Range", request)
+        except grpc.RpcError as exc:
+            if not is_reply_too_large(exc) or request.limit == 1:
+                raise
+            request.limit = max(1, request.limit // 2)
+            continue
+        if response.kvs:
+            yield list(response.kvs)
+        if not response.more or not response.kvs:
+            return
+        request.key = response.kvs[-1].key + b"\0"  # the next key after the last one read
+
+
+def scan(client: Any, key: Key, **options: Any) -> Iterator[Any]:
+    """The key-values of :func:`pages`, one by one."""
+    for page in pages(client, key, **options):
+        yield from page
 
 
 def _call(client: Any, method: str, request: Any) -> Any:

@@ -21,10 +21,32 @@ class QoS(virtual.QoS):
     goes through :meth:`Channel._restore`, the hook kombu's ``restore_unacked`` calls.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._held: dict = {}  # delivery tag -> unacked key, from delivery until ack, reject or give-back
+
+    def append(self, message, delivery_tag):
+        super().append(message, delivery_tag)
+        key = message.delivery_info.get("etcd_key")
+        if key:
+            self._held[delivery_tag] = key
+
+    def held_keys(self) -> list[str]:
+        """Unacked keys of the messages delivered through this QoS and not settled (reconcile.py)."""
+        return list(self._held.values())
+
     def ack(self, delivery_tag):
         self._forget(delivery_tag)
         super().ack(delivery_tag)
+        self._held.pop(delivery_tag, None)  # after _forget queued its delete: held all the way
         self._wake()
+
+    def restore_unacked(self):
+        """At close: each message goes back or stays with its running task (Channel._restore)."""
+        try:
+            return super().restore_unacked()
+        finally:
+            self._held.clear()
 
     def can_consume(self):
         room = self.can_consume_max_estimate()
@@ -46,6 +68,7 @@ class QoS(virtual.QoS):
         if not requeue:
             self._forget(delivery_tag)
         super().reject(delivery_tag, requeue=requeue)  # requeue=True -> Channel._restore
+        self._held.pop(delivery_tag, None)
         self._wake()
 
     def _forget(self, delivery_tag) -> None:

@@ -32,9 +32,11 @@ logger = logging.getLogger(__name__)
 MAX_QUEUE_NAME_BYTES = 255
 #: Seconds a publisher trusts the queue arguments it read (another process may redeclare).
 LIMITS_CACHE_SECONDS = 5.0
-#: How often the keeper thread looks at the consumed queues with ``expires`` (it refreshes each
-#: queue's lease every third of its expiry time).
-KEEP_INTERVAL_SECONDS = 0.5
+#: Seconds the keeper thread waits, with nothing to refresh, before looking again (it is woken
+#: whenever a consumer starts or stops; it refreshes each expiring queue every third of its TTL).
+KEEP_IDLE_SECONDS = 60.0
+#: Seconds before the keeper retries a read or refresh that etcd did not answer.
+KEEP_RETRY_SECONDS = 1.0
 #: Times a bounded publish re-counts after another publisher or consumer changed the queue.
 BOUNDED_PUT_ATTEMPTS = 50
 DROP_HEAD = "drop-head"
@@ -170,8 +172,11 @@ class QueueRegistry:
         self.leases = LeasePool(client)
         self._cache: dict[str, tuple[float, QueueLimits, int]] = {}
         self._kept: dict[str, int] = {}  # queue -> consumers on it in this process
+        self._expiring: dict[str, tuple[int, float, float]] = {}  # kept queue -> (lease, expires, next refresh)
+        self._to_learn: set[str] = set()  # kept queues whose limits the keeper has yet to look at
         self._refreshed: dict[int, float] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # a consumer started or stopped: the keeper looks again
         self._keeper: threading.Thread | None = None
 
     # -- declaring --------------------------------------------------------------------
@@ -268,33 +273,93 @@ class QueueRegistry:
 
     def consuming(self, queue: str) -> None:
         """A consumer started on ``queue``: keep its expiry lease alive until the last one stops."""
-        with self._lock:
+        with self._wake:
             self._kept[queue] = self._kept.get(queue, 0) + 1
+            self._to_learn.add(queue)
+            self._wake.notify()
             if self._keeper is None:
                 self._keeper = threading.Thread(target=self._keep_loop, name="etcd-queue-expiry", daemon=True)
                 self._keeper.start()
 
     def cancelled(self, queue: str) -> None:
-        with self._lock:
+        with self._wake:
             if self._kept.get(queue, 0) <= 1:
                 self._kept.pop(queue, None)
+                self._expiring.pop(queue, None)
+                self._to_learn.discard(queue)
+                self._wake.notify()
             else:
                 self._kept[queue] -= 1
 
     def _keep_loop(self) -> None:
-        """Refresh the leases of consumed expiring queues; ends when no consumer is left."""
+        """Refresh the expiry leases of consumed queues, each when a third of its TTL has passed.
+
+        One timer for all: the thread sleeps until the next refresh is due (or a consumer
+        starts or stops). A consumed queue without ``expires`` costs nothing after its limits
+        are learnt (from the cache its declaration filled); idle cost does not grow with queues.
+        Ends when no consumer is left.
+        """
         while True:
-            time.sleep(KEEP_INTERVAL_SECONDS)
-            with self._lock:
-                queues = list(self._kept)
-                if not queues:
+            with self._wake:
+                if not self._kept:
                     self._keeper = None
                     return
-            for queue in queues:
-                try:
-                    self.touch(queue)
-                except CONNECTION_ERRORS as exc:
-                    logger.info("queue %r expiry not refreshed: %s", queue, exc)
+                learn, self._to_learn = self._to_learn, set()
+            retry = any([not self._learn(queue) for queue in learn])
+            now = time.monotonic()
+            with self._wake:
+                due = [q for q, (_, _, at) in self._expiring.items() if at <= now]
+            for queue in due:
+                retry = not self._keep(queue) or retry
+            with self._wake:
+                if self._to_learn:
+                    continue
+                next_at = min((at for _, _, at in self._expiring.values()), default=now + KEEP_IDLE_SECONDS)
+                wait = min(next_at, now + KEEP_RETRY_SECONDS) if retry else next_at
+                if self._kept:
+                    self._wake.wait(max(0.0, wait - time.monotonic()))
+
+    def _learn(self, queue: str) -> bool:
+        """Note whether ``queue`` has an expiry lease to keep; False (try again) if etcd did not answer."""
+        try:
+            limits, lease = self.limits(queue)
+        except CONNECTION_ERRORS as exc:
+            logger.info("queue %r expiry not read: %s", queue, exc)
+            with self._wake:
+                if queue in self._kept:
+                    self._to_learn.add(queue)
+            return False
+        with self._wake:
+            if queue in self._kept and lease and limits.expires is not None:
+                self._expiring[queue] = (lease, limits.expires, time.monotonic() + limits.expires / 3)
+            else:
+                self._expiring.pop(queue, None)
+        return True
+
+    def _keep(self, queue: str) -> bool:
+        """Refresh ``queue``'s lease once; a lease etcd no longer knows sends the queue to be learnt again
+        (it expired or was redeclared). False if etcd did not answer (the refresh is retried soon)."""
+        with self._wake:
+            entry = self._expiring.get(queue)
+        if entry is None:
+            return True
+        lease, expires, _ = entry
+        try:
+            alive = self._refresh(lease)
+        except CONNECTION_ERRORS as exc:
+            logger.info("queue %r expiry not refreshed: %s", queue, exc)
+            return False
+        with self._wake:
+            if queue not in self._expiring:
+                return True
+            if alive:
+                self._expiring[queue] = (lease, expires, time.monotonic() + expires / 3)
+            else:
+                self._expiring.pop(queue, None)
+                self._to_learn.add(queue)
+        if not alive:
+            self.forget(queue)
+        return True
 
     def _refresh(self, lease: int) -> bool:
         """Keep ``lease`` alive once; False if etcd no longer knows it."""

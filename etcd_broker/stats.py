@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from etcd_broker import ops
 from etcd_broker.client import EtcdClient
 from etcd_broker.keys import MAX_PRIORITY, KeySpace, range_end
 from etcd_broker.membership import declared_queues
@@ -20,7 +21,8 @@ def _count(client: EtcdClient, prefix: str) -> int:
 
 def queue_stats(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
     """Per declared (or consumed) queue: ready messages by priority (only priorities with
-    messages), unacknowledged count, live consumers."""
+    messages), unacknowledged count, delayed messages (ETA tasks not due yet) and the epoch second
+    the next one is due (None: none), live consumers."""
     consumers = consumers_by_queue(client, keys)
     rows = []
     for queue in sorted(set(declared_queues(client, keys)) | set(consumers)):
@@ -34,26 +36,34 @@ def queue_stats(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
             "ready": sum(by_priority.values()),
             "ready_by_priority": by_priority,
             "unacked": _count(client, keys.unacked(queue)),
+            "delayed": _count(client, keys.delayed(queue)),
+            "next_due": next_due(client, keys, queue),
             "consumers": consumers.get(queue, 0),
         })
     return rows
 
 
+def next_due(client: EtcdClient, keys: KeySpace, queue: str) -> float | None:
+    """When the first delayed message of ``queue`` is due (epoch seconds); None if none waits."""
+    first = ops.get(client, keys.delayed(queue), prefix=True, keys_only=True, limit=1)
+    return keys.due_of(first.kvs[0].key) if first.kvs else None
+
+
 def consumers_by_queue(client: EtcdClient, keys: KeySpace) -> dict[str, int]:
     """Live consumers per queue: a consumer's key lives exactly as long as its lease."""
     counts: Counter[str] = Counter()
-    for value, _meta in client.get_prefix(keys.consumers()):
-        counts.update(json.loads(value).get("queues") or [])
+    for kv in ops.scan(client, keys.consumers(), prefix=True):
+        counts.update(json.loads(kv.value).get("queues") or [])
     return dict(counts)
 
 
 def live_consumers(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
     """Every consumer whose lease is alive: lease id, host, pid, queues, remaining TTL."""
     consumers = []
-    for value, meta in client.get_prefix(keys.consumers()):
-        info = json.loads(value)
-        lease = client.get_lease_info(meta.lease_id) if meta.lease_id else None
-        consumers.append({"lease": f"{meta.lease_id:016x}", "ttl": lease.TTL if lease else None, **info})
+    for kv in ops.scan(client, keys.consumers(), prefix=True):
+        info = json.loads(kv.value)
+        lease = client.get_lease_info(kv.lease) if kv.lease else None
+        consumers.append({"lease": f"{kv.lease:016x}", "ttl": lease.TTL if lease else None, **info})
     return consumers
 
 

@@ -32,7 +32,12 @@ Transport options
 =================
 * ``prefix``: key prefix for everything (default ``/deephardway``).
 * ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
-* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB).
+* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
+  unless they expire (large_body.py).
+* ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
+  holds, and how long such a message stays unheld first (default 30; reconcile.py).
+* ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
+  not in a worker's memory (default True; delayed.py).
 * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
 * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
 """
@@ -51,7 +56,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import executing, group_commit, handoff, ops, settle
+from etcd_broker import delayed, executing, group_commit, handoff, large_body, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
@@ -65,12 +70,14 @@ from etcd_broker.client import (
     wait_connected,
 )
 from etcd_broker.event_loop import EventLoopMixin
+from etcd_broker.expired import revoke_expired
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
-from etcd_broker.membership import DEFAULT_LEASE_TTL, LeaseHandle, restore_message
+from etcd_broker.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
 from etcd_broker.publish_batch import PublishBatch
 from etcd_broker.qos import QoS
 from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
 from etcd_broker.queue_watch import CLAIM_BATCH, QueueWatchMixin
+from etcd_broker.reconcile import RECONCILE_SECONDS
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
 from etcd_broker.watch import WatchHub, hub_for
 
@@ -94,23 +101,19 @@ class Channel(virtual.Channel):
     QoS = QoS
     supports_fanout = True
 
-    #: Key prefix; several deployments can share one etcd cluster.
-    prefix = DEFAULT_PREFIX
-    #: Seconds a dead consumer keeps its messages before they are requeued.
-    lease_ttl = DEFAULT_LEASE_TTL
     #: Refuse larger messages at publish time.
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+    #: Celery tasks with a future ``eta`` (countdown) wait in etcd until due, not in a worker (delayed.py).
+    delayed_delivery = True
 
     from_transport_options = virtual.Channel.from_transport_options + (
-        "prefix", "lease_ttl", "max_message_bytes", "default_priority",
+        "max_message_bytes", "default_priority", "delayed_delivery",
     )
 
     def __init__(self, connection, **kwargs):
         super().__init__(connection, **kwargs)
         self.keys = connection.keys
         self.client = connection.etcd
-        #: Kept after close: a task finishing after a reconnect still acks through it.
-        self.lease = connection.lease
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
         self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
@@ -122,14 +125,25 @@ class Channel(virtual.Channel):
         check_queue_name(queue)
         priority = self._get_message_priority(message)
         limits, queue_lease = self.connection.queues.limits(queue)
-        deadline = message_deadline(message, limits, time.time())
-        value = dumps(message).encode()
+        now = time.time()
+        deadline = message_deadline(message, limits, now)
+        due = delayed.due_time(message, now) if self.delayed_delivery else None
+        if deadline is not None and (deadline <= now or (due is not None and deadline <= due)):
+            revoke_expired(message)  # expired already, or before it is due: dropped, as a claim would drop it
+            return
+        value, chunks, seq = dumps(message).encode(), [], self.connection.sequence.next()
+        if len(value) > self.max_message_bytes and deadline is not None:  # its body beside it (large_body.py)
+            value, chunks = large_body.split(message, self.keys, queue, seq)
         self._check_size(queue, value)
-        position = self.keys.position(priority, self.connection.sequence.next(), deadline)
+        position = self.keys.position(priority, seq, deadline)
         key = self.keys.ready_message(queue, position)
         batch = kwargs.get("_publish_batch")
         try:
-            if deadline is None and not queue_lease and limits.max_length is None:
+            if due is not None and not chunks and not queue_lease and limits.max_length is None:
+                if batch is not None:
+                    batch.flush()  # keep publish order: what came before is written first
+                self._put_delayed(queue, due, position, value, deadline)
+            elif deadline is None and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.add(key, value)  # Producer.batch(): written with others in one transaction
                 else:
@@ -144,9 +158,24 @@ class Channel(virtual.Channel):
             else:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first
+                if chunks:
+                    large_body.put_chunks(self.client, chunks, self.connection.queues.leases.lease_for(deadline))
                 self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
+
+    def _put_delayed(self, queue, due: float, position: str, value: bytes, deadline: float | None) -> None:
+        """An ETA task waits under ``delayed/`` until due, on its TTL lease if it expires (delayed.py)."""
+        key = self.keys.delayed_message(queue, due, position)
+        for attempt in range(2):
+            lease = self.connection.queues.leases.lease_for(deadline) if deadline is not None else 0
+            try:
+                group_commit.shared(self.client).txn(success=[ops.put(key, value, lease)])
+                return
+            except ops.LeaseNotFound:
+                if attempt or not lease:
+                    raise
+                self.connection.queues.leases.forget(lease)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
@@ -263,14 +292,15 @@ class Channel(virtual.Channel):
         no_ack = queue in self._no_ack_queues
         now = time.time()
         compare = [ops.compare(consumer_key, "version", 0, ">")]
-        success, taken = [], []
+        success, taken, expired = [], [], []
         for key, value, revision in rows:
             key = key.decode()
             compare.append(ops.compare(key, "mod_revision", revision))
             success.append(ops.delete(key))
             deadline = self.keys.deadline_of(key)
             if deadline is not None and deadline <= now:
-                continue  # expired (TTL): dropped, as RabbitMQ drops it at the head of the queue
+                expired.append(value)  # expired (TTL): dropped, as RabbitMQ drops it at the head of the queue
+                continue
             unacked = None if no_ack else self.keys.unacked_message(queue, lease_id, self.keys.position_of(key))
             if unacked:
                 success.append(ops.put(unacked, value))
@@ -290,19 +320,31 @@ class Channel(virtual.Channel):
                 return [], []
             return [], [row for row, read in zip(rows, response.responses[1:], strict=True)
                         if (kv := ops.first_kv(read)) is not None and kv.mod_revision == row[2]]
+        for value in expired:  # ours to drop: the transaction deleted them
+            revoke_expired(value)
         return [m for value, unacked in taken if (m := self._decode(queue, value, unacked)) is not None], []
 
     def _decode(self, queue, value: bytes, unacked: str | None) -> dict | None:
         try:
-            message = json.loads(value)
+            message = large_body.join(self.client, json.loads(value), discard=unacked is None)
             message["properties"]["delivery_info"]["etcd_key"] = unacked
-        except (ValueError, KeyError, TypeError) as exc:
+        except CONNECTION_ERRORS:
+            if unacked:  # claimed but not delivered: back in line once etcd answers
+                self.lease.requeue_later(unacked)
+            return None
+        except (ValueError, KeyError, TypeError) as exc:  # large_body.BodyMissing too
             self._dead_letter(queue, unacked, value, exc)
             return None
         task_id = (message.get("headers") or {}).get("id")
         if unacked and isinstance(task_id, str):  # its SUCCESS write may delete it (settle.py)
             settle.hold(task_id, unacked, self.client, self.lease.current_key)
         return message
+
+    def held_keys(self) -> list[str]:
+        """Unacked keys this channel holds: delivered and not settled, or claimed and not delivered yet."""
+        buffered = [raw["properties"]["delivery_info"].get("etcd_key") for queue in list(self._buffer)
+                    for raw in list(self._buffer.get(queue, ()))]
+        return [key for key in buffered if key] + (self.qos.held_keys() if not self.closed else [])
 
     def _requeue_buffered(self, queue=None) -> None:
         for name in [queue] if queue is not None else list(self._buffer):
@@ -370,10 +412,16 @@ class Channel(virtual.Channel):
         if meta is not None:
             restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, meta.mod_revision)
 
+    @property
+    def lease(self) -> ConsumerLease:
+        """The transport's consumer lease (also after close: a task finishing after a reconnect acks through it)."""
+        return self.connection.lease
+
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         self._consumer_queues[consumer_tag] = queue
         if no_ack:
             self._no_ack_queues.add(queue)
+        self.lease.ensure()
         self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
         self.connection.queues.consuming(queue)  # keeps an expiring queue alive (H4)
@@ -447,8 +495,9 @@ class Channel(virtual.Channel):
         return self.client.get_range_response(prefix, range_end(prefix), count_only=True).count
 
     def _purge(self, queue):
-        prefix = self.keys.ready(queue)
-        return self.client.delete_prefix(prefix).deleted
+        """Every message waiting: ready, and delayed (ETA tasks not due yet)."""
+        return sum(self.client.delete_prefix(prefix).deleted
+                   for prefix in (self.keys.ready(queue), self.keys.delayed(queue)))
 
     def _delete(self, queue, *args, **kwargs):
         self.client.delete_prefix(self.keys.queue(queue))
@@ -511,13 +560,15 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
                                           **{k: options[k] for k in ETCD_OPTIONS if k in options})
         self.etcd = get_client(self.config)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
-        self.lease = LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)))
+        self.lease_ttl = int(options.get("lease_ttl", DEFAULT_LEASE_TTL))
+        self.reconcile_seconds = float(options.get("reconcile_seconds", RECONCILE_SECONDS))
         self.sequence = Sequence()
         self.declared: set[str] = set()
         self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases (queue_limits.py)
         self._exchange_types: dict[str, str] = {}
         self._bindings: BindingTable | None = None
         self._hub: WatchHub | None = None
+        self.delayed = delayed.DelayedMover(self.etcd, self.keys, lambda: self.watch_hub)
         self.parking = handoff.Parking(self.etcd, self.keys, lambda: self.watch_hub, self.wake, self.config.timeout)
         self._init_event_loop()
         self._init_queue_watch()
@@ -542,6 +593,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     def close_connection(self, connection):
         super().close_connection(connection)
         self.parking.withdraw_all(self.lease.requeue_later, self.lease.withdraw_later)
+        self.delayed.close()
         self._close_pipe()
         self._unwatch_all()
         if self._bindings is not None:
@@ -549,6 +601,14 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
             self._bindings = None
 
     # -- shared state for channels -------------------------------------------------
+    @property
+    def lease(self) -> ConsumerLease:
+        """The process's consumer lease for this etcd and key space (membership.consumer_lease: made on
+        first use, made again in a forked child or once closed)."""
+        lease = consumer_lease(self.etcd, self.keys, self.lease_ttl, self.reconcile_seconds)
+        lease.hold_for(self)  # what this transport holds counts as held (reconcile.py)
+        return lease
+
     @property
     def watch_hub(self) -> WatchHub:
         """The process's one watch stream for our etcd (shared with the result backend).
@@ -564,6 +624,18 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         """Which consumers wait on the queues we publish to (handoff.py; shared by the process)."""
         return handoff.parked_consumers(self.etcd, self.keys, self.watch_hub)
 
+    def held_keys(self) -> set[str]:
+        """Every unacked key this connection holds (reconcile.py): its channels', hand-offs received
+        and not taken, and messages kept across a reset for tasks still running (executing.py)."""
+        held = set(self.parking.held_keys()) | set(executing.kept_keys())
+        for channel in list(self.channels):
+            held.update(channel.held_keys())
+        return held
+
+    def arriving(self, key: str) -> bool:
+        """True if ``key`` is a hand-off to us whose watch event has not arrived yet (reconcile.py)."""
+        return self.parking.arriving(key)
+
     def give_back_handoffs_without_room(self) -> None:
         """Hand-offs that arrived after our prefetch room filled go back in line at once (handoff.py),
         where an idle consumer can take them, instead of waiting here for a slot."""
@@ -573,9 +645,15 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
                     logger.debug("hand-off %s on queue %r given back: no prefetch room", key, queue)
                     self.lease.requeue_later(key)
 
+    def watch_queue(self, queue: str) -> None:
+        """A consumer of ``queue`` here: wake on its puts, and move its delayed messages when due."""
+        super().watch_queue(queue)
+        self.delayed.follow(queue)
+
     def unwatch_queue(self, queue: str) -> None:
         """The last consumer of ``queue`` here is gone: withdraw our park, give back hand-offs not delivered."""
         if super().unwatch_queue(queue):
+            self.delayed.unfollow(queue)
             self.parking.withdraw(queue, self.lease.requeue_later, self.lease.withdraw_later)
 
     @property

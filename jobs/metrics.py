@@ -111,6 +111,12 @@ class BrokerCollector:
         unacked = GaugeMetricFamily("deephardway_queue_unacked_messages",
                                     "Messages a worker holds (prefetched or running), not yet acknowledged",
                                     labels=["queue"])
+        delayed = GaugeMetricFamily("deephardway_queue_delayed_messages",
+                                    "ETA tasks (countdown, eta) waiting in etcd until due, not in a worker",
+                                    labels=["queue"])
+        next_due = GaugeMetricFamily("deephardway_queue_next_due_timestamp_seconds",
+                                     "When the queue's next delayed message is due (epoch seconds; absent: none)",
+                                     labels=["queue"])
         consumers = GaugeMetricFamily("deephardway_queue_consumers",
                                       "Live consumers (workers whose etcd lease is alive) of a queue",
                                       labels=["queue"])
@@ -118,8 +124,42 @@ class BrokerCollector:
             for priority in range(MAX_PRIORITY + 1):
                 ready.add_metric([row["queue"], str(priority)], row["ready_by_priority"].get(priority, 0))
             unacked.add_metric([row["queue"]], row["unacked"])
+            delayed.add_metric([row["queue"]], row["delayed"])
+            if row["next_due"] is not None:
+                next_due.add_metric([row["queue"]], row["next_due"])
             consumers.add_metric([row["queue"]], row["consumers"])
-        yield from (ready, unacked, consumers)
+        yield from (ready, unacked, delayed, next_due, consumers)
+        yield from etcd_gauges()
+
+
+def etcd_gauges() -> Iterator[Metric]:
+    """etcd's DB size and compaction lag (``etcd_broker.maintenance.etcd_status``) for operators who
+    do not scrape etcd's own /metrics."""
+    from etcd_broker.client import get_client
+    from etcd_broker.keys import KeySpace
+    from etcd_broker.maintenance import etcd_status
+
+    try:
+        status = etcd_status(get_client(settings.ETCD_URL, **settings.ETCD_OPTIONS), KeySpace(settings.ETCD_PREFIX))
+    except Exception as exc:  # noqa: BLE001 - the queue gauges above still go out
+        logger.warning("metrics: etcd status not read: %s", exc)
+        return
+    for name, text, number in (
+            ("deephardway_etcd_db_size_bytes", "etcd's database file (what --quota-backend-bytes limits)",
+             status.db_size),
+            ("deephardway_etcd_db_size_in_use_bytes", "Of the database file, bytes in use (the rest: freed "
+             "by compaction, given back by defragmenting)", status.db_size_in_use),
+            ("deephardway_etcd_compaction_lag_revisions", "Revisions since etcd's last compaction",
+             status.compaction_lag)):
+        if number is not None:
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], number)
+            yield gauge
+    alarms = GaugeMetricFamily("deephardway_etcd_alarm", "1 while etcd raises this alarm (NOSPACE: no writes)",
+                               labels=["alarm"])
+    for alarm in ("NOSPACE", "CORRUPT"):
+        alarms.add_metric([alarm], int(alarm in status.alarms))
+    yield alarms
 
 
 def job_queues() -> list[str]:

@@ -17,9 +17,13 @@ from etcd_broker.keys import MAX_PRIORITY
 URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
 PREFIX = os.environ.get("ETCD_TEST_PREFIX", "/deephardway-test")
 
+#: ``reconcile_seconds`` for the worker's transport (tests of etcd_broker/reconcile.py), if set.
+RECONCILE = {"reconcile_seconds": float(os.environ["ETCD_TEST_RECONCILE_SECONDS"])} \
+    if os.environ.get("ETCD_TEST_RECONCILE_SECONDS") else {}
+
 app = Celery("tests", broker=URL, backend=URL)
 app.conf.update(
-    broker_transport_options={"prefix": PREFIX},
+    broker_transport_options={"prefix": PREFIX, **RECONCILE},
     result_backend_transport_options={"prefix": PREFIX},
     task_serializer="json",
     result_serializer="json",
@@ -44,6 +48,18 @@ def noop() -> None:
 def sleep_then_record(seconds: float, marker: str) -> str:
     """Sleep, then return the marker (acks_late: survives a worker kill)."""
     time.sleep(seconds)
+    return marker
+
+
+@app.task(acks_late=True)
+def mark_run(marker: str, seconds: float = 0.0) -> str:
+    """Sleep, then leave one key per run under <prefix>/runs/<marker>/ (runs are counted; acks_late)."""
+    import uuid
+
+    from etcd_broker.client import get_client
+
+    time.sleep(seconds)
+    get_client(URL).put(f"{PREFIX}/runs/{marker}/{uuid.uuid4().hex}", str(os.getpid()))
     return marker
 
 
@@ -107,3 +123,29 @@ def double(x: int) -> dict:
     if x < 0:
         raise ValueError(f"negative: {x}")
     return {"double": 2 * x, "batch": 1, "pid": os.getpid()}
+
+
+def _fail_first_cancel_read(kind: str) -> None:
+    """Test hook (``DOUBLE_CANCEL_READ_FAULT``): the first batch's cancel read in this worker raises
+    ``kind``, as a leader move fails a read in flight (``EtcdUnreachable``) or as a bug would
+    (``RuntimeError``); later reads work."""
+    import threading
+
+    from etcd_broker.client import EtcdUnreachable
+    from etcd_broker.result_store import ResultStore
+
+    original, lock, fired = ResultStore.cancelled_among, threading.Lock(), []
+
+    def cancelled_among(store, task_ids):
+        with lock:
+            fire, fired[:] = not fired, [True]
+        if fire:
+            raise EtcdUnreachable("injected: etcd unreachable") if kind == "EtcdUnreachable" else RuntimeError(
+                "injected: a bug in the cancel read")
+        return original(store, task_ids)
+
+    ResultStore.cancelled_among = cancelled_among
+
+
+if os.environ.get("DOUBLE_CANCEL_READ_FAULT"):
+    _fail_first_cancel_read(os.environ["DOUBLE_CANCEL_READ_FAULT"])

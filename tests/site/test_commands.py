@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 
@@ -62,9 +63,16 @@ def test_queues_shows_waiting_messages_by_priority(site_celery, user):
     run("submit", "text", "--input", '{"prompt": "C"}', "--priority", "2", "--no-follow")
     output = run("queues")
     gpu = [line for line in output.splitlines() if line.startswith("gpu ")][0]
-    assert gpu.split()[:3] == ["gpu", "3", "0"]
+    assert gpu.split()[:5] == ["gpu", "3", "0", "0", "-"]  # ready, unacked, delayed, next due
     assert "p9:1 p2:2" in gpu and gpu.rstrip().endswith("3/0")
     assert "live consumers:" in output
+    etcd_line = [line for line in output.splitlines() if line.startswith("etcd ")][0]
+    assert " MB" in etcd_line and "compacted at " in etcd_line and etcd_line.endswith("alarms: none"), etcd_line
+
+
+def test_etcd_defrag_defragments_each_member_and_says_how_big_it_is(site_celery):
+    output = run("etcd_defrag")
+    assert re.fullmatch(r"\S+:\d+: DB \d+\.\d MB -> \d+\.\d MB", output.strip()), output
 
 
 def test_purge_queue_empties_the_queue_and_cancels_its_jobs(site_celery, queued_messages):

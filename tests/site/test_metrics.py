@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -72,6 +73,20 @@ def watcher(site_celery):
     running.stop()
 
 
+def test_it_counts_eta_tasks_waiting_in_etcd_and_when_the_next_is_due(client, staff, site_celery):
+    client.force_login(staff)
+    site_celery.send_task("jobs.tasks.nothing", queue="eta-probe", countdown=600)
+    sent_at = time.time()
+    try:
+        samples = scrape(client)
+        assert value(samples, "deephardway_queue_delayed_messages", queue="eta-probe") == 1
+        due = value(samples, "deephardway_queue_next_due_timestamp_seconds", queue="eta-probe")
+        assert sent_at + 590 < due < sent_at + 610
+    finally:
+        with site_celery.connection_for_write() as conn:
+            conn.default_channel.queue_purge("eta-probe")
+
+
 @pytest.mark.django_db(transaction=True)  # submissions are counted when their transaction commits
 def test_it_shows_queue_depth_by_priority_and_jobs_by_state(client, staff, site_celery, make_job, settings):
     client.force_login(staff)  # staff may use priority 9
@@ -83,6 +98,10 @@ def test_it_shows_queue_depth_by_priority_and_jobs_by_state(client, staff, site_
     samples = scrape(client)
 
     assert value(samples, "deephardway_broker_up") == 1 and value(samples, "deephardway_database_up") == 1
+    assert value(samples, "deephardway_etcd_db_size_bytes") > 0 and value(samples, "deephardway_etcd_alarm",
+                                                                           alarm="NOSPACE") == 0
+    assert 0 < value(samples, "deephardway_etcd_db_size_in_use_bytes") <= value(samples, "deephardway_etcd_db_size_bytes")
+    assert value(samples, "deephardway_etcd_compaction_lag_revisions") > 0
     for priority in range(10):
         expected = PRIORITIES.count(priority)
         assert value(samples, "deephardway_queue_ready_messages", queue="gpu", priority=str(priority)) == expected

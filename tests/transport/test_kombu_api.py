@@ -10,6 +10,7 @@ import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 import etcd_broker  # noqa: F401
+from etcd_broker import queue_limits
 from etcd_broker.client import get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.transport import MessageTooLarge
@@ -206,6 +207,24 @@ def test_an_idle_consumer_does_not_poll_etcd(private_etcd, etcd_prefix):
     conn.close()
     # A poller at kombu's default 1 s interval would make 3+ reads here; a watch makes none.
     assert after - before <= 1, f"{after - before} range reads while idle"
+
+
+def test_an_idle_consumer_on_many_queues_does_not_read_them_again(private_etcd, etcd_prefix, monkeypatch):
+    # The queue-expiry keeper used to re-read each consumed queue's declaration whenever its cached
+    # limits aged (every LIMITS_CACHE_SECONDS): idle reads grew with the queues. With the cache made
+    # short here, that would be dozens of reads a second; queues without x-expires must cost none.
+    monkeypatch.setattr(queue_limits, "LIMITS_CACHE_SECONDS", 0.2)
+    conn = Connection(private_etcd.url, transport_options={"prefix": etcd_prefix})
+    queues = [Queue(f"idle-{n}", routing_key=f"idle-{n}") for n in range(30)]
+    with Consumer(conn, queues, callbacks=[lambda body, message: message.ack()]):
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=1.0)  # warm up: declared, consumer registered, watches created
+        before = _range_requests(private_etcd)
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=2.0)
+        after = _range_requests(private_etcd)
+    conn.close()
+    assert after - before <= 1, f"{after - before} range reads while idle on {len(queues)} queues"
 
 
 def _range_requests(server) -> int:

@@ -1,0 +1,136 @@
+"""Reconciliation (etcd_broker/reconcile.py) on a real worker: what its live lease owns and it holds nowhere
+comes back to the queue once, and what it holds (running, waiting for its ETA) never does."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from etcd_broker import ops
+from etcd_broker.client import get_client
+from etcd_broker.keys import KeySpace
+from etcd_broker.membership import restore_message
+from etcd_broker.ops import PAGE_KEYS
+from etcd_broker.reconcile import Reconciler, unacked_keys
+from tests.backend.conftest import make_app, task, worker_env
+from tests.helpers import WorkerProcess, wait_until
+
+#: Seconds between the worker's reconciliation passes (a stray key comes back after two).
+RECONCILE_SECONDS = 1.0
+#: Seconds to wait for results and keys on a loaded machine.
+TIMEOUT = 60
+#: Seconds each held task keeps its message: several passes see it held.
+HELD_SECONDS = 4.0
+#: Give-back log line of reconcile.py.
+GIVEN_BACK = "with nobody here holding it: given back to the queue"
+
+
+@pytest.fixture
+def app_and_prefix(etcd_server):
+    prefix = f"/trec-{uuid.uuid4().hex[:10]}"
+    app = make_app(etcd_server.url, prefix)
+    yield app, prefix
+    app.close()
+
+
+def runs(client, prefix: str, marker: str) -> int:
+    return len(list(client.get_prefix(f"{prefix}/runs/{marker}/", keys_only=True)))
+
+
+def worker_lease(client, keys: KeySpace, pid: int) -> int:
+    """The consumer lease of the worker process ``pid`` (its ``consumer/<lease>`` key names the pid)."""
+    for value, meta in client.get_prefix(keys.consumers()):
+        if json.loads(value)["pid"] == pid:
+            return int(meta.key.decode().rsplit("/", 1)[1], 16)
+    return 0
+
+
+def strand_under(client, keys: KeySpace, app, lease: int) -> tuple[str, object]:
+    """A task message put under ``lease`` as a claim whose answer was lost leaves it: nobody holds it."""
+    result = task(app, "mark_run", "stray").apply_async(queue="parking-lot")  # a queue nobody consumes
+    value, meta = next(iter(client.get_prefix(keys.ready("parking-lot"))))
+    stray = keys.unacked_message("celery", lease, keys.position_of(meta.key))
+    ops.txn(client, [ops.compare(meta.key.decode(), "mod_revision", meta.mod_revision)],
+            [ops.delete(meta.key.decode()), ops.put(stray, value)])
+    return stray, result
+
+
+def test_a_stray_key_under_a_live_lease_comes_back_once_and_held_messages_never_do(etcd_server, app_and_prefix,
+                                                                                      tmp_path):
+    app, prefix = app_and_prefix
+    client, keys = get_client(etcd_server.url), KeySpace(prefix)
+    worker = WorkerProcess(env=worker_env(etcd_server.url, prefix, ETCD_TEST_RECONCILE_SECONDS=str(RECONCILE_SECONDS)),
+                           concurrency=2, log_dir=tmp_path).start()
+    try:
+        lease = wait_until(lambda: worker_lease(client, keys, worker.process.pid), timeout=TIMEOUT,
+                           message="the worker's consumer lease")
+        unacked = keys.unacked("celery", lease)
+        held = [task(app, "mark_run", "eta").apply_async(countdown=2 * HELD_SECONDS)]  # prefetched, waiting
+        wait_until(lambda: list(client.get_prefix(unacked, keys_only=True)), timeout=TIMEOUT,
+                   message="the worker holds the ETA task's message")
+        held += [task(app, "mark_run", "running", HELD_SECONDS).apply_async() for _ in range(2)]
+        wait_until(lambda: len(list(client.get_prefix(unacked, keys_only=True))) == 3, timeout=TIMEOUT,
+                   message="the worker holds its three messages")
+        stray, stray_result = strand_under(client, keys, app, lease)
+
+        assert stray_result.get(timeout=TIMEOUT) == "stray"
+        assert [result.get(timeout=TIMEOUT) for result in held] == ["eta", "running", "running"]
+        wait_until(lambda: not list(client.get_prefix(unacked, keys_only=True)), timeout=TIMEOUT,
+                   message="every message acked")
+    finally:
+        worker.terminate(timeout=30)
+    log = worker.log()
+    assert log.count(GIVEN_BACK) == 1 and f"message {stray} was under our live lease" in log, log[-3000:]
+    assert (runs(client, prefix, "stray"), runs(client, prefix, "running"), runs(client, prefix, "eta")) == (1, 2, 1)
+
+
+# -- the pass itself, on a real etcd, with the process's holdings given by the test ----------------
+class Holdings:
+    """What the process holds (``held``), and hand-offs on their way (``arriving``), as a test sets them."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.arriving: set[str] = set()
+
+
+def reconciler_on(client, keys: KeySpace, holdings: Holdings) -> Reconciler:
+    """interval 0: a key is given back on the second pass that finds it unheld and unchanged."""
+    def restore(key, value, revision):
+        return restore_message(client, keys, keys.queue_of(key), key, value, revision)
+    return Reconciler(client, keys, lambda: set(holdings.held), holdings.arriving.__contains__, str, restore, 0.0)
+
+
+def test_a_pass_gives_back_only_what_stays_unheld_and_unchanged_and_each_key_once(etcd_url, etcd_prefix):
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    lease = client.lease(30).id
+    stray, held, arriving, acked, reclaimed = (keys.unacked_message("q", lease, f"9/{n:020d}") for n in range(5))
+    for key in (stray, held, arriving, acked, reclaimed):
+        client.put(key, json.dumps({"body": key, "properties": {"delivery_info": {}}}))
+    holdings = Holdings()
+    holdings.held.add(held)
+    holdings.arriving.add(arriving)
+    reconciler = reconciler_on(client, keys, holdings)
+
+    assert reconciler.run(lease, ["q"]) == 0  # first sight: suspects only
+    client.delete(acked)  # its ack came
+    client.put(reclaimed, b"changed")  # a new mod revision: seen anew
+    assert reconciler.run(lease, ["q"]) == 1  # the stray alone
+    assert reconciler.run(lease, ["q"]) == 1  # the re-claimed one, unheld across two passes now
+    assert reconciler.run(lease, ["q"]) == 0  # nothing twice
+    left = {meta.key.decode() for _, meta in client.get_prefix(keys.unacked("q", lease))}
+    ready = [meta.key.decode() for _, meta in client.get_prefix(keys.ready("q"))]
+    assert left == {held, arriving}
+    assert sorted(keys.position_of(key) for key in ready) == sorted(keys.position_of(k) for k in (stray, reclaimed))
+    assert json.loads(client.get(keys.ready_message("q", keys.position_of(stray)))[0])["redelivered"] is True
+    client.revoke_lease(lease)
+
+
+def test_a_pass_reads_a_lease_holding_more_than_a_page(etcd_url, etcd_prefix):
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    lease = client.lease(30).id
+    written = {keys.unacked_message("q", lease, f"9/{n:020d}") for n in range(PAGE_KEYS + 3)}
+    for start in range(0, len(written), 100):
+        ops.txn(client, success=[ops.put(key, b"{}") for key in sorted(written)[start:start + 100]])
+    assert {key for key, _ in unacked_keys(client, keys, "q", lease)} == written
+    client.revoke_lease(lease)

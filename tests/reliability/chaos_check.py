@@ -12,7 +12,7 @@ pid, start and done times). :func:`check` replays both and names every task that
 - a terminated task is REVOKED (or finished before the revoke reached it) and never runs again;
 - a countdown task never starts before its ETA; a chord callback starts after its last part;
 - the result backend holds SUCCESS for every finished task;
-- at the end nothing is under any lease (``unacked/``), in the task queue's ``ready/``, in ``dead/``
+- at the end nothing is under any lease (``unacked/``), in the task queue's ``ready/`` or ``delayed/``, in ``dead/``
   or under ``chords/``, and every worker nobody killed is alive.
 """
 from __future__ import annotations
@@ -160,7 +160,7 @@ class Leftovers:
     """What etcd still holds at the end: keys under leases, in ready/, dead/, chords/; results by task."""
 
     unacked: list[str]
-    ready: list[str]
+    ready: list[str]  # and delayed/: a countdown task's message is due long before the end
     dead: list[str]
     chords: list[str]
     states: dict[str, str]
@@ -178,7 +178,7 @@ class Leftovers:
                 task_of_key[key] = ""
             if "/unacked/" in key:
                 unacked.append(key)
-            elif key.startswith(keys.ready(queue)):
+            elif key.startswith((keys.ready(queue), keys.delayed(queue))):
                 ready.append(key)
             elif key.startswith(f"{keys.root}/dead/"):
                 dead.append(key)
@@ -322,7 +322,7 @@ class Checker:
 
     def _check_globals(self, violations: list[Violation], open_items: list[str]) -> None:
         left = self.leftovers
-        for name, keys in (("under a lease (unacked/)", left.unacked), ("in ready/", left.ready),
+        for name, keys in (("under a lease (unacked/)", left.unacked), ("in ready/ or delayed/", left.ready),
                            ("in dead/", left.dead), ("under chords/", left.chords)):
             for key in keys:
                 open_items.append(f"{key} {name}")

@@ -206,10 +206,11 @@ class Parking:
         A hand-off made under a lease that lapsed (we saw its park deleted, or ``current_key``,
         the lease's mapping of a key to our current lease, moves it) is delivered only if its key
         is still ours: under the lapsed lease, or where the lease's adoption moved it. Else a
-        sweeper put it back in line and it may have run elsewhere already, so it is dropped. So is
-        every hand-off while our lease is ``in_doubt`` (no recent keepalive answer): after a cut, the
-        hand-off's event can reach us before both the park's deletion and the keepalive's verdict
-        (the chaos test ran such a task twice: on another worker, then here right after the heal).
+        sweeper put it back in line and it may have run elsewhere already, so it is dropped. Every
+        hand-off taken while our lease is ``in_doubt`` (no recent keepalive answer) gets the same check:
+        after a cut, the hand-off's event can reach us before both the park's deletion and the
+        keepalive's verdict (the chaos test ran such a task twice: on another worker, then here
+        right after the heal).
         """
         park = self._parks.get(queue)
         while park is not None and park.handed:

@@ -51,9 +51,11 @@ DRAIN_TIMEOUT = 60.0 + 2 * LEASE_TTL
 
 def run_schedule(fleet: Fleet, history: History, rng: random.Random, seconds: float) -> None:
     """A random fault, then a random pause, until ``seconds`` have passed (the last fault completes)."""
-    end = time.time() + seconds
+    end, index = time.time() + seconds, 0
     while time.time() < end:
         name = rng.choice(FAULTS)
+        fleet.rng = random.Random(f"{SEED}:{index}")  # each fault's own draws: a replay aims the same faults alike
+        index += 1
         start = time.time()
         outcome = fleet.faults[name]()
         history.fault(start, name, outcome)

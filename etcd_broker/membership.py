@@ -83,6 +83,7 @@ class ConsumerLease:
         self.client.put(self.keys.consumer(lease.id), self._describe(), lease=lease.id)
         logger.info("consumer lease %016x granted (ttl %ss)", lease.id, self.ttl)
         self.lease_id = lease.id
+        self._answered_at = time.monotonic()  # the grant is an answer: the lease is alive now
 
     def _describe(self) -> str:
         return json.dumps({"hostname": socket.gethostname(), "pid": os.getpid(),
@@ -151,6 +152,11 @@ class ConsumerLease:
     def failing(self) -> bool:
         """True while our keepalives fail (no probe: cheap enough for every drain_events wait)."""
         return self._failing
+
+    def in_doubt(self) -> bool:
+        """True while we cannot tell that our lease is alive: the last keepalive failed, or none was
+        answered for half the TTL (they run every TTL/3), so etcd may have expired it meanwhile."""
+        return self._failing or time.monotonic() - self._answered_at > self.ttl / 2
 
     def _probe(self, answered: threading.Event) -> None:
         try:

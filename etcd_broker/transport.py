@@ -62,8 +62,10 @@ from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
     ETCD_OPTIONS,
+    LEASE_NOT_FOUND,
     EtcdConfig,
     EtcdUnreachable,
+    classify,
     get_client,
     is_request_too_large,
     wait_connected,
@@ -198,7 +200,9 @@ class Channel(virtual.Channel):
             return buffered.popleft()
         lease_id = self.lease.ensure()
         if not self._single_get:  # what the consume watches tell is for consumers; a synchronous get reads
-            while (handed := self.connection.parking.take(queue, self.lease.current_key)) is not None:  # claimed by its publisher
+            # claimed by its publisher; checked with etcd while our lease is in doubt
+            while (handed := self.connection.parking.take(queue, self.lease.current_key,
+                                                          self.lease.in_doubt())) is not None:
                 message = self._decode(queue, handed[1], handed[0])
                 if message is not None:
                     return message
@@ -482,7 +486,15 @@ class Channel(virtual.Channel):
         if queue in self.connection.declared and limits.expires is None:
             return
         lease = self.lease.ensure() if queue in self._auto_delete else None
-        self.connection.queues.declare(queue, limits, lease)
+        try:
+            self.connection.queues.declare(queue, limits, lease)
+        except grpc.RpcError as exc:
+            if lease is None or classify(exc) != LEASE_NOT_FOUND:
+                raise
+            # our consumer lease expired while etcd could not hear us (a partition longer than its TTL) and the
+            # keepalive has not said so yet: re-register now; raised, this ended the worker (chaos test)
+            self.lease.lost(lease)
+            self.connection.queues.declare(queue, limits, self.lease.ensure())
         self.connection.declared.add(queue)
 
     def _has_queue(self, queue, **kwargs):

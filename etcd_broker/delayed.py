@@ -131,13 +131,15 @@ class DelayedMover:
 
     # -- the mover thread -------------------------------------------------------------------
     def _loop(self, closed: threading.Event) -> None:
-        backoff = ERROR_BACKOFF
+        backoff, looked_at = ERROR_BACKOFF, time.monotonic()
         while not closed.is_set():
             due, wait = self._due_queues(time.time())
             if not due:
-                if not self._wake.wait(wait):
-                    self._look_again_all()  # safety net: a due time we never heard of
+                self._wake.wait(wait)
                 self._wake.clear()
+                if time.monotonic() - looked_at >= SAFETY_SECONDS:
+                    looked_at = time.monotonic()
+                    self._look_again_all()  # safety net: a due time we never heard of
                 continue
             for queue in due:
                 try:

@@ -411,6 +411,8 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
+        if queue not in self._auto_delete:  # replies and events are never delayed
+            self.connection.delayed.follow(queue)  # its ETA tasks move to ready/ when due (delayed.py)
         self.connection.queues.consuming(queue)  # keeps an expiring queue alive (H4)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
@@ -602,11 +604,6 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
                 for key in self.parking.give_back(queue):
                     logger.debug("hand-off %s on queue %r given back: no prefetch room", key, queue)
                     self.lease.requeue_later(key)
-
-    def watch_queue(self, queue: str) -> None:
-        """A consumer of ``queue`` here: wake on its puts, and move its delayed messages when due."""
-        super().watch_queue(queue)
-        self.delayed.follow(queue)
 
     def unwatch_queue(self, queue: str) -> None:
         """The last consumer of ``queue`` here is gone: withdraw our park, give back hand-offs not delivered."""

@@ -26,7 +26,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from etcd_broker import ops
+from etcd_broker import group_commit, ops
 from etcd_broker.keys import KeySpace
 from etcd_broker.watch import Watch, WatchHub
 
@@ -62,6 +62,20 @@ def due_time(message: dict, now: float) -> float | None:
         return None
     due = when.timestamp()
     return due if due - now >= MIN_DELAY_SECONDS else None
+
+
+def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None) -> None:
+    """Publish an ETA task under ``delayed/`` (``key``), on its TTL lease if it expires (``leases``:
+    queue_limits.LeasePool); concurrent publishers share a transaction, as ready puts do."""
+    for attempt in range(2):
+        lease = leases.lease_for(deadline) if deadline is not None else 0
+        try:
+            group_commit.shared(client).txn(success=[ops.put(key, value, lease)])
+            return
+        except ops.LeaseNotFound:
+            if attempt or not lease:
+                raise
+            leases.forget(lease)
 
 
 class DelayedMover:

@@ -143,7 +143,8 @@ class Channel(virtual.Channel):
             if due is not None and not chunks and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first
-                self._put_delayed(queue, due, position, value, deadline)
+                delayed.put(self.client, self.connection.queues.leases, self.keys.delayed_message(queue, due, position),
+                            value, deadline)
             elif deadline is None and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.add(key, value)  # Producer.batch(): written with others in one transaction
@@ -164,19 +165,6 @@ class Channel(virtual.Channel):
                 self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
-
-    def _put_delayed(self, queue, due: float, position: str, value: bytes, deadline: float | None) -> None:
-        """An ETA task waits under ``delayed/`` until due, on its TTL lease if it expires (delayed.py)."""
-        key = self.keys.delayed_message(queue, due, position)
-        for attempt in range(2):
-            lease = self.connection.queues.leases.lease_for(deadline) if deadline is not None else 0
-            try:
-                group_commit.shared(self.client).txn(success=[ops.put(key, value, lease)])
-                return
-            except ops.LeaseNotFound:
-                if attempt or not lease:
-                    raise
-                self.connection.queues.leases.forget(lease)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:

@@ -143,7 +143,8 @@ class Channel(virtual.Channel):
             if due is not None and not chunks and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first
-                self._put_delayed(queue, due, position, value, deadline)
+                delayed.put(self.client, self.connection.queues.leases, self.keys.delayed_message(queue, due, position),
+                            value, deadline)
             elif deadline is None and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.add(key, value)  # Producer.batch(): written with others in one transaction
@@ -164,19 +165,6 @@ class Channel(virtual.Channel):
                 self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
-
-    def _put_delayed(self, queue, due: float, position: str, value: bytes, deadline: float | None) -> None:
-        """An ETA task waits under ``delayed/`` until due, on its TTL lease if it expires (delayed.py)."""
-        key = self.keys.delayed_message(queue, due, position)
-        for attempt in range(2):
-            lease = self.connection.queues.leases.lease_for(deadline) if deadline is not None else 0
-            try:
-                group_commit.shared(self.client).txn(success=[ops.put(key, value, lease)])
-                return
-            except ops.LeaseNotFound:
-                if attempt or not lease:
-                    raise
-                self.connection.queues.leases.forget(lease)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
@@ -435,6 +423,8 @@ class Channel(virtual.Channel):
         self.lease.ensure()
         self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
+        if queue not in self._auto_delete:  # replies and events are never delayed
+            self.connection.delayed.follow(queue)  # its ETA tasks move to ready/ when due (delayed.py)
         self.connection.queues.consuming(queue)  # keeps an expiring queue alive (H4)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
@@ -678,11 +668,6 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
                 for key in self.parking.give_back(queue):
                     logger.debug("hand-off %s on queue %r given back: no prefetch room", key, queue)
                     self.lease.requeue_later(key)
-
-    def watch_queue(self, queue: str) -> None:
-        """A consumer of ``queue`` here: wake on its puts, and move its delayed messages when due."""
-        super().watch_queue(queue)
-        self.delayed.follow(queue)
 
     def unwatch_queue(self, queue: str) -> None:
         """The last consumer of ``queue`` here is gone: withdraw our park, give back hand-offs not delivered."""

@@ -389,9 +389,15 @@ class Channel(virtual.Channel):
     def _requeue_or_later(self, message) -> None:
         """Requeue now; if etcd is unreachable, the lease's sweeper does it once etcd answers.
 
-        Known unreachable (a closing worker): no call is tried; if the process exits first,
-        the message stays under our lease and comes back when the lease expires.
+        Known unreachable, or a stopping worker: no call is tried; the lease's sweeper gives it
+        back, and if the process exits first the message stays under our lease and comes back
+        when the lease is revoked or expires.
         """
+        if executing.worker_stopping():
+            key = message.delivery_info.get("etcd_key")
+            if key:
+                self.lease.requeue_later(key)
+            return
         try:
             if not self.lease.reachable():
                 raise EtcdUnreachable("consumer lease keepalive unanswered")
@@ -437,7 +443,9 @@ class Channel(virtual.Channel):
             self.connection.queues.cancelled(queue)  # H4
             if queue in self._auto_delete:
                 self._auto_delete.discard(queue)
-                if self.lease.reachable():  # else it goes with our lease (declared and bound under it)
+                # Else it goes with our lease (declared and bound under it; the sweeper that sees the lease
+                # go drops its messages): a stopping worker never waits on etcd for it.
+                if not executing.worker_stopping() and self.lease.reachable():
                     self.queue_delete(queue)
         return result
 

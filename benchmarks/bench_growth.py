@@ -3,7 +3,7 @@
     python -m benchmarks.bench_growth [--quick] [--parts consumers,backlog,long,idle,celery]
         [--brokers etcd,redis,redis-aof,rabbitmq] [--consumers 1,4,16,64] [--messages 3000] [--rate 150]
         [--backlogs 0,10000,50000,200000] [--long 1000000 --chunk 100000] [--idle 1,100,1000,10000]
-        [--idle-seconds 30] [--workers 1,4,8] [--tasks 4000]
+        [--idle-seconds 30] [--workers 1,4,8] [--tasks 4000] [--etcd-retention 5m]
 
 Every broker runs the same plain-kombu clients (benchmarks/growth_clients.py) in the same run:
 our etcd transport on one etcd from scripts/etcd_server.py with its defaults, Redis (defaults,
@@ -265,6 +265,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a check in a few minutes")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--brokers", default=",".join(BROKER_NAMES))
+    parser.add_argument("--etcd-retention", help="etcd's --auto-compaction-retention (default: the launcher's)")
     parser.add_argument("--consumers", default="1,4,16,64")
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--rate", type=float, default=150.0)
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parse(argv)
     parts = args.parts.split(",")
     progress(f"starting brokers: {args.brokers}")
-    brokers = start_brokers(args.brokers.split(","))
+    brokers = start_brokers(args.brokers.split(","), args.etcd_retention)
     tables = []
     try:
         if "consumers" in parts:

@@ -61,8 +61,9 @@ class Broker:
 class EtcdBroker(Broker):
     name = "etcd"
 
-    def __init__(self) -> None:
-        self.server = EtcdServer().start()
+    def __init__(self, retention: str | None = None) -> None:
+        extra = ["--auto-compaction-retention", retention] if retention else []  # the last flag wins
+        self.server = EtcdServer(extra_args=extra).start()
 
     def url(self) -> str:
         return self.server.url
@@ -120,9 +121,10 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
-def start_brokers(names: list[str]) -> list[Broker]:
-    """Start the brokers named (in BROKER_NAMES' order); stop those started if one fails."""
-    makers = {"etcd": EtcdBroker, "redis": lambda: RedisBroker(False), "redis-aof": lambda: RedisBroker(True),
+def start_brokers(names: list[str], etcd_retention: str | None = None) -> list[Broker]:
+    """Start the brokers named (in BROKER_NAMES' order); stop those started if one fails.
+    ``etcd_retention``: etcd's ``--auto-compaction-retention`` instead of the launcher's."""
+    makers = {"etcd": lambda: EtcdBroker(etcd_retention), "redis": lambda: RedisBroker(False), "redis-aof": lambda: RedisBroker(True),
               "rabbitmq": RabbitBroker}
     started: list[Broker] = []
     try:

@@ -191,6 +191,8 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 if not DEBUG:
     # Production (DEBUG=0): `manage.py check --deploy` is clean with these defaults.
     SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", "1")
+    # The proxy's health check asks for /healthz over plain HTTP, without X-Forwarded-Proto (docs/deploy.md).
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
     if envbool("BEHIND_TLS_PROXY", "0"):  # only when the proxy sets X-Forwarded-Proto itself
         SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", "31536000")

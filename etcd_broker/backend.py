@@ -214,7 +214,6 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
             logger.warning("chord %s: callback %s has a state already (published before a crash)",
                            group_id, callback.id)
             self._ensure(self.store.delete_chord, group_id)
-            self._ensure(self.store.delete, self.get_key_for_group(group_id))
             return
         deps = GroupResult.restore(group_id, backend=self)
         try:
@@ -228,7 +227,6 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
             self._chord_publish(callback, group_id, values)
         finally:
             self._ensure(self.store.delete_chord, group_id)
-            self._ensure(self.store.delete, self.get_key_for_group(group_id))
 
     def _claim_chord(self, group_id: str) -> bool:
         """True once this process holds the publisher claim; False if the callback was published already.

@@ -54,6 +54,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
+    # Each channel its own connections: a forked child's new channel must never be handed a connection
+    # of its parent's from gRPC's process-wide pool (its socket belongs to the parent: "Wrong file
+    # descriptor generation", for every call of that child).
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 #: Options an etcdv3 URL's transport options may carry for the client (transport and backend read these).
@@ -351,11 +355,6 @@ def is_request_too_large(exc: BaseException) -> bool:
 def is_reply_too_large(exc: BaseException) -> bool:
     """A reply was over gRPC's receive limit (``GRPC_MAX_MESSAGE_BYTES``): read fewer keys at once."""
     return classify(exc) == REPLY_TOO_LARGE
-
-
-def is_no_space(exc: BaseException) -> bool:
-    """etcd's backend quota is full (``mvcc: database space exceeded``): writes fail until compaction."""
-    return classify(exc) == NO_SPACE
 
 
 def is_lease_not_found(exc: BaseException) -> bool:

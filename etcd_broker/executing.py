@@ -58,6 +58,12 @@ _lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked 
 _checked_at = 0.0
 
 
+@forking.on_child
+def _forget_the_parents() -> None:
+    """The messages kept for the parent's running tasks are the parent's to settle."""
+    _kept.clear()
+
+
 def executing(task_id: str | None) -> bool:
     """True if a Celery worker in this process has started ``task_id`` and not finished it."""
     return bool(task_id) and task_id in _running_ids()

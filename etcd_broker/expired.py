@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-
-from celery import current_app
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,11 @@ def revoke_expired(message: dict | bytes) -> bool:
 
 
 def _etcd_backend():
-    # the results side, imported late: the transport must load without Celery's backends
+    if "celery" not in sys.modules:
+        return None  # a kombu-only process: no Celery app, no result to store (and Celery stays unimported)
+    # the results side, imported late: the transport loads without Celery
+    from celery import current_app
+
     from etcd_broker.backend import EtcdBackend
 
     backend = current_app.backend

@@ -199,13 +199,18 @@ class Parking:
         self._parks: dict[str, _Park] = {}
         self._lock = threading.Lock()
 
-    def take(self, queue: str, current_key: Callable[[str], str] = str) -> tuple[str, bytes] | None:
+    def take(self, queue: str, current_key: Callable[[str], str] = str,
+             in_doubt: bool = False) -> tuple[str, bytes] | None:
         """A message handed to us on ``queue`` (its unacked key and value), oldest first.
 
         A hand-off made under a lease that lapsed (we saw its park deleted, or ``current_key``,
         the lease's mapping of a key to our current lease, moves it) is delivered only if its key
         is still ours: under the lapsed lease, or where the lease's adoption moved it. Else a
-        sweeper put it back in line and it may have run elsewhere already, so it is dropped.
+        sweeper put it back in line and it may have run elsewhere already, so it is dropped. Every
+        hand-off taken while our lease is ``in_doubt`` (no recent keepalive answer) gets the same check:
+        after a cut, the hand-off's event can reach us before both the park's deletion and the
+        keepalive's verdict (the chaos test ran such a task twice: on another worker, then here
+        right after the heal).
         """
         park = self._parks.get(queue)
         while park is not None and park.handed:
@@ -216,7 +221,7 @@ class Parking:
                 lapsed = key in park.lapsed
                 park.lapsed.discard(key)
             adopted = current_key(key)
-            if not lapsed and adopted == key:
+            if not lapsed and adopted == key and not in_doubt:
                 return key, value
             try:
                 held = self._still_ours(key, adopted)

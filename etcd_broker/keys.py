@@ -8,6 +8,8 @@ in a queue name cannot escape its directory)::
                                                     ~<ms>: expires at this epoch millisecond (TTL)
     <root>/q/<queue>/unacked/<lease>/<band>/<seq>   claimed by the consumer holding <lease>
     <root>/q/<queue>/body/<seq>/<n>                 chunk n of a large expiring message's body
+    <root>/q/<queue>/delayed/<due>/<band>/<seq>[~<ms>]  an ETA task waiting for its due time
+                                                    (<due>: epoch ms, 13 digits; delayed.py)
     <root>/x/<exchange>                             exchange type
     <root>/b/<exchange>/<queue>/<routing key>       binding (JSON: routing_key, pattern, queue)
     <root>/consumer/<lease>                         live consumer (attached to its lease)
@@ -100,6 +102,23 @@ class KeySpace:
 
     def unacked_message(self, queue: str, lease: int, position: str) -> str:
         return f"{self.unacked(queue, lease)}{position}"
+
+    def delayed(self, queue: str) -> str:
+        return f"{self.queue(queue)}delayed/"
+
+    def delayed_until(self, queue: str, due: float) -> str:
+        """The range end of the delayed messages of ``queue`` due at or before epoch second ``due``."""
+        return f"{self.delayed(queue)}{int(due * 1000) + 1:013d}"
+
+    def delayed_message(self, queue: str, due: float, position: str) -> str:
+        """``position`` is ``<band>/<seq>[~<ms>]``: it moves to ``ready/<position>`` when due."""
+        return f"{self.delayed(queue)}{max(0, int(due * 1000)):013d}/{position}"
+
+    @staticmethod
+    def due_of(key: str | bytes) -> float:
+        """The epoch second a delayed message key is due at."""
+        key = key.decode() if isinstance(key, bytes) else key
+        return int(key.rsplit("/", 3)[-3]) / 1000
 
     def body_chunks(self, queue: str, seq: str) -> str:
         """The chunks of one large message's body (large_body.py), under the message's TTL lease."""

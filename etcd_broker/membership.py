@@ -83,6 +83,7 @@ class ConsumerLease:
         self.client.put(self.keys.consumer(lease.id), self._describe(), lease=lease.id)
         logger.info("consumer lease %016x granted (ttl %ss)", lease.id, self.ttl)
         self.lease_id = lease.id
+        self._answered_at = time.monotonic()  # the grant is an answer: the lease is alive now
 
     def _describe(self) -> str:
         return json.dumps({"hostname": socket.gethostname(), "pid": os.getpid(),
@@ -151,6 +152,11 @@ class ConsumerLease:
     def failing(self) -> bool:
         """True while our keepalives fail (no probe: cheap enough for every drain_events wait)."""
         return self._failing
+
+    def in_doubt(self) -> bool:
+        """True while we cannot tell that our lease is alive: the last keepalive failed, or none was
+        answered for half the TTL (they run every TTL/3), so etcd may have expired it meanwhile."""
+        return self._failing or time.monotonic() - self._answered_at > self.ttl / 2
 
     def _probe(self, answered: threading.Event) -> None:
         try:
@@ -454,50 +460,5 @@ def close_all_leases(ack_timeout: float = 10.0) -> None:
 
 @atexit.register
 def _close_at_exit() -> None:
-    logging.disable(logging.WARNING)  # handlers may already be gone; an unrevoked lease just expires
+    logging.getLogger("etcd_broker").setLevel(logging.ERROR)  # ours only: handlers may be gone; an unrevoked lease just expires
     close_all_leases(ack_timeout=2.0)
-
-
-class LeaseHandle:
-    """The transport's view of the process-wide consumer lease (created on first use)."""
-
-    def __init__(self, transport: Any, ttl: int, reconcile_seconds: float = RECONCILE_SECONDS) -> None:
-        self._transport = transport
-        self._ttl = ttl
-        self._reconcile_seconds = reconcile_seconds
-
-    @property
-    def _lease(self):
-        return consumer_lease(self._transport.etcd, self._transport.keys, self._ttl, self._reconcile_seconds)
-
-    def ensure(self) -> int:
-        """The lease id; the transport's held messages count from its first claim (reconcile.py)."""
-        lease = self._lease
-        lease.hold_for(self._transport)
-        return lease.ensure()
-
-    def add_queue(self, queue: str) -> None:
-        self._lease.ensure()
-        self._lease.add_queue(queue)
-
-    def lost(self, lease_id: int) -> None:
-        self._lease.lost(lease_id)
-
-    def current_key(self, key: str) -> str:
-        return self._lease.current_key(key)
-
-    def delete_later(self, key: str) -> None:
-        self._lease.delete_later(key)
-
-    def requeue_later(self, key: str) -> None:
-        self._lease.requeue_later(key)
-
-    def withdraw_later(self, key: str, seen: int) -> None:
-        self._lease.withdraw_later(key, seen)
-
-    def reachable(self) -> bool:
-        return self._lease.reachable()
-
-    def failing(self) -> bool:
-        return self._lease.failing()
-

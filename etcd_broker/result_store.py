@@ -313,10 +313,14 @@ class ResultStore:
         raise WriteConflict(f"chord {group_id} size changed {MAX_WRITE_ATTEMPTS} times while we grew it")
 
     def chord_part_done(self, group_id: str, part: str, ttl: int | None) -> ChordCount | None:
-        """Record one finished header task; None if this part was counted before (a redelivery).
+        """Record one finished header task; None if this part was counted before (a redelivery) or the
+        chord is settled already (a part run again after the callback was published).
 
-        One transaction creates the part's key only if it is absent and, in the same
-        revision, counts the parts and reads the size: exactly one part sees done == size.
+        One transaction creates the part's key only if it is absent and the chord's saved group
+        exists (``apply_chord`` saves it before any part is sent; :meth:`delete_chord` deletes it with
+        the chord's keys) and, in the same revision, counts the parts and reads the size: exactly one
+        part sees done == size. Without the group check a part run again after the chord was settled
+        left its key behind until the chord's expiry.
         """
         response = self._with_lease(ttl, self._count_part, group_id, part)
         if not response.succeeded:
@@ -327,7 +331,8 @@ class ResultStore:
 
     def _count_part(self, group_id: str, part: str, *, lease: int) -> Any:
         part_key = self.keys.chord_part(group_id, part)
-        return self._txn(compare=[ops.compare(part_key, "version", 0)],
+        return self._txn(compare=[ops.compare(part_key, "version", 0),
+                                  ops.compare(self.keys.group_result(group_id), "version", 0, ">")],
                          success=[ops.put(part_key, b"", lease),
                                   ops.range_(self.keys.chord_parts(group_id), count_only=True, prefix=True),
                                   ops.range_(self.keys.chord_size(group_id))])
@@ -356,7 +361,9 @@ class ResultStore:
         return ChordClaim.HELD if ops.count(response.responses[0]) else ChordClaim.DONE
 
     def delete_chord(self, group_id: str) -> None:
-        self.reset_chord(group_id)
+        """Settle the chord: its keys and its saved group go in one transaction (a late part then counts nothing)."""
+        self._txn(success=[ops.delete(self.keys.chord(group_id), prefix=True),
+                           ops.delete(self.keys.group_result(group_id))])
 
     # -- cooperative cancel ----------------------------------------------------------
     def request_cancel(self, task_id: str, ttl: int | None) -> None:

@@ -21,7 +21,8 @@ def _count(client: EtcdClient, prefix: str) -> int:
 
 def queue_stats(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
     """Per declared (or consumed) queue: ready messages by priority (only priorities with
-    messages), unacknowledged count, live consumers."""
+    messages), unacknowledged count, delayed messages (ETA tasks not due yet) and the epoch second
+    the next one is due (None: none), live consumers."""
     consumers = consumers_by_queue(client, keys)
     rows = []
     for queue in sorted(set(declared_queues(client, keys)) | set(consumers)):
@@ -35,9 +36,17 @@ def queue_stats(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
             "ready": sum(by_priority.values()),
             "ready_by_priority": by_priority,
             "unacked": _count(client, keys.unacked(queue)),
+            "delayed": _count(client, keys.delayed(queue)),
+            "next_due": next_due(client, keys, queue),
             "consumers": consumers.get(queue, 0),
         })
     return rows
+
+
+def next_due(client: EtcdClient, keys: KeySpace, queue: str) -> float | None:
+    """When the first delayed message of ``queue`` is due (epoch seconds); None if none waits."""
+    first = ops.get(client, keys.delayed(queue), prefix=True, keys_only=True, limit=1)
+    return keys.due_of(first.kvs[0].key) if first.kvs else None
 
 
 def consumers_by_queue(client: EtcdClient, keys: KeySpace) -> dict[str, int]:

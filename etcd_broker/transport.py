@@ -32,9 +32,12 @@ Transport options
 =================
 * ``prefix``: key prefix for everything (default ``/deephardway``).
 * ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
-* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB).
+* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
+  unless they expire (large_body.py).
 * ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
   holds, and how long such a message stays unheld first (default 30; reconcile.py).
+* ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
+  not in a worker's memory (default True; delayed.py).
 * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
 * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
 """
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from queue import Empty
@@ -53,13 +57,15 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import executing, group_commit, handoff, large_body, ops, settle
+from etcd_broker import delayed, executing, forking, group_commit, handoff, large_body, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
     ETCD_OPTIONS,
+    LEASE_NOT_FOUND,
     EtcdConfig,
     EtcdUnreachable,
+    classify,
     get_client,
     is_request_too_large,
     wait_connected,
@@ -67,7 +73,7 @@ from etcd_broker.client import (
 from etcd_broker.event_loop import EventLoopMixin
 from etcd_broker.expired import revoke_expired
 from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
-from etcd_broker.membership import DEFAULT_LEASE_TTL, LeaseHandle, restore_message
+from etcd_broker.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
 from etcd_broker.publish_batch import PublishBatch
 from etcd_broker.qos import QoS
 from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
@@ -96,23 +102,19 @@ class Channel(virtual.Channel):
     QoS = QoS
     supports_fanout = True
 
-    #: Key prefix; several deployments can share one etcd cluster.
-    prefix = DEFAULT_PREFIX
-    #: Seconds a dead consumer keeps its messages before they are requeued.
-    lease_ttl = DEFAULT_LEASE_TTL
     #: Refuse larger messages at publish time.
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+    #: Celery tasks with a future ``eta`` (countdown) wait in etcd until due, not in a worker (delayed.py).
+    delayed_delivery = True
 
     from_transport_options = virtual.Channel.from_transport_options + (
-        "prefix", "lease_ttl", "max_message_bytes", "default_priority",
+        "max_message_bytes", "default_priority", "delayed_delivery",
     )
 
     def __init__(self, connection, **kwargs):
         super().__init__(connection, **kwargs)
         self.keys = connection.keys
         self.client = connection.etcd
-        #: Kept after close: a task finishing after a reconnect still acks through it.
-        self.lease = connection.lease
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
         self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
@@ -126,8 +128,9 @@ class Channel(virtual.Channel):
         limits, queue_lease = self.connection.queues.limits(queue)
         now = time.time()
         deadline = message_deadline(message, limits, now)
-        if deadline is not None and deadline <= now:  # expired already: dropped, as a claim would drop it
-            revoke_expired(message)
+        due = delayed.due_time(message, now) if self.delayed_delivery else None
+        if deadline is not None and (deadline <= now or (due is not None and deadline <= due)):
+            revoke_expired(message)  # expired already, or before it is due: dropped, as a claim would drop it
             return
         value, chunks, seq = dumps(message).encode(), [], self.connection.sequence.next()
         if len(value) > self.max_message_bytes and deadline is not None:  # its body beside it (large_body.py)
@@ -137,7 +140,12 @@ class Channel(virtual.Channel):
         key = self.keys.ready_message(queue, position)
         batch = kwargs.get("_publish_batch")
         try:
-            if deadline is None and not queue_lease and limits.max_length is None:
+            if due is not None and not chunks and not queue_lease and limits.max_length is None:
+                if batch is not None:
+                    batch.flush()  # keep publish order: what came before is written first
+                delayed.put(self.client, self.connection.queues.leases, self.keys.delayed_message(queue, due, position),
+                            value, deadline)
+            elif deadline is None and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.add(key, value)  # Producer.batch(): written with others in one transaction
                 else:
@@ -180,7 +188,9 @@ class Channel(virtual.Channel):
             return buffered.popleft()
         lease_id = self.lease.ensure()
         if not self._single_get:  # what the consume watches tell is for consumers; a synchronous get reads
-            while (handed := self.connection.parking.take(queue, self.lease.current_key)) is not None:  # claimed by its publisher
+            # claimed by its publisher; checked with etcd while our lease is in doubt
+            while (handed := self.connection.parking.take(queue, self.lease.current_key,
+                                                          self.lease.in_doubt())) is not None:
                 message = self._decode(queue, handed[1], handed[0])
                 if message is not None:
                     return message
@@ -331,9 +341,19 @@ class Channel(virtual.Channel):
                 self._requeue_or_later(self.Message(raw, channel=self))
 
     def close(self):
+        if self.connection is not None and forking.inherited(self.connection.owner_pid):
+            self._forget_after_fork()
+            return
         if not self.closed:
             self._requeue_buffered()
         super().close()
+
+    def _forget_after_fork(self) -> None:
+        """Closed in a forked child: what it holds (buffered, unacked, consumers) is the parent's."""
+        self.closed = True
+        self._buffer.clear()
+        self._consumer_queues.clear()
+        self.connection = None
 
     def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
         dead = self.keys.dead(queue) + self.connection.sequence.next()
@@ -391,12 +411,20 @@ class Channel(virtual.Channel):
         if meta is not None:
             restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, meta.mod_revision)
 
+    @property
+    def lease(self) -> ConsumerLease:
+        """The transport's consumer lease (also after close: a task finishing after a reconnect acks through it)."""
+        return self.connection.lease
+
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         self._consumer_queues[consumer_tag] = queue
         if no_ack:
             self._no_ack_queues.add(queue)
+        self.lease.ensure()
         self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
+        if queue not in self._auto_delete:  # replies and events are never delayed
+            self.connection.delayed.follow(queue)  # its ETA tasks move to ready/ when due (delayed.py)
         self.connection.queues.consuming(queue)  # keeps an expiring queue alive (H4)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
@@ -448,7 +476,15 @@ class Channel(virtual.Channel):
         if queue in self.connection.declared and limits.expires is None:
             return
         lease = self.lease.ensure() if queue in self._auto_delete else None
-        self.connection.queues.declare(queue, limits, lease)
+        try:
+            self.connection.queues.declare(queue, limits, lease)
+        except grpc.RpcError as exc:
+            if lease is None or classify(exc) != LEASE_NOT_FOUND:
+                raise
+            # our consumer lease expired while etcd could not hear us (a partition longer than its TTL) and the
+            # keepalive has not said so yet: re-register now; raised, this ended the worker (chaos test)
+            self.lease.lost(lease)
+            self.connection.queues.declare(queue, limits, self.lease.ensure())
         self.connection.declared.add(queue)
 
     def _has_queue(self, queue, **kwargs):
@@ -460,8 +496,9 @@ class Channel(virtual.Channel):
         return self.client.get_range_response(prefix, range_end(prefix), count_only=True).count
 
     def _purge(self, queue):
-        prefix = self.keys.ready(queue)
-        return self.client.delete_prefix(prefix).deleted
+        """Every message waiting: ready, and delayed (ETA tasks not due yet)."""
+        return sum(self.client.delete_prefix(prefix).deleted
+                   for prefix in (self.keys.ready(queue), self.keys.delayed(queue)))
 
     def _delete(self, queue, *args, **kwargs):
         self.client.delete_prefix(self.keys.queue(queue))
@@ -523,15 +560,17 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self.config = EtcdConfig.from_url(self._urls(client, options),
                                           **{k: options[k] for k in ETCD_OPTIONS if k in options})
         self.etcd = get_client(self.config)
+        self.owner_pid = os.getpid()  # the process it belongs to (forking.inherited)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
-        self.lease = LeaseHandle(self, int(options.get("lease_ttl", DEFAULT_LEASE_TTL)),
-                                 float(options.get("reconcile_seconds", RECONCILE_SECONDS)))
+        self.lease_ttl = int(options.get("lease_ttl", DEFAULT_LEASE_TTL))
+        self.reconcile_seconds = float(options.get("reconcile_seconds", RECONCILE_SECONDS))
         self.sequence = Sequence()
         self.declared: set[str] = set()
         self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases (queue_limits.py)
         self._exchange_types: dict[str, str] = {}
         self._bindings: BindingTable | None = None
         self._hub: WatchHub | None = None
+        self.delayed = delayed.DelayedMover(self.etcd, self.keys, lambda: self.watch_hub)
         self.parking = handoff.Parking(self.etcd, self.keys, lambda: self.watch_hub, self.wake, self.config.timeout)
         self._init_event_loop()
         self._init_queue_watch()
@@ -554,15 +593,46 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection):
+        if forking.inherited(self.owner_pid):
+            self._forget_after_fork()
+            return
         super().close_connection(connection)
         self.parking.withdraw_all(self.lease.requeue_later, self.lease.withdraw_later)
+        self.delayed.close()
         self._close_pipe()
         self._unwatch_all()
         if self._bindings is not None:
             self._bindings.close()
             self._bindings = None
 
+    def _forget_after_fork(self) -> None:
+        """Closed in a forked child (kombu's after-fork ``Connection.collect``): forget everything.
+
+        Its channels' messages, parks, queue watches and lease are the parent's, which still runs:
+        giving any of it back would run tasks twice, and the parent's threads may hold its locks.
+        Only the child's copies of the wake-up pipe's descriptors are closed (the parent's event loop
+        keeps its own).
+        """
+        for channel in self._avail_channels + self.channels:
+            channel._forget_after_fork()
+        self._avail_channels, self.channels = [], []
+        pipe, self._pipe, self._loop = self._pipe, None, None
+        for fd in pipe or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._bindings, self._hub = None, None
+
     # -- shared state for channels -------------------------------------------------
+    @property
+    def lease(self) -> ConsumerLease:
+        """The process's consumer lease for this etcd and key space (membership.consumer_lease: made on
+        first use, made again in a forked child or once closed)."""
+        lease = consumer_lease(self.etcd, self.keys, self.lease_ttl, self.reconcile_seconds)
+        lease.hold_for(self)  # what this transport holds counts as held (reconcile.py)
+        return lease
+
     @property
     def watch_hub(self) -> WatchHub:
         """The process's one watch stream for our etcd (shared with the result backend).
@@ -602,6 +672,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     def unwatch_queue(self, queue: str) -> None:
         """The last consumer of ``queue`` here is gone: withdraw our park, give back hand-offs not delivered."""
         if super().unwatch_queue(queue):
+            self.delayed.unfollow(queue)
             self.parking.withdraw(queue, self.lease.requeue_later, self.lease.withdraw_later)
 
     @property

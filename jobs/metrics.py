@@ -111,6 +111,12 @@ class BrokerCollector:
         unacked = GaugeMetricFamily("deephardway_queue_unacked_messages",
                                     "Messages a worker holds (prefetched or running), not yet acknowledged",
                                     labels=["queue"])
+        delayed = GaugeMetricFamily("deephardway_queue_delayed_messages",
+                                    "ETA tasks (countdown, eta) waiting in etcd until due, not in a worker",
+                                    labels=["queue"])
+        next_due = GaugeMetricFamily("deephardway_queue_next_due_timestamp_seconds",
+                                     "When the queue's next delayed message is due (epoch seconds; absent: none)",
+                                     labels=["queue"])
         consumers = GaugeMetricFamily("deephardway_queue_consumers",
                                       "Live consumers (workers whose etcd lease is alive) of a queue",
                                       labels=["queue"])
@@ -118,8 +124,11 @@ class BrokerCollector:
             for priority in range(MAX_PRIORITY + 1):
                 ready.add_metric([row["queue"], str(priority)], row["ready_by_priority"].get(priority, 0))
             unacked.add_metric([row["queue"]], row["unacked"])
+            delayed.add_metric([row["queue"]], row["delayed"])
+            if row["next_due"] is not None:
+                next_due.add_metric([row["queue"]], row["next_due"])
             consumers.add_metric([row["queue"]], row["consumers"])
-        yield from (ready, unacked, consumers)
+        yield from (ready, unacked, delayed, next_due, consumers)
         yield from etcd_gauges()
 
 

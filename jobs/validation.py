@@ -24,9 +24,6 @@ from etcd_broker.keys import MAX_PRIORITY  # the top priority (9), defined once
 
 logger = logging.getLogger(__name__)
 
-#: Longest side of the greyscale grid an image is reduced to before it is queued. The models
-#: use 8x8 (digits) and 28x28 (fashion) after cropping, so 64 keeps every detail they can see.
-REDUCED_SIDE = 64
 #: Payload keys that carry an image (the models' input schemas: a data URL, or a grid + width).
 IMAGE_KEYS = ("image", "pixels", "width")
 #: Key that marks an image in a job's stored input (the bytes live in ``Job.input_file``).
@@ -133,7 +130,7 @@ def prepare(spec: Any, payload: dict[str, Any], priority: int, *, original: byte
 
     An image (``image`` data URL or a ``pixels`` grid) is kept as the job's file (``original``,
     the upload as sent, if given) and reaches the worker as a greyscale ``pixels`` grid of at
-    most REDUCED_SIDE a side: images never travel through etcd.
+    most ml.images.REDUCED_SIDE a side: images never travel through etcd.
     """
     validated = validate_input(spec, payload)
     url = _image_url(validated)
@@ -284,22 +281,9 @@ def upload_data_url(field_name: str, raw: bytes) -> str:
 def reduce_image(field_name: str, url: str) -> dict[str, Any]:
     """A data URL as ``{"pixels": [...], "width": w}``: greyscale, 1 = dark, at most
     REDUCED_SIDE pixels a side. The models' checks treat it exactly as the image."""
-    from ml.images import decode_data_url, grey_array
+    from ml.images import decode_data_url, reduce_to_pixels
 
-    image = decode_data_url(field_name, url)
-    image = image.resize(reduced_size(image.width, image.height), Image.Resampling.BOX)
-    ink = 1.0 - grey_array(image)
-    return {"pixels": [round(float(v), 3) for v in ink.ravel()], "width": int(ink.shape[1])}
-
-
-def reduced_size(width: int, height: int) -> tuple[int, int]:
-    """At most REDUCED_SIDE a side with the aspect kept, but no side under the checks' minimum
-    (a long thin image is stretched rather than refused for a size the client never sent)."""
-    from ml.inputs import PIXELS_SIDE
-
-    scale = min(1.0, REDUCED_SIDE / max(width, height))
-    floor = PIXELS_SIDE[0]
-    return max(min(floor, width), round(width * scale)), max(min(floor, height), round(height * scale))
+    return reduce_to_pixels(decode_data_url(field_name, url))
 
 
 def data_url(content: bytes, content_type: str | None) -> str:

@@ -54,14 +54,22 @@ def subset(split: Split, limit: int | None) -> Split:
 
 def train_classifier(model: keras.Model, split: Split, *, name: str, model_dir: Path | str, epochs: int,
                      batch_size: int, verbose: int, on_progress: Progress | None,
-                     card_extra: dict[str, Any]) -> dict[str, Any]:
-    """Fit, evaluate on the held-out test set, save model and card; returns the card."""
-    started = time.monotonic()
+                     card_extra: dict[str, Any],
+                     after_fit: Callable[[keras.Model], dict[str, float]] | None = None,
+                     started: float | None = None) -> dict[str, Any]:
+    """Fit, evaluate on the held-out test set, save model and card; returns the card.
+
+    ``after_fit(model)`` runs between fitting and testing: it may adjust the model (digits
+    folds a softmax temperature into it) and returns more metrics for the card. ``started``
+    (``time.monotonic()``) counts data preparation into the card's training time.
+    """
+    started = time.monotonic() if started is None else started
     model.fit(split.x_train, split.y_train, epochs=epochs, batch_size=batch_size, verbose=verbose,
               callbacks=callbacks(on_progress, epochs, steps(len(split.x_train), batch_size)))
+    more = after_fit(model) if after_fit else {}
     loss, accuracy = model.evaluate(split.x_test, split.y_test, batch_size=256, verbose=0)
     card = artifacts.make_card(
-        name, metrics={"test_accuracy": accuracy, "test_loss": loss}, started=started, epochs=epochs,
+        name, metrics={"test_accuracy": accuracy, "test_loss": loss, **more}, started=started, epochs=epochs,
         train_examples=len(split.x_train), test_examples=len(split.x_test), **card_extra)
     artifacts.save(model, card, model_dir)
     return card

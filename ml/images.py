@@ -10,6 +10,7 @@ import binascii
 import io
 import logging
 import re
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,6 +38,11 @@ FASHION_SIDE = 28
 FOREGROUND_THRESHOLD = 0.12
 #: Side a photo is shrunk to when the web side re-encodes an upload (fits the etcd limit).
 UPLOAD_MAX_SIDE = 512
+#: Longest side of the greyscale grid the web side reduces an image to before it is queued. The
+#: models use 8x8 (digits) and 28x28 (fashion) after cropping, so 64 keeps every detail they can see.
+REDUCED_SIDE = 64
+#: Shortest side of an image or ``pixels`` grid the models' checks accept.
+MIN_SIDE = 8
 
 _DATA_URL = re.compile(r"^data:image/([a-z+]+);base64,", re.IGNORECASE)
 
@@ -85,6 +91,21 @@ def image_to_data_url(raw: bytes, max_side: int = UPLOAD_MAX_SIDE) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def reduced_size(width: int, height: int) -> tuple[int, int]:
+    """At most REDUCED_SIDE a side with the aspect kept, but no side under MIN_SIDE
+    (a long thin image is stretched rather than refused for a size the client never sent)."""
+    scale = min(1.0, REDUCED_SIDE / max(width, height))
+    return max(min(MIN_SIDE, width), round(width * scale)), max(min(MIN_SIDE, height), round(height * scale))
+
+
+def reduce_to_pixels(image: Image.Image) -> dict[str, Any]:
+    """A decoded image as the ``{"pixels": [...], "width": w}`` payload the web side queues:
+    greyscale, 1 = dark, at most REDUCED_SIDE a side, 3 decimals."""
+    image = image.resize(reduced_size(image.width, image.height), Image.Resampling.BOX)
+    ink = 1.0 - grey_array(image)
+    return {"pixels": [round(float(v), 3) for v in ink.ravel()], "width": int(ink.shape[1])}
 
 
 def grey_array(image: Image.Image) -> np.ndarray:

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from ml.errors import InvalidInput
-from ml.images import decode_data_url, digits_grid, fashion_image, grey_array, pixels_array
+from ml.images import MIN_SIDE, decode_data_url, digits_grid, fashion_image, grey_array, pixels_array
 
 logger = logging.getLogger(__name__)
 
 #: Smallest and largest side of a ``pixels`` grid.
-PIXELS_SIDE = (8, 512)
+PIXELS_SIDE = (MIN_SIDE, 512)
 #: Longest prompt for the text model, in characters.
 PROMPT_MAX_CHARS = 500
 #: How many characters one generation may produce.

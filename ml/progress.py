@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 #: A progress hook: (percent 0..100, details) -> None; raising stops the work.
 Progress = Callable[[float, dict[str, Any]], None]
 #: Metrics shown as percentages (Keras names them this way); others are shown as numbers.
-PERCENT_METRICS = ("accuracy", "val_accuracy", "test_accuracy")
+PERCENT_METRICS = ("accuracy", "val_accuracy", "test_accuracy", "drawn_accuracy", "drawn_ece", "drawn_ece_unscaled")
 #: Stage names in the meta.
 WAITING, TRAINING = "waiting", "training"
 

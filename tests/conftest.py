@@ -64,3 +64,14 @@ def worker_factory(tmp_path):
     yield start
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """The real digits model (ml.digits.train, full recipe), trained once per session: the
+    directory holding digits.keras and its card. Shared by tests/ml and tests/browser."""
+    from ml import digits
+
+    directory = tmp_path_factory.mktemp("digits-model")
+    digits.train(directory)
+    return directory

@@ -14,6 +14,7 @@ from celery.exceptions import Ignore, ImproperlyConfigured, TimeoutError
 
 from etcd_broker.backend import EtcdBackend
 from etcd_broker.client import get_client
+from etcd_broker.result_store import ChordCount
 from tests.backend.conftest import make_app
 from tests.helpers import REPO_ROOT, wait_until
 
@@ -174,6 +175,7 @@ def test_plain_settings_select_the_backend_in_django_and_by_entry_point():
 
 def test_chord_parts_count_once_each_and_exactly_one_completes_the_chord(results_app):
     store = results_app.backend.store
+    store.put(store.keys.group_result("g-race"), b"{}", ttl=60)  # apply_chord saves the group first
     store.set_chord_size("g-race", 20, ttl=60)
     store.grow_chord("g-race", ttl=60)  # Task.add_to_chord: one more header task
     outcomes = []
@@ -190,6 +192,19 @@ def test_chord_parts_count_once_each_and_exactly_one_completes_the_chord(results
     assert len(counted) == 21
     assert sorted(o.done for o in counted) == list(range(1, 22))
     assert [o.done == o.size for o in counted].count(True) == 1
+
+
+def test_a_part_run_again_after_its_chord_was_settled_counts_nothing_and_leaves_no_key(results_app):
+    """A part whose worker was cut off runs again elsewhere; if the chord completes in between, the late
+    run's count must not recreate the chord's keys (found by the chaos test: parts left under chords/)."""
+    store = results_app.backend.store
+    store.put(store.keys.group_result("g-late"), b"{}", ttl=60)
+    store.set_chord_size("g-late", 1, ttl=60)
+    assert store.chord_part_done("g-late", "t0.0", ttl=60) == ChordCount(done=1, size=1)
+    store.delete_chord("g-late")
+    assert store.chord_part_done("g-late", "t0.0", ttl=60) is None
+    assert list(store.client.get_prefix(store.keys.chord("g-late"))) == []
+    assert store.client.get(store.keys.group_result("g-late"))[0] is None
 
 
 def test_endpoint_lists_and_url_passwords_are_shown_without_the_password(etcd_prefix):

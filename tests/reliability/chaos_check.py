@@ -12,7 +12,7 @@ pid, start and done times). :func:`check` replays both and names every task that
 - a terminated task is REVOKED (or finished before the revoke reached it) and never runs again;
 - a countdown task never starts before its ETA; a chord callback starts after its last part;
 - the result backend holds SUCCESS for every finished task;
-- at the end nothing is under any lease (``unacked/``), in the task queue's ``ready/``, in ``dead/``
+- at the end nothing is under any lease (``unacked/``), in the task queue's ``ready/`` or ``delayed/``, in ``dead/``
   or under ``chords/``, and every worker nobody killed is alive.
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ REVOKE_GRACE = 2.0
 #: Clock slack between markers and the test's own times, one machine (seconds).
 CLOCK_SLACK = 0.05
 #: What a worker logs when etcd expired its lease while it was alive (etcd_broker/membership.py).
+#: What a worker logs when Celery publishes a chord callback again after an error (celery/app/amqp.py).
+CALLBACK_RETRY_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): WARNING/\w+\] Retrying refused callback publish")
 LAPSE_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ERROR/\w+\] consumer lease \w+ expired while we were alive")
 
 
@@ -58,6 +60,7 @@ class Execution:
     pid: int
     started: float
     done: float | None
+    redelivered: bool = False  # False for a fresh message: a second publish, not a redelivery
 
 
 class History:
@@ -71,6 +74,7 @@ class History:
         self.workers: dict[str, dict] = {}  # name: pool, pid, log, started, killed
         self.cuts: dict[str, list[list[float]]] = {}
         self.terminated: dict[str, tuple[float, str]] = {}  # task: (when, worker it ran on)
+        self.publish_retries: dict[str, list[float]] = {}  # task: when its publish was retried after an error
         self._lock = threading.Lock()
 
     def accepted(self, task: str, kind: str, eta: float | None = None, parts: list[str] | None = None) -> None:
@@ -104,6 +108,12 @@ class History:
             else:
                 self.cuts[name][-1][1] = time.time()
 
+    def publish_retried(self, tasks: list[str]) -> None:
+        """The test's publish of ``tasks`` failed and is retried: if the failed try was applied, both copies run."""
+        with self._lock:
+            for task in tasks:
+                self.publish_retries.setdefault(task, []).append(time.time())
+
     def terminate(self, task: str, worker: str) -> None:
         with self._lock:
             self.terminated[task] = (time.time(), worker)
@@ -116,6 +126,10 @@ class History:
 
     def lapses(self) -> dict[str, list[float]]:
         """Per worker: when its log says etcd expired its lease while it lived."""
+        return self.logged(LAPSE_LINE)
+
+    def logged(self, line_re: re.Pattern) -> dict[str, list[float]]:
+        """Per worker: the times of its log lines that ``line_re`` matches (group 1: Celery's timestamp)."""
         found: dict[str, list[float]] = {}
         for name, info in self.workers.items():
             try:
@@ -123,7 +137,7 @@ class History:
             except OSError:
                 continue
             for line in lines:
-                if match := LAPSE_LINE.match(line):
+                if match := line_re.match(line):
                     found.setdefault(name, []).append(
                         datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
         return found
@@ -136,7 +150,8 @@ def executions(started: list[dict], done: list[dict]) -> list[Execution]:
         starts = sorted((row for row in started if row["pid"] == pid), key=lambda row: row["at"])
         ends = sorted(row["at"] for row in done if row["pid"] == pid)
         for index, row in enumerate(starts):
-            runs.append(Execution(row.get("worker", ""), pid, row["at"], ends[index] if index < len(ends) else None))
+            runs.append(Execution(row.get("worker", ""), pid, row["at"], ends[index] if index < len(ends) else None,
+                                  bool(row.get("redelivered"))))
     return sorted(runs, key=lambda run: run.started)
 
 
@@ -145,7 +160,7 @@ class Leftovers:
     """What etcd still holds at the end: keys under leases, in ready/, dead/, chords/; results by task."""
 
     unacked: list[str]
-    ready: list[str]
+    ready: list[str]  # and delayed/: a countdown task's message is due long before the end
     dead: list[str]
     chords: list[str]
     states: dict[str, str]
@@ -163,7 +178,7 @@ class Leftovers:
                 task_of_key[key] = ""
             if "/unacked/" in key:
                 unacked.append(key)
-            elif key.startswith(keys.ready(queue)):
+            elif key.startswith((keys.ready(queue), keys.delayed(queue))):
                 ready.append(key)
             elif key.startswith(f"{keys.root}/dead/"):
                 dead.append(key)
@@ -200,6 +215,7 @@ class Checker:
         self.history, self.leftovers, self.alive = history, leftovers, alive
         self.runs = {task: executions(started.get(task, []), done.get(task, [])) for task in set(started) | set(done)}
         self.lapses = history.lapses()
+        self.callback_retries = sorted(at for times in history.logged(CALLBACK_RETRY_LINE).values() for at in times)
 
     def suspect(self, run: Execution) -> str | None:
         """Why ``run`` may be repeated elsewhere: its worker was killed or cut off (or lost its lease) during it."""
@@ -237,7 +253,10 @@ class Checker:
         live_finished = [run for run in finished if self.suspect(run) is None]
         state = self.leftovers.states.get(task)
         if len(live_finished) > 1:
-            violations.append(Violation(task, f"finished {len(live_finished)} times on live, connected workers"))
+            if all(self._published_twice(task, sent, run) for run in live_finished[1:]):
+                counts["published twice (a publish retried after a lost answer)"] += len(live_finished) - 1
+            else:
+                violations.append(Violation(task, f"finished {len(live_finished)} times on live, connected workers"))
         counts["finished again after a kill or cut"] += max(len(finished) - 1, 0)
         for run in runs:
             stopped_by_revoke = revoke is not None and run.started <= revoke[0] + REVOKE_GRACE
@@ -272,6 +291,20 @@ class Checker:
             open_items.append(f"{task}: state {state}")
             violations.append(Violation(task, f"finished but its state is {state}, not SUCCESS"))
 
+    def _published_twice(self, task: str, sent: Sent, run: Execution) -> bool:
+        """Whether ``run`` ran a second message of ``task``: a fresh one (not redelivered) while a publish of the
+        task was retried after an error (the test's own publish, or a worker's chord callback publish between
+        the last part's end and this run). A publish whose answer was lost is applied, and retried: at least
+        once by design until the transport's publish is idempotent (docs/reliability.md)."""
+        if run.redelivered:
+            return False
+        if task in self.history.publish_retries:
+            return True
+        if not sent.parts:
+            return False
+        last_part = max((r.done for part in sent.parts for r in self.runs.get(part, []) if r.done), default=sent.at)
+        return any(last_part - ACK_GRACE <= at <= run.started for at in self.callback_retries)
+
     def _revoked_run_suspect(self, task: str) -> bool:
         """Whether the run a terminate aimed at was on a worker killed or cut off (so a replacement that never
         heard the revoke may run the task again)."""
@@ -289,11 +322,12 @@ class Checker:
 
     def _check_globals(self, violations: list[Violation], open_items: list[str]) -> None:
         left = self.leftovers
-        for name, keys in (("under a lease (unacked/)", left.unacked), ("in ready/", left.ready),
+        for name, keys in (("under a lease (unacked/)", left.unacked), ("in ready/ or delayed/", left.ready),
                            ("in dead/", left.dead), ("under chords/", left.chords)):
             for key in keys:
                 open_items.append(f"{key} {name}")
-                violations.append(Violation(left.task_of_key.get(key, "") or "-", f"message left {name}", key))
+                violations.append(Violation(left.task_of_key.get(key, "") or _part_task(key) or "-",
+                                            f"message left {name}", key))
         accepted = set(self.history.sent) | set(self.history.refused)
         for task in sorted(set(self.runs) - accepted):
             violations.append(Violation(task, "ran although nobody was told it was accepted"))
@@ -305,7 +339,8 @@ class Checker:
                                                       "although nobody cut it off"))
         for name, alive in self.alive.items():
             if not alive:
-                violations.append(Violation("-", f"worker {name} exited although nobody killed it"))
+                violations.append(Violation("-", f"worker {name} exited although nobody killed it (see its log: "
+                                                  f"{self.history.workers[name]['log']})"))
 
     def describe(self, task: str) -> str:
         """A task's runs and where its message is, for a failure message."""
@@ -318,7 +353,20 @@ class Checker:
             at, worker = self.history.terminated[task]
             lines.append(f"    terminated {self.history.rel(at)} while on {worker}")
         lines.append(f"    state {self.leftovers.states.get(task)}; message at {self.leftovers.where(task) or 'nowhere'}")
+        lines.extend(f"    {line}" for line in self.log_lines(task))
         return "\n".join(lines)
+
+    def log_lines(self, task: str) -> list[str]:
+        """Every worker's log lines that name ``task`` (Celery's, with dashes, or ours)."""
+        dashed = f"{task[:8]}-{task[8:12]}-{task[12:16]}-{task[16:20]}-{task[20:]}" if len(task) == 32 else task
+        found = []
+        for name, info in self.history.workers.items():
+            try:
+                lines = info["log"].read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            found.extend(f"{name}: {line[:240]}" for line in lines if task in line or dashed in line)
+        return found
 
     def failure_text(self, verdict: Verdict) -> str:
         lines = [f"chaos seed {self.history.seed}: {len(verdict.violations)} violation(s); replay with "
@@ -330,3 +378,8 @@ class Checker:
             if violation.task != "-":
                 lines.append(self.describe(violation.task))
         return "\n".join(lines)
+
+
+def _part_task(key: str) -> str:
+    """The task id in a chord part's key (``chords/<group>/parts/<task>.<index>``), else ""."""
+    return key.rsplit("/", 1)[1].rsplit(".", 1)[0] if "/parts/" in key else ""

@@ -36,6 +36,7 @@ class MixedLoad(threading.Thread):
         super().__init__(name="chaos-load", daemon=True)
         self.history, self.rng = history, rng
         self._stopped = threading.Event()
+        self._chord_parts: list[str] = []
 
     def stop(self) -> None:
         self._stopped.set()
@@ -47,10 +48,21 @@ class MixedLoad(threading.Thread):
             getattr(self, f"_send_{kind}")()
             self._stopped.wait(self.rng.uniform(*SEND_GAP))
 
+    def retry_errback(self, exc: Exception, interval: float) -> None:
+        """For the app's publish retry policy: a chord's header is published with it (an errback given to
+        the chord itself would be serialized into its messages)."""
+        if threading.current_thread() is self:
+            self.history.publish_retried(self._chord_parts)
+
+    def _retry_policy(self, tasks: list[str]) -> dict:
+        """The fault tests' publish retry policy, recording each retry of ``tasks`` in the history."""
+        return {**PUBLISH_RETRY_POLICY, "errback": lambda exc, interval: self.history.publish_retried(tasks)}
+
     def _publish(self, task, kind: str, seconds: float, **options) -> None:
         task_id = uuid.uuid4().hex
         try:
-            task.apply_async((seconds,), task_id=task_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY, **options)
+            task.apply_async((seconds,), task_id=task_id, retry=True, retry_policy=self._retry_policy([task_id]),
+                             **options)
         except Exception as exc:  # noqa: BLE001 - the caller saw an error: refused, not lost
             logger.warning("publish of %s refused: %r", task_id, exc)
             self.history.refuse(task_id, repr(exc))
@@ -78,7 +90,7 @@ class MixedLoad(threading.Thread):
         eta = time.time() + countdown  # Celery's own ETA is computed a moment later
         try:
             counting_app.work.apply_async((self._seconds(),), task_id=task_id, countdown=countdown, retry=True,
-                                          retry_policy=PUBLISH_RETRY_POLICY)
+                                          retry_policy=self._retry_policy([task_id]))
         except Exception as exc:  # noqa: BLE001
             logger.warning("publish of %s refused: %r", task_id, exc)
             self.history.refuse(task_id, repr(exc))
@@ -90,6 +102,7 @@ class MixedLoad(threading.Thread):
         callback = uuid.uuid4().hex
         header = [counting_app.work.s(self._seconds()).set(task_id=part) for part in parts]
         try:
+            self._chord_parts = parts  # a retry of their publish goes through retry_errback (the app's policy)
             chord(header)(counting_app.collect.s().set(task_id=callback))
         except Exception as exc:  # noqa: BLE001 - some parts may have gone out: none counts as accepted
             logger.warning("publish of chord %s refused: %r", callback, exc)

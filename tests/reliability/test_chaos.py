@@ -12,13 +12,15 @@ each task that broke a rule with its runs and where its message is.
 Environment: ``CHAOS_SEED`` replays a schedule (the seed is printed either way); ``CHAOS_SECONDS``
 (600 for the note's 10-minute runs); ``CHAOS_POOLS`` the workers' pools, comma separated
 (``threads,prefork,threads`` by default; ``threads`` or ``prefork`` alone means three of it);
-``CHAOS_FAULTS`` the faults to draw from (default :data:`DEFAULT_FAULTS`); ``CHAOS_LEASE_TTL``.
+``CHAOS_FAULTS`` the faults to draw from (default :data:`DEFAULT_FAULTS`); ``CHAOS_LEASE_TTL``;
+``CHAOS_LOG_DIR`` where the worker logs go (default: the test's tmp dir, which pytest rotates).
 """
 from __future__ import annotations
 
 import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,15 +43,19 @@ DEFAULT_FAULTS = ("kill_worker", "stop_member", "kill_leader", "move_leader", "c
 FAULTS = tuple(os.environ.get("CHAOS_FAULTS", ",".join(DEFAULT_FAULTS)).split(","))
 #: Seconds between the end of one fault and the start of the next, drawn uniformly.
 FAULT_GAP = (1.0, 4.0)
+#: Starting the cluster and the workers, the last fault's end, the check (seconds; for pytest's timeout).
+SETUP_TIMEOUT = 240
 #: After the last fault: every accepted task settles and every queue empties within this (seconds).
 DRAIN_TIMEOUT = 60.0 + 2 * LEASE_TTL
 
 
 def run_schedule(fleet: Fleet, history: History, rng: random.Random, seconds: float) -> None:
     """A random fault, then a random pause, until ``seconds`` have passed (the last fault completes)."""
-    end = time.time() + seconds
+    end, index = time.time() + seconds, 0
     while time.time() < end:
         name = rng.choice(FAULTS)
+        fleet.rng = random.Random(f"{SEED}:{index}")  # each fault's own draws: a replay aims the same faults alike
+        index += 1
         start = time.time()
         outcome = fleet.faults[name]()
         history.fault(start, name, outcome)
@@ -87,6 +93,7 @@ def report(history: History, verdict) -> list[str]:
 
 
 @pytest.mark.reliability
+@pytest.mark.timeout(int(SECONDS + DRAIN_TIMEOUT + SETUP_TIMEOUT))
 def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice_on_live_workers(
         cluster, etcd_prefix, tmp_path, summary_lines):
     print(f"\nchaos seed {SEED} (CHAOS_SEED={SEED} replays it), {SECONDS:.0f} s, pools {POOLS}, "
@@ -94,10 +101,12 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice_on_live_wo
     url = cluster_url(cluster)
     history = History(SEED, LEASE_TTL)
     counting_app.configure(url, etcd_prefix, LEASE_TTL, backend=True)
-    retry_policy = counting_app.app.conf.task_publish_retry_policy
-    counting_app.app.conf.task_publish_retry_policy = PUBLISH_RETRY_POLICY  # a chord's header waits out elections
-    fleet = Fleet(cluster, etcd_prefix, POOLS, LEASE_TTL, tmp_path, history, random.Random(SEED))
+    log_dir = Path(os.environ.get("CHAOS_LOG_DIR") or tmp_path)  # kept across pytest's tmp rotation if set
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(cluster, etcd_prefix, POOLS, LEASE_TTL, log_dir, history, random.Random(SEED))
     load = MixedLoad(history, random.Random(SEED + 1))
+    retry_policy = counting_app.app.conf.task_publish_retry_policy  # a chord's header waits out elections:
+    counting_app.app.conf.task_publish_retry_policy = {**PUBLISH_RETRY_POLICY, "errback": load.retry_errback}
     client = get_client(url)
     try:
         fleet.start_all()

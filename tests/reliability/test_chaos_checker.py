@@ -1,6 +1,7 @@
 """The chaos checker on hand-made histories: each rule fires on the history that breaks it, and only then."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from tests.reliability.chaos_check import Checker, History, Leftovers
 
 T0 = 1_000_000.0
+#: A worker log's timestamp 5 s after T0 (Celery logs local time).
+AT_5 = time.strftime("%Y-%m-%d %H:%M:%S,000", time.localtime(T0 + 5))
 
 
 def history(tmp_path: Path, lapse_log: str = "") -> History:
@@ -24,12 +27,12 @@ def marker(task: str, worker: str, pid: int, at: float) -> dict:
     return {"task_id": task, "worker": worker, "pid": pid, "at": T0 + at}
 
 
-def verdict(made: History, runs: list[tuple[str, str, int, float, float | None]], states: dict[str, str] | None = None,
-            unacked: list[str] | None = None):
+def verdict(made: History, runs: list[tuple], states: dict[str, str] | None = None, unacked: list[str] | None = None):
+    """``runs``: (task, worker, pid, start, end[, redelivered]) relative to T0."""
     started: dict[str, list[dict]] = {}
     done: dict[str, list[dict]] = {}
-    for task, worker, pid, start, end in runs:
-        started.setdefault(task, []).append(marker(task, worker, pid, start))
+    for task, worker, pid, start, end, *redelivered in runs:
+        started.setdefault(task, []).append({**marker(task, worker, pid, start), "redelivered": any(redelivered)})
         if end is not None:
             done.setdefault(task, []).append(marker(task, worker, pid, end))
     states = states if states is not None else {task: "SUCCESS" for task in made.sent}
@@ -118,10 +121,33 @@ def test_countdown_and_chord_order(tmp_path, start, broken):
 
 
 def test_leftover_messages_and_an_unexplained_lease_lapse_are_violations(tmp_path):
-    made = history(tmp_path, lapse_log="[1970-01-12 13:46:45,000: ERROR/MainProcess] consumer lease 00ab "
+    made = history(tmp_path, lapse_log=f"[{AT_5}: ERROR/MainProcess] consumer lease 00ab "
                                        "expired while we were alive; re-registering\n")
     send(made, "a")
     found, _ = verdict(made, [("a", "t0-0", 11, 1.0, 2.0)], unacked=["/p/q/celery/unacked/00ab/9/1"])
     assert rules(found)[0] == "message left under a lease (unacked/)"
     assert [rule for rule in rules(found) if "lease lapsed" in rule]
     assert found.counts["lease lapses"] == 1
+
+
+def test_a_second_copy_from_a_retried_publish_is_counted_apart_only_with_the_retry_on_record(tmp_path):
+    made = history(tmp_path)
+    send(made, "a")
+    twice = [("a", "t0-0", 11, 1.0, 2.0), ("a", "t1-0", 12, 3.0, 4.0)]
+    assert rules(verdict(made, twice)[0]) == ["finished 2 times on live, connected workers"]
+    made.publish_retried(["a"])
+    found, _ = verdict(made, twice)
+    assert rules(found) == [] and found.counts["published twice (a publish retried after a lost answer)"] == 1
+    redelivered = [twice[0], (*twice[1], True)]  # a redelivery of the same message is no second publish
+    assert rules(verdict(made, redelivered)[0]) == ["finished 2 times on live, connected workers"]
+
+
+def test_a_callback_published_twice_needs_a_worker_retrying_its_publish_after_the_last_part(tmp_path):
+    made = history(tmp_path)
+    send(made, "p1", kind="part")
+    send(made, "cb", kind="callback", parts=["p1"])
+    runs = [("p1", "t0-0", 11, 1.0, 2.0), ("cb", "t0-0", 11, 3.0, 3.1), ("cb", "t1-0", 12, 8.0, 8.1)]
+    assert rules(verdict(made, runs)[0]) == ["finished 2 times on live, connected workers"]
+    (tmp_path / "t0-0.log").write_text(f"[{AT_5}: WARNING/MainProcess] Retrying refused callback "
+                                       "publish for 'tests.reliability.counting_app.collect' (2/3, waiting 0.2s)\n")
+    assert rules(verdict(made, runs)[0]) == []

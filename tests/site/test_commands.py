@@ -63,7 +63,7 @@ def test_queues_shows_waiting_messages_by_priority(site_celery, user):
     run("submit", "text", "--input", '{"prompt": "C"}', "--priority", "2", "--no-follow")
     output = run("queues")
     gpu = [line for line in output.splitlines() if line.startswith("gpu ")][0]
-    assert gpu.split()[:3] == ["gpu", "3", "0"]
+    assert gpu.split()[:5] == ["gpu", "3", "0", "0", "-"]  # ready, unacked, delayed, next due
     assert "p9:1 p2:2" in gpu and gpu.rstrip().endswith("3/0")
     assert "live consumers:" in output
     etcd_line = [line for line in output.splitlines() if line.startswith("etcd ")][0]

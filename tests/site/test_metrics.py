@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -70,6 +71,20 @@ def watcher(site_celery):
     running = JobWatcher(site_celery).start()
     yield running
     running.stop()
+
+
+def test_it_counts_eta_tasks_waiting_in_etcd_and_when_the_next_is_due(client, staff, site_celery):
+    client.force_login(staff)
+    site_celery.send_task("jobs.tasks.nothing", queue="eta-probe", countdown=600)
+    sent_at = time.time()
+    try:
+        samples = scrape(client)
+        assert value(samples, "deephardway_queue_delayed_messages", queue="eta-probe") == 1
+        due = value(samples, "deephardway_queue_next_due_timestamp_seconds", queue="eta-probe")
+        assert sent_at + 590 < due < sent_at + 610
+    finally:
+        with site_celery.connection_for_write() as conn:
+            conn.default_channel.queue_purge("eta-probe")
 
 
 @pytest.mark.django_db(transaction=True)  # submissions are counted when their transaction commits

@@ -61,3 +61,23 @@ def test_the_web_process_never_imports_tensorflow(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stdout
+
+
+def test_production_redirects_pages_to_https_but_not_the_proxys_health_check(tmp_path):
+    """A proxy health-checks /healthz over plain HTTP without X-Forwarded-Proto (docs/deploy.md): it
+    must reach the view (200 or 503), while every page still redirects to https."""
+    code = (
+        "import django; django.setup();"
+        "from django.core.management import call_command; call_command('migrate', verbosity=0);"
+        "from django.test import Client; c = Client(HTTP_HOST='models.example.com');"
+        "print('STATUS', c.get('/healthz').status_code, c.get('/api/models').status_code,"
+        " c.get('/api/models', headers={'X-Forwarded-Proto': 'https'}).status_code)"
+    )
+    env = {**{k: v for k, v in os.environ.items() if k not in PRODUCTION and k != "DJANGO_ALLOW_ASYNC_UNSAFE"},
+           **PRODUCTION, "BEHIND_TLS_PROXY": "1", "DJANGO_SETTINGS_MODULE": "deephardway_site.settings",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "ETCD_URL": "etcdv3://127.0.0.1:9",
+           "VAR_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "STATUS 503 301 200" in result.stdout, result.stdout + result.stderr[-2000:]

@@ -230,6 +230,14 @@ def test_a_handoff_not_taken_before_its_lease_lapsed_is_delivered_only_if_still_
     assert ops.txn(client, [], [ops.delete(early), ops.put(keys.ready_message(queue, "9/0003"), b'{"n": 1}')]).succeeded
     assert parking.take(queue, lambda key: key.replace(f"{third:016x}", f"{second:016x}")) is None
 
+    # Cut off: neither the park's deletion nor the keepalive's verdict reached us, but no keepalive was
+    # answered lately (in doubt): the hand-off is checked, and one a sweeper moved is dropped (chaos test).
+    doubted = hand_off(third, "0005")
+    assert ops.txn(client, [], [ops.delete(doubted), ops.put(keys.ready_message(queue, "9/0005"), b'{"n": 1}')]).succeeded
+    assert parking.take(queue, in_doubt=True) is None
+    kept = hand_off(third, "0006")  # in doubt, yet still ours: delivered after the read
+    assert parking.take(queue, in_doubt=True) == (kept, b'{"n": 1}')
+
     live = hand_off(third, "0004")  # a lease that did not lapse: delivered without a read
     assert parking.take(queue) == (live, b'{"n": 1}')
     parking.withdraw_all(lambda key: None, lambda key, seen: None)

@@ -310,3 +310,19 @@ def test_a_consumer_never_holds_more_than_its_prefetch_count(connect, etcd_url, 
 
     wait_until(lambda: claimed() == 3, timeout=5, message="the ack written")
     assert queue.qsize() == 6
+
+
+def test_an_auto_delete_queue_declared_after_our_lease_lapsed_unnoticed_gets_a_new_lease(connect, etcd_url,
+                                                                                        etcd_prefix):
+    """A worker cut off longer than its lease redeclares its pidbox queue (auto-delete: on the consumer
+    lease) before its keepalive learns that the lease is gone. The declare re-registers; it raised
+    "lease not found", which ended the worker (chaos test)."""
+    channel = connect(lease_ttl=30).default_channel  # the keepalive looks only every 10 s
+    Queue("before", auto_delete=True, channel=channel).declare()
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    lapsed = client.get(keys.declared("before"))[1].lease_id
+    client.revoke_lease(lapsed)  # as etcd expires the lease of a worker it cannot hear
+    Queue("after", auto_delete=True, channel=channel).declare()
+    value, meta = client.get(keys.declared("after"))
+    assert value is not None and meta.lease_id not in (0, lapsed)
+    assert client.get(keys.consumer(meta.lease_id))[0] is not None  # registered again under the new lease

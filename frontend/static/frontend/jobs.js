@@ -2,8 +2,15 @@
 import { cancelJob, errorText } from "./api.js";
 
 export const FINAL = new Set(["succeeded", "failed", "cancelled"]);
-// Metrics Keras reports as fractions, shown as percentages (ml/progress.py PERCENT_METRICS).
-const PERCENT_METRICS = new Set(["accuracy", "val_accuracy", "test_accuracy"]);
+// Metrics that are fractions, shown as percentages (ml/progress.py PERCENT_METRICS).
+const PERCENT_METRICS = new Set(["accuracy", "val_accuracy", "test_accuracy", "drawn_accuracy", "drawn_ece",
+                                 "drawn_ece_unscaled"]);
+// What a model card calls a metric (others: the key with spaces).
+const METRIC_NAMES = {
+  drawn_accuracy: "accuracy on drawn digits",
+  drawn_ece: "calibration error on drawn digits (ECE)",
+  drawn_ece_unscaled: "ECE before temperature scaling",
+};
 const isStaff = document.body.dataset.staff === "1";
 const models = JSON.parse(document.getElementById("models-data")?.textContent || "[]");
 const titles = Object.fromEntries(models.map((m) => [m.name, m.title]));
@@ -61,8 +68,12 @@ export function trainingText(partial) {
 export function renderCard(card, list = el("dl", { class: "facts" })) {
   const facts = [];
   for (const [key, value] of Object.entries(card.metrics || {}))
-    facts.push([key.replaceAll("_", " "), PERCENT_METRICS.has(key) ? `${(100 * value).toFixed(1)}%` : String(value)]);
+    facts.push([METRIC_NAMES[key] || key.replaceAll("_", " "),
+                PERCENT_METRICS.has(key) ? `${(100 * value).toFixed(1)}%` : String(value)]);
   if (card.test_examples) facts.push(["held out", `${card.test_examples} examples never seen in training`]);
+  if (card.drawn_examples)
+    facts.push(["drawn digits", `${card.drawn_examples} digits drawn in pen strokes on the page's pad (varied size, ` +
+                "place, slant, pen width, stroke order), sent as the page sends them; training never uses their templates"]);
   if (card.validation_chars) facts.push(["held out", `${card.validation_chars} characters never seen in training`]);
   facts.push(["training time", `${duration(card.train_seconds)} (${card.epochs} epochs)`]);
   if (card.trained_at) facts.push(["trained", new Date(card.trained_at).toLocaleString()]);

@@ -130,7 +130,9 @@ class Command(BaseCommand):
         return cmds
 
     def spawn(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR)
+        # Children run `manage.py` from the directory of the one that started us: the checkout, or
+        # /app in the container image (whose packages are installed in site-packages, BASE_DIR there).
+        return subprocess.Popen(cmd, env=env, cwd=Path(sys.argv[0]).resolve().parent)
 
     def supervise(self, children: list[subprocess.Popen], helpers: list[subprocess.Popen]) -> None:
         stop: list[int] = []

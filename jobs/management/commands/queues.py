@@ -1,8 +1,10 @@
 """``manage.py queues``: what waits in each queue (by priority), what is being worked on
-(unacknowledged), and which workers are alive (their etcd leases), next to the Job table."""
+(unacknowledged), ETA tasks not due yet (delayed, and when the next is due), and which workers
+are alive (their etcd leases), next to the Job table."""
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
@@ -58,15 +60,17 @@ class Command(BaseCommand):
         self.stdout.write(f"\n{status.describe()}")
 
     def write_queues(self, queues: list[dict[str, Any]], jobs: dict[str, dict[str, int]]) -> None:
-        self.stdout.write(f"{'queue':<24} {'ready':>6} {'unacked':>8}  {'ready by priority (9 = urgent)':<34}"
-                          f" {'jobs queued/running':>20}")
+        self.stdout.write(f"{'queue':<24} {'ready':>6} {'unacked':>8} {'delayed':>8} {'next due (UTC)':>15}"
+                          f"  {'ready by priority (9 = urgent)':<34} {'jobs queued/running':>20}")
         for row in queues:
             by_priority = " ".join(f"p{p}:{n}" for p, n in sorted(row["ready_by_priority"].items(),
                                                                   key=lambda item: -int(item[0])))
             db = jobs.get(row["queue"], {})
             db_text = f"{db.get('queued', 0)}/{db.get('running', 0)}" if row["queue"] in jobs else "-"
-            self.stdout.write(f"{row['queue']:<24} {row['ready']:>6} {row['unacked']:>8}  {by_priority or '-':<34}"
-                              f" {db_text:>20}")
+            due = row.get("next_due")
+            due_text = datetime.fromtimestamp(due, UTC).strftime("%H:%M:%S") if due is not None else "-"
+            self.stdout.write(f"{row['queue']:<24} {row['ready']:>6} {row['unacked']:>8} {row.get('delayed', 0):>8}"
+                              f" {due_text:>15}  {by_priority or '-':<34} {db_text:>20}")
         if not queues:
             self.stdout.write("(no queues declared yet: start a worker or submit a job)")
 

@@ -67,7 +67,7 @@ def line(*points: tuple[float, float]) -> Stroke:
 def eight(cx: float, cy: float, a: float, b: float, n: int = 48) -> Stroke:
     """A figure eight in one stroke (a lemniscate of Gerono stood upright), from its top."""
     t = np.linspace(-np.pi / 2, 1.5 * np.pi, n)
-    return [(cx + a * np.sin(2 * s) * -1, cy + b * np.sin(s)) for s in t]
+    return [(cx - a * np.sin(2 * s), cy + b * np.sin(s)) for s in t]
 
 
 #: Styles per digit: each a list of strokes, points (x, y) with y down, the digit about 1 high.

@@ -44,9 +44,10 @@ def revoke_expired(message: dict | bytes) -> bool:
 
 
 def _etcd_backend():
+    # Celery imported late, and only if the process loaded it: kombu-only users import no Celery
+    # (and a process without Celery has no app whose results to write).
     if "celery" not in sys.modules:
-        return None  # a kombu-only process: no Celery app, no result to store (and Celery stays unimported)
-    # the results side, imported late: the transport loads without Celery
+        return None
     from celery import current_app
 
     from etcd_broker.backend import EtcdBackend

@@ -114,6 +114,7 @@ class Channel(virtual.Channel):
         super().__init__(connection, **kwargs)
         self.keys = connection.keys
         self.client = connection.etcd
+        self._transport = connection  # kombu sets self.connection to None at close; acks come later
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
         self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
@@ -414,8 +415,9 @@ class Channel(virtual.Channel):
 
     @property
     def lease(self) -> ConsumerLease:
-        """The transport's consumer lease (also after close: a task finishing after a reconnect acks through it)."""
-        return self.connection.lease
+        """The transport's consumer lease (also after close: a task finishing after a reconnect acks through it;
+        reading it through ``self.connection``, None by then, was an AttributeError that ended the worker)."""
+        return self._transport.lease
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         self._consumer_queues[consumer_tag] = queue

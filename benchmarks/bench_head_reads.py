@@ -11,7 +11,8 @@ still in etcd's index until compaction), etcd CPU per call (from /proc) of:
 * cursor: ``Range([first live key, end of ready/), limit=4)``, starting past the deleted keys
   (a cursor the consumer keeps, lowered by the put events its watch already sees);
 * window: ``Range([first live key, first live key + 1 ms of sequence), limit=4)``, the cursor
-  with a bounded end (sequence numbers are wall-clock ns, keys/keys.py: a window is a time span);
+  with a bounded end (sequence numbers are wall-clock ns, keys.py: a window is a time span;
+  keys are filled 100 us apart, a queue fed at 10,000/s, so the window holds 10);
 * count: ``Range(ready/, count_only=True)`` (what ``qsize`` and ``manage.py queues`` pay).
 
 Redis and RabbitMQ have no counterpart (their queue head is a pointer): etcd alone here.
@@ -36,10 +37,12 @@ FILL_BATCH = 100
 BODY = b"x" * 1000
 #: Width of the bounded window read, in sequence units (ns).
 WINDOW_NS = 1_000_000
+#: Sequence units between two filled keys: 100 us, a queue fed at 10,000 messages/s.
+SPACING_NS = 100_000
 
 
 def fill(client, prefix: str, count: int, start: int) -> list[str]:
-    keys = [f"{prefix}0/{start + index:020d}-0000" for index in range(count)]
+    keys = [f"{prefix}0/{start + index * SPACING_NS:020d}-0000" for index in range(count)]
     for first in range(0, count, FILL_BATCH):
         ops.txn(client, success=[ops.put(key, BODY, 0) for key in keys[first:first + FILL_BATCH]])
     return keys
@@ -59,7 +62,7 @@ def row(server: EtcdServer, client, live: int, dead: int, calls: int) -> list:
         gone = fill(client, prefix, dead, 10**12)
         request = etcdrpc.DeleteRangeRequest(key=gone[0].encode(), range_end=(gone[-1] + "\0").encode())
         client.call("DeleteRange", request)  # one request, a tombstone per key
-    first_seq = 10**12 + dead
+    first_seq = 10**12 + dead * SPACING_NS
     fill(client, prefix, live, first_seq)
     cursor = f"{prefix}0/{first_seq:020d}"
     window_end = f"{prefix}0/{first_seq + WINDOW_NS:020d}"

@@ -75,4 +75,6 @@ for _name, _why in UNSAFE_GRPC_ENV.items():
     if os.environ.get(_name):
         logger.warning("etcd_broker: %s=%s is set; unset it for fork safety (%s)", _name, os.environ[_name], _why)
 
-from etcd_broker import forking  # noqa: E402,F401 - installs the fork handlers before any client exists
+# forking installs the fork handlers before any client exists; pool_health: a worker whose pool
+# cannot start children says so.
+from etcd_broker import forking, pool_health  # noqa: E402,F401

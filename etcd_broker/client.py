@@ -54,6 +54,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
+    # Each channel its own connections: a forked child's new channel must never be handed a connection
+    # of its parent's from gRPC's process-wide pool (its socket belongs to the parent: "Wrong file
+    # descriptor generation", for every call of that child).
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 #: Options an etcdv3 URL's transport options may carry for the client (transport and backend read these).

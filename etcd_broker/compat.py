@@ -16,6 +16,9 @@ PRIVATE_NAMES = (
     ("etcd3.MultiEndpointEtcd3Client", "_current_endpoint_label"),
     ("celery.app.amqp.AMQP", "_retry_publish"),
     ("celery.worker.request.Request", "_context"),
+    ("celery.concurrency.prefork.TaskPool", "_pool"),
+    ("celery.concurrency.asynpool.AsynPool", "_pool"),
+    ("celery.concurrency.asynpool.AsynPool", "_waiting_to_start"),
     ("threading.Lock", "_at_fork_reinit"),
 )
 
@@ -71,6 +74,21 @@ def request_context(request: Any) -> Any:
     has no public name for it, and building one would copy Celery's merge of headers and body.
     """
     return request._context
+
+
+def pool_processes(pool: Any) -> tuple[list[Any], set[Any]] | None:
+    """A prefork pool's child processes and those not up yet (``pool._pool._pool``,
+    ``pool._pool._waiting_to_start``); None for a pool without children (threads, solo).
+
+    Why: Celery's pool reports its children's pids (``TaskPool.info``, ``inspect stats``) but not
+    which of them billiard still waits on: a child that hangs while starting is listed like a
+    working one until billiard kills it, and its replacement is listed again.
+    """
+    asynpool = getattr(pool, "_pool", None)
+    starting = getattr(asynpool, "_waiting_to_start", None)
+    if asynpool is None or starting is None:
+        return None
+    return list(asynpool._pool), set(starting)
 
 
 # -- CPython --------------------------------------------------------------------------------

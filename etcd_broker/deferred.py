@@ -44,6 +44,14 @@ class DeferredStarted:
         # its lock is unlocked again in a forked child (a thread holding it did not follow)
         self._wake = threading.Condition(forking.reinit_in_child(threading.Lock()))
         self._pid = 0
+        forking.reset_in_child(self, DeferredStarted._forget)
+
+    def _forget(self) -> None:
+        """In a forked child: the parent's held writes (and their locks) are not ours; the timer
+        thread starts again on first use."""
+        self._held = {}
+        self._heap = []
+        self._pid = 0
 
     def hold(self, task_id: str, write: Callable[[], object]) -> None:
         """Run ``write`` after :attr:`delay` unless :meth:`drop` comes first."""

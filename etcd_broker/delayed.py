@@ -26,7 +26,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from etcd_broker import ops
+from etcd_broker import group_commit, ops
 from etcd_broker.keys import KeySpace
 from etcd_broker.watch import Watch, WatchHub
 
@@ -62,6 +62,20 @@ def due_time(message: dict, now: float) -> float | None:
         return None
     due = when.timestamp()
     return due if due - now >= MIN_DELAY_SECONDS else None
+
+
+def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None) -> None:
+    """Publish an ETA task under ``delayed/`` (``key``), on its TTL lease if it expires (``leases``:
+    queue_limits.LeasePool); concurrent publishers share a transaction, as ready puts do."""
+    for attempt in range(2):
+        lease = leases.lease_for(deadline) if deadline is not None else 0
+        try:
+            group_commit.shared(client).txn(success=[ops.put(key, value, lease)])
+            return
+        except ops.LeaseNotFound:
+            if attempt or not lease:
+                raise
+            leases.forget(lease)
 
 
 class DelayedMover:
@@ -131,13 +145,15 @@ class DelayedMover:
 
     # -- the mover thread -------------------------------------------------------------------
     def _loop(self, closed: threading.Event) -> None:
-        backoff = ERROR_BACKOFF
+        backoff, looked_at = ERROR_BACKOFF, time.monotonic()
         while not closed.is_set():
             due, wait = self._due_queues(time.time())
             if not due:
-                if not self._wake.wait(wait):
-                    self._look_again_all()  # safety net: a due time we never heard of
+                self._wake.wait(wait)
                 self._wake.clear()
+                if time.monotonic() - looked_at >= SAFETY_SECONDS:
+                    looked_at = time.monotonic()
+                    self._look_again_all()  # safety net: a due time we never heard of
                 continue
             for queue in due:
                 try:

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
+from celery import signals
+
 from etcd_broker import forking
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,31 @@ class _Kept:
 _kept: dict[tuple[int, Any], _Kept] = {}
 _lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
 _checked_at = 0.0
+_stopping = False
+
+
+@forking.on_child
+def _forget_the_parents() -> None:
+    """The messages kept for the parent's running tasks are the parent's to settle; its stop is its own."""
+    global _stopping
+    _kept.clear()
+    _stopping = False
+
+
+@signals.worker_shutting_down.connect
+def _worker_told_to_stop(**kwargs: Any) -> None:
+    global _stopping
+    _stopping = True
+
+
+def worker_stopping() -> bool:
+    """True once a Celery worker in this process was told to stop (warm or cold shutdown).
+
+    A stopping worker makes no etcd call on its shutdown path that its lease settles anyway
+    (requeues, auto-delete queues): with etcd unreachable each would wait out an RPC deadline,
+    after a reachability check that was true a moment before (docs/operators.md).
+    """
+    return _stopping
 
 
 def executing(task_id: str | None) -> bool:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-
-from celery import current_app
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,12 @@ def revoke_expired(message: dict | bytes) -> bool:
 
 
 def _etcd_backend():
-    # the results side, imported late: the transport must load without Celery's backends
+    # Celery imported late, and only if the process loaded it: kombu-only users import no Celery
+    # (and a process without Celery has no app whose results to write).
+    if "celery" not in sys.modules:
+        return None
+    from celery import current_app
+
     from etcd_broker.backend import EtcdBackend
 
     backend = current_app.backend

@@ -16,6 +16,13 @@ gate, and :func:`on_child` callbacks give it fresh channels and forget what
 belonged to the parent (its leases, streams and locks). The child never touches a
 channel of the parent's: those objects are kept, unused, so that their finalizers
 never shut down sockets the parent still reads.
+
+A child also runs clean-up on objects it inherited: kombu's and Celery's after-fork hooks
+(``Connection.collect`` of every pooled connection, in each new prefork pool child), atexit.
+Nothing there may wait on a lock, stream or thread of the parent's, or act on what the parent
+holds in etcd: an object that belongs to its process checks :func:`inherited` and, in a child,
+is only forgotten (a transport, its channels, a watch stream); module tables and objects a child
+keeps using are reset (:func:`reinit_in_child`, :func:`reset_in_child`, :func:`on_child`).
 """
 from __future__ import annotations
 
@@ -43,6 +50,8 @@ FORK_SETTLE_SECONDS = 0.05
 
 _child_callbacks: list[Callable[[], None]] = []
 _locks: weakref.WeakSet = weakref.WeakSet()
+#: Objects whose state was their process's (threads, streams, locks): reset in a forked child.
+_resets: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
 
 
 class RpcGate(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -217,6 +226,22 @@ def reinit_in_child(lock: Any) -> Any:
     return lock
 
 
+def reset_in_child(obj: Any, reset: Callable[[Any], None]) -> None:
+    """Call ``reset(obj)`` in a forked child while ``obj`` lives: for an object that a child keeps
+    using (a backend's result consumer, a timer), whose locks and state were the parent's."""
+    _resets[obj] = reset
+
+
+def inherited(pid: int) -> bool:
+    """True if an object made in process ``pid`` is seen in another one: a forked child inherited it.
+
+    Such an object (a watch stream, a transport with its channels, parks and lease) is the
+    parent's: its threads did not follow, its locks may be held for ever, and what it holds in
+    etcd the parent still holds. A child only forgets it: closing it takes no lock, makes no
+    etcd call and gives nothing back (kombu's and Celery's after-fork clean-up close them)."""
+    return pid != os.getpid()
+
+
 class PerProcess:
     """One object per key in this process: made on first use, made again in a forked child (the
     pid is part of every key) or when ``usable`` says the one there is spent. The registries of
@@ -264,6 +289,11 @@ def _after_in_child() -> None:
     GATE.after_fork_in_child()
     for lock in list(_locks):
         compat.reinit_lock(lock)
+    for obj, reset in list(_resets.items()):
+        try:
+            reset(obj)
+        except Exception:  # noqa: BLE001 - one failing reset must not leave the others undone
+            logger.exception("etcd_broker: after-fork reset of %r failed", obj)
     for callback in _child_callbacks:
         try:
             callback()

@@ -87,24 +87,25 @@ class Reconciler:
                 suspects[key] = (revision, now)
             elif now - seen[1] < self.interval:
                 suspects[key] = seen
-            elif self._give_back(key, revision, now - seen[1]):
-                given_back += 1
             else:
-                suspects[key] = seen
+                outcome = self._give_back(key, revision, now - seen[1])
+                if outcome is None:
+                    suspects[key] = seen
+                given_back += outcome or 0
         self._suspects = suspects
         return given_back
 
     def _held_now(self) -> set[str]:
         return {self._current_key(key) for key in self._held()}
 
-    def _give_back(self, key: str, revision: int, unheld_for: float) -> bool:
-        """Back to ready if still unheld and unchanged; False if it turned out held (keep watching it)."""
+    def _give_back(self, key: str, revision: int, unheld_for: float) -> int | None:
+        """Back to ready if still unheld and unchanged: 1 if given back, 0 if acked or moved meanwhile,
+        None if it turned out held (still watched)."""
         if key in self._held_now() or self._arriving(key):
-            return False
+            return None
         kv = ops.first_kv_of(ops.get(self.client, key))
-        if kv is None or kv.mod_revision != revision:
-            return True  # acked or moved meanwhile: nothing to give back, no longer a suspect
-        if self._restore(key, kv.value, revision):
-            logger.warning("message %s was under our live lease for %.0fs with nobody here holding it: "
-                           "given back to the queue", key, unheld_for)
-        return True
+        if kv is None or kv.mod_revision != revision or not self._restore(key, kv.value, revision):
+            return 0  # acked or moved meanwhile (the restore's compare too): nothing to give back
+        logger.warning("message %s was under our live lease for %.0fs with nobody here holding it: "
+                       "given back to the queue", key, unheld_for)
+        return 1

@@ -63,6 +63,8 @@ class ResultConsumer(BaseResultConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reset()
+        # A forked child keeps using its thread's backend: the parent's watches and locks are not its own.
+        forking.reset_in_child(self, ResultConsumer._reset)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from etcd_broker import forking
+
 logger = logging.getLogger(__name__)
 
 #: Most messages remembered per process (a bound for messages that never reach ack or requeue,
@@ -34,7 +36,13 @@ class Held:
 
 
 _held: OrderedDict[str, Held] = OrderedDict()
-_lock = threading.Lock()
+_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
+
+
+@forking.on_child
+def _forget_the_parents() -> None:
+    """A forked child holds none of its parent's messages (the parent acks them)."""
+    _held.clear()
 
 
 def hold(task_id: str, key: str, client: Any, current_key: Callable[[str], str]) -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from queue import Empty
@@ -56,7 +57,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import delayed, executing, group_commit, handoff, large_body, ops, settle
+from etcd_broker import delayed, executing, forking, group_commit, handoff, large_body, ops, settle
 from etcd_broker.bindings import BindingTable
 from etcd_broker.client import (
     CONNECTION_ERRORS,
@@ -143,7 +144,8 @@ class Channel(virtual.Channel):
             if due is not None and not chunks and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first
-                self._put_delayed(queue, due, position, value, deadline)
+                delayed.put(self.client, self.connection.queues.leases, self.keys.delayed_message(queue, due, position),
+                            value, deadline)
             elif deadline is None and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.add(key, value)  # Producer.batch(): written with others in one transaction
@@ -164,19 +166,6 @@ class Channel(virtual.Channel):
                 self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
-
-    def _put_delayed(self, queue, due: float, position: str, value: bytes, deadline: float | None) -> None:
-        """An ETA task waits under ``delayed/`` until due, on its TTL lease if it expires (delayed.py)."""
-        key = self.keys.delayed_message(queue, due, position)
-        for attempt in range(2):
-            lease = self.connection.queues.leases.lease_for(deadline) if deadline is not None else 0
-            try:
-                group_commit.shared(self.client).txn(success=[ops.put(key, value, lease)])
-                return
-            except ops.LeaseNotFound:
-                if attempt or not lease:
-                    raise
-                self.connection.queues.leases.forget(lease)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
@@ -353,9 +342,19 @@ class Channel(virtual.Channel):
                 self._requeue_or_later(self.Message(raw, channel=self))
 
     def close(self):
+        if self.connection is not None and forking.inherited(self.connection.owner_pid):
+            self._forget_after_fork()
+            return
         if not self.closed:
             self._requeue_buffered()
         super().close()
+
+    def _forget_after_fork(self) -> None:
+        """Closed in a forked child: what it holds (buffered, unacked, consumers) is the parent's."""
+        self.closed = True
+        self._buffer.clear()
+        self._consumer_queues.clear()
+        self.connection = None
 
     def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
         dead = self.keys.dead(queue) + self.connection.sequence.next()
@@ -391,9 +390,15 @@ class Channel(virtual.Channel):
     def _requeue_or_later(self, message) -> None:
         """Requeue now; if etcd is unreachable, the lease's sweeper does it once etcd answers.
 
-        Known unreachable (a closing worker): no call is tried; if the process exits first,
-        the message stays under our lease and comes back when the lease expires.
+        Known unreachable, or a stopping worker: no call is tried; the lease's sweeper gives it
+        back, and if the process exits first the message stays under our lease and comes back
+        when the lease is revoked or expires.
         """
+        if executing.worker_stopping():
+            key = message.delivery_info.get("etcd_key")
+            if key:
+                self.lease.requeue_later(key)
+            return
         try:
             if not self.lease.reachable():
                 raise EtcdUnreachable("consumer lease keepalive unanswered")
@@ -426,6 +431,8 @@ class Channel(virtual.Channel):
         self.lease.ensure()
         self.lease.add_queue(queue)
         self.connection.watch_queue(queue)
+        if queue not in self._auto_delete:  # replies and events are never delayed
+            self.connection.delayed.follow(queue)  # its ETA tasks move to ready/ when due (delayed.py)
         self.connection.queues.consuming(queue)  # keeps an expiring queue alive (H4)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
@@ -438,7 +445,9 @@ class Channel(virtual.Channel):
             self.connection.queues.cancelled(queue)  # H4
             if queue in self._auto_delete:
                 self._auto_delete.discard(queue)
-                if self.lease.reachable():  # else it goes with our lease (declared and bound under it)
+                # Else it goes with our lease (declared and bound under it; the sweeper that sees the lease
+                # go drops its messages): a stopping worker never waits on etcd for it.
+                if not executing.worker_stopping() and self.lease.reachable():
                     self.queue_delete(queue)
         return result
 
@@ -561,6 +570,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self.config = EtcdConfig.from_url(self._urls(client, options),
                                           **{k: options[k] for k in ETCD_OPTIONS if k in options})
         self.etcd = get_client(self.config)
+        self.owner_pid = os.getpid()  # the process it belongs to (forking.inherited)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
         self.lease_ttl = int(options.get("lease_ttl", DEFAULT_LEASE_TTL))
         self.reconcile_seconds = float(options.get("reconcile_seconds", RECONCILE_SECONDS))
@@ -593,6 +603,9 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection):
+        if forking.inherited(self.owner_pid):
+            self._forget_after_fork()
+            return
         super().close_connection(connection)
         self.parking.withdraw_all(self.lease.requeue_later, self.lease.withdraw_later)
         self.delayed.close()
@@ -601,6 +614,25 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         if self._bindings is not None:
             self._bindings.close()
             self._bindings = None
+
+    def _forget_after_fork(self) -> None:
+        """Closed in a forked child (kombu's after-fork ``Connection.collect``): forget everything.
+
+        Its channels' messages, parks, queue watches and lease are the parent's, which still runs:
+        giving any of it back would run tasks twice, and the parent's threads may hold its locks.
+        Only the child's copies of the wake-up pipe's descriptors are closed (the parent's event loop
+        keeps its own).
+        """
+        for channel in self._avail_channels + self.channels:
+            channel._forget_after_fork()
+        self._avail_channels, self.channels = [], []
+        pipe, self._pipe, self._loop = self._pipe, None, None
+        for fd in pipe or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._bindings, self._hub = None, None
 
     # -- shared state for channels -------------------------------------------------
     @property
@@ -646,11 +678,6 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
                 for key in self.parking.give_back(queue):
                     logger.debug("hand-off %s on queue %r given back: no prefetch room", key, queue)
                     self.lease.requeue_later(key)
-
-    def watch_queue(self, queue: str) -> None:
-        """A consumer of ``queue`` here: wake on its puts, and move its delayed messages when due."""
-        super().watch_queue(queue)
-        self.delayed.follow(queue)
 
     def unwatch_queue(self, queue: str) -> None:
         """The last consumer of ``queue`` here is gone: withdraw our park, give back hand-offs not delivered."""

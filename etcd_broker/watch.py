@@ -70,11 +70,16 @@ class Watch:
 
 
 class WatchStream:
-    """A background thread holding one watch stream to etcd, re-opened when it breaks."""
+    """A background thread holding one watch stream to etcd, re-opened when it breaks.
+
+    It belongs to the process that made it: in a forked child (whose own hub is a new one,
+    :func:`hub_for`) cancelling or closing it only marks it, and watching on it raises.
+    """
 
     def __init__(self, client, name: str = "etcd-watch") -> None:
         self.client = client
         self.name = name
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._watches: list[Watch] = []
         self._by_id: dict[int, Watch] = {}
@@ -99,6 +104,9 @@ class WatchStream:
         ``puts_only`` drops DELETE events at the server; ``label`` names the subscriber in
         the event counts.
         """
+        if forking.inherited(self._pid):
+            raise RuntimeError(f"{self.name}: this watch stream belongs to process {self._pid}; "
+                               "a forked child watches on its own (watch.hub_for)")
         key = to_bytes(key)
         watch = Watch(key=key, range_end=prefix_range_end(key) if prefix else None, callback=callback,
                       next_revision=start_revision, prev_kv=prev_kv, on_resync=on_resync,
@@ -114,8 +122,10 @@ class WatchStream:
         return watch.created.wait(timeout)
 
     def cancel(self, watch: Watch) -> None:
+        watch.cancelled = True
+        if forking.inherited(self._pid):  # the parent's stream: its lock may be held for ever here
+            return
         with self._lock:
-            watch.cancelled = True
             if watch in self._watches:
                 self._watches.remove(watch)
             if watch.watch_id is not None:
@@ -126,6 +136,8 @@ class WatchStream:
 
     def close(self) -> None:
         self._closed.set()
+        if forking.inherited(self._pid):  # the parent's stream and thread: nothing of them is ours
+            return
         with self._lock:
             self._stop_call()
         self._thread.join(timeout=5)

@@ -2,7 +2,8 @@
 
 Set ``WORKER_METRICS_PORT`` and the worker's main process serves ``/metrics`` on that port
 (``WORKER_METRICS_ADDR``, default all interfaces) from ``worker_init``: tasks by outcome,
-failures by exception, task run time, tasks running, and the models' micro-batch sizes. Only
+failures by exception, task run time, tasks running, pool processes up against those wanted
+(etcd_broker.pool_health), and the models' micro-batch sizes. Only
 Celery signals are used, so any pool works: threads share one process; prefork children write
 to ``PROMETHEUS_MULTIPROC_DIR`` (required with prefork: an empty directory per worker) and the
 main process adds them up. Imported by every worker through ``CELERY_IMPORTS``; no Django.
@@ -19,6 +20,7 @@ from celery import signals
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.multiprocess import mark_process_dead
 
+from etcd_broker import pool_health
 from jobs.exporter import DEFAULT_ADDR, MULTIPROC_VARIABLE, port_from_env, serve
 from ml import batching
 
@@ -41,6 +43,10 @@ RUNTIME = Histogram("deephardway_worker_task_seconds", "Time from a task's start
                     ["task"], buckets=RUNTIME_BUCKETS)
 RUNNING = Gauge("deephardway_worker_tasks_running", "Tasks executing now", ["task"],
                 multiprocess_mode="livesum")
+POOL_UP = Gauge("deephardway_worker_pool_processes", "Pool processes up and ready for tasks (prefork: "
+                "children that reported to billiard; other pools: their size)", multiprocess_mode="livemax")
+POOL_WANTED = Gauge("deephardway_worker_pool_processes_wanted", "Pool processes the worker should have "
+                    "(-c, or the autoscaler's current size)", multiprocess_mode="livemax")
 BATCH_SIZE = Histogram("deephardway_worker_batch_size", "Requests per forward pass (micro-batching)",
                        ["model"], buckets=BATCH_BUCKETS)
 
@@ -81,6 +87,15 @@ def observe_batch(model: str, size: int) -> None:
 
 
 batching.BATCH_OBSERVERS.append(observe_batch)
+
+
+def observe_pool(reading: pool_health.PoolReading) -> None:
+    """The worker's main process read its pool (etcd_broker.pool_health, every few seconds)."""
+    POOL_UP.set(reading.up)
+    POOL_WANTED.set(reading.wanted)
+
+
+pool_health.OBSERVERS.append(observe_pool)
 
 
 @signals.worker_init.connect

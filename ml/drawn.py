@@ -67,7 +67,7 @@ def line(*points: tuple[float, float]) -> Stroke:
 def eight(cx: float, cy: float, a: float, b: float, n: int = 48) -> Stroke:
     """A figure eight in one stroke (a lemniscate of Gerono stood upright), from its top."""
     t = np.linspace(-np.pi / 2, 1.5 * np.pi, n)
-    return [(cx + a * np.sin(2 * s) * -1, cy + b * np.sin(s)) for s in t]
+    return [(cx - a * np.sin(2 * s), cy + b * np.sin(s)) for s in t]
 
 
 #: Styles per digit: each a list of strokes, points (x, y) with y down, the digit about 1 high.
@@ -185,8 +185,12 @@ def as_sent(drawing: Drawing) -> dict:
     return images.reduce_to_pixels(images.decode_data_url("image", drawing.url))
 
 
-def test_set(per_digit: int = PER_DIGIT, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
-    """The drawn test set as the model sees it: inputs (n, 8, 8, 1) and labels (n,)."""
-    made = drawings(per_digit, seed)
+def grids(made: list[Drawing]) -> tuple[np.ndarray, np.ndarray]:
+    """Drawings as the model sees them: inputs (n, 8, 8, 1) and labels (n,)."""
     x = np.stack([inputs.digits_input(as_sent(d)) for d in made])[..., None]
     return x.astype(np.float32), np.array([d.label for d in made], dtype=np.int64)
+
+
+def test_set(per_digit: int = PER_DIGIT, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The drawn test set as the model sees it: inputs (n, 8, 8, 1) and labels (n,)."""
+    return grids(drawings(per_digit, seed))

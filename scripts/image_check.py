@@ -2,7 +2,7 @@
 
 Builds the Dockerfile with buildah (scripts/image_build.py: no Docker daemon, no registry), then runs
 the roles from it with ``buildah run --isolation chroot`` on this machine's loopback, beside an etcd
-and a shared SQLite volume started here: ``manage migrate`` and ``check --deploy`` (a real key), web
+and a SQLite file in a directory they share: ``manage migrate`` and ``check --deploy`` (a real key), web
 (``/healthz`` over plain HTTP as a proxy asks, a page through the image's own health check, gunicorn's
 control socket), a worker running a digits job, ``watch_jobs`` recording it, ``manage etcd``, and the
 unprivileged user. One line per check, then ``image-check: N of N``. ``--gpu`` also builds the GPU
@@ -33,8 +33,10 @@ from scripts.processes import log_tail
 IMAGE = "localhost/deephardway:check"
 #: The GPU variant's builder stage, built against the local base (no CUDA base here).
 GPU_IMAGE = "localhost/deephardway:check-gpu-builder"
-#: Logs, volumes and the pip.conf handed to the build (var/ is git-ignored).
+#: Logs, the shared directory and the pip.conf handed to the build (var/ is git-ignored).
 WORK = Path("var/image-check")
+#: Where every role's container mounts WORK/shared.
+SHARED = "/shared"
 #: The image's unprivileged user (Dockerfile: useradd --uid 10001).
 APP_UID = 10001
 #: The Host the site is served under in the check (ALLOWED_HOSTS), as behind a proxy.
@@ -83,7 +85,7 @@ class Container:
 
     def command(self, args: list[str]) -> list[str]:
         cmd = ["buildah", "run", "--isolation", "chroot", "--network", "host"]
-        for host, inside in self.volumes.items():  # --volume would lose to the image's VOLUME here
+        for host, inside in self.volumes.items():
             cmd += ["--mount", f"type=bind,src={host.resolve()},dst={inside},rw=true"]
         for key, value in self.env.items():
             cmd += ["--env", f"{key}={value}"]
@@ -203,22 +205,23 @@ def role_env(etcd_url: str, port: int) -> dict[str, str]:
     return {
         "SECRET_KEY": secrets.token_urlsafe(50),
         "ALLOWED_HOSTS": SITE_HOST, "CSRF_TRUSTED_ORIGINS": f"https://{SITE_HOST}", "BEHIND_TLS_PROXY": "1",
-        "ETCD_URL": etcd_url, "DATABASE_URL": "sqlite:////data/db.sqlite3", "PORT": str(port),
+        "ETCD_URL": etcd_url, "PORT": str(port),
+        "DATABASE_URL": f"sqlite:///{SHARED}/db.sqlite3", "MODEL_DIR": f"{SHARED}/models",
+        "MEDIA_ROOT": f"{SHARED}/media",
         "WEB_WORKERS": "1", "WEB_THREADS": "8", "WORKER_QUEUES": "gpu", "WORKER_CONCURRENCY": "4",
     }
 
 
-def volumes() -> dict[Path, str]:
-    """/data (the SQLite file every role shares, media) and /models, owned by the image's user."""
-    mounts = {WORK / "data": "/data", WORK / "models": "/models"}
-    for host in mounts:
-        shutil.rmtree(host, ignore_errors=True)
-        host.mkdir(parents=True)
-        if host.name == "data":
-            (host / "media").mkdir()
-        for path in [host, *host.rglob("*")]:
-            os.chown(path, APP_UID, APP_UID)
-    return mounts
+def shared_volume() -> dict[Path, str]:
+    """One directory every role mounts at SHARED (the SQLite file, models, media), owned by the image's user.
+
+    Not at the image's VOLUME paths: there `buildah run` can mount a volume of its own over a bind mount."""
+    host = WORK / "shared"
+    shutil.rmtree(host, ignore_errors=True)
+    for path in (host, host / "models", host / "media"):
+        path.mkdir(parents=True)
+        os.chown(path, APP_UID, APP_UID)
+    return {host: SHARED}
 
 
 def one_off_checks(report: Report, manage: Container) -> bool:
@@ -248,6 +251,18 @@ def manage_etcd_check(report: Report, manage: Container) -> None:
                  and status == 0, (re.findall(r"etcd is serving \S+", text) or [text[-300:]])[0])
 
 
+def manage_dev_check(report: Report, dev: Container) -> None:
+    """`manage dev` (etcd, worker, watch_jobs, runserver in one container) comes up and stops on SIGTERM."""
+    dev.start("/app/docker/entrypoint.sh", "manage", "dev", "--no-train", "--addr", f"127.0.0.1:{free_port()}")
+    running = wait_for(lambda: "deephardway is running" in dev.log.read_text() or dev.process.poll() is not None,
+                       START_TIMEOUT, interval=2.0)
+    text = dev.log.read_text()
+    status = dev.stop()
+    report.check("manage dev brings up etcd, worker, watch_jobs and the site, and stops on SIGTERM",
+                 bool(running) and "deephardway is running" in text and status == 0,
+                 (re.findall(r"deephardway is running: \S+ +\(up in \d+ s\)", text) or [text[-300:]])[0])
+
+
 def web_checks(report: Report, web: Container, port: int) -> bool:
     """gunicorn serves: the image's health check, /healthz as a proxy asks it, a page, gunicornc."""
     web.start("/app/docker/entrypoint.sh", "web")
@@ -256,7 +271,8 @@ def web_checks(report: Report, web: Container, port: int) -> bool:
                        START_TIMEOUT, interval=2.0)
     health = web.run("/app/docker/entrypoint.sh", "healthcheck", timeout=30)
     if not report.check("web: the image's health check (GET /api/models as the proxy sends it) passes",
-                        bool(healthy) and health.returncode == 0, health.stderr.strip() or log_tail(web.log, 5)):
+                        bool(healthy) and health.returncode == 0,
+                        health.stderr.strip() or log_tail(web.log, 5) if health.returncode else "exit 0"):
         return False
     base = f"http://127.0.0.1:{port}"
     status, body = http_get(f"{base}/healthz", {"Host": SITE_HOST})
@@ -268,8 +284,10 @@ def web_checks(report: Report, web: Container, port: int) -> bool:
                  plain == 301 and status == 200 and "<html" in page.lower(), f"{plain}, then {status}")
     control = web.run("gunicornc", "-c", "show workers", "-j", timeout=30)
     errors = [line for line in web.log.read_text().splitlines() if "Control server error" in line]
+    workers = json.loads(control.stdout).get("count") if control.returncode == 0 else None
     report.check("web: gunicorn's control socket answers gunicornc, no control server error",
-                 control.returncode == 0 and not errors, (errors or [control.stdout.strip()[:160]])[0])
+                 workers is not None and not errors,
+                 (errors or [f"show workers: {workers} worker(s)" if workers is not None else control.stderr[-200:]])[0])
     return True
 
 
@@ -292,18 +310,20 @@ def job_checks(report: Report, manage: Container, worker: Container, watcher: Co
         return
     job_id = match.group(1)
     row = wait_for(lambda: finished_job(job_id), JOB_TIMEOUT, interval=2.0)
-    ran = re.search(rf"Task jobs\.tasks\.run_model\[{job_id}\] succeeded[^\n]*", worker.log.read_text())
-    report.check("worker: ran the job from etcd", ran is not None, ran.group(0)[:200] if ran else log_tail(worker.log, 5))
+    received = re.search(rf"Task jobs\.tasks\.run_model\[{job_id}\] received", worker.log.read_text())
+    report.check("worker: took the job from etcd and ran it", received is not None and bool(row)
+                 and row[2].startswith("worker@"), f"ran by {row[2]!r}" if row else log_tail(worker.log, 5))
     report.check("watch_jobs: recorded it on the Job row", bool(row) and row[0] == "succeeded",
-                 f"status {row[0]}, result {row[1][:120]}" if row else f"not finished in {JOB_TIMEOUT:.0f} s")
+                 f"status {row[0]}, result {row[1][:100]}" if row else f"not finished in {JOB_TIMEOUT:.0f} s")
 
 
-def finished_job(job_id: str) -> tuple[str, str] | None:
-    """(status, result) of the Job row once final, read from the shared SQLite file on the host."""
-    path = (WORK / "data/db.sqlite3").resolve()
+def finished_job(job_id: str) -> tuple[str, str, str] | None:
+    """(status, result, worker) of the Job row once final, read from the shared SQLite file here."""
+    path = (WORK / "shared/db.sqlite3").resolve()
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
-        row = db.execute("SELECT status, result FROM jobs_job WHERE id = ?", (job_id.replace("-", ""),)).fetchone()
-    return (row[0], str(row[1])) if row and row[0] in ("succeeded", "failed", "cancelled") else None
+        row = db.execute("SELECT status, result, worker FROM jobs_job WHERE id = ?",
+                         (job_id.replace("-", ""),)).fetchone()
+    return (row[0], str(row[1]), row[2]) if row and row[0] in ("succeeded", "failed", "cancelled") else None
 
 
 def uid_checks(report: Report, roles: list[Container]) -> None:
@@ -318,14 +338,17 @@ def role_checks(report: Report) -> None:
     """Run the roles beside an etcd started here, on loopback."""
     etcd = EtcdServer().start()
     port = free_port()
-    env, mounts = role_env(etcd.url, port), volumes()
-    containers = {role: Container(role, env, mounts) for role in ("manage", "web", "worker", "watch_jobs")}
+    env, mounts = role_env(etcd.url, port), shared_volume()
+    containers = {role: Container(role, env, mounts) for role in ("manage", "web", "worker", "watch_jobs", "dev")}
     try:
         if one_off_checks(report, containers["manage"]):
             manage_etcd_check(report, containers["manage"])
             if web_checks(report, containers["web"], port):
                 job_checks(report, containers["manage"], containers["worker"], containers["watch_jobs"])
                 uid_checks(report, [containers[role] for role in ("web", "worker", "watch_jobs")])
+            for role in ("web", "worker", "watch_jobs"):
+                containers[role].stop()
+            manage_dev_check(report, containers["dev"])
     finally:
         for container in containers.values():
             container.remove()
@@ -391,6 +414,8 @@ def main() -> int:
     parser.add_argument("--gpu", action="store_true", help="also build the GPU variant's builder stage (~7 GB)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C: the roles' containers and the etcd are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = Report()
     image_build.ensure_tools("buildah")
     if build_image(report):

@@ -25,6 +25,8 @@ def test_it_finds_each_private_name(owner, attribute):
     target = _resolve(owner)
     if attribute in ("_stubs", "_current_endpoint_label") and isinstance(target, type):
         return  # instance attributes: checked on a live client below
+    if attribute in ("_pool", "_waiting_to_start") and isinstance(target, type):
+        return  # instance attributes of a running pool: tests/transport/test_pool_health.py reads them
     assert hasattr(target, attribute), f"{owner}.{attribute} is gone: update etcd_broker/compat.py"
 
 

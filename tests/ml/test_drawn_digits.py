@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ml import artifacts, calibration, datasets, digits, drawn, strokes
+from ml import artifacts, augment, calibration, datasets, digits, drawn, strokes
 
 #: Issue 23's bars: accuracy on drawn digits, held-out accuracy (the model before the issue:
 #: 0.9861, 355 of 360) and expected calibration error on drawn digits.
@@ -28,9 +28,9 @@ def test_the_drawn_set_varies_like_people_draw_and_goes_the_page_s_way():
     for drawing in made[:10]:  # exactly what the web side queues for the page's data URL
         assert drawn.as_sent(drawing) == reduce_image("image", drawing.url)
         assert drawn.as_sent(drawing)["width"] == 64
-    x, y = drawn.test_set()
-    assert x.shape == (len(made), 8, 8, 1) and np.array_equal(y, [d.label for d in made])
-    assert np.array_equal(drawn.test_set(2, seed=1)[0], drawn.test_set(2, seed=1)[0])  # reproducible
+    x, y = drawn.grids(made[:50])
+    assert x.shape == (50, 8, 8, 1) and np.array_equal(y, [d.label for d in made[:50]])
+    assert [d.url for d in drawn.drawings(1, seed=1)] == [d.url for d in drawn.drawings(1, seed=1)]  # reproducible
 
 
 def test_training_never_sees_the_drawn_templates():
@@ -44,6 +44,18 @@ def test_training_never_sees_the_drawn_templates():
     x_drawn, _ = drawn.test_set(3, seed=7)
     x_train, _ = strokes.make(30, seed=0)
     assert not (np.abs(x_drawn[:, None] - x_train[None]).max(axis=(2, 3, 4)) < 1e-3).any()
+
+
+def test_augmented_and_pen_digits_are_what_the_model_takes_and_repeat_with_the_seed():
+    split = datasets.digits()
+    x, y = augment.augment(split.x_train[:20], split.y_train[:20], 2, seed=5)
+    again, _ = augment.augment(split.x_train[:20], split.y_train[:20], 2, seed=5)
+    pen, pen_labels = strokes.make(3, seed=5)
+    assert x.shape == (40, 8, 8, 1) and np.array_equal(y, np.tile(split.y_train[:20], 2))
+    assert np.array_equal(x, again) and pen.shape == (30, 8, 8, 1) and sorted(set(pen_labels)) == list(range(10))
+    for grids in (x, pen):  # scaled like a drawing's grid: strongest block 1, all within 0..1
+        assert np.allclose(grids.max(axis=(1, 2, 3)), 1.0) and grids.min() >= 0.0
+    assert np.abs(x[:20] - split.x_train[:20]).mean() > 0.05  # changed, not copied
 
 
 def test_temperature_scaling_recovers_a_known_temperature_and_folds_into_the_model():
@@ -69,7 +81,7 @@ def test_the_model_reads_drawn_digits_with_honest_confidence(trained_digits):
     model = digits.load(trained_digits)
     split = datasets.digits()
     held_out = np.mean(digits.predict(model, split.x_test).argmax(axis=1) == split.y_test)
-    x, y = drawn.test_set()
+    x, y = digits.drawn_test_set()  # drawn.test_set(), as training measured it (cached in this process)
     probabilities = digits.predict(model, x)
     accuracy = np.mean(probabilities.argmax(axis=1) == y)
     ece = calibration.expected_calibration_error(probabilities, y)

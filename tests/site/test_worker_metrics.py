@@ -65,6 +65,10 @@ def test_every_task_is_counted_once_across_the_pool(pool, etcd_server, etcd_pref
     assert value(samples, "deephardway_worker_task_failures_total", task=FAIL, exception="ValueError") == FAILING
     assert value(samples, "deephardway_worker_task_seconds_count", task=ADD) == SUCCEEDING
     assert value(samples, "deephardway_worker_tasks_running", task=ADD) == 0
+    # The pool's reading (etcd_broker.pool_health, every 5 s): both slots up, as wanted.
+    wait_until(lambda: value(scrape(port), "deephardway_worker_pool_processes") == 2, timeout=30, interval=0.5,
+               message="2 pool processes up on /metrics")
+    assert value(scrape(port), "deephardway_worker_pool_processes_wanted") == 2
     writers = {int(path.stem.split("_")[1]) for path in directory.glob("counter_*.db")}
     if pool == "prefork":  # pool children counted the tasks they ran (the main one, the revoked one)
         assert writers - {worker.process.pid}, writers

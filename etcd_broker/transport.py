@@ -115,7 +115,7 @@ class Channel(virtual.Channel):
         super().__init__(connection, **kwargs)
         self.keys = connection.keys
         self.client = connection.etcd
-        self._transport = connection  # kombu sets self.connection to None at close; the lease is still needed
+        self._transport = connection  # kombu sets self.connection to None at close; acks come later
         self._auto_delete: set[str] = set()
         self._no_ack_queues: set[str] = set()
         self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
@@ -420,7 +420,8 @@ class Channel(virtual.Channel):
 
     @property
     def lease(self) -> ConsumerLease:
-        """The transport's consumer lease (also after close: a task finishing after a reconnect acks through it)."""
+        """The transport's consumer lease (also after close: a task finishing after a reconnect acks through it;
+        reading it through ``self.connection``, None by then, was an AttributeError that ended the worker)."""
         return self._transport.lease
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):

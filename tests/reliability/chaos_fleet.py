@@ -31,9 +31,9 @@ APP = "tests.reliability.counting_app"
 CONCURRENCY = {"threads": 4, "prefork": 3}
 #: Longest an etcd member stays SIGSTOPped or SIGKILLed before it is resumed or restarted (seconds).
 MEMBER_DOWN_MAX = 5.0
-#: Until the fork fix is on main, a prefork worker's terminated child never comes back (issue 18,
-#: item 1), so the terminate fault picks only tasks running on threads workers.
-TERMINATE_ON_PREFORK = os.environ.get("CHAOS_TERMINATE_PREFORK") == "1"
+#: The terminate fault aims at prefork workers too (a terminated child is replaced: the fork fix of issue 18,
+#: item 1); CHAOS_TERMINATE_PREFORK=0 keeps it to threads workers.
+TERMINATE_ON_PREFORK = os.environ.get("CHAOS_TERMINATE_PREFORK", "1") == "1"
 #: The terminate fault waits this long for a ``work_steps`` task to be running (seconds).
 TERMINATE_WAIT = 8.0
 
@@ -153,8 +153,8 @@ class Fleet:
         return f"{slot.name} cut off {seconds:.1f} s"
 
     def terminate(self) -> str:
-        """``revoke(terminate=True)`` of a ``work_steps`` task running now (threads workers only unless
-        CHAOS_TERMINATE_PREFORK=1, see :data:`TERMINATE_ON_PREFORK`), waiting a little for one to start."""
+        """``revoke(terminate=True)`` of a ``work_steps`` task running now (see :data:`TERMINATE_ON_PREFORK`),
+        waiting a little for one to start."""
         try:
             running = wait_until(self._terminable, timeout=TERMINATE_WAIT, interval=0.3, message="a work_steps task")
         except TimeoutError:

@@ -14,6 +14,7 @@ from etcd_broker import queue_limits
 from etcd_broker.client import get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.transport import MessageTooLarge
+from tests.helpers import wait_until
 
 
 @pytest.fixture
@@ -326,3 +327,33 @@ def test_an_auto_delete_queue_declared_after_our_lease_lapsed_unnoticed_gets_a_n
     value, meta = client.get(keys.declared("after"))
     assert value is not None and meta.lease_id not in (0, lapsed)
     assert client.get(keys.consumer(meta.lease_id))[0] is not None  # registered again under the new lease
+
+
+class StartedRequest:
+    """What Celery's worker records in ``celery.worker.state.active_requests`` while a task runs (its id)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+
+
+def test_a_running_tasks_message_acked_after_its_channel_was_closed_is_deleted(connect, etcd_url, etcd_prefix):
+    """A task still running at a connection reset keeps its message (executing.py) and acks it through the
+    closed channel, whose connection kombu set to None: reading the lease through it raised AttributeError,
+    a Celery 'Unrecoverable error' that ended the worker (chaos test, 10-minute threads run)."""
+    from celery.worker import state
+
+    conn = connect()
+    channel = conn.channel()
+    queue = conn.SimpleQueue("late-ack", channel=channel)
+    queue.put({"n": 1}, headers={"id": "running-task"})
+    message = queue.get(timeout=5)
+    started = StartedRequest("running-task")
+    state.active_requests.add(started)
+    try:
+        channel.close()  # the reset: the message stays with its running task
+        assert channel.connection is None
+        message.ack()
+    finally:
+        state.active_requests.discard(started)
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    wait_until(lambda: not list(client.get_prefix(keys.queue("late-ack"))), timeout=10, message="the ack written")

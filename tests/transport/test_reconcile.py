@@ -66,23 +66,25 @@ def test_a_stray_key_under_a_live_lease_comes_back_once_and_held_messages_never_
         lease = wait_until(lambda: worker_lease(client, keys, worker.process.pid), timeout=TIMEOUT,
                            message="the worker's consumer lease")
         unacked = keys.unacked("celery", lease)
-        held = [task(app, "mark_run", "eta").apply_async(countdown=2 * HELD_SECONDS)]  # prefetched, waiting
-        wait_until(lambda: list(client.get_prefix(unacked, keys_only=True)), timeout=TIMEOUT,
-                   message="the worker holds the ETA task's message")
-        held += [task(app, "mark_run", "running", HELD_SECONDS).apply_async() for _ in range(2)]
+        # two running (both pool slots) and one prefetched behind them, waiting for a slot (an ETA
+        # task no longer waits in the worker: it waits in etcd, delayed.py)
+        held = [task(app, "mark_run", "running", HELD_SECONDS).apply_async() for _ in range(2)]
+        wait_until(lambda: len(list(client.get_prefix(unacked, keys_only=True))) == 2, timeout=TIMEOUT,
+                   message="the worker runs two tasks")
+        held.append(task(app, "mark_run", "waiting").apply_async())
         wait_until(lambda: len(list(client.get_prefix(unacked, keys_only=True))) == 3, timeout=TIMEOUT,
                    message="the worker holds its three messages")
         stray, stray_result = strand_under(client, keys, app, lease)
 
         assert stray_result.get(timeout=TIMEOUT) == "stray"
-        assert [result.get(timeout=TIMEOUT) for result in held] == ["eta", "running", "running"]
+        assert [result.get(timeout=TIMEOUT) for result in held] == ["running", "running", "waiting"]
         wait_until(lambda: not list(client.get_prefix(unacked, keys_only=True)), timeout=TIMEOUT,
                    message="every message acked")
     finally:
         worker.terminate(timeout=30)
     log = worker.log()
     assert log.count(GIVEN_BACK) == 1 and f"message {stray} was under our live lease" in log, log[-3000:]
-    assert (runs(client, prefix, "stray"), runs(client, prefix, "running"), runs(client, prefix, "eta")) == (1, 2, 1)
+    assert (runs(client, prefix, "stray"), runs(client, prefix, "running"), runs(client, prefix, "waiting")) == (1, 2, 1)
 
 
 # -- the pass itself, on a real etcd, with the process's holdings given by the test ----------------

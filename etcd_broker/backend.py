@@ -20,6 +20,7 @@ from celery import current_app, current_task, maybe_signature, states
 from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.base import Backend, BaseKeyValueStoreBackend
 from celery.exceptions import ChordError, Ignore, ImproperlyConfigured
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult, allow_join_result
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
@@ -49,6 +50,8 @@ STARTED_DELAY = 0.5
 #: How long a chord's last part waits for another process's publisher claim to end (seconds):
 #: a dead holder's claim lapses within its TTL plus one lease bucket.
 CHORD_CLAIM_WAIT = 3 * CHORD_CLAIM_TTL
+#: Waits (each ``result_chord_join_timeout``, 3 s by default) for a complete chord's stored results.
+CHORD_JOIN_ATTEMPTS = 5
 #: Poll interval while waiting for that claim (seconds).
 CHORD_CLAIM_POLL = 0.5
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@;]*:)[^@;]*@")
@@ -219,14 +222,28 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         try:
             if deps is None:
                 raise ChordError(f"GroupResult {group_id} no longer exists")
-            with allow_join_result():
-                values = deps.join_native(timeout=self.app.conf.result_chord_join_timeout, propagate=True)
+            values = self._join_parts(deps)
         except Exception as exc:  # noqa: BLE001 - any failure fails the chord, as in Celery
             self._chord_failed(callback, group_id, deps, exc)
         else:
             self._chord_publish(callback, group_id, values)
         finally:
             self._ensure(self.store.delete_chord, group_id)
+
+    def _join_parts(self, deps: GroupResult) -> list:
+        """The header's results. Every part is counted, so each result is stored: a wait that times out is a
+        slow etcd (a stalled member, an election), waited out up to :data:`CHORD_JOIN_ATTEMPTS` times; only
+        a part's own failure fails the chord (a 3 s stall failed chords whose parts had all succeeded)."""
+        timeout = self.app.conf.result_chord_join_timeout
+        for attempt in range(1, CHORD_JOIN_ATTEMPTS):
+            try:
+                with allow_join_result():
+                    return deps.join_native(timeout=timeout, propagate=True)
+            except CeleryTimeoutError:
+                logger.warning("chord %s: its results did not come within %ss (etcd slow?); waiting again (%d/%d)",
+                               deps.id, timeout, attempt, CHORD_JOIN_ATTEMPTS - 1)
+        with allow_join_result():
+            return deps.join_native(timeout=timeout, propagate=True)
 
     def _claim_chord(self, group_id: str) -> bool:
         """True once this process holds the publisher claim; False if the callback was published already.

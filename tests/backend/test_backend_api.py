@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 import time
+import types
+import uuid
 
 import pytest
 from celery import states
@@ -14,6 +16,7 @@ from celery.exceptions import Ignore, ImproperlyConfigured, TimeoutError
 
 from etcd_broker.backend import EtcdBackend
 from etcd_broker.client import get_client
+from etcd_broker.keys import KeySpace
 from etcd_broker.result_store import ChordCount
 from tests.backend.conftest import make_app
 from tests.helpers import REPO_ROOT, wait_until
@@ -213,3 +216,29 @@ def test_endpoint_lists_and_url_passwords_are_shown_without_the_password(etcd_pr
         assert backend.config.endpoints == (("h1", 2379), ("h2", 2379))
         assert backend.config.user == "web"
         assert "s3cret" not in backend.as_uri() and "h2:2379" in backend.as_uri()
+
+
+def test_a_complete_chord_whose_results_come_slowly_publishes_its_callback(etcd_url, etcd_prefix):
+    """Every part is counted, but a result is slow to read (a stalled etcd member): the wait for the
+    header's results times out once, and the chord still publishes its callback instead of failing it
+    (the chaos test failed two chords that way while a member was SIGSTOPped)."""
+    app = make_app(etcd_url, etcd_prefix, result_chord_join_timeout=0.5)
+    try:
+        backend, store = app.backend, app.backend.store
+        parts = [f"part-{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
+        header = app.GroupResult(f"g-{uuid.uuid4().hex[:8]}", [app.AsyncResult(part) for part in parts])
+        callback = app.signature("tests.celery_app.chord_total", args=("m",), task_id=f"cb-{uuid.uuid4().hex[:8]}")
+        backend.apply_chord((header.id, header.results), callback)
+        backend.set_chord_size(header.id, 2)
+        backend.store_result(parts[0], 1, states.SUCCESS)
+        for index, part in enumerate(parts):
+            store.chord_part_done(header.id, f"{part}.{index}", ttl=60)
+        late = threading.Timer(1.2, backend.store_result, args=(parts[1], 2, states.SUCCESS))
+        late.start()
+        backend._complete_chord(types.SimpleNamespace(chord=dict(callback)), header.id)
+        late.join()
+        assert store.read(callback.id)[0] is None, "the callback was failed instead of published"
+        ready = list(get_client(etcd_url).get_prefix(KeySpace(etcd_prefix).ready("celery")))
+        assert [json.loads(value)["headers"]["id"] for value, _ in ready] == [callback.id]
+    finally:
+        app.close()

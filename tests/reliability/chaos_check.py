@@ -348,7 +348,8 @@ class Checker:
         lines = [f"  {task} ({sent.kind if sent else '?'}, sent {self.history.rel(sent.at if sent else None)})"]
         for run in self.runs.get(task, []):
             lines.append(f"    ran on {run.worker} pid {run.pid}: {self.history.rel(run.started)}.."
-                         f"{self.history.rel(run.done)} {self.suspect(run) or ''}")
+                         f"{self.history.rel(run.done)} {'redelivered ' if run.redelivered else ''}"
+                         f"{self.suspect(run) or ''}")
         if task in self.history.terminated:
             at, worker = self.history.terminated[task]
             lines.append(f"    terminated {self.history.rel(at)} while on {worker}")

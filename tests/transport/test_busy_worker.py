@@ -60,6 +60,16 @@ def fill_pool(app, worker_concurrency: int, waiting: int = 2) -> list[str]:
     return [row["task_id"] for row in started]
 
 
+def stacks_of(pid: int) -> str:
+    """Every thread's Python stack of a live process (py-spy, installed with the dev requirements), for a
+    failure message: where a process that should have exited still waits."""
+    py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    try:
+        return subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(no stack dump: {exc})"
+
+
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """``celery -A busy_app <args>`` as an operator types it, in its own process."""
     return subprocess.run([sys.executable, "-m", "celery", "-A", APP, *args], cwd=REPO_ROOT,
@@ -186,7 +196,8 @@ def test_a_worker_stopped_while_etcd_is_unreachable_exits_and_loses_nothing(priv
             # prefork pool's warm shutdown alone took 5-8 s at load 25). A hang never ends.
             first.process.wait(3.0 + ttl + STOP_SLACK_SECONDS)
         except subprocess.TimeoutExpired:
-            pytest.fail("the worker did not exit with etcd unreachable:\n" + first.log()[-3000:])
+            pytest.fail("the worker did not exit with etcd unreachable:\n" + first.log()[-3000:]
+                        + "\nwhere its threads were:\n" + stacks_of(first.process.pid))
     finally:
         os.kill(private_etcd.process.pid, signal.SIGCONT)
     second = worker_factory(app=APP, env=env, pool="prefork", concurrency=2)

@@ -105,11 +105,13 @@ def warm_stop(worker: WorkerProcess) -> float:
 
 
 def read_runs(log: str) -> list[tuple[int, float, float]]:
+    """Complete lines only (a run may be writing the last one as we read)."""
     try:
         with open(log) as lines:
-            return [(int(i), float(due), float(ran)) for i, due, ran, _ in (line.split() for line in lines)]
+            fields = [line.split() for line in lines if line.endswith("\n")]
     except FileNotFoundError:
         return []
+    return [(int(f[0]), float(f[1]), float(f[2])) for f in fields if len(f) == 4]
 
 
 def wait_runs(log: str, tasks: int, last_due: float) -> list[tuple[int, float, float]]:
@@ -148,8 +150,10 @@ def one(name: str, url: str, pool: str, tasks: int, log_dir: str, due_min: float
         second.kill()
     late = [ran - due for _, due, ran in runs]
     distinct = len({run[0] for run in runs})
-    return [name, pool, tasks, f"{tasks / took:.0f}", f"{grown:.0f}", f"{stopped:.1f}",
-            f"{percentile(late, 50):.3f}", f"{percentile(late, 99):.3f}", tasks - distinct, len(runs) - distinct]
+    row = [name, pool, tasks, f"{tasks / took:.0f}", f"{grown:.0f}", f"{stopped:.1f}",
+           f"{percentile(late, 50):.3f}", f"{percentile(late, 99):.3f}", tasks - distinct, len(runs) - distinct]
+    progress(" | ".join(map(str, row)))  # each row as it comes: a long run that fails later keeps it
+    return row
 
 
 def main(argv: list[str]) -> None:

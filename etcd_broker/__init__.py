@@ -75,6 +75,10 @@ for _name, _why in UNSAFE_GRPC_ENV.items():
     if os.environ.get(_name):
         logger.warning("etcd_broker: %s=%s is set; unset it for fork safety (%s)", _name, os.environ[_name], _why)
 
-# forking installs the fork handlers before any client exists; pool_health: a worker whose pool
-# cannot start children says so.
-from etcd_broker import forking, pool_health  # noqa: E402,F401
+from etcd_broker import forking  # noqa: E402,F401 - installs the fork handlers before any client exists
+
+# pool_health (a worker whose pool cannot start children says so) hooks a Celery signal: only
+# where Celery is loaded already, as in every worker (`celery -A proj worker` imports Celery before
+# the app module that imports us); kombu-only users import no Celery.
+if "celery" in sys.modules:
+    from etcd_broker import pool_health  # noqa: F401

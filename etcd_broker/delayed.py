@@ -41,6 +41,9 @@ MOVE_BATCH_BYTES = 1_048_576
 #: The earliest due time of every followed queue is read again this often (a safety net, like the
 #: consumers' 30 s re-read): one keys-only read of one key per queue.
 SAFETY_SECONDS = 30.0
+#: Least time between two moves of one queue (seconds): messages due within it move in one transaction
+#: instead of one each (at 400 due per second: 10 transactions, not 400), well inside the 1 s precision.
+MOVE_INTERVAL = 0.1
 #: First wait after an unexpected error in the mover (seconds); doubled up to SAFETY_SECONDS.
 ERROR_BACKOFF = 1.0
 
@@ -180,6 +183,7 @@ class DelayedMover:
     def _learn(self, queue: str, following: float | None) -> None:
         if following is None:
             return
+        following = max(following, time.time() + MOVE_INTERVAL)  # what falls due meanwhile moves together
         with self._lock:
             if queue in self._next:
                 known = self._next[queue]

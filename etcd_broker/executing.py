@@ -32,8 +32,6 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
-from celery import signals
-
 from etcd_broker import forking
 
 logger = logging.getLogger(__name__)
@@ -69,10 +67,15 @@ def _forget_the_parents() -> None:
     _stopping = False
 
 
-@signals.worker_shutting_down.connect
 def _worker_told_to_stop(**kwargs: Any) -> None:
     global _stopping
     _stopping = True
+
+
+if "celery" in sys.modules:  # every worker loaded Celery before us; kombu-only users import no Celery
+    from celery import signals
+
+    signals.worker_shutting_down.connect(_worker_told_to_stop)
 
 
 def worker_stopping() -> bool:

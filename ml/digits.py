@@ -37,6 +37,8 @@ BATCH_SIZE = 64
 COPIES = 3
 #: Pen-stroke digits (ml.strokes) per class for training, and for the validation set.
 STROKE_DIGITS, STROKE_VALIDATION = 250, 30
+#: The same when training on a subset (``limit``: the tests' tiny models).
+LIMITED_STROKE_DIGITS, LIMITED_STROKE_VALIDATION = 10, 3
 #: Share of the training split kept aside to fit the softmax temperature (never trained on).
 VALIDATION_SHARE = 0.1
 #: Fixed seed: a retrain gives the same network.
@@ -58,9 +60,10 @@ def training_data(limit: int | None) -> tuple[datasets.Split, np.ndarray, np.nda
     x_fit, x_val, y_fit, y_val = train_test_split(split.x_train, split.y_train, test_size=VALIDATION_SHARE,
                                                   random_state=SEED, stratify=split.y_train)
     x_more, y_more = augment.augment(x_fit, y_fit, COPIES, seed=SEED)
-    x_pen, y_pen = strokes.make(STROKE_DIGITS if limit is None else 10, seed=SEED)
+    x_pen, y_pen = strokes.make(STROKE_DIGITS if limit is None else LIMITED_STROKE_DIGITS, seed=SEED)
     x_val_more, y_val_more = augment.augment(x_val, y_val, COPIES, seed=SEED + 1)
-    x_val_pen, y_val_pen = strokes.make(STROKE_VALIDATION if limit is None else 3, seed=SEED + 1)
+    x_val_pen, y_val_pen = strokes.make(STROKE_VALIDATION if limit is None else LIMITED_STROKE_VALIDATION,
+                                        seed=SEED + 1)
     train = datasets.Split(np.concatenate([x_fit, x_more, x_pen]), np.concatenate([y_fit, y_more, y_pen]),
                            split.x_test, split.y_test)
     return (train, np.concatenate([x_val, x_val_more, x_val_pen]),
@@ -69,6 +72,7 @@ def training_data(limit: int | None) -> tuple[datasets.Split, np.ndarray, np.nda
 
 @functools.lru_cache(maxsize=1)
 def drawn_test_set() -> tuple[np.ndarray, np.ndarray]:
+    """``ml.drawn.test_set()``, made once per process (about 2.5 s of CPU)."""
     return drawn.test_set()
 
 

@@ -218,6 +218,7 @@ def build(context: Path, tag: str, log: Path, build_args: dict[str, str], secret
         process = subprocess.Popen([*cmd, str(context)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:
             out.write(line)
+            out.flush()
             if "STEP " in line[:12]:
                 progress(f"  {line.strip()[:140]}")
         if process.wait():

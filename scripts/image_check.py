@@ -185,8 +185,7 @@ def build_image(report: Report) -> bool:
                                         secret_args, report.progress)
     except subprocess.CalledProcessError:
         return report.check("image builds", False, f"see {WORK / 'build.log'}:\n{log_tail(WORK / 'build.log')}")
-    size = json.loads(image_build.run(["buildah", "inspect", "--type", "image", IMAGE]).stdout)
-    config = size["Docker"]["config"]
+    config = json.loads(image_build.run(["buildah", "inspect", "--type", "image", IMAGE]).stdout)["Docker"]["config"]
     report.check("image builds", True, f"{seconds:.0f} s on {base}, {image_size(IMAGE)}")
     env = dict(item.split("=", 1) for item in config.get("Env") or [])
     report.check("runtime environment has no DEBIAN_FRONTEND", "DEBIAN_FRONTEND" not in env,

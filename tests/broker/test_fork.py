@@ -21,6 +21,7 @@ from celery import Celery, states
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from etcd_broker import forking
+from etcd_broker.client import get_client
 from etcd_broker.membership import close_all_leases
 from etcd_broker.result_store import close_shared
 
@@ -172,3 +173,50 @@ def test_a_forked_child_never_revokes_its_parents_consumer_lease(app, tmp_path):
         held.ack()
         other.close()
         queue.close()
+
+
+def test_a_child_collecting_inherited_connections_waits_on_no_lock_and_gives_back_nothing(app, etcd_url,
+                                                                                          etcd_prefix):
+    """Issue 18: what kombu's after-fork clean-up runs in a new prefork child (``Connection.collect``
+    of the pooled connections), with the parent's watch-stream and queue-watch locks held by a parent
+    thread at the fork, as the stream thread holds its lock while it re-opens a stream the fork cancelled.
+    The child must finish, and the message the parent holds unacked must stay the parent's."""
+    connection = app.pool.acquire(block=True)
+    try:
+        queue = connection.SimpleQueue("held-across-fork")
+        queue.put({"n": 1})
+        held = queue.get(timeout=10)  # claimed under the parent's lease, not acked
+        transport = connection.transport
+        transport.bindings.table("celery")  # the bindings watch a new child used to wait on
+        stream = transport.watch_hub._stream
+        holding, release = threading.Event(), threading.Event()
+
+        def hold_locks() -> None:
+            with stream._lock, transport._watch_lock:
+                holding.set()
+                release.wait(CHILD_SECONDS)
+
+        holder = threading.Thread(target=hold_locks, daemon=True)
+        holder.start()
+        assert holding.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # a child stuck on a lock dies of SIGALRM
+            code = 0
+            try:
+                connection.collect()
+            except BaseException:  # noqa: BLE001 - reported by the exit code
+                traceback.print_exc()
+                code = 3
+            os._exit(code)
+        release.set()
+        holder.join(10)
+        _, status = os.waitpid(pid, 0)
+        outcome = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
+        assert outcome == "exit 0", f"the child collecting inherited connections ended with {outcome}"
+        ready = get_client(etcd_url).get_prefix(transport.keys.ready("held-across-fork"))
+        assert list(ready) == [], "the child gave back a message its parent holds"
+        held.ack()
+        queue.close()
+    finally:
+        connection.release()

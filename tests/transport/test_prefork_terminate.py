@@ -66,7 +66,8 @@ class started_ids:
         self.ids: queue.Queue[str] = queue.Queue()
 
     def __enter__(self) -> queue.Queue[str]:
-        self.watch = self.hub.subscribe(self.prefix, self._on_events, prefix=True, puts_only=True, start_revision=1)
+        self.watch = self.hub.subscribe(self.prefix, self._on_events, prefix=True, puts_only=True)
+        assert self.hub.wait_created(self.watch, timeout=SLOT_SECONDS), "the markers' watch was not created"
         return self.ids
 
     def __exit__(self, *exc_info) -> None:
@@ -83,14 +84,12 @@ def test_every_pool_slot_runs_tasks_after_terminates(busy, worker_factory, etcd_
     env = {"ETCD_TEST_URL": etcd_url, "ETCD_TEST_PREFIX": etcd_prefix, "ETCD_TEST_LEASE_TTL": "10"}
     worker = worker_factory(app=APP, env=env, pool="prefork", concurrency=slots, extra_args=["-E", *extra_args])
     node = worker.hostname.split("@")[0]
-    held, ordinary = [], []
-    for number in range(terminates):
-        held.append(busy.send_task("busy.hold", ("held", HOLD_SECONDS)).id)
-        if number % ORDINARY_EVERY == ORDINARY_EVERY - 1:
-            ordinary.append(busy.send_task("busy.pid"))
-
-    revoked: set[str] = set()
+    held, ordinary, revoked = [], [], set()
     with started_ids(etcd_url, f"{etcd_prefix}/markers/held-started/") as started:
+        for number in range(terminates):
+            held.append(busy.send_task("busy.hold", ("held", HOLD_SECONDS)).id)
+            if number % ORDINARY_EVERY == ORDINARY_EVERY - 1:
+                ordinary.append(busy.send_task("busy.pid"))
         while len(revoked) < terminates:
             try:
                 task_id = started.get(timeout=SLOT_SECONDS)

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 NAME = "digits"
 LABELS = DIGIT_LABELS
 SIDE = 8
-#: Epochs over the originals, their augmented copies and the pen-stroke digits (about 20 s of
-#: CPU time, data preparation included; 30 s of wall time on 2 cores at load average 15).
+#: Epochs over the originals, their augmented copies and the pen-stroke digits (about 21 s of
+#: CPU time, data preparation included; 30-35 s of wall time on 2 cores at load average 11-15).
 EPOCHS = 10
 BATCH_SIZE = 64
 #: Augmented copies of every training digit (ml.augment): slant, rotation, stretch, pen width.

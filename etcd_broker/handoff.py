@@ -160,9 +160,10 @@ def parked_consumers(client: Any, keys: KeySpace, hub: WatchHub) -> ParkedConsum
                       usable=lambda view: view.client is client)
 
 
-def waiting(queue: str) -> int:
-    """Parked consumers of ``queue`` known to this process's publishers (all its views)."""
-    return sum(view.waiting(queue) for view in _views.mine())
+def waiting(queue: str, keys: KeySpace | None = None) -> int:
+    """Parked consumers of ``queue`` known to this process's publishers (its views of ``keys``' key
+    space, or all of them)."""
+    return sum(view.waiting(queue) for view in _views.mine() if keys is None or view.keys.root == keys.root)
 
 
 # -- consumer side: parking and taking hand-offs -----------------------------------------------

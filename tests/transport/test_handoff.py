@@ -101,7 +101,8 @@ def test_lone_tasks_reach_an_idle_worker_without_a_claim_and_run_once(worker_fac
         assert first.get(timeout=60) == worker.process.pid
         ids = [first.id]
         for _ in range(10):
-            wait_until(lambda: handoff.waiting("celery"), timeout=30, message="the client saw the idle worker park")
+            wait_until(lambda: handoff.waiting("celery", keys), timeout=30,  # this test's key space only
+                       message="the client saw the idle worker park")
             result = app.send_task("busy.pid")
             assert result.get(timeout=60) == worker.process.pid
             ids.append(result.id)
@@ -158,7 +159,8 @@ def test_a_handoff_to_a_sigkilled_worker_comes_back_and_runs_elsewhere(worker_fa
     first = worker_factory(app=APP, env=env, pool="threads", concurrency=2)
     try:
         assert app.send_task("busy.pid").get(timeout=60) == first.process.pid  # the client follows the parks
-        wait_until(lambda: handoff.waiting("celery"), timeout=30, message="the client saw the idle worker park")
+        wait_until(lambda: handoff.waiting("celery", keys), timeout=30,  # this test's key space only
+                   message="the client saw the idle worker park")
         first.kill()  # its park stays until its lease lapses
         lost = app.send_task("busy.pid")
         (park,) = parks(client, keys, "celery")

@@ -5,12 +5,14 @@ own client app with :func:`make_app` and sends these tasks by name.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
 from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
+from etcd_broker.client import get_client
 from tests.transport.marker_app import mark
 
 URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
@@ -31,6 +33,21 @@ def make_app(url: str, prefix: str, lease_ttl: int = LEASE_TTL) -> Celery:
         broker_connection_retry_on_startup=True,
         task_queue_max_priority=9,
     )
+    return app
+
+
+def client_app(url: str, prefix: str, lease_ttl: int = LEASE_TTL) -> Celery:
+    """:func:`make_app` for a test's client side, plus ``app.markers(name)``: the marker rows the
+    tasks wrote under ``name``, oldest first."""
+    app = make_app(url, prefix, lease_ttl)
+    client = get_client(url)
+
+    def markers(name: str) -> list[dict]:
+        rows = [(meta.create_revision, json.loads(value))
+                for value, meta in client.get_prefix(f"{prefix}/markers/{name}/")]
+        return [info for _, info in sorted(rows, key=lambda row: row[0])]
+
+    app.markers = markers
     return app
 
 

@@ -8,7 +8,6 @@ Timings live in benchmarks/bench_operators.py; these tests assert behaviour.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -21,9 +20,8 @@ import pytest
 from celery import chord
 from celery.exceptions import ChordError
 
-from etcd_broker.client import get_client
 from tests.helpers import REPO_ROOT, wait_until
-from tests.transport.busy_app import make_app
+from tests.transport.busy_app import client_app, make_app
 
 APP = "tests.transport.busy_app"
 #: Long enough that no held task finishes during a test (each test ends by killing its worker).
@@ -37,15 +35,7 @@ def env_for(url: str, prefix: str, lease_ttl: int = 3) -> dict[str, str]:
 @pytest.fixture
 def busy(etcd_url, etcd_prefix):
     """A client app on this test's etcd and prefix, plus a reader of the tasks' marker keys."""
-    app = make_app(etcd_url, etcd_prefix, lease_ttl=3)
-    client = get_client(etcd_url)
-
-    def markers(name: str) -> list[dict]:
-        rows = [(meta.create_revision, json.loads(value))
-                for value, meta in client.get_prefix(f"{etcd_prefix}/markers/{name}/")]
-        return [info for _, info in sorted(rows, key=lambda row: row[0])]
-
-    app.markers = markers
+    app = client_app(etcd_url, etcd_prefix, lease_ttl=3)
     yield app
     app.close()
 

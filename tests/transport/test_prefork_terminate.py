@@ -15,10 +15,10 @@ import queue
 
 import pytest
 
-from etcd_broker.client import EtcdConfig, get_client
+from etcd_broker.client import EtcdConfig
 from etcd_broker.watch import hub_for
 from tests.helpers import wait_until
-from tests.transport.busy_app import make_app
+from tests.transport.busy_app import client_app
 
 APP = "tests.transport.busy_app"
 #: A held task runs until it is terminated (each test ends by killing its worker).
@@ -44,15 +44,7 @@ VARIANTS = [
 @pytest.fixture
 def busy(etcd_url, etcd_prefix):
     """A client app on this test's etcd and prefix, plus a reader of the tasks' marker keys."""
-    app = make_app(etcd_url, etcd_prefix, lease_ttl=10)
-    client = get_client(etcd_url)
-
-    def markers(name: str) -> list[dict]:
-        rows = [(meta.create_revision, json.loads(value))
-                for value, meta in client.get_prefix(f"{etcd_prefix}/markers/{name}/")]
-        return [info for _, info in sorted(rows, key=lambda row: row[0])]
-
-    app.markers = markers
+    app = client_app(etcd_url, etcd_prefix, lease_ttl=10)
     yield app
     app.close()
 

@@ -563,6 +563,12 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     )
     connection_errors = virtual.Transport.connection_errors + CONNECTION_ERRORS
     channel_errors = virtual.Transport.channel_errors
+    # What kombu assumes of a transport that declares neither (Connection.recoverable_*), declared: without
+    # them kombu's ensure() (Producer.publish(retry=True), Celery's apply_async) gives up on a second error
+    # after a reconnect that worked, whatever max_retries says, and a publish is refused within milliseconds
+    # while etcd elects a leader (a dropped proposal, then a failed endpoint). With them it retries as told.
+    recoverable_connection_errors = connection_errors + channel_errors
+    recoverable_channel_errors = ()
 
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)

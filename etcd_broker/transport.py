@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from queue import Empty
 from urllib.parse import quote
@@ -86,6 +87,12 @@ logger = logging.getLogger(__name__)
 
 #: etcd refuses requests over 1.5 MiB (--max-request-bytes); keep 4 KiB for key and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 1_572_864 - 4_096
+#: Least seconds between two connects of one kombu connection (the first is at once): kombu's ensure() retries
+#: a failed publish right after a reconnect that worked, ours takes milliseconds, so a write that etcd keeps
+#: refusing fast (proposals dropped while leadership moves) would spend 120 retries in under a second.
+RECONNECT_GAP_SECONDS = 0.25
+#: kombu connection -> when it last connected (monotonic); kombu makes a new Transport for each reconnect.
+_connected_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Most message bytes claimed in one transaction (etcd refuses requests over 1.5 MiB).
 CLAIM_BATCH_BYTES = 1_048_576
 #: Reads in one _get after other consumers won the messages we read (then the loop looks again soon).
@@ -563,6 +570,12 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     )
     connection_errors = virtual.Transport.connection_errors + CONNECTION_ERRORS
     channel_errors = virtual.Transport.channel_errors
+    # What kombu assumes of a transport that declares neither (Connection.recoverable_*), declared: without
+    # them kombu's ensure() (Producer.publish(retry=True), Celery's apply_async) gives up on a second error
+    # after a reconnect that worked, whatever max_retries says, and a publish is refused within milliseconds
+    # while etcd elects a leader (a dropped proposal, then a failed endpoint). With them it retries as told.
+    recoverable_connection_errors = connection_errors + channel_errors
+    recoverable_channel_errors = ()
 
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
@@ -598,9 +611,17 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         return etcd3.__version__
 
     def establish_connection(self):
+        self._space_reconnects()
         wait_connected(self.etcd, self.client.connect_timeout)  # connect_timeout bounds the first contact
         self.etcd.get(self.keys.root + "/ping")  # raises a connection error if etcd is unreachable
         return super().establish_connection()
+
+    def _space_reconnects(self) -> None:
+        """Wait until RECONNECT_GAP_SECONDS have passed since this kombu connection last connected."""
+        last = _connected_at.get(self.client)
+        if last is not None:
+            time.sleep(max(0.0, last + RECONNECT_GAP_SECONDS - time.monotonic()))
+        _connected_at[self.client] = time.monotonic()
 
     def close_connection(self, connection):
         if forking.inherited(self.owner_pid):

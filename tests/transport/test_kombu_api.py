@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 from collections import Counter
 
 import pytest
+from etcd3 import exceptions as etcd_exceptions
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.exceptions import OperationalError
 
 import etcd_broker  # noqa: F401
 from etcd_broker import queue_limits
 from etcd_broker.client import get_client
 from etcd_broker.keys import KeySpace
-from etcd_broker.transport import MessageTooLarge
+from etcd_broker.transport import RECONNECT_GAP_SECONDS, MessageTooLarge
 from tests.helpers import wait_until
 
 
@@ -357,3 +360,50 @@ def test_a_running_tasks_message_acked_after_its_channel_was_closed_is_deleted(c
         state.active_requests.discard(started)
     client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
     wait_until(lambda: not list(client.get_prefix(keys.queue("late-ack"))), timeout=10, message="the ack written")
+
+
+def fail_writes(monkeypatch, client, count: int) -> list[str]:
+    """The next ``count`` transactions of ``client`` fail as a write dropped by a leader change does
+    (``raft proposal dropped``, mapped to a connection error by client.classify); returns their log."""
+    real, failed = client.call, []
+
+    def call(method, request, **kwargs):
+        if method == "Txn" and len(failed) < count:
+            failed.append(method)
+            raise etcd_exceptions.ConnectionFailedError()
+        return real(method, request, **kwargs)
+
+    monkeypatch.setattr(client, "call", call)
+    return failed
+
+
+@pytest.mark.parametrize("max_retries, published", [(8, True), (3, False)])
+def test_a_publish_rides_out_consecutive_connection_errors_as_its_retry_policy_says(connect, etcd_url, monkeypatch,
+                                                                                     max_retries, published):
+    """During leader moves a publish can fail again right after a reconnect that worked; kombu's ensure()
+    gave up on that second error whatever max_retries said (the transport declared no recoverable errors),
+    and retries at once after each reconnect (spaced by the transport, RECONNECT_GAP_SECONDS)."""
+    conn = connect()
+    queue = Queue("rides-out", Exchange("rides-out"), "rides-out")
+    started = time.monotonic()
+    queue(conn.default_channel).declare()
+    failed = fail_writes(monkeypatch, get_client(etcd_url), 5)
+    policy = {"max_retries": max_retries, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.1}
+
+    def publish():
+        conn.Producer().publish({"n": 1}, exchange=queue.exchange, routing_key="rides-out", retry=True,
+                                retry_policy=policy)
+
+    if not published:
+        with pytest.raises(OperationalError):
+            publish()
+        assert len(failed) == max_retries + 1
+        # no reconnect after the last try; the others are spaced, so max_retries is not spent in milliseconds
+        assert time.monotonic() - started >= max_retries * RECONNECT_GAP_SECONDS
+        return
+    publish()
+    assert len(failed) == 5
+    assert time.monotonic() - started >= 5 * RECONNECT_GAP_SECONDS
+    monkeypatch.undo()
+    assert drain(connect().SimpleQueue("rides-out"), 1) == [{"n": 1}]
+    assert connect().SimpleQueue("rides-out").qsize() == 0

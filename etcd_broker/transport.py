@@ -239,6 +239,8 @@ class Channel(virtual.Channel):
                 self.connection.parking.park(queue, lease_id)
             except CONNECTION_ERRORS as exc:  # parking is an optimisation: the watch still wakes us
                 logger.debug("could not park on queue %r: %s", queue, exc)
+            except ops.LeaseNotFound:  # our lease lapsed unnoticed (a cut longer than its TTL): this ended the
+                self.lease.lost(lease_id)  # worker (chaos test); re-register, park at the next empty read
 
     def has_room_for(self, queue) -> bool:
         """True if this channel consumes ``queue`` and may take a message now (prefetch room)."""

@@ -31,6 +31,10 @@ from etcd_broker.keys import KeySpace
 #: A worker's ack or SUCCESS write in flight when it was cut off lands late: a task that finished this
 #: shortly before the cut may still run again (seconds).
 ACK_GRACE = 1.0
+#: A task a worker took during a cut may begin only once etcd answers again (a batch reads its cancel
+#: markers first): a run that begins this soon after the heal, of a task sent before it, counts as taken
+#: during the cut (seconds).
+HEAL_GRACE = 5.0
 #: A revoke broadcast reaches every worker within this (seconds); a run that starts later is a re-run.
 REVOKE_GRACE = 2.0
 #: Clock slack between markers and the test's own times, one machine (seconds).
@@ -61,6 +65,7 @@ class Execution:
     started: float
     done: float | None
     redelivered: bool = False  # False for a fresh message: a second publish, not a redelivery
+    sent: float = float("inf")  # when its task was accepted (from the history)
 
 
 class History:
@@ -214,6 +219,9 @@ class Checker:
                  leftovers: Leftovers, alive: dict[str, bool]) -> None:
         self.history, self.leftovers, self.alive = history, leftovers, alive
         self.runs = {task: executions(started.get(task, []), done.get(task, [])) for task in set(started) | set(done)}
+        for task, runs in self.runs.items():
+            for run in runs:
+                run.sent = history.sent[task].at if task in history.sent else run.sent
         self.lapses = history.lapses()
         self.callback_retries = sorted(at for times in history.logged(CALLBACK_RETRY_LINE).values() for at in times)
 
@@ -225,6 +233,8 @@ class Checker:
         for start, end in self.history.cuts.get(run.worker, []):
             if run.started <= end and (run.done is None or run.done >= start - ACK_GRACE):
                 return "worker cut off"
+            if run.sent <= end and end < run.started <= end + HEAL_GRACE:
+                return "worker cut off (taken during the cut, begun at the heal)"
         for lapse in self.lapses.get(run.worker, []):
             if run.started <= lapse and (run.done is None or run.done >= lapse - self.history.lease_ttl):
                 if any(start - ACK_GRACE <= lapse <= end + self.history.lease_ttl

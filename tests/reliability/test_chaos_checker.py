@@ -78,6 +78,16 @@ def test_a_rerun_after_a_cut_is_allowed_only_for_what_ran_during_the_cut(tmp_pat
     assert rules(verdict(made, runs)[0]) == []
 
 
+def test_a_task_taken_during_a_cut_and_begun_at_the_heal_may_run_again_elsewhere(tmp_path):
+    made = history(tmp_path)
+    send(made, "a")  # sent at T0, during the cut
+    made.cuts["t0-0"] = [[T0 - 1.0, T0 + 9.0]]
+    runs = [("a", "t1-0", 12, 8.0, 8.5), ("a", "t0-0", 11, 9.1, 9.6)]
+    assert rules(verdict(made, runs)[0]) == []
+    made.sent["a"].at = T0 + 9.05  # sent after the heal: the cut-off worker cannot have taken it during the cut
+    assert rules(verdict(made, runs)[0]) == ["finished 2 times on live, connected workers"]
+
+
 def test_a_lost_task_is_a_violation_unless_it_acked_early_on_a_killed_worker(tmp_path):
     made = history(tmp_path)
     send(made, "a")

@@ -407,3 +407,27 @@ def test_a_publish_rides_out_consecutive_connection_errors_as_its_retry_policy_s
     monkeypatch.undo()
     assert drain(connect().SimpleQueue("rides-out"), 1) == [{"n": 1}]
     assert connect().SimpleQueue("rides-out").qsize() == 0
+
+
+def test_an_idle_consumer_whose_lease_lapsed_unnoticed_re_registers_instead_of_parking(connect, etcd_url):
+    """An idle worker cut off longer than its lease parks (handoff.py) with the lapsed lease before its
+    keepalive knows: etcd's "lease not found" ended the worker (chaos test); it now re-registers."""
+    from queue import Empty
+
+    from kombu.asynchronous import Hub
+
+    conn = connect(lease_ttl=30)  # the keepalive looks only every 10 s
+    channel = conn.default_channel
+    hub = Hub()
+    conn.transport.register_with_event_loop(conn.connection, hub)  # parking is for event-loop consumers
+    try:
+        queue = Queue("park-lapsed", channel=channel)
+        Consumer(channel, [queue], callbacks=[lambda body, message: None]).consume()
+        lapsed = channel.lease.ensure()
+        get_client(etcd_url).revoke_lease(lapsed)  # as etcd expires the lease of a worker it cannot hear
+        with pytest.raises(Empty):
+            channel._get("park-lapsed")  # empty: it would park
+        assert channel.lease.ensure() != lapsed
+    finally:
+        conn.transport.unregister_from_event_loop(conn.connection, hub)
+        hub.close()

@@ -144,6 +144,7 @@ def test_an_admin_retrains_a_model_through_the_queue(client, model_worker, tmp_p
     card = result.get(timeout=1)
     epochs = [meta["epoch"] for meta in progress if meta["progress"] == round(100 * meta["epoch"] / 3, 1)]
     assert epochs == [1, 2, 3] and progress[-1]["progress"] == 100.0
-    assert card["epochs"] == 3 and card["train_examples"] == 1437 and card["metrics"]["test_accuracy"] > 0.5
+    # sklearn's 1437 training digits less a validation tenth, plus augmented and pen-stroke digits (ml/digits.py)
+    assert card["epochs"] == 3 and card["train_examples"] > 1437 and card["metrics"]["test_accuracy"] > 0.5
     after = client.send_task(RUN, args=["digits", {"image": a_drawn_digit()}]).get(timeout=60)
     assert after["top"] != before["top"]  # the worker now serves the retrained model

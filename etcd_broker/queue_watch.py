@@ -108,6 +108,8 @@ class QueueWatchMixin:
         now = monotonic()
         news, earliest = [], None
         with self._watch_lock:
+            if queue not in self._queue_watches:  # unwatched meanwhile (a late callback)
+                return
             held = self._held.setdefault(queue, {})
             for event in events:
                 kv = event.kv

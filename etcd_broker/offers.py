@@ -25,8 +25,8 @@ import heapq
 import json
 import logging
 import threading
-import weakref
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 from time import monotonic
@@ -41,33 +41,23 @@ logger = logging.getLogger(__name__)
 #: twice that): a few times a claim's p50 on a loaded 2-core host (5-15 ms), so an owner that can take
 #: it nearly always has by then (at 30 ms, load 20, about 4% of owners were still late).
 OFFER_GRACE_SECONDS = 0.05
-#: The rank of the consumers that wait two graces (neither the owner nor one of its backups).
-MAX_RANK = 2
 
 
-def offer_rank(key: bytes, leases: Sequence[int] | None, lease: int | None, local: Sequence[Any], me: Any) -> int:
-    """How long transport ``me`` (of consumer lease ``lease``) waits before it claims a put of ``key``:
-    0 (the owner: at once), 1 (a backup: one grace) or 2 (the others: two graces).
+def place(key: bytes, leases: Sequence[int] | None, lease: int | None, count: int) -> tuple[int, int]:
+    """Where the put of ``key`` is offered, seen from a process whose consumer lease is ``lease``
+    and which has ``count`` transports consuming the queue: (lease rank, local index).
 
-    ``leases``: the queue's live consumer leases, sorted (None, or without ``lease``: not known,
-    every lease counts as ours); ``local``: this process's transports consuming the queue under
-    ``lease``, in order (without ``me``: not known, ours). The backups are the next transport of
-    the owner's lease and the chosen transport of the next lease, so an owner that is late or
-    full races one or two consumers, not all of them.
+    Lease rank 0: this process owns it (its transport at the local index claims at once); 1: this
+    process is the owner's backup (its transport at the local index claims after a grace); 2:
+    neither. ``leases``: the queue's live consumer leases, sorted (None, or without ``lease``: not
+    known, every lease counts as ours).
     """
     spread = zlib.crc32(key)  # the same in every process (hash() of bytes is salted per process)
     lease_rank = 0
     if leases and lease in leases:
-        index = leases.index(lease)
-        lease_rank = _rank(index, spread, len(leases))
+        lease_rank = min((leases.index(lease) - spread) % len(leases), 2)
         spread //= len(leases)
-    local_rank = _rank(local.index(me), spread, len(local)) if me in local else 0
-    return min(lease_rank + local_rank, MAX_RANK)
-
-
-def _rank(index: int, spread: int, count: int) -> int:
-    """0 for the member at ``spread mod count``, 1 for the one after it, 2 for the rest."""
-    return min((index - spread) % count, MAX_RANK)
+    return lease_rank, spread % count
 
 
 def lease_of_consumer_key(key: bytes) -> int:
@@ -126,31 +116,159 @@ def _queues_of(value: bytes) -> frozenset[str]:
         return frozenset()
 
 
-class LocalConsumers:
-    """This process's transports consuming each queue under one lease, in the order they started
-    (keyed by the transports' client and the queue's ``ready/`` prefix)."""
+class QueueFeed:
+    """This process's one watch on one queue's ``ready/`` for its transports that consume it under one
+    consumer lease, and the puts it holds back for them.
+
+    A put goes at once to the transport it is offered to (if this process owns it); else it is
+    held: after one grace to this process's backup transport (the next one of the owner's
+    process, or the chosen one of the owner's backup process), after two to every other one,
+    unless its delete came first. So each process decodes each put and delete once, whatever
+    the number of its transports, and a transport is called only for the puts it may claim.
+    Transports: ``lease``, ``forget_reads()``, ``offer_news(queue, rows)``, ``drop_hints(queue, keys)``.
+    """
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.watch: Any = None
+        self._lock = threading.Lock()
+        self._transports: list[Any] = []
+        self._held: dict[bytes, tuple[tuple, set[int]]] = {}  # key -> (row, ids of the transports given it)
+        self._stages: tuple[deque, deque] = (deque(), deque())  # after 1, 2 graces: (due, key, transports, last)
+        self._armed: float | None = None  # the earliest due a timer callback is set for
+
+    def join(self, transport: Any) -> bool:
+        """Add ``transport``; True if it is the first (the caller subscribes the watch)."""
+        with self._lock:
+            if transport not in self._transports:
+                self._transports.append(transport)
+            return len(self._transports) == 1
+
+    def leave(self, transport: Any) -> bool:
+        """Remove ``transport``; True if it was the last (the caller unsubscribes the watch)."""
+        with self._lock:
+            self._transports = [t for t in self._transports if t is not transport]
+            if self._transports:
+                return False
+            self._held.clear()
+            for stage in self._stages:
+                stage.clear()
+            return True
+
+    def transports(self) -> list[Any]:
+        with self._lock:
+            return list(self._transports)
+
+    def is_held(self, key: bytes, transport: Any) -> bool:
+        """True while ``key`` is held back from ``transport`` (offered to another, in its grace)."""
+        entry = self._held.get(key)
+        return entry is not None and id(transport) not in entry[1]
+
+    def on_created(self) -> None:
+        for transport in self.transports():
+            transport.forget_reads()
+
+    def on_events(self, events: Sequence[Any]) -> None:
+        transports = self.transports()
+        if not transports:
+            return
+        lease = transports[0].lease
+        lease_id = lease.lease_id
+        leases = lease.members.of(self.queue) if lease_id is not None else None
+        now, count = monotonic(), len(transports)
+        news: dict[int, list] = {}
+        deleted: list[bytes] = []
+        earliest = None
+        with self._lock:
+            for event in events:
+                kv = event.kv
+                if event.type == EVENT_DELETE:  # claimed (or purged): nobody here need try it
+                    self._held.pop(kv.key, None)
+                    deleted.append(kv.key)
+                    continue
+                row = (kv.key, kv.value, kv.mod_revision)
+                lease_rank, index = place(kv.key, leases, lease_id, count)
+                if lease_rank == 0:
+                    news.setdefault(index, []).append(row)
+                    first, backup = {index}, [(index + 1) % count] if count > 1 else []
+                elif lease_rank == 1:
+                    first, backup = set(), [index]
+                else:
+                    first, backup = set(), []
+                rest = [transports[i] for i in range(count) if i not in first and i not in backup]
+                if not backup and not rest:
+                    continue
+                self._held[kv.key] = (row, {id(transports[i]) for i in first})
+                due = now + (OFFER_GRACE_SECONDS if backup else 2 * OFFER_GRACE_SECONDS)
+                if backup:  # the last stage of a put forgets it
+                    self._stages[0].append((due, kv.key, [transports[i] for i in backup], not rest))
+                if rest:
+                    self._stages[1].append((now + 2 * OFFER_GRACE_SECONDS, kv.key, rest, True))
+                earliest = due if earliest is None else min(earliest, due)
+            arm = earliest is not None and self._arm(earliest, now)
+        for index, rows in news.items():
+            transports[index].offer_news(self.queue, rows)
+        if deleted:
+            for transport in transports:
+                transport.drop_hints(self.queue, deleted)
+        if arm:
+            timer().call_at(earliest, self._grace_over)
+
+    def _arm(self, due: float, now: float) -> bool:
+        """True if a timer callback must be set for ``due``: none set covers it (called under the lock)."""
+        if self._armed is not None and now < self._armed <= due:
+            return False
+        self._armed = due
+        return True
+
+    def _grace_over(self) -> None:
+        """On the offers timer: held puts whose grace ended unclaimed go to their next transports."""
+        now = monotonic()
+        given: dict[int, tuple[Any, list]] = {}
+        with self._lock:
+            for stage in self._stages:
+                while stage and stage[0][0] <= now:
+                    _, key, targets, last = stage.popleft()
+                    entry = self._held.pop(key, None) if last else self._held.get(key)
+                    if entry is None:
+                        continue
+                    entry[1].update(id(transport) for transport in targets)
+                    for transport in targets:
+                        given.setdefault(id(transport), (transport, []))[1].append(entry[0])
+            due = min((stage[0][0] for stage in self._stages if stage), default=None)
+            arm = due is not None and self._arm(due, now)
+        if arm:
+            timer().call_at(due, self._grace_over)
+        for transport, rows in given.values():
+            logger.debug("%d put(s) on queue %r not claimed by their owner within the grace", len(rows), self.queue)
+            transport.offer_news(self.queue, sorted(rows))
+
+
+class Feeds:
+    """This process's :class:`QueueFeed` s, by client (one consumer lease each) and queue prefix."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queues: dict[tuple, list[weakref.ref]] = {}
+        self._feeds: dict[tuple, QueueFeed] = {}
 
-    def add(self, queue: tuple, transport: Any) -> None:
+    def join(self, key: tuple, queue: str, transport: Any, subscribe: Callable[[QueueFeed], Any]) -> QueueFeed:
+        """The feed of ``key`` with ``transport`` in it; the first one's watch is ``subscribe(feed)``."""
         with self._lock:
-            refs = self._queues.setdefault(queue, [])
-            if not any(ref() is transport for ref in refs):
-                refs.append(weakref.ref(transport))
+            feed = self._feeds.get(key)
+            if feed is None:
+                feed = self._feeds[key] = QueueFeed(queue)
+            if feed.join(transport):
+                feed.watch = subscribe(feed)
+            return feed
 
-    def discard(self, queue: tuple, transport: Any) -> None:
+    def leave(self, key: tuple, transport: Any) -> Any:
+        """Take ``transport`` out of its feed; the feed's watch if it was the last (to unsubscribe)."""
         with self._lock:
-            refs = [ref for ref in self._queues.get(queue, ()) if ref() is not None and ref() is not transport]
-            if refs:
-                self._queues[queue] = refs
-            else:
-                self._queues.pop(queue, None)
-
-    def of(self, queue: tuple) -> list[Any]:
-        with self._lock:
-            return [t for ref in self._queues.get(queue, ()) if (t := ref()) is not None]
+            feed = self._feeds.get(key)
+            if feed is None or not feed.leave(transport):
+                return None
+            del self._feeds[key]
+            return feed.watch
 
 
 class Timer:
@@ -186,9 +304,9 @@ class Timer:
 _per_process = forking.PerProcess()
 
 
-def local_consumers() -> LocalConsumers:
-    """This process's :class:`LocalConsumers` (a new one in a forked child)."""
-    return _per_process.get(("local",), LocalConsumers)
+def feeds() -> Feeds:
+    """This process's :class:`Feeds` (a new one in a forked child)."""
+    return _per_process.get(("feeds",), Feeds)
 
 
 def timer() -> Timer:

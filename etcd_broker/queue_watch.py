@@ -6,20 +6,19 @@ range read) and the queue is known empty until a put arrives. Once every hint ta
 claimed (by us or by others), the queue is known empty again as of the last put seen, so a lone
 message costs its claim and no range read. A reconnect forgets it all.
 
-A put offered to another consumer (offers.py) is held back for the offer's grace: it is neither
-a hint nor news of the queue until then, and a range read skips it. If its delete (a claim by
-anyone) comes first it is forgotten; else it becomes a hint like any put, and we claim it.
+The watch is the process's, shared by its transports on the queue (offers.QueueFeed): a put
+reaches the one transport it is offered to at once; one offered elsewhere is held back by the
+feed for the offer's grace (neither a hint nor news of the queue until then, and a range read
+skips it). If its delete (a claim by anyone) comes first it is forgotten; else it becomes a
+hint like any put, and we claim it.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
-from functools import partial
 from time import monotonic
 
 from etcd_broker import offers
-from etcd_broker.watch import EVENT_DELETE
 
 logger = logging.getLogger(__name__)
 
@@ -35,44 +34,34 @@ class QueueWatchMixin:
     """
 
     def _init_queue_watch(self) -> None:
-        self._queue_watches: dict[str, list] = {}  # queue -> [watch, consumers]
+        self._queue_watches: dict[str, list] = {}  # queue -> [feed, consumers]
         self._hints: dict[str, list | None] = {}
         self._read_revision: dict[str, int] = {}
         self._forgotten_at = monotonic()
         self._event_revision: dict[str, int] = {}
         self._reads_generation = 0  # bumped by forget_reads: hints taken before it prove nothing
         self._watch_lock = threading.Lock()
-        self._held: dict[str, dict[bytes, tuple[bytes, bytes, int]]] = {}  # queue -> puts offered elsewhere
-        self._held_order: dict[str, tuple[deque, deque]] = {}  # queue -> by rank 1, 2: (grace end, key)
-        self._grace_armed: dict[str, float] = {}  # queue -> earliest grace end a timer is set for
 
     def _unwatch_all(self) -> None:
         """Drop every queue watch (the connection is closing)."""
         with self._watch_lock:
-            queues, watches = list(self._queue_watches), [entry[0] for entry in self._queue_watches.values()]
-            self._queue_watches = {}
-            self._held.clear()
-            self._held_order.clear()
-            self._grace_armed.clear()
-        for watch in watches:
-            self.watch_hub.unsubscribe(watch)
+            queues, self._queue_watches = list(self._queue_watches), {}
         for queue in queues:
-            offers.local_consumers().discard(self._local_key(queue), self)
+            self._leave_feed(queue)
 
     def watch_queue(self, queue: str) -> None:
-        """Wake :meth:`drain_events` whenever a message is put on ``queue``."""
+        """Wake :meth:`drain_events` whenever a message is put on ``queue`` that we may claim."""
         with self._watch_lock:
             entry = self._queue_watches.get(queue)
             if entry is not None:
                 entry[1] += 1
                 return
-            # deletes too: a claim's delete settles the offer of its put (offers.py)
-            watch = self.watch_hub.subscribe(self.keys.ready(queue), partial(self._on_ready, queue), prefix=True,
-                                             on_created=self.forget_reads)
-            self._queue_watches[queue] = [watch, 1]
-        offers.local_consumers().add(self._local_key(queue), self)
-        self.watch_hub.wait_created(watch, timeout=self.config.timeout)
-        self.wake()
+            # one watch per process and lease (offers.QueueFeed), deletes too: a claim's delete settles an offer
+            feed = offers.feeds().join(self._feed_key(queue), queue, self, lambda feed: self.watch_hub.subscribe(
+                self.keys.ready(queue), feed.on_events, prefix=True, on_created=feed.on_created))
+            self._queue_watches[queue] = [feed, 1]
+        self.watch_hub.wait_created(feed.watch, timeout=self.config.timeout)
+        self.forget_reads()  # the feed's watch may have been created before we joined it
 
     def unwatch_queue(self, queue: str) -> bool:
         """One consumer of ``queue`` less; True if it was the last (the watch is gone)."""
@@ -84,100 +73,44 @@ class QueueWatchMixin:
             if entry[1] > 0:
                 return False
             del self._queue_watches[queue]
-            self._held.pop(queue, None)
-            self._held_order.pop(queue, None)
-            self._grace_armed.pop(queue, None)
-        self.watch_hub.unsubscribe(entry[0])
-        offers.local_consumers().discard(self._local_key(queue), self)
+        self._leave_feed(queue)
         return True
 
-    def _local_key(self, queue: str) -> tuple[int, str]:
+    def _leave_feed(self, queue: str) -> None:
+        watch = offers.feeds().leave(self._feed_key(queue), self)
+        if watch is not None:
+            self.watch_hub.unsubscribe(watch)
+
+    def _feed_key(self, queue: str) -> tuple[int, str]:
         """Transports share a consumer lease when they share the client (membership.consumer_lease)."""
         return id(self.etcd), self.keys.ready(queue)
 
-    def _offered_here(self, queue: str):
-        """``offered(key)``: is a put of ``key`` on ``queue`` offered to us now (offers.py)?"""
-        lease = self.lease
-        lease_id = lease.lease_id
-        leases = lease.members.of(queue) if lease_id is not None else None
-        local = offers.local_consumers().of(self._local_key(queue))
-        return partial(offers.offer_rank, leases=leases, lease=lease_id, local=local, me=self)
-
-    def _on_ready(self, queue: str, events) -> None:
-        rank_of = self._offered_here(queue)
-        now = monotonic()
-        news, earliest = [], None
+    def offer_news(self, queue: str, rows: list) -> None:
+        """Puts we may claim now (our feed's): hints, and the queue is not known empty."""
         with self._watch_lock:
-            if queue not in self._queue_watches:  # unwatched meanwhile (a late callback)
+            if queue not in self._queue_watches:  # unwatched meanwhile
                 return
-            held = self._held.setdefault(queue, {})
-            for event in events:
-                kv = event.kv
-                if event.type == EVENT_DELETE:  # claimed (or purged): nobody need try it again
-                    held.pop(kv.key, None)
-                    hints = self._hints.get(queue)
-                    if hints:
-                        self._hints[queue] = [row for row in hints if row[0] != kv.key]
-                    continue
-                rank = rank_of(kv.key)
-                if not rank:
-                    news.append((kv.key, kv.value, kv.mod_revision))
-                    continue
-                due = now + rank * offers.OFFER_GRACE_SECONDS
-                held[kv.key] = (kv.key, kv.value, kv.mod_revision)
-                self._held_order.setdefault(queue, (deque(), deque()))[rank - 1].append((due, kv.key))
-                earliest = due if earliest is None else min(earliest, due)
-            arm = earliest is not None and self._arm(queue, earliest, now)
-            if news:
-                self._add_news(queue, news)
-        if arm:
-            offers.timer().call_at(earliest, partial(self._grace_over, queue))
-        if news:
-            self.wake()
+            self._event_revision[queue] = max(self._event_revision.get(queue, 0), max(row[2] for row in rows))
+            hints = self._hints.get(queue)
+            if hints is not None and len(hints) + len(rows) <= CLAIM_BATCH:
+                hints.extend(rows)
+            else:
+                self._hints[queue] = None
+                self._read_revision.pop(queue, None)  # a put held back may be older than our last read
+        self.wake()
 
-    def _arm(self, queue: str, due: float, now: float) -> bool:
-        """True if a grace callback must be set for ``due``: none set covers it (called under the lock)."""
-        armed = self._grace_armed.get(queue)
-        if armed is not None and now < armed <= due:
-            return False
-        self._grace_armed[queue] = due
-        return True
-
-    def _add_news(self, queue: str, rows: list) -> None:
-        """Puts we may claim now: hints, and the queue is not known empty (called under the lock)."""
-        self._event_revision[queue] = max(self._event_revision.get(queue, 0), max(row[2] for row in rows))
-        hints = self._hints.get(queue)
-        if hints is not None and len(hints) + len(rows) <= CLAIM_BATCH:
-            hints.extend(rows)
-        else:
-            self._hints[queue] = None
-            self._read_revision.pop(queue, None)  # a put held back may be older than our last read
-
-    def _grace_over(self, queue: str) -> None:
-        """On the offers timer: puts offered elsewhere whose grace ended unclaimed are ours to try."""
-        now = monotonic()
+    def drop_hints(self, queue: str, keys: list[bytes]) -> None:
+        """These keys were deleted (claimed, by anyone): no hint of ours need try them."""
         with self._watch_lock:
-            orders, held, rows = self._held_order.get(queue, ()), self._held.get(queue) or {}, []
-            for order in orders:
-                while order and order[0][0] <= now:
-                    row = held.pop(order.popleft()[1], None)
-                    if row is not None:
-                        rows.append(row)
-            if rows:
-                self._add_news(queue, sorted(rows))
-            due = min((order[0][0] for order in orders if order), default=None)
-            arm = due is not None and self._arm(queue, due, now)
-        if arm:
-            offers.timer().call_at(due, partial(self._grace_over, queue))
-        if rows:
-            logger.debug("%d put(s) on queue %r not claimed by their owner within the grace", len(rows), queue)
-            self.wake()
+            hints = self._hints.get(queue)
+            if hints:
+                gone = set(keys)
+                self._hints[queue] = [row for row in hints if row[0] not in gone]
 
     def skip_held(self, queue: str, rows: list) -> list:
-        """``rows`` of a range read without the puts offered to another consumer, in their grace."""
-        with self._watch_lock:
-            held = self._held.get(queue)
-            return [row for row in rows if row[0] not in held] if held else rows
+        """``rows`` of a range read without the puts our feed holds back (offered elsewhere, in their grace)."""
+        entry = self._queue_watches.get(queue)
+        return [row for row in rows if not entry[0].is_held(row[0], self)] if entry else rows
 
     def after_read(self, queue: str, revision: int, drained: bool) -> None:
         """After a range read at ``revision``: if it saw the whole queue, new messages come by watch.

@@ -127,7 +127,7 @@ def test_consumers_of_one_queue_claim_each_message_once_without_races(etcd_url, 
 
 def test_a_message_offered_to_a_consumer_that_never_claims_is_delivered_after_the_grace(
         etcd_url, etcd_prefix, caplog):
-    caplog.set_level(logging.DEBUG, logger="etcd_broker.queue_watch")
+    caplog.set_level(logging.DEBUG, logger="etcd_broker.offers")
     client, keys, queue = get_client(etcd_url), KeySpace(etcd_prefix), "orphaned"
     # a live consumer lease that lists the queue but never claims (a process stuck, or about to die)
     silent = client.lease(SLOW * 2)

@@ -11,9 +11,10 @@ word exchanged:
 * within that process: the transports consuming the queue, in the order they started; the one at
   ``(crc32(key) // N) mod M``.
 
-The others hold the put and claim it only if no delete of it came by then (the owner is full,
-slow or gone, queue_watch.py): its backups (the next transport of the owner's lease, the chosen
-transport of the next lease) for OFFER_GRACE_SECONDS, the rest for twice that. So a message
+The others claim it only if no delete of it came by then (the owner is full, slow or gone): its
+backups (the next transport of the owner's lease, the chosen transport of the next lease) after
+OFFER_GRACE_SECONDS, the rest after twice that; until then the process's :class:`QueueFeed`
+(its one watch on the queue) holds the put back from them. So a message
 waits at most a grace and a claim when a backup can take it, and a late owner races one or two
 consumers, not all of them. Nothing new is written and the claim transaction still
 decides, so exactly-once is unchanged. A consumer that does not know a queue's members yet (its

@@ -171,3 +171,14 @@ def test_a_full_consumer_s_offers_go_to_another_after_the_grace(etcd_url, etcd_p
         wait_until(lambda: consumers.consumed() >= 30, timeout=SLOW, message="the other consumer got all 30")
         assert sorted(consumers.got[0]) == list(range(1, 31))
         held[0].ack()
+
+
+def test_every_process_agrees_on_one_owner_and_one_backup_lease_and_an_unknown_view_claims_at_once():
+    leases = [3, 7, 11, 19]
+    for n in range(200):
+        key = f"/p/default/q/work/ready/9/{n:020d}-0".encode()
+        ranks = sorted(offers.place(key, leases, lease, 5)[0] for lease in leases)
+        assert ranks == [0, 1, 2, 2]  # one owner process, one backup process
+        assert {offers.place(key, leases, lease, 5)[1] for lease in leases} <= set(range(5))
+        assert offers.place(key, None, 3, 5)[0] == 0  # the view not read yet: as before, ours
+        assert offers.place(key, [7, 11], 3, 5)[0] == 0  # our own lease not in it yet: ours

@@ -20,9 +20,9 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from etcd_broker import forking, handoff, ops
+from etcd_broker import forking, handoff, offers, ops
 from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
-from etcd_broker.keys import KeySpace
+from etcd_broker.keys import KeySpace, range_end
 from etcd_broker.reconcile import RECONCILE_SECONDS, Reconciler
 from etcd_broker.watch import EVENT_DELETE, Watch, WatchHub, hub_for
 
@@ -60,6 +60,7 @@ class ConsumerLease:
         self._acks_waiting = threading.Event()
         self._closed = threading.Event()
         self._consumers_watch: Watch | None = None
+        self.members = offers.Members()  # which live leases consume which queues (offers.py)
         self._hub: WatchHub | None = None
         self._threads: list[threading.Thread] = []
         self._answered_at = 0.0  # monotonic time of the last keepalive etcd answered
@@ -102,7 +103,8 @@ class ConsumerLease:
             return
         self._hub = hub_for(self.client.config)
         self._consumers_watch = self._hub.subscribe(self.keys.consumers(), self._on_consumer_events, prefix=True,
-                                                    prev_kv=True)
+                                                    prev_kv=True, on_created=self._read_members,
+                                                    on_resync=self._resync_members)
         for target, name in ((self._keepalive_loop, "etcd-lease-keepalive"), (self._sweep_loop, "etcd-sweeper"),
                              (self._ack_loop, "etcd-acks")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -347,7 +349,26 @@ class ConsumerLease:
         return self.reconciler.run(lease_id, queues)  # what it raises, the sweep loop logs and retries
 
     # -- sweeping dead consumers' messages back ---------------------------------
+    def _read_members(self) -> int:
+        """Each time the consumer watch is (re)created: the live consumers now (on the watch thread;
+        one read). Unread, offers are not made (every consumer claims at once, offers.py)."""
+        prefix = self.keys.consumers()
+        try:
+            response = self.client.get_range_response(prefix, range_end(prefix))
+        except CONNECTION_ERRORS as exc:
+            logger.debug("live consumers not read: %s", exc)
+            return 0
+        self.members.reset(response.kvs, response.header.revision)
+        return response.header.revision
+
+    def _resync_members(self) -> int:
+        """The watch's history was compacted away: read the members again; deletes missed meanwhile
+        are the sweep's to find."""
+        self._sweep_now.set()
+        return self._read_members()
+
     def _on_consumer_events(self, events: Iterable) -> None:
+        self.members.apply(events)
         for event in events:
             if event.type != EVENT_DELETE:
                 continue

@@ -5,13 +5,20 @@ After a read that saw a whole queue, the puts seen since are kept as hints (clai
 range read) and the queue is known empty until a put arrives. Once every hint taken has been
 claimed (by us or by others), the queue is known empty again as of the last put seen, so a lone
 message costs its claim and no range read. A reconnect forgets it all.
+
+The watch is the process's, shared by its transports on the queue (offers.QueueFeed): a put
+reaches the one transport it is offered to at once; one offered elsewhere is held back by the
+feed for the offer's grace (neither a hint nor news of the queue until then, and a range read
+skips it). If its delete (a claim by anyone) comes first it is forgotten; else it becomes a
+hint like any put, and we claim it.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from functools import partial
 from time import monotonic
+
+from etcd_broker import offers
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +30,11 @@ CLAIM_BATCH = 32
 class QueueWatchMixin:
     """The queue watches and read bookkeeping of :class:`etcd_broker.transport.Transport`.
 
-    Needs ``watch_hub``, ``keys``, ``config`` and ``wake()`` from the class it is mixed into.
+    Needs ``watch_hub``, ``etcd``, ``keys``, ``config``, ``lease`` and ``wake()`` from the class it is mixed into.
     """
 
     def _init_queue_watch(self) -> None:
-        self._queue_watches: dict[str, list] = {}  # queue -> [watch, consumers]
+        self._queue_watches: dict[str, list] = {}  # queue -> [feed, consumers]
         self._hints: dict[str, list | None] = {}
         self._read_revision: dict[str, int] = {}
         self._forgotten_at = monotonic()
@@ -38,22 +45,23 @@ class QueueWatchMixin:
     def _unwatch_all(self) -> None:
         """Drop every queue watch (the connection is closing)."""
         with self._watch_lock:
-            watches, self._queue_watches = [entry[0] for entry in self._queue_watches.values()], {}
-        for watch in watches:
-            self.watch_hub.unsubscribe(watch)
+            queues, self._queue_watches = list(self._queue_watches), {}
+        for queue in queues:
+            self._leave_feed(queue)
 
     def watch_queue(self, queue: str) -> None:
-        """Wake :meth:`drain_events` whenever a message is put on ``queue``."""
+        """Wake :meth:`drain_events` whenever a message is put on ``queue`` that we may claim."""
         with self._watch_lock:
             entry = self._queue_watches.get(queue)
             if entry is not None:
                 entry[1] += 1
                 return
-            watch = self.watch_hub.subscribe(self.keys.ready(queue), partial(self._on_ready, queue), prefix=True,
-                                             puts_only=True, on_created=self.forget_reads)
-            self._queue_watches[queue] = [watch, 1]
-        self.watch_hub.wait_created(watch, timeout=self.config.timeout)
-        self.wake()
+            # one watch per process and lease (offers.QueueFeed), deletes too: a claim's delete settles an offer
+            feed = offers.feeds().join(self._feed_key(queue), queue, self, lambda feed: self.watch_hub.subscribe(
+                self.keys.ready(queue), feed.on_events, prefix=True, on_created=feed.on_created))
+            self._queue_watches[queue] = [feed, 1]
+        self.watch_hub.wait_created(feed.watch, timeout=self.config.timeout)
+        self.forget_reads()  # the feed's watch may have been created before we joined it
 
     def unwatch_queue(self, queue: str) -> bool:
         """One consumer of ``queue`` less; True if it was the last (the watch is gone)."""
@@ -65,19 +73,44 @@ class QueueWatchMixin:
             if entry[1] > 0:
                 return False
             del self._queue_watches[queue]
-        self.watch_hub.unsubscribe(entry[0])
+        self._leave_feed(queue)
         return True
 
-    def _on_ready(self, queue: str, events) -> None:
+    def _leave_feed(self, queue: str) -> None:
+        watch = offers.feeds().leave(self._feed_key(queue), self)
+        if watch is not None:
+            self.watch_hub.unsubscribe(watch)
+
+    def _feed_key(self, queue: str) -> tuple[int, str]:
+        """Transports share a consumer lease when they share the client (membership.consumer_lease)."""
+        return id(self.etcd), self.keys.ready(queue)
+
+    def offer_news(self, queue: str, rows: list) -> None:
+        """Puts we may claim now (our feed's): hints, and the queue is not known empty."""
         with self._watch_lock:
-            self._event_revision[queue] = events[-1].kv.mod_revision
+            if queue not in self._queue_watches:  # unwatched meanwhile
+                return
+            self._event_revision[queue] = max(self._event_revision.get(queue, 0), max(row[2] for row in rows))
             hints = self._hints.get(queue)
-            if hints is not None:
-                if len(hints) + len(events) <= CLAIM_BATCH:
-                    hints.extend((e.kv.key, e.kv.value, e.kv.mod_revision) for e in events)
-                else:
-                    self._hints[queue] = None
+            if hints is not None and len(hints) + len(rows) <= CLAIM_BATCH:
+                hints.extend(rows)
+            else:
+                self._hints[queue] = None
+                self._read_revision.pop(queue, None)  # a put held back may be older than our last read
         self.wake()
+
+    def drop_hints(self, queue: str, keys: list[bytes]) -> None:
+        """These keys were deleted (claimed, by anyone): no hint of ours need try them."""
+        with self._watch_lock:
+            hints = self._hints.get(queue)
+            if hints:
+                gone = set(keys)
+                self._hints[queue] = [row for row in hints if row[0] not in gone]
+
+    def skip_held(self, queue: str, rows: list) -> list:
+        """``rows`` of a range read without the puts our feed holds back (offered elsewhere, in their grace)."""
+        entry = self._queue_watches.get(queue)
+        return [row for row in rows if not entry[0].is_held(row[0], self)] if entry else rows
 
     def after_read(self, queue: str, revision: int, drained: bool) -> None:
         """After a range read at ``revision``: if it saw the whole queue, new messages come by watch.

@@ -216,6 +216,8 @@ class Channel(virtual.Channel):
                     self._park(queue, lease_id)
                     raise Empty()
                 candidates = self._read_ready(queue)
+                if not self._single_get:  # puts offered to another consumer wait out their grace first
+                    candidates = self.connection.skip_held(queue, candidates)
                 if not candidates:
                     self._park(queue, lease_id)
                     raise Empty()

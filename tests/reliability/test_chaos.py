@@ -25,12 +25,13 @@ from pathlib import Path
 import pytest
 
 from etcd_broker.client import get_client
-from scripts.etcd_server import cluster_url
+from scripts.etcd_server import cluster_url, etcd_version, find_etcd_binary
 from tests.helpers import wait_until
 from tests.reliability import counting_app
 from tests.reliability.chaos_check import Checker, History, Leftovers
 from tests.reliability.chaos_fleet import Fleet
 from tests.reliability.chaos_load import MixedLoad
+from tests.reliability.cluster_tools import divergence
 from tests.reliability.counting import PUBLISH_RETRY_POLICY, read_markers_retrying
 
 SECONDS = float(os.environ.get("CHAOS_SECONDS", "120"))
@@ -123,6 +124,9 @@ def test_a_random_fault_schedule_loses_nothing_and_runs_nothing_twice_on_live_wo
         final = checker(history, fleet, client, etcd_prefix)
         verdict = final.verdict()
         summary_lines(f"chaos seed {SEED}, {SECONDS:.0f} s, pools {','.join(POOLS)}", report(history, verdict))
+        diverged = divergence(cluster)  # first: a diverged member explains any violation after it (T10c)
+        assert diverged is None, (f"etcd {etcd_version(find_etcd_binary())}'s members diverged {diverged}: a member "
+                                  f"restarted after a SIGKILL lacks writes the others applied (seed {SEED})")
         assert not verdict.violations, final.failure_text(verdict)
     finally:
         counting_app.app.conf.task_publish_retry_policy = retry_policy

@@ -68,6 +68,24 @@ def test_two_runs_on_live_workers_are_a_violation_but_a_rerun_after_a_kill_is_no
     assert rules(found) == [] and found.counts["finished again after a kill or cut"] == 1
 
 
+def test_a_kill_excuses_a_rerun_only_if_it_came_before_the_first_runs_ack(tmp_path):
+    made = history(tmp_path)
+    send(made, "a")
+    runs = [("a", "t0-0", 11, 1.0, 2.0), ("a", "t1-0", 12, 40.0, 41.0)]
+    made.workers["t0-0"]["killed"] = T0 + 30.0  # long after its run finished and acked: nothing to redeliver
+    found, checker = verdict(made, runs)
+    assert rules(found) == ["finished 2 times on live, connected workers"]
+    assert "ran on t0-0 pid 11: +1.0s..+2.0s \n" in checker.failure_text(found) + "\n"
+    made.workers["t0-0"]["killed"] = T0 + 3.5  # within the ack's grace: its ack may not have landed
+    assert rules(verdict(made, runs)[0]) == []
+    made.workers["t0-0"]["killed"] = T0 + 9.0
+    assert rules(verdict(made, runs)[0]) == ["finished 2 times on live, connected workers"]
+    made.faults.append((T0 + 1.5, T0 + 8.0, "kill_leader", "m0 killed"))  # the ack waited out the election
+    assert rules(verdict(made, runs)[0]) == []
+    made.faults[-1] = (T0 + 1.5, T0 + 8.0, "kill_worker", "t1-0 killed")  # not an etcd fault: no wait
+    assert rules(verdict(made, runs)[0]) == ["finished 2 times on live, connected workers"]
+
+
 def test_a_rerun_after_a_cut_is_allowed_only_for_what_ran_during_the_cut(tmp_path):
     made = history(tmp_path)
     send(made, "a")

@@ -240,6 +240,16 @@ def test_a_handoff_not_taken_before_its_lease_lapsed_is_delivered_only_if_still_
     kept = hand_off(third, "0006")  # in doubt, yet still ours: delivered after the read
     assert parking.take(queue, in_doubt=True) == (kept, b'{"n": 1}')
 
+    # Still under the lapsed lease when taken (it came after the adoption): moved under the current lease, so
+    # that the ack (through the current lease) deletes it; under the old one a later sweep would run it again.
+    fourth = client.lease(30).id
+    late = hand_off(third, "0007")
+    under_fourth = keys.unacked_message(queue, fourth, keys.position_of(late))
+    assert parking.take(queue, lambda key: key.replace(f"{third:016x}", f"{fourth:016x}")) == (under_fourth,
+                                                                                            b'{"n": 1}')
+    assert not ops.get(client, late).kvs and ops.get(client, under_fourth).kvs[0].value == b'{"n": 1}'
+    client.revoke_lease(fourth)
+
     live = hand_off(third, "0004")  # a lease that did not lapse: delivered without a read
     assert parking.take(queue) == (live, b'{"n": 1}')
     parking.withdraw_all(lambda key: None, lambda key, seen: None)

@@ -7,8 +7,9 @@ pid, start and done times). :func:`check` replays both and names every task that
 
 - every accepted task finished, and at most once on workers that were neither killed nor cut off
   before its ack had surely landed (runs on such workers are counted apart: at-least-once by design;
-  a worker killed after that proves nothing); an early-ack task whose worker was killed may be lost
-  (at-most-once by design), counted apart;
+  a worker killed after that proves nothing); an early-ack task whose worker was killed may be lost,
+  or finish without its SUCCESS if the kill came before that write had surely landed (at-most-once by
+  design), counted apart;
 - an execution on a live, connected worker that started also finished (a pool slot did not die);
 - a terminated task is REVOKED (or finished before the revoke reached it) and never runs again;
 - a countdown task never starts before its ETA; a chord callback starts after its last part;
@@ -33,6 +34,9 @@ from etcd_broker.keys import KeySpace
 #: not take writes meanwhile (ETCD_FAULTS): a worker killed or cut off this soon after a run finished may
 #: still have its message, so the task may run again elsewhere; killed later, it had nothing left (seconds).
 ACK_GRACE = 2.0
+#: One etcd call's deadline (etcd_broker.client.DEFAULT_TIMEOUT): a write sent to a member just before it
+#: was stopped or lost its leadership may wait this long after the fault ends before it fails and is retried.
+CALL_DEADLINE = 5.0
 #: Faults during which etcd may refuse or delay writes (an ack waits, retried, until they end).
 ETCD_FAULTS = ("kill_leader", "stop_member", "move_leader")
 #: A task a worker took during a cut may begin only once etcd answers again (a batch reads its cancel
@@ -252,13 +256,14 @@ class Checker:
 
     def acked_by(self, run: Execution) -> float:
         """When ``run``'s ack had surely landed: ACK_GRACE after it finished, pushed past the end of every etcd
-        fault in progress meanwhile (the ack is retried until etcd takes it); never, for a run that did not finish."""
+        fault in progress meanwhile by a call's deadline (the ack is retried until etcd takes it); never, for a run that
+        did not finish."""
         if run.done is None:
             return float("inf")
         acked = run.done + ACK_GRACE
         for start, end, name, _ in sorted(self.history.faults):
             if name in ETCD_FAULTS and start <= acked and end >= run.done:
-                acked = max(acked, end + ACK_GRACE)
+                acked = max(acked, end + CALL_DEADLINE + ACK_GRACE)
         return acked
 
     def verdict(self) -> Verdict:
@@ -315,6 +320,10 @@ class Checker:
             violations.append(Violation(task, "accepted and never finished"))
             return
         counts["finished"] += 1
+        if state is None and sent.kind == "early" and all(self.suspect(run) == "worker killed" for run in finished):
+            # its body ended, then its worker died before the SUCCESS write landed: at most once, as above
+            counts["result lost with a killed worker (early ack)"] += 1
+            return
         if state != "SUCCESS":
             open_items.append(f"{task}: state {state}")
             violations.append(Violation(task, f"finished but its state is {state}, not SUCCESS"))

@@ -116,6 +116,21 @@ def test_a_lost_task_is_a_violation_unless_it_acked_early_on_a_killed_worker(tmp
     assert found.violations[0].task == "a" and found.counts["lost with a killed worker (early ack)"] == 1
 
 
+def test_an_early_ack_task_may_lose_its_result_only_to_a_kill_before_the_write_landed(tmp_path):
+    made = history(tmp_path)
+    send(made, "b", kind="early")
+    runs = [("b", "t0-0", 11, 1.0, 2.0)]
+    made.workers["t0-0"]["killed"] = T0 + 30.0  # long after the SUCCESS write: its loss is a violation
+    assert rules(verdict(made, runs, states={})[0]) == ["finished but its state is None, not SUCCESS"]
+    made.faults.append((T0 + 0.5, T0 + 2.0, "stop_member", "m1 stopped"))  # the write met a stopped member
+    made.workers["t0-0"]["killed"] = T0 + 6.9  # killed while that write waited out its deadline
+    found, _ = verdict(made, runs, states={})
+    assert rules(found) == [] and found.counts["result lost with a killed worker (early ack)"] == 1
+    send(made, "a")  # acks late: a kill there brings the message back, so a lost result is still a violation
+    found, _ = verdict(made, runs + [("a", "t0-0", 11, 1.0, 2.0)], states={"a": None})
+    assert rules(found) == ["finished but its state is None, not SUCCESS"]
+
+
 def test_a_run_that_stops_on_a_live_worker_is_a_violation(tmp_path):
     made = history(tmp_path)
     send(made, "a")

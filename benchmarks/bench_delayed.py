@@ -187,7 +187,7 @@ def eta_run(broker: Broker, pool: str, plan: Plan, log_dir: str) -> list:
     start = time.time()
     took = publish(broker, prefix, plan, start)
     progress(f"{broker.name} {pool}: published {plan.tasks} in {took:.1f} s")
-    grown, stopped = float("nan"), float("nan")
+    grown = stopped = 0.0
     if plan.stop is not None:
         time.sleep(plan.stop_after)
         grown = group_rss_mb(worker.process.pid) - before
@@ -202,7 +202,8 @@ def eta_run(broker: Broker, pool: str, plan: Plan, log_dir: str) -> list:
         worker.kill()
     late = [ran - due for _, due, ran in runs]
     distinct = len({run[0] for run in runs})
-    row = [broker.name, pool, plan.tasks, f"{plan.tasks / took:.0f}", f"{grown:.0f}", f"{stopped:.1f}",
+    held = ("-", "-") if plan.stop is None else (f"{grown:.0f}", f"{stopped:.1f}")
+    row = [broker.name, pool, plan.tasks, f"{plan.tasks / took:.0f}", *held,
            f"{percentile(late, 50):.3f}", f"{percentile(late, 99):.3f}", f"{max(late, default=float('nan')):.3f}",
            plan.tasks - distinct, len(runs) - distinct]
     progress(" | ".join(map(str, row)))  # each row as it comes: a long run that fails later keeps it

@@ -132,7 +132,15 @@ class DelayedMover:
 
     # -- watch callbacks (the hub's thread: no etcd calls here) -----------------------------
     def _on_puts(self, queue: str, events) -> None:
-        due = min(self.keys.due_of(event.kv.key) for event in events)
+        dues = []
+        for event in events:
+            try:
+                dues.append(self.keys.due_of(event.kv.key))
+            except ValueError:  # not ours to move; raising here would restart every watch of the stream
+                logger.warning("ignoring %r under queue %r's delayed messages: no due time in it", event.kv.key, queue)
+        if not dues:
+            return
+        due = min(dues)
         with self._lock:
             if queue in self._next:
                 known = self._next[queue]

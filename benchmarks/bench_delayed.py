@@ -232,7 +232,10 @@ def long_run(broker: Broker, pool: str, log_dir: str) -> list:
     app.close()
     workers = [first]
     try:
+        began = time.monotonic()
         while len({run[0] for run in read_runs(log)}) < LONG_TASKS:
+            if time.monotonic() - began > STALL_SECONDS * 4:
+                raise RuntimeError(f"{broker.name} {pool}: the long tasks did not all start")
             time.sleep(0.2)
         workers.append(WorkerProcess(app=APP, env=env, pool=pool, concurrency=LONG_TASKS, log_dir=log_dir).start())
         while time.time() < max(run[2] for run in read_runs(log)) + LONG_SECONDS + 5:

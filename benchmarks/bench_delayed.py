@@ -10,8 +10,9 @@ is counted through the broker under test. Per broker and pool, an idle ``celery 
   (timed) and a new one starts. Publish rate, worker RSS growth (its process group, before the
   SIGTERM less before the publish: what holding the waiting tasks costs), warm shutdown seconds.
 * ``lateness``: ``--lateness-tasks`` tasks due from ``LATENESS_DUE_MIN`` s on at ``LATENESS_RATE``
-  per second (far below what a worker runs; the tasks take no time), no restart: how late
-  delivery itself starts a task when the workers are free.
+  per second (far below what a worker runs; the tasks take no time), then ``SPARSE_TASKS`` due
+  one every 2 s (the worker idles in between), no restart: how late delivery itself starts a
+  task when the workers are free.
 * ``kill``: ``--kill-tasks`` tasks due from ``KILL_DUE_MIN`` s on at ``KILL_RATE`` per second;
   ``KILL_AFTER`` s after the publish the worker's process group gets SIGKILL while every task
   waits, and a new worker starts: what a crash of the worker holding them loses or repeats.
@@ -57,6 +58,8 @@ WARM_AFTER = 15.0
 #: Lateness mode: first due time (s after the publish starts) and due tasks per second (a worker runs
 #: hundreds of empty tasks a second here: at this rate it is free whenever one falls due).
 LATENESS_DUE_MIN, LATENESS_RATE = 10.0, 20.0
+#: Lateness mode's sparse run: this many tasks, one due every 2 s (the consumer idles, parked, in between).
+SPARSE_TASKS, SPARSE_RATE = 20, 0.5
 #: Kill mode: first due time, due rate, and seconds after the publish before the SIGKILL.
 KILL_DUE_MIN, KILL_RATE, KILL_AFTER = 30.0, 50.0, 5.0
 #: Long mode: tasks, their run time, etcd's lease_ttl, Redis's visibility_timeout (seconds).
@@ -203,7 +206,7 @@ def eta_run(broker: Broker, pool: str, plan: Plan, log_dir: str) -> list:
     late = [ran - due for _, due, ran in runs]
     distinct = len({run[0] for run in runs})
     held = ("-", "-") if plan.stop is None else (f"{grown:.0f}", f"{stopped:.1f}")
-    row = [broker.name, pool, plan.tasks, f"{plan.tasks / took:.0f}", *held,
+    row = [broker.name, pool, plan.tasks, f"{plan.rate:g}", f"{plan.tasks / took:.0f}", *held,
            f"{percentile(late, 50):.3f}", f"{percentile(late, 99):.3f}", f"{max(late, default=float('nan')):.3f}",
            plan.tasks - distinct, len(runs) - distinct]
     progress(" | ".join(map(str, row)))  # each row as it comes: a long run that fails later keeps it
@@ -250,14 +253,15 @@ def long_run(broker: Broker, pool: str, log_dir: str) -> list:
     return row
 
 
-ETA_HEADERS = ["broker", "pool", "tasks", "publish/s (8 threads)", "worker RSS growth MB", "worker exit s",
+ETA_HEADERS = ["broker", "pool", "tasks", "due/s", "publish/s (8 threads)", "worker RSS growth MB", "worker exit s",
                "lateness p50 s", "lateness p99 s", "lateness max s", "lost", "dup"]
 LONG_HEADERS = ["broker", "pool", "tasks", "task s", "redelivery option", "starts per task", "re-runs"]
 
 
 def plans(args: argparse.Namespace) -> dict[str, list[Plan]]:
     return {
-        "lateness": [Plan(args.lateness_tasks, LATENESS_DUE_MIN, LATENESS_RATE, None)],
+        "lateness": [Plan(args.lateness_tasks, LATENESS_DUE_MIN, LATENESS_RATE, None),
+                     Plan(SPARSE_TASKS, LATENESS_DUE_MIN, SPARSE_RATE, None)],
         "kill": [Plan(args.kill_tasks, KILL_DUE_MIN, KILL_RATE, "kill", KILL_AFTER)],
         "restart": [Plan(tasks, args.due_min, RESTART_RATE, "term", WARM_AFTER) for tasks in args.tasks],
     }
@@ -265,8 +269,8 @@ def plans(args: argparse.Namespace) -> dict[str, list[Plan]]:
 
 def titles(args: argparse.Namespace) -> dict[str, str]:
     return {
-        "lateness": f"ETA tasks, workers free: due from {LATENESS_DUE_MIN:.0f} s after the publish at "
-                    f"{LATENESS_RATE:.0f}/s, no restart",
+        "lateness": f"ETA tasks, workers free: due from {LATENESS_DUE_MIN:.0f} s after the publish, "
+                    "no restart",
         "kill": f"ETA tasks across a SIGKILL: due from {KILL_DUE_MIN:.0f} s at {KILL_RATE:.0f}/s; the worker's "
                 f"group SIGKILLed {KILL_AFTER:.0f} s after the publish, a new worker started",
         "restart": f"ETA tasks across a warm restart: due from {args.due_min:.0f} s at {RESTART_RATE:.0f}/s; "

@@ -222,8 +222,8 @@ def long_options(broker: Broker) -> tuple[dict, str]:
     return {}, "consumer_timeout default (30 min)"
 
 
-def long_run(broker: Broker, pool: str, log_dir: str) -> list:
-    """LONG_TASKS tasks of LONG_SECONDS on one worker, a second idle beside: starts per task."""
+def long_run(broker: Broker, pool: str, log_dir: str, seconds: float) -> list:
+    """LONG_TASKS tasks of ``seconds`` on one worker, a second idle beside: starts per task."""
     prefix = f"/bench-long-{uuid.uuid4().hex[:8]}"
     log = os.path.join(log_dir, f"long-{uuid.uuid4().hex[:8]}.log")
     options, option = long_options(broker)
@@ -231,7 +231,7 @@ def long_run(broker: Broker, pool: str, log_dir: str) -> list:
     first = WorkerProcess(app=APP, env=env, pool=pool, concurrency=LONG_TASKS, log_dir=log_dir).start()
     app = make_app(broker.url, prefix, broker.quorum, options)
     for index in range(LONG_TASKS):
-        app.send_task("delayed.run", args=(index, time.time(), LONG_SECONDS))
+        app.send_task("delayed.run", args=(index, time.time(), seconds))
     app.close()
     workers = [first]
     try:
@@ -241,13 +241,13 @@ def long_run(broker: Broker, pool: str, log_dir: str) -> list:
                 raise RuntimeError(f"{broker.name} {pool}: the long tasks did not all start")
             time.sleep(0.2)
         workers.append(WorkerProcess(app=APP, env=env, pool=pool, concurrency=LONG_TASKS, log_dir=log_dir).start())
-        while time.time() < max(run[2] for run in read_runs(log)) + LONG_SECONDS + 5:
+        while time.time() < max(run[2] for run in read_runs(log)) + seconds + 5:
             time.sleep(0.5)  # every start so far has ended (and any re-run it caused has started)
     finally:
         for worker in workers:
             worker.kill()
     starts = Counter(run[0] for run in read_runs(log))
-    row = [broker.name, pool, LONG_TASKS, f"{LONG_SECONDS:.0f}", option,
+    row = [broker.name, pool, LONG_TASKS, f"{seconds:.0f}", option,
            " ".join(str(starts[index]) for index in range(LONG_TASKS)), sum(starts.values()) - LONG_TASKS]
     progress(" | ".join(map(str, row)))
     return row
@@ -261,7 +261,7 @@ LONG_HEADERS = ["broker", "pool", "tasks", "task s", "redelivery option", "start
 def plans(args: argparse.Namespace) -> dict[str, list[Plan]]:
     return {
         "lateness": [Plan(args.lateness_tasks, LATENESS_DUE_MIN, LATENESS_RATE, None),
-                     Plan(SPARSE_TASKS, LATENESS_DUE_MIN, SPARSE_RATE, None)],
+                     Plan(args.sparse_tasks, LATENESS_DUE_MIN, SPARSE_RATE, None)],
         "kill": [Plan(args.kill_tasks, KILL_DUE_MIN, KILL_RATE, "kill", KILL_AFTER)],
         "restart": [Plan(tasks, args.due_min, RESTART_RATE, "term", WARM_AFTER) for tasks in args.tasks],
     }
@@ -275,23 +275,26 @@ def titles(args: argparse.Namespace) -> dict[str, str]:
                 f"group SIGKILLed {KILL_AFTER:.0f} s after the publish, a new worker started",
         "restart": f"ETA tasks across a warm restart: due from {args.due_min:.0f} s at {RESTART_RATE:.0f}/s; "
                    f"SIGTERM {WARM_AFTER:.0f} s after the publish, a new worker started",
-        "long": f"Long tasks: {LONG_TASKS} of {LONG_SECONDS:.0f} s on a worker, a second worker idle beside",
+        "long": f"Long tasks: {LONG_TASKS} on a worker, a second worker idle beside",
     }
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_delayed")
-    parser.add_argument("--quick", action="store_true", help="small sizes (make bench): 2000 tasks, threads only")
+    parser.add_argument("--quick", action="store_true", help="small sizes, threads only (make bench)")
     parser.add_argument("--modes", default="lateness,kill,restart,long")
     parser.add_argument("--tasks", type=int, nargs="+", default=[20_000], help="restart mode's task counts")
     parser.add_argument("--lateness-tasks", type=int, default=600)
+    parser.add_argument("--sparse-tasks", type=int, default=SPARSE_TASKS)
     parser.add_argument("--kill-tasks", type=int, default=1000)
+    parser.add_argument("--long-seconds", type=float, default=LONG_SECONDS)
     parser.add_argument("--pools", default="threads,prefork")
     parser.add_argument("--brokers", default="etcd,redis,rabbitmq")
     parser.add_argument("--due-min", type=float, default=DUE_MIN, help="restart mode: seconds to the first due")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tasks, args.lateness_tasks, args.kill_tasks, args.pools, args.due_min = [2000], 200, 300, "threads", 30.0
+        args.tasks, args.lateness_tasks, args.sparse_tasks, args.kill_tasks = [2000], 200, 6, 300
+        args.pools, args.due_min, args.long_seconds = "threads", 30.0, 20.0
     return args
 
 
@@ -314,7 +317,7 @@ def main(argv: list[str]) -> None:
             for pool in pools:
                 for broker in brokers:
                     if mode == "long":
-                        rows[mode].append(long_run(broker, pool, log_dir))
+                        rows[mode].append(long_run(broker, pool, log_dir, args.long_seconds))
                         continue
                     for plan in plans(args)[mode]:
                         rows[mode].append(eta_run(broker, pool, plan, log_dir))

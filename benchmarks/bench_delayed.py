@@ -179,8 +179,20 @@ def worker_env(broker: Broker, prefix: str, log: str, options: dict | None = Non
             "BENCH_DELAYED_OPTIONS": json.dumps(options or {})}
 
 
+def reset(broker: Broker) -> None:
+    """Empty a Redis database before a run: its unacked hash is not per queue, so tasks a SIGKILLed
+    worker left there come back (after ``visibility_timeout``) to a later run's worker. etcd runs
+    get a fresh prefix; RabbitMQ's queue is drained by the run that fills it (0 lost)."""
+    if broker.url.startswith("redis"):
+        import redis
+
+        with redis.Redis.from_url(broker.url) as client:
+            client.flushdb()
+
+
 def eta_run(broker: Broker, pool: str, plan: Plan, log_dir: str) -> list:
     """One ETA run by ``plan``: its table row."""
+    reset(broker)
     prefix = f"/bench-delayed-{uuid.uuid4().hex[:8]}"
     log = os.path.join(log_dir, f"runs-{uuid.uuid4().hex[:8]}.log")
     env = worker_env(broker, prefix, log)
@@ -224,6 +236,7 @@ def long_options(broker: Broker) -> tuple[dict, str]:
 
 def long_run(broker: Broker, pool: str, log_dir: str, seconds: float) -> list:
     """LONG_TASKS tasks of ``seconds`` on one worker, a second idle beside: starts per task."""
+    reset(broker)
     prefix = f"/bench-long-{uuid.uuid4().hex[:8]}"
     log = os.path.join(log_dir, f"long-{uuid.uuid4().hex[:8]}.log")
     options, option = long_options(broker)

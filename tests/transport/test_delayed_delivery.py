@@ -18,6 +18,7 @@ from celery import Celery, states
 from kombu import Connection, Consumer, Queue
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
+from etcd_broker import delayed
 from etcd_broker.client import get_client
 from etcd_broker.keys import KeySpace
 from etcd_broker.stats import queue_stats
@@ -71,6 +72,26 @@ def test_tasks_due_together_wait_in_etcd_then_arrive_by_priority_then_in_order(e
     assert [headers["id"] for _, headers in got] == [sent[1], sent[4], sent[3], sent[0], sent[2]]
     assert min(arrived for arrived, _ in got) >= eta.timestamp()  # never offered before due
     assert _stats(etcd_url, etcd_prefix)["delayed"] == 0
+    app.close()
+
+
+def test_the_mover_finds_the_next_due_time_beyond_its_look_ahead_windows(etcd_url, etcd_prefix):
+    """The mover reads the next due time in widening windows (etcd visits every key of a range it
+    counts): a task due within a second, and one due after the last window, are both found."""
+    app = _client_app(etcd_url, etcd_prefix)
+    soon = datetime.now(UTC) + timedelta(seconds=2)
+    sent = [app.send_task("t", eta=at).id for at in (soon, soon + timedelta(seconds=0.5))]
+    late = soon + timedelta(seconds=delayed.LOOK_AHEAD[-2] + 60)
+    app.send_task("t", eta=late)
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix}) as conn:
+        got = _drain(conn, 2, timeout=60)
+        mover = conn.transport.delayed
+        mover.follow("celery")  # as a consumer does (the drain's consumer has gone: it unfollowed)
+        wait_until(lambda: mover.next_due("celery") == pytest.approx(late.timestamp(), abs=0.001),
+                   timeout=30, message="the mover knows the task due after its windows")
+    assert [headers["id"] for _, headers in got] == sent
+    assert min(arrived for arrived, _ in got) >= soon.timestamp()
+    assert _stats(etcd_url, etcd_prefix)["delayed"] == 1
     app.close()
 
 

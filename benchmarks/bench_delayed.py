@@ -225,21 +225,27 @@ def eta_run(broker: Broker, pool: str, plan: Plan, log_dir: str) -> list:
     return row
 
 
-def long_options(broker: Broker) -> tuple[dict, str]:
-    """The option that decides when a broker gives an unacked task to another worker, and how it reads."""
+def long_options(broker: Broker) -> list[tuple[dict, str]]:
+    """The options that decide when a broker gives an unacked task to another worker, and how they read.
+
+    kombu's Redis worker looks for unacked messages past ``visibility_timeout`` every
+    ``unacked_restore_interval`` (10 s) times ``unacked_restore_throttle`` (10) calls: a task
+    shorter than that may end before any look; throttle 1 (its knob for a low visibility
+    timeout) looks every 10 s."""
     if broker.url.startswith("etcd"):
-        return {"lease_ttl": LONG_LEASE_TTL}, f"lease_ttl={LONG_LEASE_TTL}"
+        return [({"lease_ttl": LONG_LEASE_TTL}, f"lease_ttl={LONG_LEASE_TTL}")]
     if broker.url.startswith("redis"):
-        return {"visibility_timeout": LONG_VISIBILITY}, f"visibility_timeout={LONG_VISIBILITY}"
-    return {}, "consumer_timeout default (30 min)"
+        return [({"visibility_timeout": LONG_VISIBILITY}, f"visibility_timeout={LONG_VISIBILITY}"),
+                ({"visibility_timeout": LONG_VISIBILITY, "unacked_restore_throttle": 1},
+                 f"visibility_timeout={LONG_VISIBILITY}, unacked_restore_throttle=1")]
+    return [({}, "consumer_timeout default (30 min)")]
 
 
-def long_run(broker: Broker, pool: str, log_dir: str, seconds: float) -> list:
+def long_run(broker: Broker, pool: str, log_dir: str, seconds: float, options: dict, option: str) -> list:
     """LONG_TASKS tasks of ``seconds`` on one worker, a second idle beside: starts per task."""
     reset(broker)
     prefix = f"/bench-long-{uuid.uuid4().hex[:8]}"
     log = os.path.join(log_dir, f"long-{uuid.uuid4().hex[:8]}.log")
-    options, option = long_options(broker)
     env = worker_env(broker, prefix, log, options)
     first = WorkerProcess(app=APP, env=env, pool=pool, concurrency=LONG_TASKS, log_dir=log_dir).start()
     app = make_app(broker.url, prefix, broker.quorum, options)
@@ -330,7 +336,8 @@ def main(argv: list[str]) -> None:
             for pool in pools:
                 for broker in brokers:
                     if mode == "long":
-                        rows[mode].append(long_run(broker, pool, log_dir, args.long_seconds))
+                        rows[mode] += [long_run(broker, pool, log_dir, args.long_seconds, *variant)
+                                       for variant in long_options(broker)]
                         continue
                     for plan in plans(args)[mode]:
                         rows[mode].append(eta_run(broker, pool, plan, log_dir))

@@ -11,7 +11,7 @@ import time
 BENCHMARKS = ("bench_main", "bench_transport", "bench_results", "bench_operators", "bench_kombu_contract",
               "bench_batching", "bench_web", "bench_scale", "bench_growth", "bench_delayed")
 #: Arguments a benchmark gets here (its full sizes take hours: run it directly for those).
-ARGUMENTS = {"bench_growth": ["--quick"]}
+ARGUMENTS = {"bench_growth": ["--quick"], "bench_delayed": ["--quick"]}
 
 
 def main(names: list[str]) -> None:

@@ -27,7 +27,7 @@ from functools import partial
 from typing import Any
 
 from etcd_broker import group_commit, ops
-from etcd_broker.keys import KeySpace
+from etcd_broker.keys import KeySpace, range_end
 from etcd_broker.watch import Watch, WatchHub
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ SAFETY_SECONDS = 30.0
 MOVE_INTERVAL = 0.1
 #: First wait after an unexpected error in the mover (seconds); doubled up to SAFETY_SECONDS.
 ERROR_BACKOFF = 1.0
+#: The next due time is looked for within these many seconds ahead first, then without bound: etcd
+#: visits every key of a range to count it, so a read bounded by a due time visits the keys due
+#: before it, not the whole backlog (with 200k tasks waiting, each move's unbounded read visited
+#: all 200k keys).
+LOOK_AHEAD = (1.0, 60.0, None)
 
 
 def due_time(message: dict, now: float) -> float | None:
@@ -132,7 +137,15 @@ class DelayedMover:
 
     # -- watch callbacks (the hub's thread: no etcd calls here) -----------------------------
     def _on_puts(self, queue: str, events) -> None:
-        due = min(self.keys.due_of(event.kv.key) for event in events)
+        dues = []
+        for event in events:
+            try:
+                dues.append(self.keys.due_of(event.kv.key))
+            except ValueError:  # not ours to move; raising here would restart every watch of the stream
+                logger.warning("ignoring %r under queue %r's delayed messages: no due time in it", event.kv.key, queue)
+        if not dues:
+            return
+        due = min(dues)
         with self._lock:
             if queue in self._next:
                 known = self._next[queue]
@@ -196,16 +209,29 @@ class DelayedMover:
 
     def _move(self, queue: str, closed: threading.Event) -> float | None:
         """Move every message of ``queue`` due now to ready/; return when the next one is due (None: none)."""
-        prefix = self.keys.delayed(queue)
+        prefix, until = self.keys.delayed(queue), time.time()
         while not closed.is_set():
-            page = next(ops.pages(self.client, prefix, range_end=self.keys.delayed_until(queue, time.time()),
+            until = time.time()
+            page = next(ops.pages(self.client, prefix, range_end=self.keys.delayed_until(queue, until),
                                   limit=MOVE_BATCH), [])
             if not page:
                 break
             moved = move_batch(self.client, self.keys, queue, page)
             logger.debug("moved %d due message(s) of queue %r to ready", moved, queue)
-        first = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=1)
-        return self.keys.due_of(first.kvs[0].key) if first.kvs else None
+        return self._next_due(queue, until)
+
+    def _next_due(self, queue: str, after: float) -> float | None:
+        """When ``queue``'s next delayed message due after ``after`` is due (None: none waits), read in
+        widening windows. Nothing due by ``after`` waits: ``_move`` just read that range empty (a put
+        landing there later is seen by the watch)."""
+        start = self.keys.delayed_until(queue, after)
+        for ahead in LOOK_AHEAD:
+            end = self.keys.delayed_until(queue, after + ahead) if ahead is not None else range_end(
+                self.keys.delayed(queue))
+            first = ops.get(self.client, start, range_end=end, keys_only=True, limit=1)
+            if first.kvs:
+                return self.keys.due_of(first.kvs[0].key)
+        return None
 
 
 def move_batch(client: Any, keys: KeySpace, queue: str, page: list) -> int:

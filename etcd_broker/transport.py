@@ -276,13 +276,16 @@ class Channel(virtual.Channel):
         limit = self._allowance()
         prefix = self.keys.ready(queue)
         cursor, token = self.connection.head_read_start(queue)
-        response = self._read_windows(cursor, limit) if cursor is not None else None
-        drained = False
-        if response is None:
-            response = self.client.get_range_response(cursor or prefix, range_end(prefix), limit=limit)
-            drained = len(response.kvs) < limit
-        rows = [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs]
-        self.connection.head_read_end(queue, token, rows[0][0] if rows else None)
+        rows = []
+        try:
+            response = self._read_windows(cursor, limit) if cursor is not None else None
+            drained = False
+            if response is None:
+                response = self.client.get_range_response(cursor or prefix, range_end(prefix), limit=limit)
+                drained = len(response.kvs) < limit
+            rows = [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs]
+        finally:  # a failed read learns nothing, but ends its watch on the cursor
+            self.connection.head_read_end(queue, token, rows[0][0] if rows else None)
         self.connection.after_read(queue, response.header.revision, drained=drained)
         return rows
 

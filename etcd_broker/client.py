@@ -231,7 +231,8 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
             compat.clear_stubs(self)
             self.fail_over()
             if kind == UNREACHABLE:
-                raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: {_details(exc)}") from exc
+                raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: "
+                                      f"{_unreachable_details(exc, self.config)}") from exc
             raise _ENDPOINT_FAILURES[kind]() from exc
         if kind == PRECONDITION:
             raise etcd_exceptions.PreconditionFailedError() from exc
@@ -381,7 +382,21 @@ def _auth_error(exc: grpc.RpcError, config: EtcdConfig) -> Exception:
                       grpc.StatusCode.FAILED_PRECONDITION):
         return EtcdConfigError(f"etcd at {config.describe()} refused user {config.user!r}: {_details(exc)}")
     return EtcdUnreachable(f"etcd at {config.describe()} unreachable while authenticating user "
-                           f"{config.user!r}: {_details(exc)}")
+                           f"{config.user!r}: {_unreachable_details(exc, config)}")
+
+
+#: What gRPC says when a TLS connection fails: "Handshake failed" (TLS 1.2), or, where etcd refuses our
+#: certificate only after a TLS 1.3 handshake (etcd 3.5.16), "Unwrap failed (TSI_DATA_CORRUPTED)".
+TLS_FAILURES = ("handshake failed", "tsi_data_corrupted", "ssl_error", "certificate")
+
+
+def _unreachable_details(exc: BaseException, config: EtcdConfig) -> str:
+    """gRPC's details, plus what a failed TLS handshake usually means (gRPC's own words do not say)."""
+    details = _details(exc)
+    if config.secure and any(fragment in details.lower() for fragment in TLS_FAILURES):
+        return (f"{details}: the TLS handshake failed: etcd refused our client certificate (cert_cert, "
+                f"cert_key: missing, or not signed by a CA it trusts), or we do not trust its certificate (ca_cert)")
+    return details
 
 
 def _endpoints(config: EtcdConfig) -> list[etcd3.Endpoint]:

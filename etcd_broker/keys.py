@@ -191,6 +191,12 @@ class KeySpace:
     def consumer(self, lease: int) -> str:
         return f"{self.consumers()}{lease:016x}"
 
+    @staticmethod
+    def lease_of_consumer(key: str | bytes) -> int:
+        """The lease id of a ``consumer/<lease hex>`` key."""
+        key = key.decode() if isinstance(key, bytes) else key
+        return int(key.rsplit("/", 1)[1], 16)
+
     def dead(self, queue: str) -> str:
         return f"{self.root}/dead/{_q(queue)}/"
 

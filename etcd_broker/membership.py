@@ -372,10 +372,7 @@ class ConsumerLease:
         for event in events:
             if event.type != EVENT_DELETE:
                 continue
-            try:
-                queues = json.loads(event.prev_kv.value).get("queues", []) if event.prev_kv.value else []
-            except ValueError:
-                queues = []
+            queues = offers.queues_of(event.prev_kv.value) if event.prev_kv.value else frozenset()
             with self._lock:
                 self._dead_queues.update(queues)
             self._sweep_now.set()
@@ -420,7 +417,7 @@ class ConsumerLease:
 
     def sweep(self) -> int:
         """Give back every unacked message whose consumer lease is gone; return how many."""
-        live = {int(kv.key.decode().rsplit("/", 1)[1], 16)
+        live = {self.keys.lease_of_consumer(kv.key)
                 for kv in ops.scan(self.client, self.keys.consumers(), prefix=True, keys_only=True)}
         restored = 0
         for queue in declared_queues(self.client, self.keys):

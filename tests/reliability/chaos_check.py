@@ -28,15 +28,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from etcd_broker.client import DEFAULT_TIMEOUT
 from etcd_broker.keys import KeySpace
 
 #: A finished task's ack (or SUCCESS write) lands within this on a loaded 2-core machine, unless etcd could
 #: not take writes meanwhile (ETCD_FAULTS): a worker killed or cut off this soon after a run finished may
 #: still have its message, so the task may run again elsewhere; killed later, it had nothing left (seconds).
 ACK_GRACE = 2.0
-#: One etcd call's deadline (etcd_broker.client.DEFAULT_TIMEOUT): a write sent to a member just before it
-#: was stopped or lost its leadership may wait this long after the fault ends before it fails and is retried.
-CALL_DEADLINE = 5.0
+#: One etcd call's deadline: a write sent to a member just before it was stopped or lost its leadership may
+#: wait this long after the fault ends before it fails and is retried.
+CALL_DEADLINE = DEFAULT_TIMEOUT
 #: Faults during which etcd may refuse or delay writes (an ack waits, retried, until they end).
 ETCD_FAULTS = ("kill_leader", "stop_member", "move_leader")
 #: A task a worker took during a cut may begin only once etcd answers again (a batch reads its cancel

@@ -28,7 +28,7 @@ import logging
 import threading
 from time import monotonic
 
-from etcd_broker import offers
+from etcd_broker.transport import offers
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ CLAIM_BATCH = 32
 
 
 class QueueWatchMixin:
-    """The queue watches and read bookkeeping of :class:`etcd_broker.transport.Transport`.
+    """The queue watches and read bookkeeping of :class:`etcd_broker.transport.channel.Transport`.
 
     Needs ``watch_hub``, ``etcd``, ``keys``, ``config``, ``lease`` and ``wake()`` from the class it is mixed into.
     """

@@ -33,9 +33,9 @@ from itertools import count
 from time import monotonic
 from typing import Any
 
-from etcd_broker import forking
-from etcd_broker.keys import KeySpace
-from etcd_broker.watch import EVENT_DELETE
+from etcd_broker.core import forking
+from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.watch import EVENT_DELETE
 
 logger = logging.getLogger(__name__)
 

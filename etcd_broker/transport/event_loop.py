@@ -11,7 +11,7 @@ import threading
 from queue import Empty
 from time import monotonic
 
-from etcd_broker.client import EtcdUnreachable
+from etcd_broker.core.client import EtcdUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ DELIVERIES_PER_WAKE = 64
 
 
 class EventLoopMixin:
-    """Wake-up pipe, hub registration and ``drain_events`` of :class:`etcd_broker.transport.Transport`.
+    """Wake-up pipe, hub registration and ``drain_events`` of :class:`etcd_broker.transport.channel.Transport`.
 
     Needs ``cycle``, ``lease``, ``config``, ``forget_reads()``, ``on_message_ready()``,
     ``give_back_handoffs_without_room()`` and the queue watches (queue_watch.py) from the class it

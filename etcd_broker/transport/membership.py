@@ -20,11 +20,12 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from etcd_broker import forking, handoff, offers, ops
-from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
-from etcd_broker.keys import KeySpace, range_end
-from etcd_broker.reconcile import RECONCILE_SECONDS, Reconciler
-from etcd_broker.watch import EVENT_DELETE, Watch, WatchHub, hub_for
+from etcd_broker.core import forking, ops
+from etcd_broker.core.client import CONNECTION_ERRORS, EtcdClient
+from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.watch import EVENT_DELETE, Watch, WatchHub, hub_for
+from etcd_broker.transport import handoff, offers
+from etcd_broker.transport.reconcile import RECONCILE_SECONDS, Reconciler
 
 logger = logging.getLogger(__name__)
 

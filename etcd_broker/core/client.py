@@ -2,7 +2,7 @@
 
 The transport and the result backend both get their client here, so a process
 holds one gRPC client per configuration. Every channel goes through the fork gate
-(:mod:`etcd_broker.forking`): a forked child gets the same clients on fresh channels.
+(:mod:`etcd_broker.core.forking`): a forked child gets the same clients on fresh channels.
 gRPC errors are mapped by status code (:func:`classify`); :meth:`EtcdClient.call`
 runs a raw KV request with that mapping. Tests point it anywhere by passing another URL.
 
@@ -28,7 +28,8 @@ import etcd3
 import grpc
 from etcd3 import exceptions as etcd_exceptions
 
-from etcd_broker import compat, forking
+from etcd_broker import compat
+from etcd_broker.core import forking
 
 logger = logging.getLogger(__name__)
 

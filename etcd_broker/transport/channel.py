@@ -58,9 +58,8 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import delayed, executing, forking, group_commit, handoff, large_body, ops, settle
-from etcd_broker.bindings import BindingTable
-from etcd_broker.client import (
+from etcd_broker.core import forking, group_commit, ops
+from etcd_broker.core.client import (
     CONNECTION_ERRORS,
     ETCD_OPTIONS,
     LEASE_NOT_FOUND,
@@ -71,17 +70,19 @@ from etcd_broker.client import (
     is_request_too_large,
     wait_connected,
 )
-from etcd_broker.event_loop import EventLoopMixin
-from etcd_broker.expired import revoke_expired
-from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
-from etcd_broker.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
-from etcd_broker.publish_batch import PublishBatch
-from etcd_broker.qos import QoS
-from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
-from etcd_broker.queue_watch import CLAIM_BATCH, QueueWatchMixin
-from etcd_broker.reconcile import RECONCILE_SECONDS
+from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
+from etcd_broker.core.watch import WatchHub, hub_for
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
-from etcd_broker.watch import WatchHub, hub_for
+from etcd_broker.transport import delayed, executing, handoff, large_body, settle
+from etcd_broker.transport.bindings import BindingTable
+from etcd_broker.transport.event_loop import EventLoopMixin
+from etcd_broker.transport.expired import revoke_expired
+from etcd_broker.transport.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
+from etcd_broker.transport.publish_batch import PublishBatch
+from etcd_broker.transport.qos import QoS
+from etcd_broker.transport.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
+from etcd_broker.transport.queue_watch import CLAIM_BATCH, QueueWatchMixin
+from etcd_broker.transport.reconcile import RECONCILE_SECONDS
 
 logger = logging.getLogger(__name__)
 

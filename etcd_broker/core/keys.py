@@ -10,6 +10,7 @@ in a queue name cannot escape its directory)::
     <root>/q/<queue>/body/<seq>/<n>                 chunk n of a large expiring message's body
     <root>/q/<queue>/delayed/<due>/<band>/<seq>[~<ms>]  an ETA task waiting for its due time
                                                     (<due>: epoch ms, 13 digits; delayed.py)
+    <root>/p/<queue>/<publish id>                   a publish was stored (short lease; idempotent.py)
     <root>/x/<exchange>                             exchange type
     <root>/b/<exchange>/<queue>/<routing key>       binding (JSON: routing_key, pattern, queue)
     <root>/consumer/<lease>                         live consumer (attached to its lease)
@@ -126,6 +127,10 @@ class KeySpace:
 
     def body_chunk(self, queue: str, seq: str, index: int) -> str:
         return f"{self.body_chunks(queue, seq)}{index:06d}"
+
+    def published(self, queue: str, publish_id: str) -> str:
+        """The marker of one stored publish to ``queue`` (transport/idempotent.py)."""
+        return f"{self.root}/p/{_q(queue)}/{publish_id}"
 
     @staticmethod
     def band(priority: int) -> int:

@@ -38,6 +38,8 @@ Transport options
   holds, and how long such a message stays unheld first (default 30; reconcile.py).
 * ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
   not in a worker's memory (default True; delayed.py).
+* ``idempotent_publish``: a publish retried after an ambiguous failure (kombu's ``ensure``) is
+  stored once: each publish writes a short-lived marker in its transaction (default True; idempotent.py).
 * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
 * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
 """
@@ -73,7 +75,7 @@ from etcd_broker.core.client import (
 from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.core.watch import WatchHub, hub_for
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
-from etcd_broker.transport import delayed, executing, handoff, large_body, settle
+from etcd_broker.transport import delayed, executing, handoff, idempotent, large_body, settle
 from etcd_broker.transport.bindings import BindingTable
 from etcd_broker.transport.event_loop import EventLoopMixin
 from etcd_broker.transport.expired import revoke_expired
@@ -121,9 +123,11 @@ class Channel(virtual.Channel):
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
     #: Celery tasks with a future ``eta`` (countdown) wait in etcd until due, not in a worker (delayed.py).
     delayed_delivery = True
+    #: A publish retried after an ambiguous failure is stored once (a marker per publish: idempotent.py).
+    idempotent_publish = True
 
     from_transport_options = virtual.Channel.from_transport_options + (
-        "max_message_bytes", "default_priority", "delayed_delivery",
+        "max_message_bytes", "default_priority", "delayed_delivery", "idempotent_publish",
     )
 
     def __init__(self, connection, **kwargs):
@@ -138,6 +142,16 @@ class Channel(virtual.Channel):
         self._single_get = False
 
     # -- publishing -------------------------------------------------------------
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        """Publish, named once across kombu's retries of it (idempotent.py): a retry after an
+        ambiguous failure finds the first attempt's marker and stores nothing again."""
+        properties = message["properties"]
+        if self.idempotent_publish:
+            properties.setdefault(idempotent.PUBLISH_ID, self.connection.sequence.next())
+        result = super().basic_publish(message, exchange, routing_key, **kwargs)
+        properties.pop(idempotent.PUBLISH_ID, None)
+        return result
+
     def _put(self, queue, message, **kwargs):
         check_queue_name(queue)
         priority = self._get_message_priority(message)
@@ -148,39 +162,59 @@ class Channel(virtual.Channel):
         if deadline is not None and (deadline <= now or (due is not None and deadline <= due)):
             revoke_expired(message)  # expired already, or before it is due: dropped, as a claim would drop it
             return
-        value, chunks, seq = dumps(message).encode(), [], self.connection.sequence.next()
+        publish_id = idempotent.publish_id(message)
+        seq = publish_id or self.connection.sequence.next()
+        value, chunks = dumps(idempotent.stored_form(message)).encode(), []
         if len(value) > self.max_message_bytes and deadline is not None:  # its body beside it (large_body.py)
-            value, chunks = large_body.split(message, self.keys, queue, seq)
+            value, chunks = large_body.split(idempotent.stored_form(message), self.keys, queue, seq)
         self._check_size(queue, value)
         position = self.keys.position(priority, seq, deadline)
         key = self.keys.ready_message(queue, position)
         batch = kwargs.get("_publish_batch")
+        guard = None
         try:
+            if publish_id is not None:
+                guard = idempotent.guard(self.client, self.keys, queue, publish_id)
             if due is not None and not chunks and not queue_lease and limits.max_length is None:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first
-                delayed.put(self.client, self.connection.queues.leases, self.keys.delayed_message(queue, due, position),
-                            value, deadline)
+                stored = delayed.put(self.client, self.connection.queues.leases,
+                                     self.keys.delayed_message(queue, due, position), value, deadline, guard)
             elif deadline is None and not queue_lease and limits.max_length is None:
                 if batch is not None:
-                    batch.add(key, value)  # Producer.batch(): written with others in one transaction
-                else:
-                    # the common case: one put (straight to an idle consumer if one is parked, handoff.py);
-                    # concurrent publishers share a txn
-                    park = self.connection.parked.pick(queue) if len(value) <= handoff.HANDOFF_MAX_BYTES else None
-                    if park is not None:
-                        group_commit.shared(self.client).txn(*handoff.handoff_ops(self.keys, queue, position, value,
-                                                                                   key, park))
-                    else:
-                        group_commit.shared(self.client).txn(success=[ops.put(key, value)])
+                    # Producer.batch(): written with others in one transaction (one marker per transaction)
+                    batch.add(key, value, guard and guard.key)
+                    return
+                stored = self._put_plain(queue, position, key, value, guard)
             else:
                 if batch is not None:
                     batch.flush()  # keep publish order: what came before is written first
                 if chunks:
                     large_body.put_chunks(self.client, chunks, self.connection.queues.leases.lease_for(deadline))
-                self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
+                stored = self.connection.queues.put(queue, key, value, deadline, limits, queue_lease, guard)
+        except ops.LeaseNotFound:
+            if guard is not None:
+                idempotent.marker_leases(self.client).forget(guard.lease)
+            raise
         except grpc.RpcError as exc:
             raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
+        if not stored:
+            idempotent.note_retry(queue, guard.key)
+
+    def _put_plain(self, queue, position: str, key: str, value: bytes, guard: idempotent.Guard | None) -> bool:
+        """The common case: one put, straight to an idle consumer if one is parked (handoff.py); concurrent
+        publishers share a transaction. False: ``guard``'s marker says an earlier attempt stored it."""
+        park = self.connection.parked.pick(queue) if len(value) <= handoff.HANDOFF_MAX_BYTES else None
+        if park is not None:
+            compare, success, failure = handoff.handoff_ops(self.keys, queue, position, value, key, park)
+            if guard is not None:  # the hand-off's own compare decides between its branches, inside
+                compare, success, failure = [guard.compare()], [guard.put(), idempotent.nested(
+                    compare, success, failure)], []
+        else:
+            compare, success, failure = [], [ops.put(key, value)], []
+            if guard is not None:
+                compare, success = [guard.compare()], [*success, guard.put()]
+        return group_commit.shared(self.client).txn(compare, success, failure).succeeded or guard is None
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
@@ -580,6 +614,12 @@ class Channel(virtual.Channel):
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
         super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
         self.connection.bindings.unbind(exchange or "amq.direct", queue, routing_key)
+
+    def _lookup(self, exchange, routing_key, default=None):
+        queues = super()._lookup(exchange, routing_key, default)
+        if not queues and exchange:
+            logger.debug("no queue bound to exchange %r for routing key %r: message dropped", exchange, routing_key)
+        return queues
 
     def get_table(self, exchange):
         return self.connection.bindings.table(exchange)

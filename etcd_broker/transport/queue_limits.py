@@ -216,16 +216,20 @@ class QueueRegistry:
 
     # -- publishing -------------------------------------------------------------------
     def put(self, queue: str, key: str, value: bytes, deadline: float | None, limits: QueueLimits,
-            queue_lease: int) -> None:
-        """Write one ready message under its TTL lease (or the queue's), within ``max_length``."""
+            queue_lease: int, guard: Any = None) -> bool:
+        """Write one ready message under its TTL lease (or the queue's), within ``max_length``.
+
+        ``guard`` (idempotent.Guard): written once; False if an earlier attempt of this publish stored it.
+        """
         for attempt in range(2):
             lease = self.leases.lease_for(deadline) if deadline is not None else queue_lease
             try:
-                if limits.max_length is None:
-                    ops.txn(self.client, success=[ops.put(key, value, lease)])
-                else:
-                    self._put_bounded(queue, key, value, lease, limits)
-                return
+                if limits.max_length is not None:
+                    return self._put_bounded(queue, key, value, lease, limits, guard)
+                compare, success = [], [ops.put(key, value, lease)]
+                if guard is not None:
+                    compare, success = [guard.compare()], [*success, guard.put()]
+                return ops.txn(self.client, compare, success).succeeded
             except ops.LeaseNotFound:
                 if attempt:
                     raise
@@ -234,13 +238,17 @@ class QueueRegistry:
                 else:  # the queue expired under us: publish as to any undeclared queue
                     self.forget(queue)
                     queue_lease = 0
+        raise AssertionError("unreachable")
 
-    def _put_bounded(self, queue: str, key: str, value: bytes, lease: int, limits: QueueLimits) -> None:
+    def _put_bounded(self, queue: str, key: str, value: bytes, lease: int, limits: QueueLimits,
+                     guard: Any = None) -> bool:
         prefix = self.keys.ready(queue)
         for _ in range(BOUNDED_PUT_ATTEMPTS):
             head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=1)
             excess = head.count + 1 - limits.max_length
             if excess > 0 and limits.overflow == REJECT_PUBLISH:
+                if guard is not None and ops.get(self.client, guard.key, count_only=True).count:
+                    return False  # full of, among others, this very publish's earlier attempt
                 raise QueueFull(f"queue {queue!r} holds {head.count} message(s), its x-max-length is "
                                 f"{limits.max_length} and x-overflow is {REJECT_PUBLISH!r}: message refused")
             if excess > 1:
@@ -249,15 +257,20 @@ class QueueRegistry:
             dropped = list(head.kvs)[:max(excess, 0)]
             unchanged = ops.compare(prefix, "mod_revision", head.header.revision + 1, "<")
             unchanged.range_end = ops.range_request(prefix, prefix=True).range_end  # no key added since the count
-            response = ops.txn(
-                self.client,
-                compare=[unchanged] + [ops.compare(kv.key, "mod_revision", kv.mod_revision) for kv in dropped],
-                success=[ops.put(key, value, lease)] + [ops.delete(kv.key) for kv in dropped])
+            compare = [unchanged] + [ops.compare(kv.key, "mod_revision", kv.mod_revision) for kv in dropped]
+            success = [ops.put(key, value, lease)] + [ops.delete(kv.key) for kv in dropped]
+            failure = []
+            if guard is not None:  # the failure branch says whether it failed on our own marker
+                compare, success, failure = [*compare, guard.compare()], [*success, guard.put()], [
+                    ops.range_(guard.key, count_only=True)]
+            response = ops.txn(self.client, compare=compare, success=success, failure=failure)
             if response.succeeded:
                 if dropped:
                     logger.info("queue %r at x-max-length %d: dropped %d message(s) from its head",
                                 queue, limits.max_length, len(dropped))
-                return
+                return True
+            if guard is not None and ops.count(response.responses[0]):
+                return False  # an earlier attempt of this publish was stored
         raise OperationalError(f"queue {queue!r}: {BOUNDED_PUT_ATTEMPTS} bounded publishes in a row lost "
                                "to concurrent writers; try again")
 

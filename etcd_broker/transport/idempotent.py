@@ -1,0 +1,123 @@
+"""Idempotent publish: a publish retried after an ambiguous failure is stored once.
+
+A publish whose etcd call fails without an answer (deadline exceeded, connection lost after
+sending, a leader change) may have been committed. kombu's ``Connection.ensure`` (Celery's
+publish retry) then runs the publish again; without a guard the retry stores a second copy
+and the task runs twice.
+
+So a publish is named once, before its first attempt: :meth:`Channel.basic_publish` puts a
+publish id (a sequence number, keys.py) in the message's properties, the dict kombu hands to
+every retry of one ``Producer.publish``, and takes it out again once the publish returned. The
+id is never stored with the message (a consumer that republishes a message's properties makes a
+new publish). Each attempt is one transaction that
+
+* compares ``p/<queue>/<id>`` (the publish marker) to absent, and
+* writes the message and the marker (empty, on a marker lease of MARKER_SECONDS or a little more).
+
+A retry whose first attempt committed finds the marker and writes nothing, whether the message
+still waits, was claimed, or was acked and deleted meanwhile. The message's own key is fixed by
+the id too (``ready/<band>/<id>``), so a large message's body chunks are overwritten, not copied.
+
+Cost: one compare and one put more in the same transaction (no extra request, no extra Raft
+proposal), one live key per message published in the last MARKER_SECONDS, and one lease grant
+and one lease expiry per MARKER_BUCKET_SECONDS per publishing process. A retry later than
+MARKER_SECONDS after the first attempt is not guarded (Celery's retry policy gives up long
+before). ``Producer.batch()`` writes one marker per transaction (publish_batch.py).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from etcd3 import etcdrpc
+
+from etcd_broker.core import forking, ops
+from etcd_broker.core.keys import KeySpace
+
+logger = logging.getLogger(__name__)
+
+#: The message property that names one publish across its retries (removed before the message is stored).
+PUBLISH_ID = "x-etcd-publish-id"
+#: Least seconds a publish marker lives: a retry within this of the first attempt is stored once.
+MARKER_SECONDS = 120
+#: One marker lease is used for this many seconds (so it lives MARKER_SECONDS to MARKER_SECONDS + this).
+MARKER_BUCKET_SECONDS = 30
+
+
+class MarkerLeases:
+    """The lease publish markers of one process go on: a fresh one every MARKER_BUCKET_SECONDS."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._lease = 0
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def current(self) -> int:
+        with self._lock:
+            now = time.monotonic()
+            if not self._lease or now >= self._until:
+                self._lease = self.client.lease(MARKER_SECONDS + MARKER_BUCKET_SECONDS).id
+                self._until = now + MARKER_BUCKET_SECONDS
+            return self._lease
+
+    def forget(self, lease: int) -> None:
+        """etcd no longer knows ``lease`` (LeaseNotFound): the next marker gets a new one."""
+        with self._lock:
+            if self._lease == lease:
+                self._lease = 0
+
+
+_leases = forking.PerProcess()
+
+
+def marker_leases(client: Any) -> MarkerLeases:
+    """This process's :class:`MarkerLeases` for ``client``."""
+    return _leases.get((id(client),), lambda: MarkerLeases(client), usable=lambda item: item.client is client)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The marker of one publish to one queue: what each attempt's transaction compares and writes."""
+
+    key: str
+    lease: int
+
+    def compare(self) -> etcdrpc.Compare:
+        """Holds while no attempt of this publish has been committed."""
+        return ops.compare(self.key, "version", 0)
+
+    def put(self) -> etcdrpc.RequestOp:
+        return ops.put(self.key, b"", self.lease)
+
+
+def guard(client: Any, keys: KeySpace, queue: str, publish_id: str) -> Guard:
+    """The guard of publish ``publish_id`` to ``queue`` (grants a marker lease at most every bucket)."""
+    return Guard(keys.published(queue, publish_id), marker_leases(client).current())
+
+
+def publish_id(message: dict) -> str | None:
+    """The id :meth:`Channel.basic_publish` gave this publish (None: an unguarded publish)."""
+    return (message.get("properties") or {}).get(PUBLISH_ID)
+
+
+def stored_form(message: dict) -> dict:
+    """``message`` as stored: without the publish id."""
+    properties = message.get("properties")
+    if not properties or PUBLISH_ID not in properties:
+        return message
+    return {**message, "properties": {k: v for k, v in properties.items() if k != PUBLISH_ID}}
+
+
+def nested(compare: list, success: list, failure: list) -> etcdrpc.RequestOp:
+    """A transaction run inside another one's success ops (etcd >= 3.3)."""
+    return etcdrpc.RequestOp(request_txn=etcdrpc.TxnRequest(compare=compare, success=success, failure=failure))
+
+
+def note_retry(queue: str, marker: str) -> None:
+    """A publish attempt found its own marker: an earlier attempt was committed; nothing written."""
+    logger.info("publish to %r retried after an ambiguous failure was already stored (%s); not stored again",
+                queue, marker)

@@ -4,6 +4,14 @@ Bindings must be shared by every process (a worker binds its pidbox queue, the
 ``celery inspect`` process publishes to it), so they live in etcd. Publishing
 must not pay a read per message, so each process keeps a copy that a prefix
 watch keeps current: one read at start, then pushed changes.
+
+A watch lags a little behind etcd (more while its stream is resumed, e.g. around every fork
+of a prefork pool), so a binding made just now by another process may be missing here. A
+control reply is exactly that: the client binds a fresh reply queue, then sends the request,
+and the worker replies through the direct exchange at once; routed on the stale copy the
+reply found no queue and was dropped (1 in 20 ``revoke`` replies with ``--max-tasks-per-child
+1``). So a publish to a direct exchange that matches nothing reads that exchange's bindings
+from etcd before giving up (:meth:`BindingTable.refresh`): one read per such miss.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ class BindingTable:
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._rows: dict[str, dict[bytes, Binding]] = defaultdict(dict)
+        self._revisions: dict[bytes, int] = {}  # binding key -> newest revision applied (older news is ignored)
         self._loaded = threading.Event()
 
     def _load(self) -> None:
@@ -64,9 +73,24 @@ class BindingTable:
             self._rows = rows
         return response.header.revision
 
+    def refresh(self, exchange: str) -> None:
+        """Read ``exchange``'s bindings from etcd now (a publish found none: the watch may lag)."""
+        prefix = self.keys.bindings(exchange)
+        response = self.client.get_range_response(prefix, range_end(prefix))
+        rows = {kv.key: _row(kv.value) for kv in response.kvs}
+        with self._lock:
+            for key in self._rows[exchange].keys() - rows.keys():
+                self._revisions[key] = response.header.revision  # gone by then: an older put is stale
+            for kv in response.kvs:
+                self._revisions[kv.key] = max(self._revisions.get(kv.key, 0), kv.mod_revision)
+            self._rows[exchange] = rows
+
     def _on_events(self, events) -> None:
         with self._lock:
             for event in events:
+                if event.kv.mod_revision and event.kv.mod_revision <= self._revisions.get(event.kv.key, 0):
+                    continue  # a refresh already read a newer state of this binding
+                self._revisions[event.kv.key] = event.kv.mod_revision
                 exchange = self.keys.exchange_of_binding(event.kv.key)
                 if event.type == EVENT_PUT:
                     self._rows[exchange][event.kv.key] = _row(event.kv.value)

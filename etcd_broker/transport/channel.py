@@ -617,6 +617,10 @@ class Channel(virtual.Channel):
 
     def _lookup(self, exchange, routing_key, default=None):
         queues = super()._lookup(exchange, routing_key, default)
+        if not queues and exchange and self.typeof(exchange).type == "direct":
+            # our copy of the bindings may lag (a reply queue bound a moment ago elsewhere): ask etcd
+            self.connection.bindings.refresh(exchange)
+            queues = super()._lookup(exchange, routing_key, default)
         if not queues and exchange:
             logger.debug("no queue bound to exchange %r for routing key %r: message dropped", exchange, routing_key)
         return queues

@@ -145,11 +145,10 @@ class Channel(virtual.Channel):
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         """Publish, named once across kombu's retries of it (idempotent.py): a retry after an
         ambiguous failure finds the first attempt's marker and stores nothing again."""
-        properties = message["properties"]
         if self.idempotent_publish:
-            properties.setdefault(idempotent.PUBLISH_ID, self.connection.sequence.next())
+            idempotent.name_publish(message, self.connection.sequence.next)
         result = super().basic_publish(message, exchange, routing_key, **kwargs)
-        properties.pop(idempotent.PUBLISH_ID, None)
+        idempotent.published(message)
         return result
 
     def _put(self, queue, message, **kwargs):

@@ -7,9 +7,11 @@ and the task runs twice.
 
 So a publish is named once, before its first attempt: :meth:`Channel.basic_publish` puts a
 publish id (a sequence number, keys.py) in the message's properties, the dict kombu hands to
-every retry of one ``Producer.publish``, and takes it out again once the publish returned. The
-id is never stored with the message (a consumer that republishes a message's properties makes a
-new publish). Each attempt is one transaction that
+every retry of one ``Producer.publish``, and in its headers, the dict Celery hands to every
+retry of a worker's callback publish (``AMQP._retry_publish``: ``Producer.publish`` called again),
+and takes it out of both once the publish returned. The id is never stored with the message (a
+consumer that republishes a message's properties makes a new publish). Each attempt is one
+transaction that
 
 * compares ``p/<queue>/<id>`` (the publish marker) to absent, and
 * writes the message and the marker (empty, on a marker lease of MARKER_SECONDS or a little more).
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +42,8 @@ from etcd_broker.core.keys import KeySpace
 
 logger = logging.getLogger(__name__)
 
-#: The message property that names one publish across its retries (removed before the message is stored).
+#: The message property (and header) that names one publish across its retries: "<id> <hash of the body>"
+#: (removed before the message is stored).
 PUBLISH_ID = "x-etcd-publish-id"
 #: Least seconds a publish marker lives: a retry within this of the first attempt is stored once.
 MARKER_SECONDS = 120
@@ -99,17 +103,44 @@ def guard(client: Any, keys: KeySpace, queue: str, publish_id: str) -> Guard:
     return Guard(keys.published(queue, publish_id), marker_leases(client).current())
 
 
+def _places(message: dict) -> list[dict]:
+    """Where a publish id survives a retry: the properties (kombu's ``ensure`` passes the same dict to
+    each attempt) and the headers (Celery's callback retry calls ``Producer.publish`` again, with new
+    properties but the same headers dict)."""
+    return [place for place in (message.get("properties"), message.get("headers")) if isinstance(place, dict)]
+
+
+def name_publish(message: dict, new_id: Callable[[], str]) -> str:
+    """Give ``message`` its publish id: the one an earlier attempt of the same publish gave it, if any
+    (same dicts and the same body: a caller that reuses a headers dict for another body gets a new id)."""
+    places, body = _places(message), f" {hash(message.get('body'))}"
+    found = next((place[PUBLISH_ID] for place in places if str(place.get(PUBLISH_ID, "")).endswith(body)), None)
+    found = found or new_id() + body
+    for place in places:
+        place[PUBLISH_ID] = found
+    return found.split(" ", 1)[0]
+
+
+def published(message: dict) -> None:
+    """The publish returned: its id goes (a later publish of the same dicts is a new publish)."""
+    for place in _places(message):
+        place.pop(PUBLISH_ID, None)
+
+
 def publish_id(message: dict) -> str | None:
-    """The id :meth:`Channel.basic_publish` gave this publish (None: an unguarded publish)."""
-    return (message.get("properties") or {}).get(PUBLISH_ID)
+    """The id :func:`name_publish` gave this publish (None: an unguarded publish)."""
+    value = (message.get("properties") or {}).get(PUBLISH_ID)
+    return value.split(" ", 1)[0] if value else None
 
 
 def stored_form(message: dict) -> dict:
     """``message`` as stored: without the publish id."""
-    properties = message.get("properties")
-    if not properties or PUBLISH_ID not in properties:
-        return message
-    return {**message, "properties": {k: v for k, v in properties.items() if k != PUBLISH_ID}}
+    stored = message
+    for field in ("properties", "headers"):
+        place = message.get(field)
+        if isinstance(place, dict) and PUBLISH_ID in place:
+            stored = {**stored, field: {k: v for k, v in place.items() if k != PUBLISH_ID}}
+    return stored
 
 
 def nested(compare: list, success: list, failure: list) -> etcdrpc.RequestOp:

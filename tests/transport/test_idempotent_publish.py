@@ -28,6 +28,8 @@ from tests.transport.test_handoff import hub_consumer, parks, run_until
 
 #: kombu's retry policy for the publishes here: retry at once, a few times.
 RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.2}
+#: Celery's own callback retry does not reconnect: wait out the client's skip of a failed endpoint (0.5 s).
+CALLBACK_RETRY = {"max_retries": 3, "interval_start": 1, "interval_step": 0.5, "interval_max": 2}
 
 
 class _DeadlineExceeded(grpc.RpcError):
@@ -152,6 +154,19 @@ def test_a_retry_after_the_first_copy_was_consumed_and_acked_stores_nothing(setu
     assert copies(client, keys, "idem-taken") == {"ready": 0, "unacked": 0, "delayed": 0}
 
 
+def test_a_failed_publish_whose_headers_are_reused_for_another_body_is_a_new_publish(setup, monkeypatch):
+    client, keys, connect = setup
+    producer = connect().Producer(serializer="json")
+    producer.maybe_declare(Queue("idem-reuse"))
+    headers = {"x-app": "same dict"}
+    with answer_lost(client, monkeypatch, queue_dir(keys, "idem-reuse")) as fired:
+        with pytest.raises(Exception):  # noqa: B017 - no retry: the caller sees the lost answer
+            producer.publish({"n": 1}, routing_key="idem-reuse", headers=headers)
+    assert fired
+    producer.publish({"n": 2}, routing_key="idem-reuse", headers=headers, retry=True, retry_policy=RETRY)
+    assert copies(client, keys, "idem-reuse")["ready"] == 2
+
+
 def test_a_batch_flush_whose_answer_was_lost_is_sent_again_and_stored_once(setup, monkeypatch):
     client, keys, connect = setup
     producer = connect().Producer(serializer="json")
@@ -174,6 +189,23 @@ def test_a_celery_send_task_retried_after_its_answer_was_lost_is_stored_once(set
             app.send_task("idem.task", queue="idem-celery")
         assert fired
         assert copies(client, keys, "idem-celery")["ready"] == 1
+    finally:
+        app.close()
+
+
+def test_a_celery_callback_publish_retried_after_its_answer_was_lost_is_stored_once(setup, monkeypatch, etcd_url,
+                                                                                   etcd_prefix):
+    """A worker publishes a chord callback or link through ``AMQP._retry_publish`` (celery/app/trace.py):
+    Celery retries that one with ``retry_over_time(producer.publish, ...)``, a new ``publish`` call,
+    so new properties, each time (the chaos test saw a callback run twice this way)."""
+    client, keys, _ = setup
+    app = Celery("idem", broker=etcd_url, broker_transport_options={"prefix": etcd_prefix},
+                 task_publish_retry_policy=CALLBACK_RETRY)
+    try:
+        with answer_lost(client, monkeypatch, queue_dir(keys, "idem-callback")) as fired:
+            app.amqp._retry_publish(app.send_task, "idem.task", queue="idem-callback")
+        assert fired
+        assert copies(client, keys, "idem-callback")["ready"] == 1
     finally:
         app.close()
 

@@ -47,8 +47,9 @@ logger = logging.getLogger(__name__)
 PUBLISH_ID = "x-etcd-publish-id"
 #: Least seconds a publish marker lives: a retry within this of the first attempt is stored once.
 MARKER_SECONDS = 120
-#: One marker lease is used for this many seconds (so it lives MARKER_SECONDS to MARKER_SECONDS + this).
-MARKER_BUCKET_SECONDS = 30
+#: One marker lease is used for this many seconds (so a marker lives MARKER_SECONDS to MARKER_SECONDS + this);
+#: its expiry deletes this many seconds of one process's markers in one etcd proposal.
+MARKER_BUCKET_SECONDS = 10
 
 
 class MarkerLeases:

@@ -40,7 +40,8 @@ class BindingTable:
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._rows: dict[str, dict[bytes, Binding]] = defaultdict(dict)
-        self._revisions: dict[bytes, int] = {}  # binding key -> newest revision applied (older news is ignored)
+        # binding key -> revision a refresh read it at, until the watch catches up (older events are ignored)
+        self._revisions: dict[bytes, int] = {}
         self._loaded = threading.Event()
 
     def _load(self) -> None:
@@ -82,15 +83,17 @@ class BindingTable:
             for key in self._rows[exchange].keys() - rows.keys():
                 self._revisions[key] = response.header.revision  # gone by then: an older put is stale
             for kv in response.kvs:
-                self._revisions[kv.key] = max(self._revisions.get(kv.key, 0), kv.mod_revision)
+                self._revisions[kv.key] = kv.mod_revision
             self._rows[exchange] = rows
 
     def _on_events(self, events) -> None:
         with self._lock:
             for event in events:
-                if event.kv.mod_revision and event.kv.mod_revision <= self._revisions.get(event.kv.key, 0):
-                    continue  # a refresh already read a newer state of this binding
-                self._revisions[event.kv.key] = event.kv.mod_revision
+                read = self._revisions.get(event.kv.key)
+                if read is not None and event.kv.mod_revision >= read:
+                    del self._revisions[event.kv.key]  # the watch caught up with the refresh: in order again
+                if read is not None and event.kv.mod_revision <= read:
+                    continue  # a refresh already read this binding as of a later revision
                 exchange = self.keys.exchange_of_binding(event.kv.key)
                 if event.type == EVENT_PUT:
                     self._rows[exchange][event.kv.key] = _row(event.kv.value)

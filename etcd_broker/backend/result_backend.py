@@ -30,8 +30,9 @@ from etcd_broker.backend.deferred import DeferredStarted
 from etcd_broker.backend.result_consumer import ResultConsumer
 from etcd_broker.backend.result_store import CHORD_CLAIM_TTL, ChordClaim, ResultStore, WriteOutcome, store_for
 from etcd_broker.backend.task_events import TaskEvent, TaskStream, iter_events
-from etcd_broker.core.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError, EtcdNoSpace
+from etcd_broker.core.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig
 from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace
+from etcd_broker.exceptions import EtcdConfigError, EtcdNoSpace
 from etcd_broker.transport import settle
 
 logger = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from etcd_broker.core import forking, group_commit, ops
 from etcd_broker.core.client import COMPACTED, EtcdConfig, classify, get_client
 from etcd_broker.core.keys import KeySpace
 from etcd_broker.core.watch import WatchHub, close_hubs, hub_for
+from etcd_broker.exceptions import WriteConflict
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ class ChordClaim(enum.Enum):
     CLAIMED = "claimed"  # this process publishes the callback
     HELD = "held"  # another process's claim is alive: it publishes (or its lease lapses)
     DONE = "done"  # the chord's keys are gone: its callback was published
-
-
-class WriteConflict(RuntimeError):
-    """A key kept changing under a compare-and-put."""
 
 
 @dataclass(frozen=True)

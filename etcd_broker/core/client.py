@@ -30,6 +30,7 @@ from etcd3 import exceptions as etcd_exceptions
 
 from etcd_broker import compat
 from etcd_broker.core import forking
+from etcd_broker.exceptions import EtcdConfigError, EtcdNoSpace, EtcdUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -71,22 +72,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     etcd_exceptions.NoServerAvailableError,
     etcd_exceptions.InternalServerError,
 )
-
-
-class EtcdConfigError(ValueError):
-    """A URL or option that cannot describe an etcd connection."""
-
-
-class EtcdUnreachable(etcd_exceptions.ConnectionFailedError):
-    """A connection error that says where and why, in gRPC's words (refused, TLS handshake failed...)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else super().__str__()
-
-
-class EtcdNoSpace(RuntimeError):
-    """etcd's backend quota is full (NOSPACE alarm): every write is refused until an operator
-    frees space (compact, defragment, disarm the alarm: docs/reliability.md). Not retried."""
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kombu.exceptions import KombuError, LimitExceeded, OperationalError
+from kombu.exceptions import OperationalError
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import CONNECTION_ERRORS
 from etcd_broker.core.keys import KeySpace
+from etcd_broker.exceptions import QueueArgumentError, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ REFUSED_ARGUMENTS = {
     "x-dead-letter-routing-key": "dead-lettering is not implemented",
     "x-single-active-consumer": "single active consumer is not implemented",
 }
-
-
-class QueueArgumentError(KombuError, ValueError):
-    """A queue name or argument this transport refuses; nothing was written."""
-
-
-class QueueFull(LimitExceeded):
-    """Publish refused: the queue holds ``x-max-length`` messages and its overflow is reject-publish."""
 
 
 @dataclass(frozen=True)

@@ -84,17 +84,13 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         self.keys = KeySpace(self.prefix)
         self.retry_policy = {**Backend.retry_policy, **options.get("retry_policy", {})}
         self.started = DeferredStarted(_started_delay(options))
-        self._store: ResultStore | None = None
-        self._store_pid = 0
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages)
 
     @property
     def store(self) -> ResultStore:
         """This process's shared store for our etcd cluster and prefix."""
-        if self._store is None or self._store_pid != os.getpid():
-            self._store, self._store_pid = store_for(self.config, self.prefix), os.getpid()
-        return self._store
+        return store_for(self.config, self.prefix)
 
     # -- keys: every one comes from KeySpace -----------------------------------------
     def get_key_for_task(self, task_id: str, key: str = "") -> bytes:

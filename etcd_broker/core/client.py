@@ -15,7 +15,6 @@ URL forms::
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Iterable
@@ -407,8 +406,7 @@ def make_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdCl
     return EtcdClient(config)
 
 
-_clients: dict[tuple[int, EtcdConfig], EtcdClient] = {}
-_clients_lock = forking.reinit_in_child(threading.Lock())
+_clients = forking.PerProcess()
 #: Every client made in this process (a forked child resets them all).
 _made: weakref.WeakSet[EtcdClient] = weakref.WeakSet()
 #: In a forked child: the parent's endpoints (channels), never used and never closed.
@@ -420,20 +418,12 @@ def get_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdCli
     config = url if isinstance(url, EtcdConfig) else EtcdConfig.from_url(url, **options)
     if isinstance(url, EtcdConfig) and options:
         config = config.with_options(**options)
-    key = (os.getpid(), config)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _clients[key] = EtcdClient(config)
-        return client
+    return _clients.get((config,), lambda: EtcdClient(config))
 
 
 def forget_clients() -> None:
     """Close and drop every shared client of this process (tests, shutdown)."""
-    with _clients_lock:
-        mine = [client for (pid, _), client in _clients.items() if pid == os.getpid()]
-        _clients.clear()
-    for client in mine:
+    for client in _clients.take_mine():
         try:
             client.close()
         except Exception:  # noqa: BLE001 - closing is best effort
@@ -445,10 +435,7 @@ def _adopt_clients_after_fork() -> None:
     """Every client of the parent's works in the child, on new channels; shared ones stay shared."""
     for client in list(_made):
         client.reset_after_fork()
-    pid = os.getpid()
-    shared = {(pid, config): client for (_, config), client in _clients.items()}
-    _clients.clear()
-    _clients.update(shared)
+    _clients.adopt()
 
 
 def wait_connected(client, timeout: float | None) -> None:

@@ -68,9 +68,8 @@ class RpcGate(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         self._long_lived: set[Any] = set()
         self._in_flight: dict[Any, str] = {}  # call -> method, for the warning below
         self._poller_idle_at = 0.0  # monotonic time when grpc's connectivity poller has stopped
-        #: Forks prepared, and how many of them found every call finished in time.
+        #: Forks prepared (a watch stream cancelled by one resumes instead of reporting a break).
         self.forks = 0
-        self.quiet_forks = 0
 
     # -- the interceptor -----------------------------------------------------------
     def intercept_unary_unary(self, continuation, client_call_details, request):
@@ -141,10 +140,8 @@ class RpcGate(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
             quiet = self._cond.wait_for(lambda: self._active == 0, max(0.0, deadline - time.monotonic()))
             idle_at = self._poller_idle_at
         time.sleep(max(FORK_SETTLE_SECONDS, min(idle_at, deadline) - time.monotonic()))
-        with self._cond:
-            if quiet:
-                self.quiet_forks += 1
-            else:
+        if not quiet:
+            with self._cond:
                 logger.warning("fork: %d etcd call(s) still in flight after %ss (%s); gRPC will skip its fork "
                                "handlers and the child may not reach etcd", self._active, FORK_QUIESCE_SECONDS,
                                ", ".join(sorted(set(self._in_flight.values()))) or "connectivity polling")
@@ -244,9 +241,10 @@ def inherited(pid: int) -> bool:
 
 class PerProcess:
     """One object per key in this process: made on first use, made again in a forked child (the
-    pid is part of every key) or when ``usable`` says the one there is spent. The registries of
-    leases, group commits and parked-consumer views are such maps; their lock is unlocked again
-    in a forked child."""
+    pid is part of every key) or when ``usable`` says the one there is spent. The library's one
+    per-process registry: shared clients, watch hubs, lease pools, consumer leases, group commits,
+    result stores and their shared waits, parked-consumer views. Its lock is unlocked again in a
+    forked child."""
 
     def __init__(self) -> None:
         self._items: dict[tuple, Any] = {}
@@ -264,6 +262,20 @@ class PerProcess:
         """This process's objects (a forked child's map still holds its parent's)."""
         with self._lock:
             return [item for (pid, *_), item in self._items.items() if pid == os.getpid()]
+
+    def take_mine(self) -> list[Any]:
+        """Forget every object and return this process's ones (to close them outside the lock)."""
+        with self._lock:
+            mine = [item for (pid, *_), item in self._items.items() if pid == os.getpid()]
+            self._items.clear()
+        return mine
+
+    def adopt(self) -> None:
+        """In a forked child: keep the parent's objects as this process's (objects reset in place,
+        like clients that get new channels), instead of making new ones."""
+        pid = os.getpid()
+        with self._lock:
+            self._items = {(pid, *key): item for (_, *key), item in self._items.items()}
 
     def clear(self, each: Callable[[Any], None] | None = None) -> None:
         """Forget every object, calling ``each`` on this process's ones first (under the lock)."""

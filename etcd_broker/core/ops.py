@@ -46,6 +46,11 @@ LESS = etcdrpc.Compare.LESS
 RESULTS = {"==": EQUAL, "!=": NOT_EQUAL, ">": GREATER, "<": LESS,
            EQUAL: EQUAL, NOT_EQUAL: NOT_EQUAL, GREATER: GREATER, LESS: LESS}
 
+#: etcd's default --max-txn-ops: operations per transaction (compares and success ops counted apart).
+MAX_TXN_OPS = 128
+#: Bytes of keys and values per transaction we build, well under etcd's 1.5 MiB request limit.
+MAX_TXN_BYTES = 1_048_576
+
 Key = str | bytes
 #: Keys per page of a read over a set that grows with the work (a queue, ``unacked/``, results):
 #: a reply stays far under gRPC's receive limit with keys only; with values a page halves until it fits.

@@ -22,7 +22,7 @@ A child also runs clean-up on objects it inherited: kombu's and Celery's after-f
 Nothing there may wait on a lock, stream or thread of the parent's, or act on what the parent
 holds in etcd: an object that belongs to its process checks :func:`inherited` and, in a child,
 is only forgotten (a transport, its channels, a watch stream); module tables and objects a child
-keeps using are reset (:func:`reinit_in_child`, :func:`reset_in_child`, :func:`on_child`).
+keeps using are reset (:class:`ChildLock`, :func:`reset_in_child`, :func:`on_child`).
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ CONNECTIVITY_POLL_SECONDS = 0.5
 FORK_SETTLE_SECONDS = 0.05
 
 _child_callbacks: list[Callable[[], None]] = []
-_locks: weakref.WeakSet = weakref.WeakSet()
+#: Every ChildLock of this process: each gets a new lock in a forked child.
+_locks: weakref.WeakSet[ChildLock] = weakref.WeakSet()
 #: Objects whose state was their process's (threads, streams, locks): reset in a forked child.
 _resets: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
 
@@ -217,10 +218,34 @@ def on_child(callback: Callable[[], None]) -> Callable[[], None]:
     return callback
 
 
-def reinit_in_child(lock: Any) -> Any:
-    """Give ``lock`` back unlocked in a forked child (a thread that held it did not follow)."""
-    _locks.add(lock)
-    return lock
+class ChildLock:
+    """A mutex (``threading.Lock``'s ``with``, ``acquire``, ``release``; usable by a ``Condition``) that
+    a forked child gets back unlocked: a new lock replaces the parent's there, which a thread that
+    did not follow may hold for ever. For module tables and registries that a child keeps using."""
+
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        _locks.add(self)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.release()
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
 
 
 def reset_in_child(obj: Any, reset: Callable[[Any], None]) -> None:
@@ -248,7 +273,7 @@ class PerProcess:
 
     def __init__(self) -> None:
         self._items: dict[tuple, Any] = {}
-        self._lock = reinit_in_child(threading.Lock())
+        self._lock = ChildLock()
 
     def get(self, key: tuple, make: Callable[[], Any], usable: Callable[[Any], bool] = lambda item: True) -> Any:
         full_key = (os.getpid(), *key)
@@ -296,11 +321,9 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child() -> None:
-    from etcd_broker import compat
-
     GATE.after_fork_in_child()
     for lock in list(_locks):
-        compat.reinit_lock(lock)
+        lock._renew()
     for obj, reset in list(_resets.items()):
         try:
             reset(obj)

@@ -211,7 +211,6 @@ class WatchStream:
         if getattr(exc, "code", lambda: None)() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             try:
                 if len(self.client.endpoints) > 1:
-                    self.client.endpoint_in_use.fail()
                     self.client.fail_over()
             except Exception:  # noqa: BLE001 - a bare etcd3 client has no fail_over; the next open retries
                 pass

@@ -20,7 +20,7 @@ import math
 import threading
 import time
 
-from etcd_broker.core import forking
+from etcd_broker.core import forking, ops
 from etcd_broker.core.client import EtcdConfig, get_client
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class LeasePool:
             lease = self._leases.get((granularity, slot))
             if lease is None:
                 ttl = max(1, math.ceil(ends - now))
-                lease = self._leases[(granularity, slot)] = self.client.lease(ttl).id
+                lease = self._leases[(granularity, slot)] = ops.grant(self.client, ttl)
                 logger.debug("granted shared lease %x (ttl %ss) for slot %s of %ss", lease, ttl, slot, granularity)
             return lease
 

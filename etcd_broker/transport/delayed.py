@@ -74,7 +74,7 @@ def due_time(message: dict, now: float) -> float | None:
 
 def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None, guard: Any = None) -> bool:
     """Publish an ETA task under ``delayed/`` (``key``), on its TTL lease if it expires (``leases``:
-    queue_limits.LeasePool); concurrent publishers share a transaction, as ready puts do. ``guard``
+    core.leases.LeasePool); concurrent publishers share a transaction, as ready puts do. ``guard``
     (idempotent.Guard): written once; False if an earlier attempt of this publish stored it."""
     for attempt in range(2):
         lease = leases.lease_for(deadline) if deadline is not None else 0

@@ -22,14 +22,13 @@ the id too (``ready/<band>/<id>``), so a large message's body chunks are overwri
 
 Cost: one compare and one put more in the same transaction (no extra request, no extra Raft
 proposal), one live key per message published in the last MARKER_SECONDS, and one lease grant
-and one lease expiry per MARKER_BUCKET_SECONDS per publishing process. A retry later than
+and one lease expiry per MARKER_BUCKET_SECONDS per publishing process (the one lease pool, core/leases.py). A retry later than
 MARKER_SECONDS after the first attempt is not guarded (Celery's retry policy gives up long
 before). ``Producer.batch()`` writes one marker per transaction (publish_batch.py).
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any
 
 from etcd3 import etcdrpc
 
-from etcd_broker.core import forking, ops
+from etcd_broker.core import leases, ops
 from etcd_broker.core.keys import KeySpace
 
 logger = logging.getLogger(__name__)
@@ -47,41 +46,20 @@ logger = logging.getLogger(__name__)
 PUBLISH_ID = "x-etcd-publish-id"
 #: Least seconds a publish marker lives: a retry within this of the first attempt is stored once.
 MARKER_SECONDS = 120
-#: One marker lease is used for this many seconds (so a marker lives MARKER_SECONDS to MARKER_SECONDS + this);
-#: its expiry deletes this many seconds of one process's markers in one etcd proposal.
+#: Markers written within this many seconds share one lease (a marker lives MARKER_SECONDS to MARKER_SECONDS
+#: + this); its expiry deletes that many seconds of one process's markers in one etcd proposal.
 MARKER_BUCKET_SECONDS = 10
 
 
-class MarkerLeases:
-    """The lease publish markers of one process go on: a fresh one every MARKER_BUCKET_SECONDS."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self._lease = 0
-        self._until = 0.0
-        self._lock = threading.Lock()
-
-    def current(self) -> int:
-        with self._lock:
-            now = time.monotonic()
-            if not self._lease or now >= self._until:
-                self._lease = self.client.lease(MARKER_SECONDS + MARKER_BUCKET_SECONDS).id
-                self._until = now + MARKER_BUCKET_SECONDS
-            return self._lease
-
-    def forget(self, lease: int) -> None:
-        """etcd no longer knows ``lease`` (LeaseNotFound): the next marker gets a new one."""
-        with self._lock:
-            if self._lease == lease:
-                self._lease = 0
+def marker_lease(client: Any) -> int:
+    """The lease for a marker written now: from the process's one lease pool (core/leases.py), shared by
+    the markers of MARKER_BUCKET_SECONDS, ending MARKER_SECONDS to MARKER_SECONDS + that from now."""
+    return leases.pool_for(client.config).lease_for(time.time() + MARKER_SECONDS, MARKER_BUCKET_SECONDS)
 
 
-_leases = forking.PerProcess()
-
-
-def marker_leases(client: Any) -> MarkerLeases:
-    """This process's :class:`MarkerLeases` for ``client``."""
-    return _leases.get((id(client),), lambda: MarkerLeases(client), usable=lambda item: item.client is client)
+def forget_lease(client: Any, lease: int) -> None:
+    """etcd no longer knows ``lease`` (LeaseNotFound): the next marker gets a new one."""
+    leases.pool_for(client.config).forget(lease)
 
 
 @dataclass(frozen=True)
@@ -101,7 +79,7 @@ class Guard:
 
 def guard(client: Any, keys: KeySpace, queue: str, publish_id: str) -> Guard:
     """The guard of publish ``publish_id`` to ``queue`` (grants a marker lease at most every bucket)."""
-    return Guard(keys.published(queue, publish_id), marker_leases(client).current())
+    return Guard(keys.published(queue, publish_id), marker_lease(client))
 
 
 def _places(message: dict) -> list[dict]:

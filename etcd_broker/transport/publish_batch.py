@@ -24,10 +24,7 @@ from etcd_broker.transport import idempotent
 
 logger = logging.getLogger(__name__)
 
-#: etcd's default --max-txn-ops is 128.
-MAX_TXN_OPS = 128
-#: Bytes of keys and values per transaction, well under etcd's 1.5 MiB request limit.
-MAX_TXN_BYTES = 1_048_576
+MAX_TXN_OPS, MAX_TXN_BYTES = ops.MAX_TXN_OPS, ops.MAX_TXN_BYTES  # etcd's limits, one place (ops.py)
 #: Sends of one transaction whose calls fail without an answer (the marker makes a resend safe).
 WRITE_ATTEMPTS = 3
 #: Seconds between two sends of one transaction (the client fails over to another member meanwhile).
@@ -87,7 +84,7 @@ class PublishBatch:
         compare, success = [], [ops.put(key, value) for key, value, _ in batch]
         marker = batch[0][2]
         if marker is not None:
-            guard = idempotent.Guard(marker, idempotent.marker_leases(client).current())
+            guard = idempotent.Guard(marker, idempotent.marker_lease(client))
             compare, success = [guard.compare()], [*success, guard.put()]
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:

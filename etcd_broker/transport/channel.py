@@ -167,35 +167,42 @@ class Channel(virtual.Channel):
         position = self.keys.position(priority, seq, deadline)
         key = self.keys.ready_message(queue, position)
         batch = kwargs.get("_publish_batch")
-        guard = None
-        try:
-            if publish_id is not None:
-                guard = idempotent.guard(self.client, self.keys, queue, publish_id)
-            if due is not None and not chunks and not queue_lease and limits.max_length is None:
-                if batch is not None:
-                    batch.flush()  # keep publish order: what came before is written first
-                stored = delayed.put(self.client, self.connection.queues.leases,
-                                     self.keys.delayed_message(queue, due, position), value, deadline, guard)
-            elif deadline is None and not queue_lease and limits.max_length is None:
-                if batch is not None:
-                    # Producer.batch(): written with others in one transaction (one marker per transaction)
-                    batch.add(key, value, guard and guard.key)
-                    return
-                stored = self._put_plain(queue, position, key, value, guard)
-            else:
-                if batch is not None:
-                    batch.flush()  # keep publish order: what came before is written first
-                if chunks:
-                    large_body.put_chunks(self.client, chunks, self.connection.queues.leases.lease_for(deadline))
-                stored = self.connection.queues.put(queue, key, value, deadline, limits, queue_lease, guard)
-        except ops.LeaseNotFound:
-            if guard is not None:
-                idempotent.forget_lease(self.client, guard.lease)
-            raise
-        except grpc.RpcError as exc:
-            raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
+        for attempt in range(2):
+            guard = idempotent.guard(self.client, self.keys, queue, publish_id) if publish_id is not None else None
+            try:
+                stored = self._write(queue, position, key, value, chunks, deadline, due, limits, queue_lease, batch,
+                                     guard)
+                break
+            except ops.LeaseNotFound:
+                if guard is None or attempt:
+                    raise
+                idempotent.forget_lease(self.client, guard.lease)  # refused, so not written: again, new lease
+            except grpc.RpcError as exc:
+                raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
         if not stored:
             idempotent.note_retry(queue, guard.key)
+
+    def _write(self, queue, position: str, key: str, value: bytes, chunks: list, deadline: float | None,
+               due: float | None, limits, queue_lease: int, batch: PublishBatch | None,
+               guard: idempotent.Guard | None) -> bool:
+        """One attempt of :meth:`_put`'s write, by path. False: ``guard``'s marker says an earlier attempt
+        of this publish stored it (True for a put buffered in a ``Producer.batch()``)."""
+        if due is not None and not chunks and not queue_lease and limits.max_length is None:
+            if batch is not None:
+                batch.flush()  # keep publish order: what came before is written first
+            return delayed.put(self.client, self.connection.queues.leases,
+                               self.keys.delayed_message(queue, due, position), value, deadline, guard)
+        if deadline is None and not queue_lease and limits.max_length is None:
+            if batch is not None:
+                # Producer.batch(): written with others in one transaction (one marker per transaction)
+                batch.add(key, value, guard and guard.key)
+                return True
+            return self._put_plain(queue, position, key, value, guard)
+        if batch is not None:
+            batch.flush()  # keep publish order: what came before is written first
+        if chunks:
+            large_body.put_chunks(self.client, chunks, self.connection.queues.leases.lease_for(deadline))
+        return self.connection.queues.put(queue, key, value, deadline, limits, queue_lease, guard)
 
     def _put_plain(self, queue, position: str, key: str, value: bytes, guard: idempotent.Guard | None) -> bool:
         """The common case: one put, straight to an idle consumer if one is parked (handoff.py); concurrent

@@ -22,7 +22,7 @@ from kombu import Connection, Exchange, Queue
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
 from etcd_broker.core.keys import KeySpace
-from etcd_broker.transport import handoff
+from etcd_broker.transport import handoff, idempotent
 from tests.helpers import wait_until
 from tests.transport.test_handoff import hub_consumer, parks, run_until
 
@@ -165,6 +165,15 @@ def test_a_failed_publish_whose_headers_are_reused_for_another_body_is_a_new_pub
     assert fired
     producer.publish({"n": 2}, routing_key="idem-reuse", headers=headers, retry=True, retry_policy=RETRY)
     assert copies(client, keys, "idem-reuse")["ready"] == 2
+
+
+def test_a_publish_whose_marker_lease_is_gone_takes_a_new_one(setup):
+    client, keys, connect = setup
+    producer = connect().Producer(serializer="json")
+    producer.publish({"n": 1}, routing_key="idem-lease", declare=[Queue("idem-lease")])
+    client.revoke_lease(idempotent.marker_lease(client))  # the pool's current marker lease: etcd forgets it
+    producer.publish({"n": 2}, routing_key="idem-lease")
+    assert copies(client, keys, "idem-lease")["ready"] == 2
 
 
 def test_a_batch_flush_whose_answer_was_lost_is_sent_again_and_stored_once(setup, monkeypatch):

@@ -22,9 +22,10 @@ the id too (``ready/<band>/<id>``), so a large message's body chunks are overwri
 
 Cost: one compare and one put more in the same transaction (no extra request, no extra Raft
 proposal), one live key per message published in the last MARKER_SECONDS, and one lease grant
-and one lease expiry per MARKER_BUCKET_SECONDS per publishing process (the one lease pool, core/leases.py). A retry later than
-MARKER_SECONDS after the first attempt is not guarded (Celery's retry policy gives up long
-before). ``Producer.batch()`` writes one marker per transaction (publish_batch.py).
+and one lease expiry per MARKER_BUCKET_SECONDS per publishing process (the one lease pool,
+core/leases.py; a marker lease etcd no longer knows is forgotten and the write tried once more).
+A retry later than MARKER_SECONDS after the first attempt is not guarded (Celery's retry policy
+gives up long before). ``Producer.batch()`` writes one marker per transaction (publish_batch.py).
 """
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ from typing import Any
 PRIVATE_NAMES = (
     ("etcd3.MultiEndpointEtcd3Client", "_manage_grpc_errors"),
     ("celery.app.amqp.AMQP", "_retry_publish"),
-    ("celery.worker.request.Request", "_context"),
     ("celery.concurrency.prefork.TaskPool", "_pool"),
     ("celery.concurrency.asynpool.AsynPool", "_pool"),
     ("celery.concurrency.asynpool.AsynPool", "_waiting_to_start"),
@@ -38,16 +37,6 @@ def retry_publish(app: Any, publish: Callable[..., Any], *args: Any, **kwargs: A
     after the header already ran; ``callback.delay`` alone has no such mode.
     """
     return app.amqp._retry_publish(publish, *args, **kwargs)
-
-
-def request_context(request: Any) -> Any:
-    """The task context (``celery.app.task.Context``) of a worker request (``request._context``).
-
-    Why: it is what Celery's trace hands the result backend (``request=`` of ``mark_as_done``:
-    task name, arguments, callbacks, chord); the worker request (``celery.worker.request.Request``)
-    has no public name for it, and building one would copy Celery's merge of headers and body.
-    """
-    return request._context
 
 
 def pool_processes(pool: Any) -> tuple[list[Any], set[Any]] | None:

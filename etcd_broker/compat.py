@@ -14,7 +14,6 @@ PRIVATE_NAMES = (
     ("etcd3.MultiEndpointEtcd3Client", "_manage_grpc_errors"),
     ("celery.app.amqp.AMQP", "_retry_publish"),
     ("celery.concurrency.prefork.TaskPool", "_pool"),
-    ("celery.concurrency.asynpool.AsynPool", "_pool"),
     ("celery.concurrency.asynpool.AsynPool", "_waiting_to_start"),
 )
 
@@ -39,16 +38,15 @@ def retry_publish(app: Any, publish: Callable[..., Any], *args: Any, **kwargs: A
     return app.amqp._retry_publish(publish, *args, **kwargs)
 
 
-def pool_processes(pool: Any) -> tuple[list[Any], set[Any]] | None:
-    """A prefork pool's child processes and those not up yet (``pool._pool._pool``,
-    ``pool._pool._waiting_to_start``); None for a pool without children (threads, solo).
+def pool_processes(pool: Any) -> tuple[list[int], set[int]] | None:
+    """A prefork pool's child pids (public: ``pool.info["processes"]``) and the pids of those not up
+    yet (``pool._pool._waiting_to_start``); None for a pool without children (threads, solo).
 
     Why: Celery's pool reports its children's pids (``TaskPool.info``, ``inspect stats``) but not
     which of them billiard still waits on: a child that hangs while starting is listed like a
     working one until billiard kills it, and its replacement is listed again.
     """
-    asynpool = getattr(pool, "_pool", None)
-    starting = getattr(asynpool, "_waiting_to_start", None)
-    if asynpool is None or starting is None:
+    starting = getattr(getattr(pool, "_pool", None), "_waiting_to_start", None)
+    if starting is None:
         return None
-    return list(asynpool._pool), set(starting)
+    return list(pool.info.get("processes", ())), {process.pid for process in list(starting)}

@@ -20,8 +20,9 @@ import logging
 import threading
 from collections import defaultdict
 
+from etcd_broker.core import ops
 from etcd_broker.core.client import EtcdClient
-from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.keys import KeySpace
 from etcd_broker.core.watch import EVENT_PUT, Watch, WatchHub
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,7 @@ class BindingTable:
             self._loaded.clear()
 
     def _read_all(self) -> int:
-        prefix = self.keys.all_bindings()
-        response = self.client.get_range_response(prefix, range_end(prefix))
+        response = ops.get(self.client, self.keys.all_bindings(), prefix=True)
         rows: dict[str, dict[bytes, Binding]] = defaultdict(dict)
         for kv in response.kvs:
             rows[self.keys.exchange_of_binding(kv.key)][kv.key] = _row(kv.value)
@@ -76,8 +76,7 @@ class BindingTable:
 
     def refresh(self, exchange: str) -> None:
         """Read ``exchange``'s bindings from etcd now (a publish found none: the watch may lag)."""
-        prefix = self.keys.bindings(exchange)
-        response = self.client.get_range_response(prefix, range_end(prefix))
+        response = ops.get(self.client, self.keys.bindings(exchange), prefix=True)
         rows = {kv.key: _row(kv.value) for kv in response.kvs}
         with self._lock:
             for key in self._rows[exchange].keys() - rows.keys():
@@ -108,24 +107,23 @@ class BindingTable:
     def bind(self, exchange: str, routing_key: str, pattern: str, queue: str, lease: int | None = None) -> None:
         key = self.keys.binding(exchange, queue, routing_key)
         value = json.dumps({"routing_key": routing_key, "pattern": pattern, "queue": queue})
-        self.client.put(key, value, lease=lease)
+        ops.run(self.client, ops.put(key, value, lease or 0))
         with self._lock:
             self._rows[exchange][key.encode()] = (routing_key, pattern, queue)
 
     def unbind(self, exchange: str, queue: str, routing_key: str) -> None:
         key = self.keys.binding(exchange, queue, routing_key)
-        self.client.delete(key)
+        ops.run(self.client, ops.delete(key))
         with self._lock:
             self._rows[exchange].pop(key.encode(), None)
 
     def unbind_queue(self, queue: str) -> None:
         """Remove every binding that routes to ``queue``, whatever the exchange."""
-        prefix = self.keys.all_bindings()
-        for value, meta in self.client.get_range(prefix, range_end(prefix)):
-            if _row(value)[2] == queue:
-                self.client.delete(meta.key)
+        for kv in ops.get(self.client, self.keys.all_bindings(), prefix=True).kvs:
+            if _row(kv.value)[2] == queue:
+                ops.run(self.client, ops.delete(kv.key))
                 with self._lock:
-                    self._rows[self.keys.exchange_of_binding(meta.key)].pop(meta.key, None)
+                    self._rows[self.keys.exchange_of_binding(kv.key)].pop(kv.key, None)
 
 
 def _row(value: bytes) -> Binding:

@@ -64,10 +64,8 @@ from etcd_broker.core import forking, group_commit, ops
 from etcd_broker.core.client import (
     CONNECTION_ERRORS,
     ETCD_OPTIONS,
-    LEASE_NOT_FOUND,
     EtcdConfig,
     EtcdUnreachable,
-    classify,
     get_client,
     is_request_too_large,
     wait_connected,
@@ -569,8 +567,8 @@ class Channel(virtual.Channel):
         lease = self.lease.ensure() if queue in self._auto_delete else None
         try:
             self.connection.queues.declare(queue, limits, lease)
-        except grpc.RpcError as exc:
-            if lease is None or classify(exc) != LEASE_NOT_FOUND:
+        except ops.LeaseNotFound:
+            if lease is None:
                 raise
             # our consumer lease expired while etcd could not hear us (a partition longer than its TTL) and the
             # keepalive has not said so yet: re-register now; raised, this ended the worker (chaos test)

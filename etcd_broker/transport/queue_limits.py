@@ -154,17 +154,22 @@ class QueueRegistry:
         # An auto-delete queue lives and dies with its consumer's lease, x-expires or not.
         own = self._expiry_lease(queue, limits.expires) if limits.expires is not None and not auto_delete_lease else 0
         info = json.dumps({"auto_delete": bool(auto_delete_lease), "limits": limits.as_dict(), "lease": own})
-        self.client.put(self.keys.declared(queue), info, lease=auto_delete_lease or own or None)
+        ops.run(self.client, ops.put(self.keys.declared(queue), info, auto_delete_lease or own or 0))
         with self._lock:
             self._cache[queue] = (time.monotonic(), limits, own)
 
     def _expiry_lease(self, queue: str, expires: float) -> int:
         """The queue's live expiry lease, refreshed (redeclaring counts as use), or a new one."""
-        value, _ = self.client.get(self.keys.declared(queue))
+        value = self._declared(queue)
         old = json.loads(value).get("lease", 0) if value else 0
         if old and self._refresh(old):
             return old
-        return self.client.lease(max(1, math.ceil(expires))).id
+        return ops.grant(self.client, max(1, math.ceil(expires)))
+
+    def _declared(self, queue: str) -> bytes | None:
+        """The queue's declared key's value (JSON: auto_delete, limits, lease); None if not declared."""
+        kv = ops.first_kv_of(ops.get(self.client, self.keys.declared(queue)))
+        return kv.value if kv is not None else None
 
     def limits(self, queue: str) -> tuple[QueueLimits, int]:
         """The queue's limits and expiry lease (0: none), read from etcd at most every few seconds."""
@@ -172,7 +177,7 @@ class QueueRegistry:
             cached = self._cache.get(queue)
         if cached is not None and time.monotonic() - cached[0] < LIMITS_CACHE_SECONDS:
             return cached[1], cached[2]
-        value, _ = self.client.get(self.keys.declared(queue))
+        value = self._declared(queue)
         limits = QueueLimits.from_declared(value)
         lease = json.loads(value).get("lease", 0) if value else 0
         with self._lock:
@@ -345,8 +350,7 @@ class QueueRegistry:
 
     def _refresh(self, lease: int) -> bool:
         """Keep ``lease`` alive once; False if etcd no longer knows it."""
-        responses = list(self.client.refresh_lease(lease))
-        alive = bool(responses) and responses[-1].TTL > 0
+        alive = ops.keep_alive(self.client, lease) > 0
         with self._lock:
             self._refreshed[lease] = time.monotonic()
         return alive

@@ -73,6 +73,10 @@ class KeySpace:
         vhost = (vhost or "/").strip("/") or "default"
         self.root = f"{self.prefix}/{_q(vhost)}"
 
+    def ping(self) -> str:
+        """A key never written: reading it proves etcd answers (Transport.establish_connection)."""
+        return f"{self.root}/ping"
+
     # queues ---------------------------------------------------------------
     def queue(self, queue: str) -> str:
         return f"{self.root}/q/{_q(queue)}/"

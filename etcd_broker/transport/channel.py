@@ -493,9 +493,9 @@ class Channel(virtual.Channel):
         if not key:
             return
         key = self.lease.current_key(key)
-        value, meta = self.client.get(key)
-        if meta is not None:
-            restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, meta.mod_revision)
+        kv = ops.first_kv_of(ops.get(self.client, key))
+        if kv is not None:
+            restore_message(self.client, self.keys, self.keys.queue_of(key), key, kv.value, kv.mod_revision)
 
     @property
     def lease(self) -> ConsumerLease:
@@ -577,21 +577,19 @@ class Channel(virtual.Channel):
         self.connection.declared.add(queue)
 
     def _has_queue(self, queue, **kwargs):
-        value, _ = self.client.get(self.keys.declared(queue))
-        return value is not None
+        return ops.first_kv_of(ops.get(self.client, self.keys.declared(queue))) is not None
 
     def _size(self, queue):
-        prefix = self.keys.ready(queue)
-        return self.client.get_range_response(prefix, range_end(prefix), count_only=True).count
+        return ops.get(self.client, self.keys.ready(queue), prefix=True, count_only=True).count
 
     def _purge(self, queue):
         """Every message waiting: ready, and delayed (ETA tasks not due yet)."""
-        return sum(self.client.delete_prefix(prefix).deleted
+        return sum(ops.run(self.client, ops.delete(prefix, prefix=True)).deleted
                    for prefix in (self.keys.ready(queue), self.keys.delayed(queue)))
 
     def _delete(self, queue, *args, **kwargs):
-        self.client.delete_prefix(self.keys.queue(queue))
-        self.client.delete(self.keys.declared(queue))
+        ops.run(self.client, ops.delete(self.keys.queue(queue), prefix=True))
+        ops.run(self.client, ops.delete(self.keys.declared(queue)))
         self.connection.bindings.unbind_queue(queue)
         self.connection.declared.discard(queue)
         self.connection.queues.forget(queue)
@@ -695,7 +693,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     def establish_connection(self):
         self._space_reconnects()
         wait_connected(self.etcd, self.client.connect_timeout)  # connect_timeout bounds the first contact
-        self.etcd.get(self.keys.root + "/ping")  # raises a connection error if etcd is unreachable
+        ops.get(self.etcd, self.keys.ping())  # raises a connection error if etcd is unreachable
         return super().establish_connection()
 
     def _space_reconnects(self) -> None:
@@ -796,15 +794,15 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
 
     def remember_exchange(self, exchange: str, type: str) -> None:
         if self._exchange_types.get(exchange) != type:
-            self.etcd.put(self.keys.exchange(exchange), type)
+            ops.run(self.etcd, ops.put(self.keys.exchange(exchange), type))
             self._exchange_types[exchange] = type
 
     def exchange_type(self, exchange: str) -> str | None:
         if exchange not in self._exchange_types:
-            value, _ = self.etcd.get(self.keys.exchange(exchange))
-            if value is None:
+            kv = ops.first_kv_of(ops.get(self.etcd, self.keys.exchange(exchange)))
+            if kv is None:
                 return None
-            self._exchange_types[exchange] = value.decode()
+            self._exchange_types[exchange] = kv.value.decode()
         return self._exchange_types[exchange]
 
 

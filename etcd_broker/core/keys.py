@@ -15,6 +15,7 @@ in a queue name cannot escape its directory)::
     <root>/b/<exchange>/<queue>/<routing key>       binding (JSON: routing_key, pattern, queue)
     <root>/consumer/<lease>                         live consumer (attached to its lease)
     <root>/dead/<queue>/<seq>                       undecodable messages
+    <root>/ping, <root>/compaction-probe            never written: read or watched as probes
     <prefix>/results/<task id>                      task state (result backend)
     <prefix>/groups/<group id>                      saved GroupResult (result backend)
     <prefix>/chords/<group id>/size                 chord header size (result backend)
@@ -72,10 +73,6 @@ class KeySpace:
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         vhost = (vhost or "/").strip("/") or "default"
         self.root = f"{self.prefix}/{_q(vhost)}"
-
-    def ping(self) -> str:
-        """A key never written: reading it proves etcd answers (Transport.establish_connection)."""
-        return f"{self.root}/ping"
 
     # queues ---------------------------------------------------------------
     def queue(self, queue: str) -> str:
@@ -208,6 +205,20 @@ class KeySpace:
 
     def dead(self, queue: str) -> str:
         return f"{self.root}/dead/{_q(queue)}/"
+
+    def dead_message(self, queue: str, seq: str) -> str:
+        """Where an undecodable message of ``queue`` is moved (its own sequence number)."""
+        return f"{self.dead(queue)}{seq}"
+
+    # probes ----------------------------------------------------------------------
+    def ping(self) -> str:
+        """A key never written: reading it proves etcd answers (Transport.establish_connection)."""
+        return f"{self.root}/ping"
+
+    def compaction_probe(self) -> str:
+        """A key never written, under the deployment's prefix (a user's role may be limited to it):
+        core/maintenance.py watches it from revision 1 to learn the last compaction."""
+        return f"{self.root}/compaction-probe"
 
     # results -------------------------------------------------------------------
     def results(self) -> str:

@@ -436,7 +436,7 @@ class Channel(virtual.Channel):
         self.connection = None
 
     def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
-        dead = self.keys.dead(queue) + self.connection.sequence.next()
+        dead = self.keys.dead_message(queue, self.connection.sequence.next())
         logger.error("undecodable message on queue %r moved to %s: %s", queue, dead, exc)
         ops.txn(self.client, success=[ops.put(dead, value)] + ([ops.delete(key)] if key else []))
 

@@ -73,7 +73,6 @@ from etcd_broker.core.client import (
 from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.core.watch import WatchHub, hub_for
 from etcd_broker.exceptions import MessageTooLarge
-from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
 from etcd_broker.transport import delayed, executing, handoff, idempotent, large_body, settle
 from etcd_broker.transport.bindings import BindingTable
 from etcd_broker.transport.event_loop import EventLoopMixin

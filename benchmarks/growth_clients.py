@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,11 +108,14 @@ class ConsumerGroup:
             time.sleep(0.05)
         return self
 
-    def wait_consumed(self, target: int, timeout: float) -> None:
+    def wait_consumed(self, target: int, timeout: float, tick: Callable[[], None] | None = None) -> None:
+        """Wait until ``target`` messages are consumed; ``tick()`` between looks (progress lines)."""
         deadline = time.monotonic() + timeout
         while self.consumed.value < target:
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {self.consumed.value} of {target} messages consumed in {timeout:.0f} s")
+            if tick is not None:
+                tick()
             time.sleep(0.002)
 
     def cpu(self) -> float:

@@ -49,6 +49,8 @@ QUICK = {"consumers": "1,4,16", "messages": 600, "backlogs": "0,2000,10000", "bu
 PARTS = ("consumers", "backlog", "long", "idle", "celery")
 #: Seconds between progress lines inside one long step (a 200k backlog, a 1,000,000-message run).
 HEARTBEAT_SECONDS = 30.0
+#: Seconds without a message consumed after which the long run gives up (a consumer that died).
+STALL_SECONDS = 300.0
 
 
 def load() -> str:
@@ -191,8 +193,8 @@ def long_rows(broker: Broker, total: int, chunk: int) -> list[list]:
     try:
         mark, base, before, started = chunk, 0, broker.read(), time.perf_counter()
         for index in range(total):
-            while index - group.consumed.value >= WINDOW:
-                time.sleep(0.0005)
+            if index - group.consumed.value >= WINDOW:
+                group.wait_consumed(index - WINDOW + 1, timeout=STALL_SECONDS, tick=tick)
             publisher.publish()
             tick()
             if group.consumed.value >= mark or index == total - 1:

@@ -173,7 +173,7 @@ def long_part(brokers: list[Broker], total: int, chunk: int, rivals: int | None 
         count = total if broker.name == "etcd" or rivals is None else rivals
         progress(f"long: {broker.name}, {count} msgs, one consumer, readings every {chunk}")
         chunks = long_rows(broker, count, chunk)
-        rows += [[broker.name, *row, load()] for row in chunks]
+        rows += [[broker.name, *row] for row in chunks]
         first, last = float(chunks[0][2]), float(chunks[-1][2])
         notes.append(f"{broker.name}: CPU per msg last / first chunk {last / first:.2f}x" if first else "")
     sizes = f"{total} msgs" + (f" (Redis and RabbitMQ: {rivals})" if rivals is not None and rivals != total else "")
@@ -205,8 +205,8 @@ def long_rows(broker: Broker, total: int, chunk: int) -> list[list]:
                 rows.append([f"{mark - chunk}-{min(mark, total)}", round(done / (now - started)),
                              per(reading.cpu - before.cpu, done, 1000), per(delta(reading, before, "requests"), done),
                              per(delta(reading, before, "proposals"), done), mb(reading.stored_bytes),
-                             mb(reading.in_use_bytes)])
-                progress(f"long: {broker.name} {rows[-1]} (load {load()})")
+                             mb(reading.in_use_bytes), load()])
+                progress(f"long: {broker.name} {rows[-1]}")
                 mark, base, before, started = mark + chunk, consumed, reading, now
     finally:
         group.finish()

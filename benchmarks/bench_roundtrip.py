@@ -20,7 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, etcd_counters, percentile, print_table, progress, stop_worker
+from benchmarks.common import (
+    REPO_ROOT,
+    etcd_counters,
+    percentile,
+    print_table,
+    progress,
+    stop_worker,
+    wait_worker_ready,
+)
 from scripts.etcd_server import EtcdServer
 
 #: Tasks run before a round's measured ones (the worker's connections, watches and parks settle).
@@ -53,14 +61,7 @@ def start_worker(env: dict, pool: str, concurrency: int, log_path: str) -> subpr
              "-P", pool, "-c", str(concurrency), "--without-gossip", "--without-mingle", "--without-heartbeat",
              "-n", f"roundtrip-{time.time_ns()}@%h"],
             cwd=env["BENCH_CODE"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if " ready." in Path(log_path).read_text(errors="replace"):
-            return process
-        if process.poll() is not None:
-            raise SystemExit(f"worker exited: {Path(log_path).read_text()[-2000:]}")
-        time.sleep(0.1)
-    raise SystemExit(f"worker not ready: {Path(log_path).read_text()[-2000:]}")
+    return wait_worker_ready(process, log_path)
 
 
 def run_round(server: EtcdServer, code: str, prefix: str, args) -> dict:

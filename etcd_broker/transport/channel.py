@@ -321,7 +321,7 @@ class Channel(virtual.Channel):
             response = self._read_windows(cursor, limit) if cursor is not None else None
             drained = False
             if response is None:
-                response = self.client.get_range_response(cursor or prefix, range_end(prefix), limit=limit)
+                response = ops.get(self.client, cursor or prefix, range_end=range_end(prefix), limit=limit)
                 drained = len(response.kvs) < limit
             rows = [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs]
         finally:  # a failed read learns nothing, but ends its watch on the cursor
@@ -334,7 +334,7 @@ class Channel(virtual.Channel):
         """The first non-empty of the windows of the cursor's band that start at it (None: all empty)."""
         width = HEAD_WINDOW_NS
         for _ in range(HEAD_WINDOWS):
-            response = self.client.get_range_response(cursor, self.keys.window_end(cursor, width), limit=limit)
+            response = ops.get(self.client, cursor, range_end=self.keys.window_end(cursor, width), limit=limit)
             if response.kvs:
                 return response
             width *= HEAD_WINDOW_GROWTH

@@ -6,6 +6,12 @@ under ``unacked/<lease>/`` *without* a lease, so it survives anything; when a
 consumer's lease expires (SIGKILL, OOM, lost network) its consumer key vanishes
 and any live consumer moves those messages back to ``ready/`` in one
 transaction per message, at their original place in line.
+
+The sweep reads only the dead consumer's queues (its key's last value lists them; a claim's
+transaction requires the key, so nothing is claimed under a lease after it is gone). A full
+pass over every declared queue runs at start, when the consumer watch's history was compacted
+away (deletes may have gone unseen) and every FULL_SWEEP_SECONDS as a safety net, so the
+idle cost does not grow with the number of queues.
 """
 from __future__ import annotations
 
@@ -32,8 +38,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_LEASE_TTL = 10
 #: Most acks deleted in one transaction (etcd allows 128 operations per transaction).
 ACK_BATCH = 100
-#: Full sweep of every declared queue this often, besides the sweeps that lease expiry triggers.
+#: The sweeper thread wakes at least this often (reconciliation, a full pass falling due).
 SAFETY_SWEEP_SECONDS = 30.0
+#: Full sweep of every declared queue this often (a lease expiry the consumer watch did not show us).
+FULL_SWEEP_SECONDS = 300.0
 #: A lease keepalive unanswered this long means etcd is unreachable now (the RPC deadline is longer):
 #: closing then skips every etcd call and leaves the lease to expire, which hands our messages back.
 PROBE_SECONDS = 1.0
@@ -56,6 +64,10 @@ class ConsumerLease:
         self._pending_requeues: list[str] = []
         self._pending_withdraws: list[tuple[str, int]] = []  # parks to delete (handoff.py)
         self._dead_queues: set[str] = set()
+        self._sweep_queues: set[str] = set()  # a dead consumer's queues, to sweep at the next turn
+        self._full_sweep_wanted = True  # a full pass at the next turn (start, watch re-created or compacted)
+        self._full_swept_at = 0.0  # monotonic time of the last full pass
+        self.full_sweeps = 0  # full passes made (tests)
         self._sweep_now = threading.Event()
         self._acks_waiting = threading.Event()
         self._closed = threading.Event()
@@ -363,7 +375,9 @@ class ConsumerLease:
 
     def _resync_members(self) -> int:
         """The watch's history was compacted away: read the members again; deletes missed meanwhile
-        are the sweep's to find."""
+        are the full sweep's to find (a reconnect resumes where the watch was: it misses none)."""
+        with self._lock:
+            self._full_sweep_wanted = True
         self._sweep_now.set()
         return self._read_members()
 
@@ -378,6 +392,9 @@ class ConsumerLease:
                 queues = []
             with self._lock:
                 self._dead_queues.update(queues)
+                self._sweep_queues.update(queues)
+                if not event.prev_kv.value:  # its queues unknown: every queue
+                    self._full_sweep_wanted = True
             self._sweep_now.set()
 
     def _sweep_loop(self) -> None:
@@ -388,7 +405,7 @@ class ConsumerLease:
             if self._closed.is_set():
                 return
             try:
-                restored = self._requeue_pending() + self.sweep() + self._reconcile()
+                restored = self._requeue_pending() + self._sweep_due() + self._reconcile()
                 if restored:
                     logger.warning("restored %d message(s) from dead consumers, closed channels or reconciliation",
                                    restored)
@@ -418,12 +435,33 @@ class ConsumerLease:
                 if deleted:
                     logger.info("dropped %d message(s) left in auto-delete queue %r", deleted, queue)
 
-    def sweep(self) -> int:
-        """Give back every unacked message whose consumer lease is gone; return how many."""
+    def _sweep_due(self) -> int:
+        """A full pass if one is wanted or due, else the dead consumers' queues; how many came back."""
+        with self._lock:
+            full = self._full_sweep_wanted or time.monotonic() - self._full_swept_at >= FULL_SWEEP_SECONDS
+            queues, self._sweep_queues = self._sweep_queues, set()
+            self._full_sweep_wanted = False
+        if not full and not queues:
+            return 0
+        try:
+            restored = self.sweep(None if full else sorted(queues))
+        except BaseException:
+            with self._lock:  # not done: again at the next turn
+                self._sweep_queues |= queues
+                self._full_sweep_wanted |= full
+            raise
+        if full:
+            self._full_swept_at = time.monotonic()
+            self.full_sweeps += 1
+        return restored
+
+    def sweep(self, queues: Iterable[str] | None = None) -> int:
+        """Give back every unacked message on ``queues`` (None: every declared queue) whose consumer
+        lease is gone; return how many."""
         live = {int(kv.key.decode().rsplit("/", 1)[1], 16)
                 for kv in ops.scan(self.client, self.keys.consumers(), prefix=True, keys_only=True)}
         restored = 0
-        for queue in declared_queues(self.client, self.keys):
+        for queue in declared_queues(self.client, self.keys) if queues is None else queues:
             # keys only, in pages: a busy worker holds thousands (one unbounded read of 19k failed, issue 20)
             for kv in ops.scan(self.client, self.keys.unacked(queue), prefix=True, keys_only=True):
                 key = kv.key.decode()

@@ -1,0 +1,123 @@
+"""What an idle consumer costs etcd: the safety re-check is one read whatever the number of queues,
+and a put the watch stream never delivered is still found by it (issue 19, docs/transport.md "Growth")."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Queue
+
+from etcd_broker import event_loop
+from tests.helpers import wait_until
+
+#: Transport options of these tests: no reconciliation pass within a test (it reads every queue).
+OPTIONS = {"reconcile_seconds": 3600}
+
+
+class CountingStub:
+    """Wraps the client's KV stub: counts each RPC (Range, Txn, Put, ...) whoever makes it."""
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return method(*args, **kwargs)
+        return counted
+
+
+def count_kv_requests(client: Any) -> CountingStub:
+    """From now on, count the KV requests ``client`` sends (its threads' too)."""
+    counter = CountingStub(client.kvstub)
+    client._stubs["kvstub"] = counter  # etcd3 caches its stubs there (compat.clear_stubs)
+    return counter
+
+
+def idle_consumer(conn: Connection, name: str, count: int) -> list[Queue]:
+    """A consumer of ``count`` empty queues that has read each once and swept once."""
+    queues = [Queue(f"{name}-{n}", Exchange(name, type="direct"), routing_key=f"{name}-{n}") for n in range(count)]
+    Consumer(conn.channel(), queues, accept=["json"], callbacks=[lambda body, message: message.ack()]).consume()
+
+    def all_read() -> bool:
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.2)
+        return all(conn.transport.known_empty(queue.name) for queue in queues)
+    wait_until(all_read, timeout=60, interval=0, message="every queue read once (known empty)")
+    wait_until(lambda: conn.transport.lease.full_sweeps >= 1, timeout=30, message="the first full sweep")
+    return queues
+
+
+def recheck_requests(conn: Connection) -> Counter[str]:
+    """KV requests of one safety re-check and the idle wait after it."""
+    transport = conn.transport
+    counter = count_kv_requests(transport.etcd)
+    transport.safety_recheck()
+    revision = transport._recheck_pending[0]
+    wait_until(lambda: transport.watch_hub.progress_revision >= revision, timeout=30,
+               message="the watch stream's progress answer")
+    with pytest.raises(TimeoutError):
+        conn.drain_events(timeout=0.5)  # verifies the re-check; reads a queue only if it failed
+    return Counter(counter.calls)
+
+
+def test_safety_recheck_is_one_request_whatever_the_number_of_queues(etcd_url, etcd_prefix):
+    """1 or 40 idle queues: one count-only read per re-check (before: every queue read again)."""
+    options = {"prefix": etcd_prefix, **OPTIONS}
+    costs = {}
+    for count in (1, 40):
+        with Connection(etcd_url, transport_options=options) as conn:
+            idle_consumer(conn, f"idle{count}", count)
+            progress_before = conn.transport.watch_hub.progress_requests
+            costs[count] = recheck_requests(conn)
+            assert conn.transport.watch_hub.progress_requests == progress_before + 1
+            # the counter sees queue reads: forgetting them costs a read per queue
+            counter = count_kv_requests(conn.transport.etcd)
+            conn.transport.forget_reads()
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=0.5)
+            assert counter.calls["Range"] >= count
+    assert costs[1] == costs[40] == Counter({"Range": 1})
+
+
+def test_a_put_the_watch_stream_never_delivers_is_found_by_the_recheck(private_etcd, etcd_prefix, monkeypatch):
+    """A stream that stops answering (stuck, half-open) misses a put; the re-check's progress
+    request goes unanswered too, so the queues are read again and the message is delivered."""
+    monkeypatch.setattr(event_loop, "PROGRESS_WAIT_SECONDS", 1.0)
+    options = {"prefix": etcd_prefix, **OPTIONS}
+    received: list[int] = []
+    queue = Queue("missed", Exchange("missed", type="direct"), routing_key="missed")
+    with Connection(private_etcd.url, transport_options=options) as conn, \
+            Connection(private_etcd.url, transport_options=options) as producer_conn:
+        Consumer(conn.channel(), [queue], accept=["json"],
+                 callbacks=[lambda body, message: (received.append(body["n"]), message.ack())]).consume()
+        producer = producer_conn.Producer(serializer="json")
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key="missed", declare=[queue])
+        conn.drain_events(timeout=30)
+        assert received == [1]
+
+        def known_empty() -> bool:
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=0.2)
+            return conn.transport.known_empty("missed")
+        wait_until(known_empty, timeout=30, interval=0, message="the queue known empty (no read before a put)")
+        stream = conn.transport.watch_hub._stream  # this etcd's hub: no other test's
+        stuck = threading.Event()
+        handle = stream._handle
+        monkeypatch.setattr(stream, "_handle", lambda response: None if stuck.is_set() else handle(response))
+        stuck.set()
+        producer.publish({"n": 2}, exchange=queue.exchange, routing_key="missed")
+        conn.transport._rechecked_at = time.monotonic()  # no re-check in this wait
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=1.0)  # the watch missed it: nothing wakes us
+        assert received == [1]
+
+        conn.transport.safety_recheck()  # the periodic one, run now
+        conn.drain_events(timeout=30)
+        assert received == [1, 2]

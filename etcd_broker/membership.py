@@ -64,6 +64,7 @@ class ConsumerLease:
         self._pending_requeues: list[str] = []
         self._pending_withdraws: list[tuple[str, int]] = []  # parks to delete (handoff.py)
         self._dead_queues: set[str] = set()
+        self._unlisted = False  # queues were added that our consumer key does not list yet (ensure writes them)
         self._sweep_queues: set[str] = set()  # a dead consumer's queues, to sweep at the next turn
         self._full_sweep_wanted = True  # a full pass at the next turn (start, watch re-created or compacted)
         self._full_swept_at = 0.0  # monotonic time of the last full pass
@@ -84,11 +85,16 @@ class ConsumerLease:
 
     # -- lifecycle ------------------------------------------------------------
     def ensure(self) -> int:
-        """Grant the lease and register the consumer key if not done yet; return the lease id."""
+        """Grant the lease and register the consumer key if not done yet, or write the queues added
+        since (every claim and park comes after this call: a dead consumer's key lists every queue it
+        claimed from, which its sweep relies on); return the lease id."""
         with self._lock:
             if self.lease_id is None:
                 self._register()
                 self._start_threads()
+            elif self._unlisted:
+                self.client.put(self.keys.consumer(self.lease_id), self._describe(), lease=self.lease_id)
+                self._unlisted = False
             return self.lease_id  # type: ignore[return-value]
 
     def _register(self) -> None:
@@ -96,6 +102,7 @@ class ConsumerLease:
         self.client.put(self.keys.consumer(lease.id), self._describe(), lease=lease.id)
         logger.info("consumer lease %016x granted (ttl %ss)", lease.id, self.ttl)
         self.lease_id = lease.id
+        self._unlisted = False
         self._answered_at = time.monotonic()  # the grant is an answer: the lease is alive now
 
     def _describe(self) -> str:
@@ -103,12 +110,13 @@ class ConsumerLease:
                            "queues": sorted(self.queues), "since": time.time()})
 
     def add_queue(self, queue: str) -> None:
+        """Consume ``queue`` too: listed in our consumer key by the next :meth:`ensure` (the first get),
+        so a consumer of Q queues writes its key once, not Q times (O(Q) bytes of history, not O(Q^2))."""
         with self._lock:
             if queue in self.queues:
                 return
             self.queues.add(queue)
-            if self.lease_id is not None:
-                self.client.put(self.keys.consumer(self.lease_id), self._describe(), lease=self.lease_id)
+            self._unlisted = True
 
     def _start_threads(self) -> None:
         if self._threads:

@@ -439,8 +439,7 @@ class Channel(virtual.Channel):
         self._consumer_queues[consumer_tag] = queue
         if no_ack:
             self._no_ack_queues.add(queue)
-        self.lease.ensure()
-        self.lease.add_queue(queue)
+        self.lease.add_queue(queue)  # listed in our consumer key by the next ensure(): one write for Q queues
         self.connection.watch_queue(queue)
         if queue not in self._auto_delete:  # replies and events are never delayed
             self.connection.delayed.follow(queue)  # its ETA tasks move to ready/ when due (delayed.py)

@@ -2,6 +2,7 @@
 and a put the watch stream never delivered is still found by it (issue 19, docs/transport.md "Growth")."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -121,3 +122,17 @@ def test_a_put_the_watch_stream_never_delivers_is_found_by_the_recheck(private_e
         conn.transport.safety_recheck()  # the periodic one, run now
         conn.drain_events(timeout=30)
         assert received == [1, 2]
+
+
+def test_a_consumer_of_many_queues_writes_its_key_once(etcd_url, etcd_prefix):
+    """Consuming Q queues writes ``consumer/<lease>`` once, listing all of them, before the first
+    claim (was Q writes of a growing list: O(Q^2) bytes of history)."""
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix, **OPTIONS}) as conn:
+        queues = idle_consumer(conn, "listed", 40)
+        lease = conn.transport.lease
+        response = conn.transport.etcd.get_response(conn.transport.keys.consumer(lease.lease_id))
+        kv = response.kvs[0]
+        assert kv.version == 1
+        assert set(json.loads(kv.value)["queues"]) == {queue.name for queue in queues}
+        wait_until(lambda: all(lease.lease_id in (lease.members.of(queue.name) or []) for queue in queues),
+                   timeout=30, message="offers.py's view of the members lists every queue")

@@ -58,6 +58,9 @@ class ConsumerLease:
         self.keys = keys
         self.ttl = ttl
         self.queues: set[str] = set()
+        #: queues claimed from without a consumer (``basic_get``): listed apart ("gets"), for the sweep
+        #: only (offers.py offers puts to the consumers in "queues")
+        self.get_queues: set[str] = set()
         self.lease_id: int | None = None
         self._lock = threading.RLock()
         self._pending_deletes: list[str] = []
@@ -84,11 +87,14 @@ class ConsumerLease:
                                      reconcile_seconds)
 
     # -- lifecycle ------------------------------------------------------------
-    def ensure(self) -> int:
+    def ensure(self, queue: str | None = None) -> int:
         """Grant the lease and register the consumer key if not done yet, or write the queues added
-        since (every claim and park comes after this call: a dead consumer's key lists every queue it
-        claimed from, which its sweep relies on); return the lease id."""
+        since (every claim and park comes after this call, naming its ``queue``: a dead consumer's key
+        lists every queue it claimed from, which its sweep relies on); return the lease id."""
         with self._lock:
+            if queue is not None and queue not in self.queues and queue not in self.get_queues:
+                self.get_queues.add(queue)
+                self._unlisted = True
             if self.lease_id is None:
                 self._register()
                 self._start_threads()
@@ -106,17 +112,25 @@ class ConsumerLease:
         self._answered_at = time.monotonic()  # the grant is an answer: the lease is alive now
 
     def _describe(self) -> str:
-        return json.dumps({"hostname": socket.gethostname(), "pid": os.getpid(),
-                           "queues": sorted(self.queues), "since": time.time()})
+        described = {"hostname": socket.gethostname(), "pid": os.getpid(), "queues": sorted(self.queues),
+                     "since": time.time()}
+        if self.get_queues - self.queues:
+            described["gets"] = sorted(self.get_queues - self.queues)
+        return json.dumps(described)
 
     def add_queue(self, queue: str) -> None:
-        """Consume ``queue`` too: listed in our consumer key by the next :meth:`ensure` (the first get),
-        so a consumer of Q queues writes its key once, not Q times (O(Q) bytes of history, not O(Q^2))."""
+        """Consume ``queue`` too. The first one grants the lease (its key lists the queue); later ones are
+        listed by the next :meth:`ensure` (the first get), so a consumer of Q queues writes its key
+        twice, not Q times (O(Q) bytes of history, not O(Q^2))."""
         with self._lock:
             if queue in self.queues:
                 return
             self.queues.add(queue)
-            self._unlisted = True
+            if self.lease_id is None:  # the first: the lease, its key (listing it) and the sweeper start now
+                self._register()
+                self._start_threads()
+            else:
+                self._unlisted = True
 
     def _start_threads(self) -> None:
         if self._threads:
@@ -395,7 +409,8 @@ class ConsumerLease:
             if event.type != EVENT_DELETE:
                 continue
             try:
-                queues = json.loads(event.prev_kv.value).get("queues", []) if event.prev_kv.value else []
+                described = json.loads(event.prev_kv.value) if event.prev_kv.value else {}
+                queues = described.get("queues", []) + described.get("gets", [])
             except ValueError:
                 queues = []
             with self._lock:

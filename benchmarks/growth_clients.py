@@ -4,7 +4,7 @@ Plain kombu, the same code on every broker: ``Consumer(prefetch_count=4)`` ackin
 the body carrying its publish time so each consumer records end-to-end latency. Consumer
 processes are spawned (no forked gRPC state) and report through multiprocessing values and a
 result queue; in each, failed etcd transactions are counted where every one passes
-(``etcd_broker.ops.txn``).
+(``etcd_broker.core.ops.txn``).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def kombu_queue(name: str) -> Queue:
 
 def _count_failed_txns(failed: list[int]) -> None:
     """Count the failed transactions of this process's etcd transport (a no-op for the rivals)."""
-    from etcd_broker import ops
+    from etcd_broker.core import ops
 
     original = ops.txn
 

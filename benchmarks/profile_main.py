@@ -70,18 +70,18 @@ PHASES = (("(jobs/", "jobs.tasks glue"),
           ("(celery/backends/", "Celery result backend (waiting for, decoding the result)"),
           ("(celery/result.py", "Celery result backend (waiting for, decoding the result)"),
           ("(celery/worker/", "Celery consumer (strategy, request, pool hand-off)"),
-          ("(etcd_broker/transport.py", "transport (read ready, claim, deliver, publish)"),
-          ("(etcd_broker/event_loop.py", "transport (read ready, claim, deliver, publish)"),
-          ("(etcd_broker/queue_watch.py", "transport (read ready, claim, deliver, publish)"),
-          ("(etcd_broker/qos.py", "transport (read ready, claim, deliver, publish)"),
-          ("(etcd_broker/membership.py", "membership (acks, leases)"),
-          ("(etcd_broker/watch.py", "watch streams"),
+          ("(etcd_broker/transport/channel.py", "transport (read ready, claim, deliver, publish)"),
+          ("(etcd_broker/transport/event_loop.py", "transport (read ready, claim, deliver, publish)"),
+          ("(etcd_broker/transport/queue_watch.py", "transport (read ready, claim, deliver, publish)"),
+          ("(etcd_broker/transport/qos.py", "transport (read ready, claim, deliver, publish)"),
+          ("(etcd_broker/transport/membership.py", "membership (acks, leases)"),
+          ("(etcd_broker/core/watch.py", "watch streams"),
           ("(etcd_broker/result_", "result consumer / store"),
           ("(etcd_broker/", "etcd_broker, other"),
           ("(kombu/", "kombu"),
           ("(celery/", "Celery, other"))
 #: Frames that only carry a call: the phase is their caller's.
-PLUMBING = ("(etcd_broker/ops.py", "(etcd_broker/client.py", "(benchmarks/etcd_calls.py", "(celery/utils/",
+PLUMBING = ("(etcd_broker/core/ops.py", "(etcd_broker/core/client.py", "(benchmarks/etcd_calls.py", "(celery/utils/",
             "(kombu/utils/")
 #: Frames left out of the inclusive table: entry points every sample shares.
 NOISE_FRAMES = ("Thread.run", "Thread._bootstrap", "main (", "<module> (", "_run_code (", "_run_module_as_main")
@@ -92,7 +92,7 @@ HISTORY_TIMEOUT = 60.0
 
 def revision(client) -> int:
     """etcd's current revision (a count-only read of one key)."""
-    from etcd_broker import ops
+    from etcd_broker.core import ops
 
     return ops.get(client, b"\0", count_only=True).header.revision
 
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> str:
         env = {**worker_env(stack, model_dir), "ETCD_CALLS_OUT": str(calls_out)}
         worker = start_worker("deephardway_site", env, concurrency=64, queues="gpu", module="benchmarks.etcd_calls")
         app = client_app(stack)
-        from etcd_broker.client import make_client
+        from etcd_broker.core.client import make_client
 
         probe = make_client(stack.etcd.url)
         try:

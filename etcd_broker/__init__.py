@@ -9,7 +9,7 @@ first, the alias is also registered here (for a source checkout with nothing ins
 The public names (``__all__``) are loaded on first use: ``etcd_broker.Transport``,
 ``etcd_broker.EtcdBackend``... Those that need Celery import it then, not before.
 
-Fork safety needs no setting: gRPC's defaults plus :mod:`etcd_broker.forking`. The
+Fork safety needs no setting: gRPC's defaults plus :mod:`etcd_broker.core.forking`. The
 two gRPC variables people set for fork support make it worse here, so we warn.
 """
 from __future__ import annotations
@@ -35,11 +35,11 @@ UNSAFE_GRPC_ENV = {
 }
 #: The public API: name -> module that defines it (imported on first access).
 _PUBLIC = {
-    "Transport": "etcd_broker.transport",
-    "EtcdBackend": "etcd_broker.backend",
+    "Transport": "etcd_broker.transport.channel",
+    "EtcdBackend": "etcd_broker.backend.result_backend",
     "BatchTask": "etcd_broker.batches",
-    "watch_task": "etcd_broker.backend",
-    "follow_task": "etcd_broker.backend",
+    "watch_task": "etcd_broker.backend.result_backend",
+    "follow_task": "etcd_broker.backend.result_backend",
     "queue_stats": "etcd_broker.stats",
     "live_consumers": "etcd_broker.stats",
     "stats_for_connection": "etcd_broker.stats",
@@ -75,7 +75,7 @@ for _name, _why in UNSAFE_GRPC_ENV.items():
     if os.environ.get(_name):
         logger.warning("etcd_broker: %s=%s is set; unset it for fork safety (%s)", _name, os.environ[_name], _why)
 
-from etcd_broker import forking  # noqa: E402,F401 - installs the fork handlers before any client exists
+from etcd_broker.core import forking  # noqa: E402,F401 - installs the fork handlers before any client exists
 
 # pool_health (a worker whose pool cannot start children says so) hooks a Celery signal: only
 # where Celery is loaded already, as in every worker (`celery -A proj worker` imports Celery before

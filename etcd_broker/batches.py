@@ -10,7 +10,7 @@ same turn of the worker's event loop and runs them as one pool job:
 
 1. each request is accepted (``inspect active``, ``task-started``) as Celery's pool would;
 2. the cancel markers of the whole batch are read at once (``backend.cancelled_among``, one
-   etcd transaction on :class:`~etcd_broker.backend.EtcdBackend`): a job cancelled while queued
+   etcd transaction on :class:`~etcd_broker.backend.result_backend.EtcdBackend`): a job cancelled while queued
    never starts, as with ``stop_if_cancelled``;
 3. ``task.run_batch(calls)`` runs them together (each a :class:`Call`: the request's id,
    arguments and delivery info) and returns one outcome per call, a value or an exception;

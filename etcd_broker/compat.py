@@ -24,7 +24,7 @@ PRIVATE_NAMES = (
 
 
 # -- python3-etcd3 ------------------------------------------------------------------------
-# etcd_broker.client.EtcdClient also overrides etcd3's ``_manage_grpc_errors``: every public
+# etcd_broker.core.client.EtcdClient also overrides etcd3's ``_manage_grpc_errors``: every public
 # etcd3 method (get, put, transaction, lease...) hands its gRPC errors to that hook, and
 # overriding it is how those methods map errors by status code, re-authenticate and fail over.
 

@@ -11,8 +11,8 @@ Each is defined beside the code that raises it; this module names them together:
 """
 from __future__ import annotations
 
-from etcd_broker.client import EtcdConfigError, EtcdNoSpace, EtcdUnreachable
-from etcd_broker.queue_limits import QueueArgumentError, QueueFull
-from etcd_broker.transport import MessageTooLarge
+from etcd_broker.core.client import EtcdConfigError, EtcdNoSpace, EtcdUnreachable
+from etcd_broker.transport.channel import MessageTooLarge
+from etcd_broker.transport.queue_limits import QueueArgumentError, QueueFull
 
 __all__ = ["EtcdConfigError", "EtcdNoSpace", "EtcdUnreachable", "MessageTooLarge", "QueueArgumentError", "QueueFull"]

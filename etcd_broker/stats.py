@@ -9,10 +9,10 @@ import json
 from collections import Counter
 from typing import Any
 
-from etcd_broker import ops
-from etcd_broker.client import EtcdClient
-from etcd_broker.keys import MAX_PRIORITY, KeySpace, range_end
-from etcd_broker.membership import declared_queues
+from etcd_broker.core import ops
+from etcd_broker.core.client import EtcdClient
+from etcd_broker.core.keys import MAX_PRIORITY, KeySpace, range_end
+from etcd_broker.transport.membership import declared_queues
 
 
 def _count(client: EtcdClient, prefix: str) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from django.apps import AppConfig
 from django.core import checks
 
-from etcd_broker.keys import MAX_PRIORITY
+from etcd_broker.core.keys import MAX_PRIORITY
 
 #: The development SECRET_KEY in settings.py starts with this; production must replace it.
 DEV_SECRET_PREFIX = "dev-only-insecure"
@@ -55,7 +55,7 @@ def check_etcd_url(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """ETCD_URL and ETCD_OPTIONS must describe a connection (nothing is contacted)."""
     from django.conf import settings
 
-    from etcd_broker.client import EtcdConfig, EtcdConfigError
+    from etcd_broker.core.client import EtcdConfig, EtcdConfigError
 
     try:
         EtcdConfig.from_url(settings.ETCD_URL, **getattr(settings, "ETCD_OPTIONS", {}))

@@ -185,7 +185,7 @@ class TlsFiles:
                 "--cert-file", self.cert, "--key-file", self.key]
 
     def client_options(self) -> dict[str, str]:
-        """Options for :func:`etcd_broker.client.make_client` that present ``cert``."""
+        """Options for :func:`etcd_broker.core.client.make_client` that present ``cert``."""
         return {"ca_cert": self.ca_cert, "cert_cert": self.cert, "cert_key": self.key}
 
 
@@ -303,7 +303,7 @@ class EtcdServer:
                 f"Fix: {fix}, or remove {self.data_dir} (its keys are lost). See {self.log_path}")
 
     def _serves_reads(self) -> bool:
-        from etcd_broker.client import make_client
+        from etcd_broker.core.client import make_client
 
         client = make_client(self.url, timeout=1.0, **(self.tls.client_options() if self.tls else {}))
         try:

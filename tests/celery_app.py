@@ -12,12 +12,12 @@ from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from etcd_broker.batches import BatchTask
-from etcd_broker.keys import MAX_PRIORITY
+from etcd_broker.core.keys import MAX_PRIORITY
 
 URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
 PREFIX = os.environ.get("ETCD_TEST_PREFIX", "/deephardway-test")
 
-#: ``reconcile_seconds`` for the worker's transport (tests of etcd_broker/reconcile.py), if set.
+#: ``reconcile_seconds`` for the worker's transport (tests of etcd_broker/transport/reconcile.py), if set.
 RECONCILE = {"reconcile_seconds": float(os.environ["ETCD_TEST_RECONCILE_SECONDS"])} \
     if os.environ.get("ETCD_TEST_RECONCILE_SECONDS") else {}
 
@@ -56,7 +56,7 @@ def mark_run(marker: str, seconds: float = 0.0) -> str:
     """Sleep, then leave one key per run under <prefix>/runs/<marker>/ (runs are counted; acks_late)."""
     import uuid
 
-    from etcd_broker.client import get_client
+    from etcd_broker.core.client import get_client
 
     time.sleep(seconds)
     get_client(URL).put(f"{PREFIX}/runs/{marker}/{uuid.uuid4().hex}", str(os.getpid()))
@@ -82,7 +82,7 @@ def count_with_progress(self, steps: int, delay: float) -> int:
 @app.task
 def chord_total(values: list[int], marker: str) -> int:
     """A chord callback that leaves one put per run under <prefix>/markers/<marker>."""
-    from etcd_broker.client import get_client
+    from etcd_broker.core.client import get_client
 
     get_client(URL).put(f"{PREFIX}/markers/{marker}", str(sum(values)))
     return sum(values)
@@ -131,8 +131,8 @@ def _fail_first_cancel_read(kind: str) -> None:
     (``RuntimeError``); later reads work."""
     import threading
 
-    from etcd_broker.client import EtcdUnreachable
-    from etcd_broker.result_store import ResultStore
+    from etcd_broker.backend.result_store import ResultStore
+    from etcd_broker.core.client import EtcdUnreachable
 
     original, lock, fired = ResultStore.cancelled_among, threading.Lock(), []
 

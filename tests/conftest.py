@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from etcd_broker.client import forget_clients
-from etcd_broker.membership import close_all_leases
+from etcd_broker.core.client import forget_clients
+from etcd_broker.transport.membership import close_all_leases
 from scripts.etcd_server import EtcdServer
 from tests.helpers import WorkerProcess
 

@@ -70,7 +70,7 @@ def stream(job: Job, after: int | None) -> Iterator[str]:
 def _follow_job(job: Job, after: int | None, waiting: dict[str, int | None]) -> Iterator[str]:
     """State events from one subscription held for the whole stream; a clock of deadlines for the rest."""
     from deephardway_site.celery import app
-    from etcd_broker.backend import follow_task
+    from etcd_broker.backend.result_backend import follow_task
 
     with follow_task(str(job.id), app=app, after_revision=after) as events:
         if events.finished:

@@ -119,8 +119,8 @@ def _check_database() -> str:
 
 
 def _check_etcd() -> str:
-    from etcd_broker.client import get_client
-    from etcd_broker.keys import KeySpace, range_end
+    from etcd_broker.core.client import get_client
+    from etcd_broker.core.keys import KeySpace, range_end
 
     try:
         queues = KeySpace(settings.ETCD_PREFIX).declared_queues()

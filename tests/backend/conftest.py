@@ -7,7 +7,7 @@ import pytest
 from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
-from etcd_broker.result_store import close_shared
+from etcd_broker.backend.result_store import close_shared
 from tests.helpers import WorkerProcess
 
 #: The worker app; tasks are sent by name so this process never imports its module-level app.

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 from tests.backend.conftest import make_app, task, worker_env
 from tests.celery_app import RUN_ALONE
 from tests.helpers import WorkerProcess, wait_until

@@ -1,10 +1,10 @@
-"""etcd_broker.ops against a real etcd: compares, puts, deletes, ranges, errors by status code."""
+"""etcd_broker.core.ops against a real etcd: compares, puts, deletes, ranges, errors by status code."""
 from __future__ import annotations
 
 import pytest
 
-from etcd_broker import ops
-from etcd_broker.client import get_client
+from etcd_broker.core import ops
+from etcd_broker.core.client import get_client
 
 
 @pytest.fixture

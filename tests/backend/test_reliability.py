@@ -9,7 +9,7 @@ import pytest
 from celery import states
 from celery.exceptions import TimeoutError
 
-from etcd_broker.backend import watch_task
+from etcd_broker.backend.result_backend import watch_task
 from scripts.etcd_server import start_cluster
 from tests.backend.conftest import make_app, task, worker_env
 

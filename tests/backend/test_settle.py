@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uuid
 
-from etcd_broker import settle
+from etcd_broker.transport import settle
 
 CLIENT, OTHER_CLIENT = object(), object()
 

@@ -15,8 +15,9 @@ import uuid
 import pytest
 from celery import states
 
-from etcd_broker import result_consumer, watch
-from etcd_broker.result_consumer import HUB_LABEL
+from etcd_broker.backend import result_consumer
+from etcd_broker.backend.result_consumer import HUB_LABEL
+from etcd_broker.core import watch
 from tests.backend.conftest import task
 from tests.helpers import wait_until
 

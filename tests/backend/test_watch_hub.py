@@ -7,9 +7,9 @@ import threading
 import pytest
 from celery import states
 
-from etcd_broker import ops
-from etcd_broker.backend import watch_task
-from etcd_broker.watch import HUB_THREAD_NAME, hub_for
+from etcd_broker.backend.result_backend import watch_task
+from etcd_broker.core import ops
+from etcd_broker.core.watch import HUB_THREAD_NAME, hub_for
 from tests.helpers import wait_until
 
 

@@ -6,8 +6,8 @@ import threading
 import pytest
 from celery import Celery, states
 
-from etcd_broker.backend import TaskEvent, watch_task
-from etcd_broker.watch import HUB_THREAD_NAME, hub_for
+from etcd_broker.backend.result_backend import TaskEvent, watch_task
+from etcd_broker.core.watch import HUB_THREAD_NAME, hub_for
 
 
 def store(app, task_id: str, updates: list[tuple[str, object]]) -> None:

@@ -13,8 +13,8 @@ from etcd3.etcdrpc import kv_pb2
 from benchmarks import etcd_calls
 from benchmarks.common import RabbitMQServer, RedisServer, etcd_counters
 from benchmarks.profile_main import owned_events, phase_of, read_stacks, revision_kinds, writes_per_job
-from etcd_broker import ops
-from etcd_broker.client import make_client
+from etcd_broker.core import ops
+from etcd_broker.core.client import make_client
 from scripts.etcd_server import EtcdServer
 
 TASK_A = "0b8f3c52-6f1e-4d7a-9a51-1c2d3e4f5a6b"
@@ -136,12 +136,12 @@ def test_it_names_what_each_profile_sample_was_doing(tmp_path):
     raw = tmp_path / "worker.txt"
     raw.write_text(
         "Thread.run (threading.py:982);trace_task (celery/app/trace.py:453);"
-        "Backend.store_result (celery/backends/base.py:530);txn (etcd_broker/ops.py:130) 7\n"
+        "Backend.store_result (celery/backends/base.py:530);txn (etcd_broker/core/ops.py:130) 7\n"
         "Thread.run (threading.py:982);trace_task (celery/app/trace.py:453);"
         "ModelHost.run (ml/serving.py:90);preprocess (ml/digits.py:50) 5\n"
         "Thread.run (threading.py:982);channel_spin (grpc/_channel.py:2000) 2\n"
-        "Thread.run (threading.py:982);Transport.on_readable (etcd_broker/transport.py:600);"
-        "txn (etcd_broker/ops.py:130) 1\n")
+        "Thread.run (threading.py:982);Transport.on_readable (etcd_broker/transport/channel.py:600);"
+        "txn (etcd_broker/core/ops.py:130) 1\n")
     stacks = read_stacks(raw)
     assert sum(stacks.values()) == 15
     phases = {phase_of(frames): count for frames, count in stacks.items()}

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from etcd_broker import compat
-from etcd_broker.client import EtcdClient, make_client
+from etcd_broker.core.client import EtcdClient, make_client
 
 
 def _resolve(dotted: str):

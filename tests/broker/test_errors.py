@@ -5,9 +5,9 @@ import grpc
 import pytest
 from etcd3 import etcdrpc
 
-from etcd_broker import client as etcd_client
-from etcd_broker import ops
-from etcd_broker.client import CONNECTION_ERRORS, EtcdUnreachable, classify, get_client, make_client
+from etcd_broker.core import client as etcd_client
+from etcd_broker.core import ops
+from etcd_broker.core.client import CONNECTION_ERRORS, EtcdUnreachable, classify, get_client, make_client
 from scripts.etcd_server import MAX_REQUEST_BYTES
 
 

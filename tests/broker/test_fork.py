@@ -20,10 +20,10 @@ import pytest
 from celery import Celery, states
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
-from etcd_broker import forking
-from etcd_broker.client import get_client
-from etcd_broker.membership import close_all_leases
-from etcd_broker.result_store import close_shared
+from etcd_broker.backend.result_store import close_shared
+from etcd_broker.core import forking
+from etcd_broker.core.client import get_client
+from etcd_broker.transport.membership import close_all_leases
 
 #: Fork rounds; each forks CHILDREN children (the abort was 1 in 3 children, so 50 rounds catch it).
 ROUNDS = 50

@@ -74,6 +74,7 @@ def test_draw_a_digit_and_see_the_answer(page, site, model_worker):
     expect(card.locator("canvas.seen")).to_be_visible()
     snap(page, "digits-result")
 
+    assert _eventually(lambda: Job.objects.get().result is not None)  # recorded by watch_jobs after the page saw it
     job = Job.objects.get()
     assert (job.model, job.status, job.progress) == ("digits", Status.SUCCEEDED, 100)
     assert job.worker and job.input_file
@@ -115,6 +116,8 @@ def test_type_a_prompt_and_watch_the_text_arrive(page, site, model_worker):
     expect(card).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
     generated = card.locator(".generated .cont").inner_text()
     assert len(generated) == 120
+    # the page hears the result from etcd; the Job row gets it from watch_jobs, a moment later
+    assert _eventually(lambda: Job.objects.get().result is not None)
     assert Job.objects.get().result["text"] == generated
     snap(page, "text-result")
 

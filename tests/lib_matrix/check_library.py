@@ -72,7 +72,7 @@ def test_celery_finds_the_result_backend_by_entry_point_alone():
     code = ("import sys; from celery.app.backends import by_name; cls = by_name('etcdv3');"
             "print(cls.__module__, cls.__name__)")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert found.stdout.split() == ["etcd_broker.backend", "EtcdBackend"]
+    assert found.stdout.split() == ["etcd_broker.backend.result_backend", "EtcdBackend"]
 
 
 KOMBU_ONLY = """

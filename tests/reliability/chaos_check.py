@@ -28,15 +28,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from etcd_broker.keys import KeySpace
+from etcd_broker.core.client import DEFAULT_TIMEOUT
+from etcd_broker.core.keys import KeySpace
 
 #: A finished task's ack (or SUCCESS write) lands within this on a loaded 2-core machine, unless etcd could
 #: not take writes meanwhile (ETCD_FAULTS): a worker killed or cut off this soon after a run finished may
 #: still have its message, so the task may run again elsewhere; killed later, it had nothing left (seconds).
 ACK_GRACE = 2.0
-#: One etcd call's deadline (etcd_broker.client.DEFAULT_TIMEOUT): a write sent to a member just before it
-#: was stopped or lost its leadership may wait this long after the fault ends before it fails and is retried.
-CALL_DEADLINE = 5.0
+#: One etcd call's deadline: a write sent to a member just before it was stopped or lost its leadership may
+#: wait this long after the fault ends before it fails and is retried.
+CALL_DEADLINE = DEFAULT_TIMEOUT
 #: Faults during which etcd may refuse or delay writes (an ack waits, retried, until they end).
 ETCD_FAULTS = ("kill_leader", "stop_member", "move_leader")
 #: A task a worker took during a cut may begin only once etcd answers again (a batch reads its cancel
@@ -47,7 +48,7 @@ HEAL_GRACE = 5.0
 REVOKE_GRACE = 2.0
 #: Clock slack between markers and the test's own times, one machine (seconds).
 CLOCK_SLACK = 0.05
-#: What a worker logs when etcd expired its lease while it was alive (etcd_broker/membership.py).
+#: What a worker logs when etcd expired its lease while it was alive (etcd_broker/transport/membership.py).
 #: What a worker logs when Celery publishes a chord callback again after an error (celery/app/amqp.py).
 CALLBACK_RETRY_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): WARNING/\w+\] Retrying refused callback publish")
 LAPSE_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ERROR/\w+\] consumer lease \w+ expired while we were alive")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 from scripts.etcd_server import EtcdServer, cluster_url
 from tests.helpers import WorkerProcess, wait_until
 from tests.reliability import counting_app

@@ -6,7 +6,7 @@ from collections import Counter
 
 from etcd3 import etcdrpc
 
-from etcd_broker.client import make_client
+from etcd_broker.core.client import make_client
 from scripts.etcd_server import EtcdServer
 from tests.helpers import wait_until
 

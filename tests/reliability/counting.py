@@ -15,8 +15,8 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
-from etcd_broker.keys import KeySpace
+from etcd_broker.core.client import CONNECTION_ERRORS, EtcdClient
+from etcd_broker.core.keys import KeySpace
 from tests.helpers import wait_until
 from tests.reliability import counting_app
 

@@ -21,7 +21,7 @@ from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from etcd_broker.batches import BatchTask
-from etcd_broker.client import CONNECTION_ERRORS, EtcdNoSpace, get_client
+from etcd_broker.core.client import CONNECTION_ERRORS, EtcdNoSpace, get_client
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def collect(self, results: list[str]) -> int:
 def _exit_in_chord_publish(point: str) -> None:
     """Test hook: die after counting a chord's last part: before taking the publisher claim
     (``counted``), holding it (``claimed``), or after publishing, before deleting the chord (``published``)."""
-    from etcd_broker.backend import EtcdBackend
+    from etcd_broker.backend.result_backend import EtcdBackend
 
     method = "_complete_chord" if point == "counted" else "_chord_publish"
     original = getattr(EtcdBackend, method)

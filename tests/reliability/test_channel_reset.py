@@ -9,8 +9,8 @@ import pytest
 from kombu import Connection, Consumer, Queue
 
 import etcd_broker  # noqa: F401
-from etcd_broker import executing
-from etcd_broker.client import CONNECTION_ERRORS
+from etcd_broker.core.client import CONNECTION_ERRORS
+from etcd_broker.transport import executing
 from tests.helpers import wait_until
 from tests.reliability.blackhole import BlackholeProxy
 

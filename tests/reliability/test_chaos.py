@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 from scripts.etcd_server import cluster_url, etcd_version, find_etcd_binary
 from tests.helpers import wait_until
 from tests.reliability import counting_app

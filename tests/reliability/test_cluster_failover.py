@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from etcd_broker.client import CONNECTION_ERRORS, get_client, make_client
+from etcd_broker.core.client import CONNECTION_ERRORS, get_client, make_client
 from scripts.etcd_server import EtcdServer, cluster_url
 from tests.helpers import wait_until
 from tests.reliability.cluster_tools import (

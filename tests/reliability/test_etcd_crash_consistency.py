@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from etcd_broker import ops
-from etcd_broker.client import CONNECTION_ERRORS, make_client
+from etcd_broker.core import ops
+from etcd_broker.core.client import CONNECTION_ERRORS, make_client
 from scripts.etcd_server import cluster_url, etcd_version, find_etcd_binary, start_cluster
 from tests.reliability.cluster_tools import divergence, leader_of
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 from tests.reliability.counting import (
     WORKER_POOL,
     Tally,

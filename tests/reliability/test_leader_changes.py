@@ -8,7 +8,7 @@ import uuid
 import grpc
 import pytest
 
-from etcd_broker.client import CONNECTION_ERRORS, get_client, make_client
+from etcd_broker.core.client import CONNECTION_ERRORS, get_client, make_client
 from scripts.etcd_server import cluster_url
 from tests.reliability.cluster_tools import leader_of, make_leader
 from tests.reliability.counting import (

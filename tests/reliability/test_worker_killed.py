@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 from tests.helpers import wait_until
 from tests.reliability.counting import Producer, Tally, locate, read_markers, wait_for_completion
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from etcd_broker.client import make_client
-from etcd_broker.membership import close_all_leases
-from etcd_broker.result_store import close_shared
+from etcd_broker.backend.result_store import close_shared
+from etcd_broker.core.client import make_client
+from etcd_broker.transport.membership import close_all_leases
 from scripts.etcd_server import EtcdServer, TlsFiles
 from tests.reliability import counting_app
 from tests.security.certs import Certificates, make_certificates

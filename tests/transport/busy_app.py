@@ -12,7 +12,7 @@ import time
 from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 from tests.transport.marker_app import mark
 
 URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")

@@ -13,7 +13,7 @@ import uuid
 from celery import Celery
 
 import etcd_broker  # noqa: F401
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 
 URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
 PREFIX = os.environ.get("ETCD_TEST_PREFIX", "/deephardway-test")

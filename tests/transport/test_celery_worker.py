@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 from tests.helpers import REPO_ROOT, wait_until
 from tests.transport import marker_app
 

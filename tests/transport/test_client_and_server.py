@@ -5,7 +5,7 @@ import pytest
 from kombu import Connection
 
 import etcd_broker  # noqa: F401
-from etcd_broker.client import EtcdConfig, EtcdConfigError, kombu_url, make_client
+from etcd_broker.core.client import EtcdConfig, EtcdConfigError, kombu_url, make_client
 from scripts.etcd_server import EtcdNotFound, EtcdServer, find_etcd_binary, free_port
 
 
@@ -44,7 +44,7 @@ def test_a_connection_fails_over_to_a_live_endpoint(etcd_url, etcd_prefix):
 
 
 def test_a_client_reports_an_unreachable_cluster_as_a_connection_error():
-    from etcd_broker.client import CONNECTION_ERRORS
+    from etcd_broker.core.client import CONNECTION_ERRORS
 
     client = make_client(f"etcdv3://127.0.0.1:{free_port()}", timeout=1)
     with pytest.raises(CONNECTION_ERRORS):
@@ -75,7 +75,7 @@ def test_a_server_starts_with_auto_compaction_and_keeps_data_across_a_restart(tm
 def test_a_client_moves_off_a_dead_member_even_when_callers_retry_slowly(tmp_path):
     import time
 
-    from etcd_broker.client import CONNECTION_ERRORS, ENDPOINT_RETRY_SECONDS
+    from etcd_broker.core.client import CONNECTION_ERRORS, ENDPOINT_RETRY_SECONDS
     from scripts.etcd_server import cluster_url, start_cluster
 
     members = start_cluster(3)

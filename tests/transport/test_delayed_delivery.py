@@ -18,10 +18,10 @@ from celery import Celery, states
 from kombu import Connection, Consumer, Queue
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
-from etcd_broker import delayed
-from etcd_broker.client import get_client
-from etcd_broker.keys import KeySpace
+from etcd_broker.core.client import get_client
+from etcd_broker.core.keys import KeySpace
 from etcd_broker.stats import queue_stats
+from etcd_broker.transport import delayed
 from tests.helpers import wait_until
 from tests.transport import marker_app
 from tests.transport.test_busy_worker import APP as BUSY_APP

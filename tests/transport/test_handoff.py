@@ -16,10 +16,11 @@ from contextlib import contextmanager
 from kombu import Connection, Consumer, Exchange, Queue
 from kombu.asynchronous import Hub
 
-from etcd_broker import handoff, ops
-from etcd_broker.client import get_client
-from etcd_broker.keys import KeySpace
-from etcd_broker.watch import hub_for
+from etcd_broker.core import ops
+from etcd_broker.core.client import get_client
+from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.watch import hub_for
+from etcd_broker.transport import handoff
 from tests.helpers import wait_until
 from tests.transport.busy_app import make_app
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from kombu import Connection, Consumer, Exchange, Queue
 
-from etcd_broker import event_loop
+from etcd_broker.transport import event_loop
 from tests.helpers import wait_until
 
 #: Transport options of these tests: no reconciliation pass within a test (it reads every queue).

@@ -1,6 +1,6 @@
 """One consumer offered each message (offers.py, issue 19): no claim races, and a fallback after the grace.
 
-Counts come from the transport's own transactions (every claim passes ``etcd_broker.ops.txn``);
+Counts come from the transport's own transactions (every claim passes ``etcd_broker.core.ops.txn``);
 nothing here asserts a duration.
 """
 from __future__ import annotations
@@ -13,9 +13,10 @@ from contextlib import ExitStack
 import pytest
 from kombu import Connection, Exchange, Queue
 
-from etcd_broker import offers, ops
-from etcd_broker.client import get_client
-from etcd_broker.keys import KeySpace
+from etcd_broker.core import ops
+from etcd_broker.core.client import get_client
+from etcd_broker.core.keys import KeySpace
+from etcd_broker.transport import offers
 from tests.helpers import wait_until
 
 #: Messages published one at a time in the race test (each waits for the one before to be consumed).
@@ -127,7 +128,7 @@ def test_consumers_of_one_queue_claim_each_message_once_without_races(etcd_url, 
 
 def test_a_message_offered_to_a_consumer_that_never_claims_is_delivered_after_the_grace(
         etcd_url, etcd_prefix, caplog):
-    caplog.set_level(logging.DEBUG, logger="etcd_broker.offers")
+    caplog.set_level(logging.DEBUG, logger="etcd_broker.transport.offers")
     client, keys, queue = get_client(etcd_url), KeySpace(etcd_prefix), "orphaned"
     # a live consumer lease that lists the queue but never claims (a process stuck, or about to die)
     silent = client.lease(SLOW * 2)

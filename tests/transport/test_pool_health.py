@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from etcd_broker.client import get_client
+from etcd_broker.core.client import get_client
 from tests.helpers import wait_until
 from tests.transport.busy_app import make_app
 

@@ -15,8 +15,8 @@ import queue
 
 import pytest
 
-from etcd_broker.client import EtcdConfig
-from etcd_broker.watch import hub_for
+from etcd_broker.core.client import EtcdConfig
+from etcd_broker.core.watch import hub_for
 from tests.helpers import wait_until
 from tests.transport.busy_app import client_app
 

@@ -1,4 +1,4 @@
-"""Reconciliation (etcd_broker/reconcile.py) on a real worker: what its live lease owns and it holds nowhere
+"""Reconciliation (etcd_broker/transport/reconcile.py) on a real worker: what its live lease owns and it holds nowhere
 comes back to the queue once, and what it holds (running, prefetched) never does."""
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import uuid
 
 import pytest
 
-from etcd_broker import ops
-from etcd_broker.client import get_client
-from etcd_broker.keys import KeySpace
-from etcd_broker.membership import restore_message
-from etcd_broker.ops import PAGE_KEYS
-from etcd_broker.reconcile import Reconciler, unacked_keys
+from etcd_broker.core import ops
+from etcd_broker.core.client import get_client
+from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import PAGE_KEYS
+from etcd_broker.transport.membership import restore_message
+from etcd_broker.transport.reconcile import Reconciler, unacked_keys
 from tests.backend.conftest import make_app, task, worker_env
 from tests.helpers import WorkerProcess, wait_until
 

@@ -1,5 +1,5 @@
 """``manage.py etcd_defrag``: give the space etcd's compaction freed back to the file system,
-one member at a time (etcd_broker/maintenance.py; docs/operators.md "etcd upkeep")."""
+one member at a time (etcd_broker/core/maintenance.py; docs/operators.md "etcd upkeep")."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,9 +7,9 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from etcd_broker.client import CONNECTION_ERRORS, get_client
-from etcd_broker.keys import KeySpace
-from etcd_broker.maintenance import defragment_members
+from etcd_broker.core.client import CONNECTION_ERRORS, get_client
+from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.maintenance import defragment_members
 
 
 class Command(BaseCommand):

@@ -27,8 +27,8 @@ def broker_report(app: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 
 def etcd_report(app: Any) -> Any:
-    """etcd's own status: DB size, compaction lag, alarms (etcd_broker/maintenance.py)."""
-    from etcd_broker.maintenance import etcd_status
+    """etcd's own status: DB size, compaction lag, alarms (etcd_broker/core/maintenance.py)."""
+    from etcd_broker.core.maintenance import etcd_status
     from etcd_broker.stats import stats_for_connection
 
     with app.connection_for_read() as connection:

@@ -93,7 +93,7 @@ class Command(BaseCommand):
     def follow(self, job: Job, timeout: float = FOLLOW_TIMEOUT) -> None:
         """Print each state change until the job finishes; CommandError if it did not succeed."""
         from deephardway_site.celery import app
-        from etcd_broker.backend import watch_task
+        from etcd_broker.backend.result_backend import watch_task
 
         shown = ""
         try:

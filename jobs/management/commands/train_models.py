@@ -149,7 +149,7 @@ class Command(BaseCommand):
     def follow(self, job: Any) -> bool:
         """Print the job's progress until it ends; True when the model was trained."""
         from deephardway_site.celery import app
-        from etcd_broker.backend import watch_task
+        from etcd_broker.backend.result_backend import watch_task
         from jobs import services
 
         show = ProgressPrinter(self.stdout.write, job.model)

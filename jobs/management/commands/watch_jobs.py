@@ -18,9 +18,9 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import close_old_connections
 
-from etcd_broker.backend import EtcdBackend
-from etcd_broker.task_events import TaskEvent
-from etcd_broker.watch import EVENT_PUT
+from etcd_broker.backend.result_backend import EtcdBackend
+from etcd_broker.backend.task_events import TaskEvent
+from etcd_broker.core.watch import EVENT_PUT
 from jobs import metrics, services
 from jobs.models import Job
 

@@ -6,6 +6,15 @@ range read) and the queue is known empty until a put arrives. Once every hint ta
 claimed (by us or by others), the queue is known empty again as of the last put seen, so a lone
 message costs its claim and no range read. A reconnect forgets it all.
 
+Head cursors (issue 19): etcd visits every key of a range read, live or deleted and not yet
+compacted, so a read of the whole ``ready/`` prefix walks the backlog and the tombstones of
+what was claimed. Per watched queue we keep the lowest ready key that may still be live: a read
+that finds the head raises it there; every put the watch hands us (publishes, requeues and
+restores, which go back to their original lower place) lowers it to its key, also one seen
+while a read was under way; :meth:`forget_reads` (reconnects, the 30 s safety re-check) drops
+it, so the next read is of the whole prefix again. The transport reads from the cursor
+(transport.py ``_read_ready``).
+
 The watch is the process's, shared by its transports on the queue (offers.QueueFeed): a put
 reaches the one transport it is offered to at once; one offered elsewhere is held back by the
 feed for the offer's grace (neither a hint nor news of the queue until then, and a range read
@@ -14,11 +23,12 @@ hint like any put, and we claim it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from time import monotonic
 
-from etcd_broker import offers
+from etcd_broker.transport import offers
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +38,7 @@ CLAIM_BATCH = 32
 
 
 class QueueWatchMixin:
-    """The queue watches and read bookkeeping of :class:`etcd_broker.transport.Transport`.
+    """The queue watches and read bookkeeping of :class:`etcd_broker.transport.channel.Transport`.
 
     Needs ``watch_hub``, ``etcd``, ``keys``, ``config``, ``lease`` and ``wake()`` from the class it is mixed into.
     """
@@ -40,6 +50,9 @@ class QueueWatchMixin:
         self._forgotten_at = monotonic()
         self._event_revision: dict[str, int] = {}
         self._reads_generation = 0  # bumped by forget_reads: hints taken before it prove nothing
+        self._cursors: dict[str, bytes] = {}  # queue -> the lowest ready key that may be live
+        self._cursor_reads: dict[str, dict[int, bytes | None]] = {}  # queue -> read -> lowest put seen during it
+        self._read_ids = itertools.count()
         self._watch_lock = threading.Lock()
 
     def _unwatch_all(self) -> None:
@@ -73,6 +86,7 @@ class QueueWatchMixin:
             if entry[1] > 0:
                 return False
             del self._queue_watches[queue]
+            self._cursors.pop(queue, None)
         self._leave_feed(queue)
         return True
 
@@ -91,6 +105,7 @@ class QueueWatchMixin:
             if queue not in self._queue_watches:  # unwatched meanwhile
                 return
             self._event_revision[queue] = max(self._event_revision.get(queue, 0), max(row[2] for row in rows))
+            self._lower_cursor(queue, min(row[0] for row in rows))
             hints = self._hints.get(queue)
             if hints is not None and len(hints) + len(rows) <= CLAIM_BATCH:
                 hints.extend(rows)
@@ -98,6 +113,51 @@ class QueueWatchMixin:
                 self._hints[queue] = None
                 self._read_revision.pop(queue, None)  # a put held back may be older than our last read
         self.wake()
+
+    def _lower_cursor(self, queue: str, key: bytes) -> None:
+        """A put at ``key``: the head may be there now (and for every read under way). Under the lock."""
+        cursor = self._cursors.get(queue)
+        if cursor is not None and key < cursor:
+            self._cursors[queue] = key
+        reads = self._cursor_reads.get(queue)
+        for read, low in list(reads.items()) if reads else ():
+            if low is None or key < low:
+                reads[read] = key
+
+    def head_read_start(self, queue: str) -> tuple[bytes | None, tuple[int, int] | None]:
+        """Where a head read of ``queue`` may start (None: the prefix), and a token for :meth:`head_read_end`.
+
+        No token for a queue we do not watch: puts we would not see could land below any cursor.
+        """
+        with self._watch_lock:
+            if queue not in self._queue_watches:
+                return None, None
+            read = next(self._read_ids)
+            self._cursor_reads.setdefault(queue, {})[read] = None
+            return self._cursors.get(queue), (read, self._reads_generation)
+
+    def head_read_end(self, queue: str, token: tuple[int, int] | None, head: bytes | None) -> None:
+        """A head read with ``token`` found ``head`` first (None: nothing from where it started).
+
+        The cursor moves there, or to a lower put seen meanwhile (its event may predate the
+        read's revision yet come after it). Nothing is learned from a read that began before
+        :meth:`forget_reads`.
+        """
+        if token is None:
+            return
+        read, generation = token
+        with self._watch_lock:
+            reads = self._cursor_reads.get(queue, {})
+            low = reads.pop(read, None)
+            if not reads:
+                self._cursor_reads.pop(queue, None)
+            if generation != self._reads_generation or queue not in self._queue_watches:
+                return
+            found = [key for key in (head, low) if key is not None]
+            if head is None and queue in self._cursors:
+                found.append(self._cursors[queue])  # nothing from the cursor on: it stays (or a put lowers it)
+            if found:
+                self._cursors[queue] = min(found)
 
     def drop_hints(self, queue: str, keys: list[bytes]) -> None:
         """These keys were deleted (claimed, by anyone): no hint of ours need try them."""
@@ -142,6 +202,7 @@ class QueueWatchMixin:
         """Trust nothing remembered about queue contents (after a reconnect, or as a safety net)."""
         with self._watch_lock:
             self._read_revision.clear()
+            self._cursors.clear()
             self._reads_generation += 1
             self._forgotten_at = monotonic()
         self.wake()

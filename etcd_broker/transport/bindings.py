@@ -12,9 +12,9 @@ import logging
 import threading
 from collections import defaultdict
 
-from etcd_broker.client import EtcdClient
-from etcd_broker.keys import KeySpace, range_end
-from etcd_broker.watch import EVENT_PUT, Watch, WatchHub
+from etcd_broker.core.client import EtcdClient
+from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.watch import EVENT_PUT, Watch, WatchHub
 
 logger = logging.getLogger(__name__)
 

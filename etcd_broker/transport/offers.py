@@ -33,8 +33,9 @@ from itertools import count
 from time import monotonic
 from typing import Any
 
-from etcd_broker import forking
-from etcd_broker.watch import EVENT_DELETE
+from etcd_broker.core import forking
+from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.watch import EVENT_DELETE
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,6 @@ def place(key: bytes, leases: Sequence[int] | None, lease: int | None, count: in
     return lease_rank, spread % count
 
 
-def lease_of_consumer_key(key: bytes) -> int:
-    """The lease id of a ``consumer/<lease hex>`` key."""
-    return int(key.decode().rsplit("/", 1)[1], 16)
-
-
 class Members:
     """Which live consumer leases consume which queues, from the ``consumer/`` keys' values.
 
@@ -80,7 +76,7 @@ class Members:
         self._sorted: dict[str, list[int]] = {}  # queue -> its leases, sorted (a cache)
 
     def reset(self, kvs: Iterable[Any], revision: int) -> None:
-        queues = {lease_of_consumer_key(kv.key): _queues_of(kv.value) for kv in kvs}
+        queues = {KeySpace.lease_of_consumer(kv.key): queues_of(kv.value) for kv in kvs}
         with self._lock:
             self._queues, self._revision, self._sorted = queues, revision, {}
 
@@ -91,11 +87,11 @@ class Members:
             for event in events:
                 if event.kv.mod_revision <= self._revision:  # the read already holds it
                     continue
-                lease = lease_of_consumer_key(event.kv.key)
+                lease = KeySpace.lease_of_consumer(event.kv.key)
                 if event.type == EVENT_DELETE:
                     self._queues.pop(lease, None)
                 else:
-                    self._queues[lease] = _queues_of(event.kv.value)
+                    self._queues[lease] = queues_of(event.kv.value)
                 self._sorted = {}
 
     def of(self, queue: str) -> list[int] | None:
@@ -110,7 +106,8 @@ class Members:
             return leases
 
 
-def _queues_of(value: bytes) -> frozenset[str]:
+def queues_of(value: bytes) -> frozenset[str]:
+    """The queues a ``consumer/`` key's value lists (none, for a value that is not ours)."""
     try:
         return frozenset(json.loads(value).get("queues", ()))
     except (ValueError, AttributeError):

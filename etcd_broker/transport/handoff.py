@@ -35,9 +35,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from etcd_broker import forking, ops
-from etcd_broker.keys import KeySpace
-from etcd_broker.watch import EVENT_PUT, Watch, WatchHub
+from etcd_broker.core import forking, ops
+from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.watch import EVENT_PUT, Watch, WatchHub
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,12 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from etcd_broker import forking, handoff, offers, ops
-from etcd_broker.client import CONNECTION_ERRORS, EtcdClient
-from etcd_broker.keys import KeySpace, range_end
-from etcd_broker.reconcile import RECONCILE_SECONDS, Reconciler
-from etcd_broker.watch import EVENT_DELETE, Watch, WatchHub, hub_for
+from etcd_broker.core import forking, ops
+from etcd_broker.core.client import CONNECTION_ERRORS, EtcdClient
+from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.watch import EVENT_DELETE, Watch, WatchHub, hub_for
+from etcd_broker.transport import handoff, offers
+from etcd_broker.transport.reconcile import RECONCILE_SECONDS, Reconciler
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,15 @@ FULL_SWEEP_SECONDS = 300.0
 PROBE_SECONDS = 1.0
 #: First wait (seconds) of a background loop after an unexpected error; doubled each time it fails again.
 FAILED_LOOP_BACKOFF = 1.0
+
+
+def claimed_queues_of(value: bytes) -> frozenset[str]:
+    """Every queue a ``consumer/`` key's value says it claimed from: its consumed queues
+    (offers.queues_of) and its ``basic_get`` queues ("gets", which offers never use)."""
+    try:
+        return offers.queues_of(value) | frozenset(json.loads(value).get("gets", ()))
+    except (ValueError, AttributeError):
+        return frozenset()
 
 
 class ConsumerLease:
@@ -408,11 +418,7 @@ class ConsumerLease:
         for event in events:
             if event.type != EVENT_DELETE:
                 continue
-            try:
-                described = json.loads(event.prev_kv.value) if event.prev_kv.value else {}
-                queues = described.get("queues", []) + described.get("gets", [])
-            except ValueError:
-                queues = []
+            queues = claimed_queues_of(event.prev_kv.value) if event.prev_kv.value else frozenset()
             with self._lock:
                 self._dead_queues.update(queues)
                 self._sweep_queues.update(queues)
@@ -481,7 +487,7 @@ class ConsumerLease:
     def sweep(self, queues: Iterable[str] | None = None) -> int:
         """Give back every unacked message on ``queues`` (None: every declared queue) whose consumer
         lease is gone; return how many."""
-        live = {int(kv.key.decode().rsplit("/", 1)[1], 16)
+        live = {self.keys.lease_of_consumer(kv.key)
                 for kv in ops.scan(self.client, self.keys.consumers(), prefix=True, keys_only=True)}
         restored = 0
         for queue in declared_queues(self.client, self.keys) if queues is None else queues:

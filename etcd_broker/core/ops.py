@@ -4,11 +4,11 @@ Builders return ``etcd3.etcdrpc`` protobufs (``Compare`` and ``RequestOp``); :fu
 runs them in one round trip and returns etcd's raw ``TxnResponse``, whose
 ``header.revision`` is the revision the transaction ran at. :func:`get` is the same
 for a lone range read. gRPC errors come back as our connection errors
-(``etcd_broker.client.CONNECTION_ERRORS``) or :class:`LeaseNotFound`.
+(``etcd_broker.core.client.CONNECTION_ERRORS``) or :class:`LeaseNotFound`.
 
 Example::
 
-    from etcd_broker import ops
+    from etcd_broker.core import ops
     response = ops.txn(client,
                        compare=[ops.compare(key, "mod_revision", 0)],
                        success=[ops.put(key, b"value", lease=lease_id)],
@@ -26,7 +26,7 @@ import grpc
 from etcd3 import etcdrpc
 from etcd3.utils import prefix_range_end, to_bytes
 
-from etcd_broker.client import is_lease_not_found, is_reply_too_large
+from etcd_broker.core.client import is_lease_not_found, is_reply_too_large
 
 logger = logging.getLogger(__name__)
 

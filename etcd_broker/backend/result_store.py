@@ -20,10 +20,10 @@ from typing import Any
 
 import grpc
 
-from etcd_broker import forking, group_commit, ops
-from etcd_broker.client import COMPACTED, EtcdConfig, classify, get_client
-from etcd_broker.keys import KeySpace
-from etcd_broker.watch import WatchHub, close_hubs, hub_for
+from etcd_broker.core import forking, group_commit, ops
+from etcd_broker.core.client import COMPACTED, EtcdConfig, classify, get_client
+from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.watch import WatchHub, close_hubs, hub_for
 
 logger = logging.getLogger(__name__)
 

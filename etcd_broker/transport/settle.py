@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from etcd_broker import forking
+from etcd_broker.core import forking
 
 logger = logging.getLogger(__name__)
 

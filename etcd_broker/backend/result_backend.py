@@ -25,13 +25,14 @@ from celery.result import GroupResult, allow_join_result
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 
-from etcd_broker import compat, settle
-from etcd_broker.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError, EtcdNoSpace
-from etcd_broker.deferred import DeferredStarted
-from etcd_broker.keys import DEFAULT_PREFIX, KeySpace
-from etcd_broker.result_consumer import ResultConsumer
-from etcd_broker.result_store import CHORD_CLAIM_TTL, ChordClaim, ResultStore, WriteOutcome, store_for
-from etcd_broker.task_events import TaskEvent, TaskStream, iter_events
+from etcd_broker import compat
+from etcd_broker.backend.deferred import DeferredStarted
+from etcd_broker.backend.result_consumer import ResultConsumer
+from etcd_broker.backend.result_store import CHORD_CLAIM_TTL, ChordClaim, ResultStore, WriteOutcome, store_for
+from etcd_broker.backend.task_events import TaskEvent, TaskStream, iter_events
+from etcd_broker.core.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError, EtcdNoSpace
+from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace
+from etcd_broker.transport import settle
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from etcd3 import etcdrpc
 from etcd3.exceptions import NoServerAvailableError
 from etcd3.utils import prefix_range_end, to_bytes
 
-from etcd_broker import forking
-from etcd_broker.client import EtcdConfig, get_client
+from etcd_broker.core import forking
+from etcd_broker.core.client import EtcdConfig, get_client
 
 logger = logging.getLogger(__name__)
 

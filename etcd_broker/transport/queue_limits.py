@@ -22,9 +22,9 @@ from typing import Any
 
 from kombu.exceptions import KombuError, LimitExceeded, OperationalError
 
-from etcd_broker import ops
-from etcd_broker.client import CONNECTION_ERRORS
-from etcd_broker.keys import KeySpace
+from etcd_broker.core import ops
+from etcd_broker.core.client import CONNECTION_ERRORS
+from etcd_broker.core.keys import KeySpace
 
 logger = logging.getLogger(__name__)
 

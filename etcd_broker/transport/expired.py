@@ -50,7 +50,7 @@ def _etcd_backend():
         return None
     from celery import current_app
 
-    from etcd_broker.backend import EtcdBackend
+    from etcd_broker.backend.result_backend import EtcdBackend
 
     backend = current_app.backend
     return backend if isinstance(backend, EtcdBackend) else None

@@ -14,7 +14,7 @@ from typing import Any
 
 from kombu.exceptions import BatchPublishError
 
-from etcd_broker import ops
+from etcd_broker.core import ops
 
 logger = logging.getLogger(__name__)
 

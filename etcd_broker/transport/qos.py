@@ -9,7 +9,7 @@ import logging
 
 from kombu.transport import virtual
 
-from etcd_broker import executing
+from etcd_broker.transport import executing
 
 logger = logging.getLogger(__name__)
 

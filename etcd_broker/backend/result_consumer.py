@@ -28,10 +28,10 @@ from typing import Any
 from celery import states
 from celery.backends.asynchronous import BaseResultConsumer
 
-from etcd_broker import forking
-from etcd_broker.client import CONNECTION_ERRORS
-from etcd_broker.result_store import ResultStore, Stored
-from etcd_broker.watch import Watch
+from etcd_broker.backend.result_store import ResultStore, Stored
+from etcd_broker.core import forking
+from etcd_broker.core.client import CONNECTION_ERRORS
+from etcd_broker.core.watch import Watch
 
 logger = logging.getLogger(__name__)
 

@@ -163,7 +163,7 @@ class RpcGate(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return self._active
 
 
-#: The one gate: :mod:`etcd_broker.client` wraps every channel it makes with it.
+#: The one gate: :mod:`etcd_broker.core.client` wraps every channel it makes with it.
 GATE = RpcGate()
 
 

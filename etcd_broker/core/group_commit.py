@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 from etcd3 import etcdrpc
 
-from etcd_broker import forking, ops
-from etcd_broker.client import CONNECTION_ERRORS
+from etcd_broker.core import forking, ops
+from etcd_broker.core.client import CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
 

@@ -58,9 +58,8 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker import delayed, executing, forking, group_commit, handoff, large_body, ops, settle
-from etcd_broker.bindings import BindingTable
-from etcd_broker.client import (
+from etcd_broker.core import forking, group_commit, ops
+from etcd_broker.core.client import (
     CONNECTION_ERRORS,
     ETCD_OPTIONS,
     LEASE_NOT_FOUND,
@@ -71,17 +70,19 @@ from etcd_broker.client import (
     is_request_too_large,
     wait_connected,
 )
-from etcd_broker.event_loop import EventLoopMixin
-from etcd_broker.expired import revoke_expired
-from etcd_broker.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
-from etcd_broker.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
-from etcd_broker.publish_batch import PublishBatch
-from etcd_broker.qos import QoS
-from etcd_broker.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
-from etcd_broker.queue_watch import CLAIM_BATCH, QueueWatchMixin
-from etcd_broker.reconcile import RECONCILE_SECONDS
+from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
+from etcd_broker.core.watch import WatchHub, hub_for
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
-from etcd_broker.watch import WatchHub, hub_for
+from etcd_broker.transport import delayed, executing, handoff, large_body, settle
+from etcd_broker.transport.bindings import BindingTable
+from etcd_broker.transport.event_loop import EventLoopMixin
+from etcd_broker.transport.expired import revoke_expired
+from etcd_broker.transport.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
+from etcd_broker.transport.publish_batch import PublishBatch
+from etcd_broker.transport.qos import QoS
+from etcd_broker.transport.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
+from etcd_broker.transport.queue_watch import CLAIM_BATCH, QueueWatchMixin
+from etcd_broker.transport.reconcile import RECONCILE_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,13 @@ _connected_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CLAIM_BATCH_BYTES = 1_048_576
 #: Reads in one _get after other consumers won the messages we read (then the loop looks again soon).
 CLAIM_ATTEMPTS = 4
+#: The first window of a head read from a queue's cursor, in sequence units (ns of publish time, keys.py):
+#: 10 ms of a queue fed at 1,000/s holds 10 messages, whatever backlog waits behind them.
+HEAD_WINDOW_NS = 10_000_000
+#: Each empty window is followed by one this many times wider (10 ms, 160 ms, 2.56 s).
+HEAD_WINDOW_GROWTH = 16
+#: Windows tried before a head read runs from the cursor to the end of the queue.
+HEAD_WINDOWS = 3
 
 
 class MessageTooLarge(ValueError):
@@ -260,12 +268,37 @@ class Channel(virtual.Channel):
         return 1 if room is None else max(1, min(room, CLAIM_BATCH))
 
     def _read_ready(self, queue) -> list[tuple[bytes, bytes, int]]:
+        """The head of ``queue``: up to our allowance of ready messages, most urgent and oldest first.
+
+        Read from the queue's cursor (queue_watch.py), first through windows of publish time
+        (etcd walks every key of a range, a backlog's included; a window bounds the walk), then
+        to the end of the queue: only that last read can tell the queue is drained.
+        """
         limit = self._allowance()
         prefix = self.keys.ready(queue)
-        response = self.client.get_range_response(prefix, range_end(prefix), limit=limit)
-        rows = [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs]
-        self.connection.after_read(queue, response.header.revision, drained=len(rows) < limit)
+        cursor, token = self.connection.head_read_start(queue)
+        rows = []
+        try:
+            response = self._read_windows(cursor, limit) if cursor is not None else None
+            drained = False
+            if response is None:
+                response = self.client.get_range_response(cursor or prefix, range_end(prefix), limit=limit)
+                drained = len(response.kvs) < limit
+            rows = [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs]
+        finally:  # a failed read learns nothing, but ends its watch on the cursor
+            self.connection.head_read_end(queue, token, rows[0][0] if rows else None)
+        self.connection.after_read(queue, response.header.revision, drained=drained)
         return rows
+
+    def _read_windows(self, cursor: bytes, limit: int):
+        """The first non-empty of the windows of the cursor's band that start at it (None: all empty)."""
+        width = HEAD_WINDOW_NS
+        for _ in range(HEAD_WINDOWS):
+            response = self.client.get_range_response(cursor, self.keys.window_end(cursor, width), limit=limit)
+            if response.kvs:
+                return response
+            width *= HEAD_WINDOW_GROWTH
+        return None
 
     def _claim_many(self, queue, candidates, lease_id: int) -> tuple[list[dict], list]:
         """Claim what our allowance permits in one transaction.

@@ -143,6 +143,16 @@ class KeySpace:
         _, mark, millis = key.rpartition("/")[2].partition(DEADLINE_MARK)
         return int(millis) / 1000 if mark else None
 
+    @staticmethod
+    def window_end(key: bytes, width: int) -> bytes:
+        """The key ``width`` sequence units (ns of publish time) past ready key ``key``, in its band.
+
+        A bounded head read is ``[key, window_end(key, width))``: the messages of that band
+        published within ``width`` ns after ``key``'s (transport.py; sequences are wall-clock ns).
+        """
+        band, _, name = key.rpartition(b"/")
+        return b"%s/%020d" % (band, int(name[:20]) + width)
+
     def position_of(self, key: str | bytes) -> str:
         """The trailing ``<band>/<seq>`` of a ready or unacked message key."""
         key = key.decode() if isinstance(key, bytes) else key
@@ -180,6 +190,12 @@ class KeySpace:
 
     def consumer(self, lease: int) -> str:
         return f"{self.consumers()}{lease:016x}"
+
+    @staticmethod
+    def lease_of_consumer(key: str | bytes) -> int:
+        """The lease id of a ``consumer/<lease hex>`` key."""
+        key = key.decode() if isinstance(key, bytes) else key
+        return int(key.rsplit("/", 1)[1], 16)
 
     def dead(self, queue: str) -> str:
         return f"{self.root}/dead/{_q(queue)}/"

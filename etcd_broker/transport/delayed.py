@@ -26,9 +26,9 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from etcd_broker import group_commit, ops
-from etcd_broker.keys import KeySpace, range_end
-from etcd_broker.watch import Watch, WatchHub
+from etcd_broker.core import group_commit, ops
+from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.watch import Watch, WatchHub
 
 logger = logging.getLogger(__name__)
 

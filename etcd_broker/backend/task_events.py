@@ -2,8 +2,8 @@
 
 Each event carries the etcd revision of the write that made it; revisions are the
 event ids: resume with ``after_revision`` and nothing is missed or repeated. The public
-entry points are :func:`etcd_broker.backend.watch_task` (an iterator) and
-:func:`etcd_broker.backend.follow_task` (a :class:`TaskStream`, for loops that also keep a clock).
+entry points are :func:`etcd_broker.backend.result_backend.watch_task` (an iterator) and
+:func:`etcd_broker.backend.result_backend.follow_task` (a :class:`TaskStream`, for loops that also keep a clock).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from celery import states
 
-from etcd_broker.result_store import ResultStore, Stored, status_of
-from etcd_broker.watch import EVENT_PUT, Watch
+from etcd_broker.backend.result_store import ResultStore, Stored, status_of
+from etcd_broker.core.watch import EVENT_PUT, Watch
 
 logger = logging.getLogger(__name__)
 

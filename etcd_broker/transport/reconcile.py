@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from time import monotonic
 from typing import Any
 
-from etcd_broker import ops
-from etcd_broker.keys import KeySpace
+from etcd_broker.core import ops
+from etcd_broker.core.keys import KeySpace
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The transport and the result backend both get their client here, so a process
 holds one gRPC client per configuration. Every channel goes through the fork gate
-(:mod:`etcd_broker.forking`): a forked child gets the same clients on fresh channels.
+(:mod:`etcd_broker.core.forking`): a forked child gets the same clients on fresh channels.
 gRPC errors are mapped by status code (:func:`classify`); :meth:`EtcdClient.call`
 runs a raw KV request with that mapping. Tests point it anywhere by passing another URL.
 
@@ -28,7 +28,8 @@ import etcd3
 import grpc
 from etcd3 import exceptions as etcd_exceptions
 
-from etcd_broker import compat, forking
+from etcd_broker import compat
+from etcd_broker.core import forking
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
             compat.clear_stubs(self)
             self.fail_over()
             if kind == UNREACHABLE:
-                raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: {_details(exc)}") from exc
+                raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: "
+                                      f"{_unreachable_details(exc, self.config)}") from exc
             raise _ENDPOINT_FAILURES[kind]() from exc
         if kind == PRECONDITION:
             raise etcd_exceptions.PreconditionFailedError() from exc
@@ -381,7 +383,21 @@ def _auth_error(exc: grpc.RpcError, config: EtcdConfig) -> Exception:
                       grpc.StatusCode.FAILED_PRECONDITION):
         return EtcdConfigError(f"etcd at {config.describe()} refused user {config.user!r}: {_details(exc)}")
     return EtcdUnreachable(f"etcd at {config.describe()} unreachable while authenticating user "
-                           f"{config.user!r}: {_details(exc)}")
+                           f"{config.user!r}: {_unreachable_details(exc, config)}")
+
+
+#: What gRPC says when a TLS connection fails: "Handshake failed" (TLS 1.2), or, where etcd refuses our
+#: certificate only after a TLS 1.3 handshake (etcd 3.5.16), "Unwrap failed (TSI_DATA_CORRUPTED)".
+TLS_FAILURES = ("handshake failed", "tsi_data_corrupted", "ssl_error", "certificate")
+
+
+def _unreachable_details(exc: BaseException, config: EtcdConfig) -> str:
+    """gRPC's details, plus what a failed TLS handshake usually means (gRPC's own words do not say)."""
+    details = _details(exc)
+    if config.secure and any(fragment in details.lower() for fragment in TLS_FAILURES):
+        return (f"{details}: the TLS handshake failed: etcd refused our client certificate (cert_cert, "
+                f"cert_key: missing, or not signed by a CA it trusts), or we do not trust its certificate (ca_cert)")
+    return details
 
 
 def _endpoints(config: EtcdConfig) -> list[etcd3.Endpoint]:

@@ -19,8 +19,8 @@ from typing import Any
 
 from kombu.utils.json import dumps
 
-from etcd_broker import ops
-from etcd_broker.keys import KeySpace
+from etcd_broker.core import ops
+from etcd_broker.core.keys import KeySpace
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import threading
 from queue import Empty
 from time import monotonic
 
-from etcd_broker.client import CONNECTION_ERRORS, EtcdUnreachable
+from etcd_broker.core.client import CONNECTION_ERRORS, EtcdUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ DELIVERIES_PER_WAKE = 64
 
 
 class EventLoopMixin:
-    """Wake-up pipe, hub registration and ``drain_events`` of :class:`etcd_broker.transport.Transport`.
+    """Wake-up pipe, hub registration and ``drain_events`` of :class:`etcd_broker.transport.channel.Transport`.
 
     Needs ``cycle``, ``lease``, ``config``, ``etcd``, ``keys``, ``watch_hub``, ``forget_reads()``, ``on_message_ready()``,
     ``give_back_handoffs_without_room()`` and the queue watches (queue_watch.py) from the class it

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
-from etcd_broker import forking
+from etcd_broker.core import forking
 
 logger = logging.getLogger(__name__)
 

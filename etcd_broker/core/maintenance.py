@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import grpc
 from etcd3 import etcdrpc
 
-from etcd_broker.client import EtcdClient, EtcdConfig, make_client
-from etcd_broker.keys import KeySpace
+from etcd_broker.core.client import EtcdClient, EtcdConfig, make_client
+from etcd_broker.core.keys import KeySpace
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from etcd_broker import forking
+from etcd_broker.core import forking
 
 logger = logging.getLogger(__name__)
 

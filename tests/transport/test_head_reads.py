@@ -1,0 +1,91 @@
+"""Head reads start at the queue's cursor, and a put below the cursor lowers it (issue 19, head reads by window).
+
+etcd visits every key of a range read (live, or deleted and not yet compacted), so reading a queue
+from its prefix each time walks the whole backlog and the tombstones of what was claimed. The
+transport keeps, per watched queue, the lowest ready key that may be live (queue_watch.py); these
+tests count where its range reads start (a wrapper on the client) and requeue a message below it.
+"""
+from __future__ import annotations
+
+import threading
+
+from kombu import Connection
+
+from etcd_broker.core.keys import KeySpace
+
+#: Messages in the backlog the tests drain, one claim at a time (no prefetch limit: one per read).
+BACKLOG = 30
+#: Seconds a test waits for what a loaded machine may take long to do (below the 30 s safety re-check,
+#: which would deliver a skipped message anyway).
+SLOW = 20
+
+
+def record_ready_reads(transport, prefix: str) -> list[bytes]:
+    """The start key of every range read under ``prefix`` the transport's client makes from now on."""
+    client, starts = transport.etcd, []
+    original = client.get_range_response
+
+    def recorded(range_start, range_end, *args, **kwargs):
+        start = range_start.encode() if isinstance(range_start, str) else range_start
+        if start.startswith(prefix.encode()):
+            starts.append(start)
+        return original(range_start, range_end, *args, **kwargs)
+
+    client.get_range_response = recorded
+    return starts
+
+
+def test_draining_a_backlog_reads_from_its_head_not_from_the_queue_s_start(etcd_url, etcd_prefix):
+    prefix = KeySpace(etcd_prefix).ready("backlog")
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix}) as conn:
+        queue = conn.SimpleQueue("backlog")
+        for n in range(BACKLOG):
+            queue.put({"n": n})
+        starts = record_ready_reads(queue.consumer.channel.connection, prefix)
+        got = []
+        for _ in range(BACKLOG):
+            message = queue.get(timeout=SLOW)
+            got.append(message.payload["n"])
+            message.ack()
+        queue.close()
+    assert got == list(range(BACKLOG))
+    from_start = [start for start in starts if start == prefix.encode()]
+    assert len(starts) >= BACKLOG // 2  # one claim per get: the drain was read, not hinted
+    # the first read (and a safety re-check, if one came) reads from the queue's start; the others from its head
+    assert len(from_start) <= 2, f"{len(from_start)} of {len(starts)} reads started at the queue's start"
+
+
+def test_a_requeued_message_below_the_cursor_is_delivered_next(etcd_url, etcd_prefix):
+    keys = KeySpace(etcd_prefix)
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix}) as conn:
+        queue = conn.SimpleQueue("requeue")
+        for n in range(BACKLOG):
+            queue.put({"n": n})
+        transport = queue.consumer.channel.connection
+        first = queue.get(timeout=SLOW)
+        place = keys.ready_message("requeue", keys.position_of(first.delivery_info["etcd_key"])).encode()
+        held = [queue.get(timeout=SLOW) for _ in range(3)]  # the cursor moves past the first message's place
+        assert [m.payload["n"] for m in [first, *held]] == [0, 1, 2, 3]
+        seen = threading.Event()
+        original = transport.offer_news
+
+        def watched(name, rows):
+            original(name, rows)  # the cursor is lowered before we are told
+            if any(row[0] == place for row in rows):
+                seen.set()
+
+        transport.offer_news = watched
+        first.requeue()  # back to its original place in ready/, below the cursor
+        assert seen.wait(SLOW), "the watch never saw the requeued message's put"
+        again = queue.get(timeout=SLOW)
+        assert again.payload["n"] == 0  # the head of the queue, read from the lowered cursor
+        again.ack()
+        for message in held:
+            message.ack()
+        rest = []
+        for _ in range(BACKLOG - 4):
+            message = queue.get(timeout=SLOW)
+            rest.append(message.payload["n"])
+            message.ack()
+        assert rest == list(range(4, BACKLOG))
+        queue.close()

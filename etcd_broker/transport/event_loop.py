@@ -7,8 +7,9 @@ The safety re-check (every SAFETY_RECHECK_SECONDS) costs one read whatever the n
 it reads etcd's current revision (a count-only read of one key) and asks the watch hub's stream
 for a progress answer (a message on the stream, no request). If the answer comes within
 PROGRESS_WAIT_SECONDS at or past that revision, every put up to the check reached our queue
-watches and nothing is re-read; if not (a stuck or broken stream), every consumed queue is read
-again (``forget_reads``), as before. A reconnect or a compacted watch forgets reads at once
+watches and the delayed mover's (delayed.py) and nothing is re-read; if not (a stuck or broken
+stream), every consumed queue is read again (``forget_reads``), as before, and the mover reads
+every followed queue's earliest due time again. A reconnect or a compacted watch forgets reads at once
 (offers.QueueFeed.on_created), so the re-check only has to catch a stream that stopped delivering.
 """
 from __future__ import annotations
@@ -34,9 +35,9 @@ DELIVERIES_PER_WAKE = 64
 class EventLoopMixin:
     """Wake-up pipe, hub registration and ``drain_events`` of :class:`etcd_broker.transport.channel.Transport`.
 
-    Needs ``cycle``, ``lease``, ``config``, ``etcd``, ``keys``, ``watch_hub``, ``forget_reads()``, ``on_message_ready()``,
-    ``give_back_handoffs_without_room()`` and the queue watches (queue_watch.py) from the class it
-    is mixed into.
+    Needs ``cycle``, ``lease``, ``config``, ``etcd``, ``keys``, ``watch_hub``, ``delayed``, ``forget_reads()``,
+    ``on_message_ready()``, ``give_back_handoffs_without_room()`` and the queue watches (queue_watch.py)
+    from the class it is mixed into.
     """
 
     def _init_event_loop(self) -> None:
@@ -94,10 +95,10 @@ class EventLoopMixin:
             revision = self.etcd.get_response(self.keys.consumer(lease_id or 0), count_only=True).header.revision
         except CONNECTION_ERRORS as exc:
             logger.debug("safety re-check: etcd unreachable (%s); reading every queue", type(exc).__name__)
-            self.forget_reads()
+            self._recheck_failed()
             return
         if not self.watch_hub.request_progress():
-            self.forget_reads()
+            self._recheck_failed()
             return
         self._recheck_pending = (revision, monotonic() + PROGRESS_WAIT_SECONDS)
 
@@ -111,8 +112,14 @@ class EventLoopMixin:
             return True
         logger.info("safety re-check: the watch stream did not answer up to revision %d; reading every queue",
                     pending[0])
-        self.forget_reads()
+        self._recheck_failed()
         return False
+
+    def _recheck_failed(self) -> None:
+        """The stream may have missed puts: read every consumed queue, and every followed queue's
+        earliest due time (delayed.py's watches are on the same stream), again."""
+        self.forget_reads()
+        self.delayed.look_again_all()
 
     def _recheck_due_in(self) -> float:
         """``drain_events``: run what of the re-check is due; seconds until its next step."""

@@ -1,17 +1,21 @@
 """What an idle consumer costs etcd: the safety re-check is one read whatever the number of queues,
-and a put the watch stream never delivered is still found by it (issue 19, docs/transport.md "Growth")."""
+and a put the watch stream never delivered is still found by it; the delayed mover reads nothing
+while idle, and a delayed put the stream never delivered is moved after the re-check (issue 19,
+docs/transport.md "Growth")."""
 from __future__ import annotations
 
 import json
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from kombu import Connection, Consumer, Exchange, Queue
 
-from etcd_broker.transport import event_loop
+from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.transport import delayed, event_loop
 from tests.helpers import wait_until
 
 #: Transport options of these tests: no reconciliation pass within a test (it reads every queue).
@@ -52,6 +56,9 @@ def idle_consumer(conn: Connection, name: str, count: int) -> list[Queue]:
         return all(conn.transport.known_empty(queue.name) for queue in queues)
     wait_until(all_read, timeout=60, interval=0, message="every queue read once (known empty)")
     wait_until(lambda: conn.transport.lease.full_sweeps >= 1, timeout=30, message="the first full sweep")
+    mover = conn.transport.delayed
+    wait_until(lambda: all(mover.next_due(queue.name) is None for queue in queues), timeout=60,
+               message="the delayed mover read each queue once (nothing waits)")
     return queues
 
 
@@ -122,6 +129,70 @@ def test_a_put_the_watch_stream_never_delivers_is_found_by_the_recheck(private_e
         conn.transport.safety_recheck()  # the periodic one, run now
         conn.drain_events(timeout=30)
         assert received == [1, 2]
+
+
+def test_an_idle_delayed_mover_reads_nothing(etcd_url, etcd_prefix, monkeypatch):
+    """The mover's thread wakes every MAX_WAIT_SECONDS (made 0.1 s here) and reads no queue: no
+    timer re-reads the followed queues' due times (before: 4 reads per queue every 30 s)."""
+    monkeypatch.setattr(delayed, "MAX_WAIT_SECONDS", 0.1)
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix, **OPTIONS}) as conn:
+        idle_consumer(conn, "nodue", 20)
+        conn.transport._rechecked_at = time.monotonic()  # no re-check in this wait
+        counter = count_kv_requests(conn.transport.etcd)
+        time.sleep(2.0)  # 20 of the mover's wake-ups: what they cost is what is counted
+        assert counter.calls == Counter()
+
+
+def test_a_delayed_put_the_watch_stream_never_delivers_is_moved_after_the_recheck(private_etcd, etcd_prefix,
+                                                                                   monkeypatch):
+    """An ETA task published while the stream is stuck: the mover never hears of it and nothing reads
+    its queue's delayed/ on a timer; the failed re-check makes the mover read every followed queue
+    again, so it is moved (then delivered by the next failed re-check, the stream still stuck)."""
+    monkeypatch.setattr(event_loop, "PROGRESS_WAIT_SECONDS", 1.0)
+    options = {"prefix": etcd_prefix, **OPTIONS}
+    keys = KeySpace(etcd_prefix)
+    received: list[int] = []
+    queue = Queue("late", Exchange("late", type="direct"), routing_key="late")
+    with Connection(private_etcd.url, transport_options=options) as conn, \
+            Connection(private_etcd.url, transport_options=options) as producer_conn:
+        Consumer(conn.channel(), [queue], accept=["json"],
+                 callbacks=[lambda body, message: (received.append(body["n"]), message.ack())]).consume()
+        producer = producer_conn.Producer(serializer="json")
+        # one message first: the producer's watches (handoff.py's parked view) exist before the stream sticks
+        producer.publish({"n": 0}, exchange=queue.exchange, routing_key="late", declare=[queue])
+        conn.drain_events(timeout=30)
+        transport = conn.transport
+        wait_until(lambda: transport.delayed.next_due("late") is None, timeout=30,
+                   message="the mover read the queue once (nothing waits)")
+        stream = transport.watch_hub._stream  # this etcd's hub: no other test's
+        stuck = threading.Event()
+        handle = stream._handle
+        monkeypatch.setattr(stream, "_handle", lambda response: None if stuck.is_set() else handle(response))
+        stuck.set()
+        due = time.time() + 2.0
+        eta = datetime.fromtimestamp(due, UTC).isoformat()
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key="late", declare=[queue], headers={"eta": eta})
+
+        def waiting(prefix: str) -> int:
+            return transport.etcd.get_range_response(prefix, range_end(prefix), count_only=True).count
+        assert waiting(keys.delayed("late")) == 1
+        transport._rechecked_at = time.monotonic()  # no re-check in this wait
+        while time.time() < due + 1.0:  # due, and not moved: the mover never heard of it
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=0.5)
+        assert (waiting(keys.delayed("late")), waiting(keys.ready("late")), received) == (1, 0, [0])
+
+        for _ in range(2):  # moved after the first failed re-check, read after the first or the second
+            transport.safety_recheck()
+            deadline = time.monotonic() + 30
+            while received == [0] and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=1.0)
+                except TimeoutError:
+                    if transport._recheck_pending is None:  # verified (failed): the next one may read it
+                        break
+            wait_until(lambda: waiting(keys.delayed("late")) == 0, timeout=30, message="the task moved to ready/")
+        assert received == [0, 1]
 
 
 def test_a_consumer_of_many_queues_writes_its_key_twice(etcd_url, etcd_prefix):

@@ -101,6 +101,8 @@ class ConsumerLease:
         """Grant the lease and register the consumer key if not done yet, or write the queues added
         since (every claim and park comes after this call, naming its ``queue``: a dead consumer's key
         lists every queue it claimed from, which its sweep relies on); return the lease id."""
+        if queue is not None:
+            self.reconciler.touch(queue)  # a claim or park may follow: reconciliation reads the queue
         with self._lock:
             if queue is not None and queue not in self.queues and queue not in self.get_queues:
                 self.get_queues.add(queue)
@@ -253,6 +255,7 @@ class ConsumerLease:
             logger.error("consumer lease %016x expired while we were alive; re-registering", lease_id)
             self._register()
             self._adopt(lease_id, self.lease_id)
+            self.reconciler.read_all()  # our keys moved to the new lease, on any queue
 
     def _adopt(self, old: int, new: int | None) -> None:
         """Move what our expired lease still owns to the new one, unless a sweeper got there first."""
@@ -489,12 +492,14 @@ class ConsumerLease:
         lease is gone; return how many."""
         live = {self.keys.lease_of_consumer(kv.key)
                 for kv in ops.scan(self.client, self.keys.consumers(), prefix=True, keys_only=True)}
-        restored = 0
+        restored, own = 0, self.lease_id
         for queue in declared_queues(self.client, self.keys) if queues is None else queues:
             # keys only, in pages: a busy worker holds thousands (one unbounded read of 19k failed, issue 20)
             for kv in ops.scan(self.client, self.keys.unacked(queue), prefix=True, keys_only=True):
                 key = kv.key.decode()
                 lease = self.keys.lease_of_unacked(key)
+                if lease == own:  # ours: reconciliation reads the queue (its net for a claim no touch announced)
+                    self.reconciler.touch(queue)
                 if lease in live:
                     continue
                 held = ops.first_kv_of(ops.get(self.client, key))

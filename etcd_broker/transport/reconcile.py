@@ -25,8 +25,9 @@ A pass reads only the queues where a key under our lease may be (issue 19: an id
 queues read Q keys every pass): those :meth:`Reconciler.touch` named since shortly before the
 previous pass began (``ConsumerLease.ensure(queue)`` touches a queue before every claim from it
 and every park on it; a hand-off on a park wakes a get, which touches it again), those where the
-previous pass found keys of ours, and every queue in a full pass: the first one, after an outage
-(``soon``), after our lease was lost and its keys adopted (``read_all``). The lease's full sweep
+previous pass found keys of ours, and every queue in a full pass: after an outage (``soon``),
+after our lease was lost and its keys adopted (``read_all``). A new lease holds nothing that no
+touch announced, so the first pass is not a full one. The lease's full sweep
 (every 300 s, membership.py) sees our keys too and touches their queues, so a key no touch
 announced is still found within that sweep's period plus a pass.
 """
@@ -74,7 +75,7 @@ class Reconciler:
         self._soon = False
         self._lock = threading.Lock()
         self._touched: dict[str, float] = {}  # queue -> monotonic time of its last touch
-        self._full = True  # the next pass reads every queue
+        self._full = False  # the next pass reads every queue (not the first: a new lease holds nothing untouched)
         self._previous_start = monotonic()  # when the last pass that completed began
         self._holding: set[str] = set()  # queues where the last pass found keys of ours
         self.queues_read = 0  # queues read by passes so far (tests)

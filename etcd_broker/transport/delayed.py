@@ -101,6 +101,7 @@ class DelayedMover:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._moving = False  # the thread took due queues and has not looked for more since
 
     def follow(self, queue: str) -> None:
         """Move ``queue``'s delayed messages when due (idempotent)."""
@@ -133,6 +134,12 @@ class DelayedMover:
             self._closed.set()
             self._thread = None
         self._wake.set()
+
+    def settled(self) -> bool:
+        """True if nothing is due or being moved now (tests: an idle mover)."""
+        with self._lock:
+            now = time.time()
+            return not self._moving and all(when is None or when > now for when in self._next.values())
 
     def next_due(self, queue: str) -> float | None:
         """The earliest due time this mover knows for ``queue`` (None: nothing waits, or not followed)."""
@@ -190,6 +197,7 @@ class DelayedMover:
             due = [queue for queue, when in self._next.items() if when is not None and when <= now]
             for queue in due:
                 self._next[queue] = None  # a put seen while we move sets it again
+            self._moving = bool(due)
             soonest = min((when for when in self._next.values() if when is not None), default=None)
         wait = MAX_WAIT_SECONDS if soonest is None else min(MAX_WAIT_SECONDS, max(soonest - now, 0.0))
         return due, wait

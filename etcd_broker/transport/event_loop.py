@@ -8,9 +8,11 @@ it reads etcd's current revision (a count-only read of one key) and asks the wat
 for a progress answer (a message on the stream, no request). If the answer comes within
 PROGRESS_WAIT_SECONDS at or past that revision, every put up to the check reached our queue
 watches and the delayed mover's (delayed.py) and nothing is re-read; if not (a stuck or broken
-stream), every consumed queue is read again (``forget_reads``), as before, and the mover reads
-every followed queue's earliest due time again. A reconnect or a compacted watch forgets reads at once
-(offers.QueueFeed.on_created), so the re-check only has to catch a stream that stopped delivering.
+stream), every consumed queue is read again (``forget_reads``), as before, the mover reads every
+followed queue's earliest due time again, and the lease sweeps every queue for a dead consumer's
+messages (its consumer watch is on the same stream). A reconnect or a compacted watch forgets
+reads at once (offers.QueueFeed.on_created), so the re-check only has to catch a stream that
+stopped delivering.
 """
 from __future__ import annotations
 
@@ -116,10 +118,12 @@ class EventLoopMixin:
         return False
 
     def _recheck_failed(self) -> None:
-        """The stream may have missed puts: read every consumed queue, and every followed queue's
-        earliest due time (delayed.py's watches are on the same stream), again."""
+        """The stream may have missed events: read every consumed queue, and every followed queue's
+        earliest due time (delayed.py), again, and sweep every queue for a dead consumer's messages
+        (membership.py: its consumer watch is on the same stream too)."""
         self.forget_reads()
         self.delayed.look_again_all()
+        self.lease.sweep_everything()
 
     def _recheck_due_in(self) -> float:
         """``drain_events``: run what of the re-check is due; seconds until its next step."""

@@ -41,7 +41,9 @@ DEFAULT_LEASE_TTL = 10
 ACK_BATCH = 100
 #: The sweeper thread wakes at least this often (reconciliation, a full pass falling due).
 SAFETY_SWEEP_SECONDS = 30.0
-#: Full sweep of every declared queue this often (a lease expiry the consumer watch did not show us).
+#: Full sweep of every declared queue this often: the last net for a lease expiry the consumer watch did
+#: not show us although its stream answered the safety re-checks (a stream that did not answer asks for
+#: a full sweep at once, event_loop.py).
 FULL_SWEEP_SECONDS = 300.0
 #: A lease keepalive unanswered this long means etcd is unreachable now (the RPC deadline is longer):
 #: closing then skips every etcd call and leaves the lease to expire, which hands our messages back.
@@ -411,10 +413,15 @@ class ConsumerLease:
     def _resync_members(self) -> int:
         """The watch's history was compacted away: read the members again; deletes missed meanwhile
         are the full sweep's to find (a reconnect resumes where the watch was: it misses none)."""
+        self.sweep_everything()
+        return self._read_members()
+
+    def sweep_everything(self) -> None:
+        """A full sweep at the next turn: the consumer watch may have missed a delete (its history
+        compacted, or its stream did not answer the transport's safety re-check, event_loop.py)."""
         with self._lock:
             self._full_sweep_wanted = True
         self._sweep_now.set()
-        return self._read_members()
 
     def _on_consumer_events(self, events: Iterable) -> None:
         self.members.apply(events)

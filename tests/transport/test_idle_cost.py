@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from kombu import Connection, Consumer, Exchange, Queue
 
+from etcd_broker.core.client import EtcdUnreachable
 from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.watch import EVENT_DELETE
 from etcd_broker.transport import delayed, event_loop
 from tests.helpers import wait_until
 
@@ -57,8 +59,8 @@ def idle_consumer(conn: Connection, name: str, count: int) -> list[Queue]:
     wait_until(all_read, timeout=60, interval=0, message="every queue read once (known empty)")
     wait_until(lambda: conn.transport.lease.full_sweeps >= 1, timeout=30, message="the first full sweep")
     mover = conn.transport.delayed
-    wait_until(lambda: all(mover.next_due(queue.name) is None for queue in queues), timeout=60,
-               message="the delayed mover read each queue once (nothing waits)")
+    wait_until(lambda: mover.settled() and all(mover.next_due(queue.name) is None for queue in queues),
+               timeout=60, message="the delayed mover read each queue once (nothing waits)")
     return queues
 
 
@@ -177,9 +179,7 @@ def test_a_delayed_put_the_watch_stream_never_delivers_is_moved_after_the_rechec
             return transport.etcd.get_range_response(prefix, range_end(prefix), count_only=True).count
         assert waiting(keys.delayed("late")) == 1
         transport._rechecked_at = time.monotonic()  # no re-check in this wait
-        while time.time() < due + 1.0:  # due, and not moved: the mover never heard of it
-            with pytest.raises(TimeoutError):
-                conn.drain_events(timeout=0.5)
+        time.sleep(max(0.0, due + 1.0 - time.time()))  # a second past due: not moved, the mover never heard of it
         assert (waiting(keys.delayed("late")), waiting(keys.ready("late")), received) == (1, 0, [0])
 
         for _ in range(2):  # moved after the first failed re-check, read after the first or the second
@@ -188,11 +188,46 @@ def test_a_delayed_put_the_watch_stream_never_delivers_is_moved_after_the_rechec
             while received == [0] and time.monotonic() < deadline:
                 try:
                     conn.drain_events(timeout=1.0)
-                except TimeoutError:
+                except (TimeoutError, EtcdUnreachable):  # unreachable: a keepalive answered late (a loaded machine)
                     if transport._recheck_pending is None:  # verified (failed): the next one may read it
                         break
             wait_until(lambda: waiting(keys.delayed("late")) == 0, timeout=30, message="the task moved to ready/")
         assert received == [0, 1]
+
+
+def test_a_consumer_death_the_watch_stream_never_delivers_is_swept_after_the_recheck(private_etcd, etcd_prefix,
+                                                                                      monkeypatch):
+    """A consumer dies (its lease revoked) while our stream is stuck: the consumer watch misses the
+    delete, so no sweep of its queues starts; the failed re-check asks for a full sweep, which gives
+    its claimed message back at once (not at the next periodic full sweep, FULL_SWEEP_SECONDS away)."""
+    monkeypatch.setattr(event_loop, "PROGRESS_WAIT_SECONDS", 1.0)
+    with Connection(private_etcd.url, transport_options={"prefix": etcd_prefix, **OPTIONS}) as conn:
+        idle_consumer(conn, "orphan", 1)
+        transport = conn.transport
+        client, keys = transport.etcd, transport.keys
+        dead = client.lease(60).id  # another consumer: its key lists the queue, it claimed one message
+        client.put(keys.consumer(dead), json.dumps({"queues": ["orphan-0"]}), lease=dead)
+        claimed = keys.unacked_message("orphan-0", dead, keys.position(0, "01796538084622073551-00000000"))
+        client.put(claimed, json.dumps({"body": "{}", "properties": {"delivery_info": {}}}))
+        sweeps = transport.lease.full_sweeps
+        stream = transport.watch_hub._stream  # this etcd's hub: no other test's
+        dropped: list[Any] = []  # what the stuck stream received and never handled
+        monkeypatch.setattr(stream, "_handle", lambda response: dropped.append(response))
+        transport._rechecked_at = time.monotonic()  # no re-check until the test runs one
+        client.revoke_lease(dead)
+        consumer_key = keys.consumer(dead).encode()
+        wait_until(lambda: any(event.type == EVENT_DELETE and event.kv.key == consumer_key
+                               for response in list(dropped) for event in response.events),
+                   timeout=30, message="the consumer's delete reached the stuck stream (never the watch)")
+        assert client.get(claimed)[0] is not None  # nobody swept it
+
+        transport.safety_recheck()
+        wait_until(lambda: transport._recheck_due_in() > 0 and transport._recheck_pending is None, timeout=30,
+                   message="the re-check verified (and failed: no progress answer)")
+        wait_until(lambda: client.get(claimed)[0] is None, timeout=30, message="the dead consumer's message swept")
+        assert transport.lease.full_sweeps > sweeps
+        ready = keys.ready_message("orphan-0", keys.position_of(claimed))
+        assert client.get(ready)[0] is not None
 
 
 def test_a_consumer_of_many_queues_writes_its_key_twice(etcd_url, etcd_prefix):

@@ -9,6 +9,13 @@ first, the alias is also registered here (for a source checkout with nothing ins
 The public names (``__all__``) are loaded on first use: ``etcd_broker.Transport``,
 ``etcd_broker.EtcdBackend``... Those that need Celery import it then, not before.
 
+Layout (docs/transport.md, "Layout: which file owns what"; each subpackage's docstring is its map):
+:mod:`etcd_broker.core` (keys, transactions, client, watch hub, fork safety: what both sides share),
+:mod:`etcd_broker.transport` (the kombu transport), :mod:`etcd_broker.backend` (the Celery result
+backend); at the top level :mod:`~etcd_broker.exceptions` (every exception users catch),
+:mod:`~etcd_broker.compat` (private upstream names), :mod:`~etcd_broker.stats` and
+:mod:`~etcd_broker.flower` (operators), :mod:`~etcd_broker.batches`, :mod:`~etcd_broker.pool_health`.
+
 Fork safety needs no setting: gRPC's defaults plus :mod:`etcd_broker.core.forking`. The
 two gRPC variables people set for fork support make it worse here, so we warn.
 """

@@ -1,4 +1,4 @@
-"""The one place that touches private names of python3-etcd3, Celery, kombu and CPython.
+"""The one place that names the private names of python3-etcd3 and Celery we still use.
 
 Each entry says what it uses and why no public API does the job. An upgrade that moves
 one of these names breaks here, and ``tests/broker/test_compat.py`` names it.
@@ -12,48 +12,22 @@ from typing import Any
 #: Every private name used below, as (owner, attribute): the compat test checks each one exists.
 PRIVATE_NAMES = (
     ("etcd3.MultiEndpointEtcd3Client", "_manage_grpc_errors"),
-    ("etcd3.MultiEndpointEtcd3Client", "_stubs"),
-    ("etcd3.MultiEndpointEtcd3Client", "_current_endpoint_label"),
     ("celery.app.amqp.AMQP", "_retry_publish"),
     ("celery.worker.request.Request", "_context"),
     ("celery.concurrency.prefork.TaskPool", "_pool"),
     ("celery.concurrency.asynpool.AsynPool", "_pool"),
     ("celery.concurrency.asynpool.AsynPool", "_waiting_to_start"),
-    ("threading.Lock", "_at_fork_reinit"),
 )
 
 
 # -- python3-etcd3 ------------------------------------------------------------------------
-# etcd_broker.core.client.EtcdClient also overrides etcd3's ``_manage_grpc_errors``: every public
+# etcd_broker.core.client.EtcdClient overrides etcd3's ``_manage_grpc_errors``: every public
 # etcd3 method (get, put, transaction, lease...) hands its gRPC errors to that hook, and
 # overriding it is how those methods map errors by status code, re-authenticate and fail over.
-
-def clear_stubs(client: Any) -> None:
-    """Forget the cached gRPC stubs (``client._stubs``) so the next call builds them again.
-
-    Why: after re-authentication, failover or a fork the stubs must bind to the current
-    channel; etcd3's own ``_clear_old_stubs`` also closes its shared watcher, which we never use.
-    """
-    client._stubs.clear()
-
-
-def current_endpoint(client: Any) -> str:
-    """The label (``host:port``) of the endpoint in use (``client._current_endpoint_label``).
-
-    Why: etcd3 has ``endpoint_in_use`` (the Endpoint) but no public name for its label, and
-    failover round robin needs the position in ``client.endpoints``.
-    """
-    return client._current_endpoint_label
-
-
-def use_endpoint(client: Any, label: str) -> None:
-    """Switch to the endpoint ``label`` (setting ``client._current_endpoint_label``).
-
-    Why: etcd3 switches only when the current endpoint has failed and its retry window
-    has not passed; we fail over at once, round robin (client.EtcdClient.fail_over).
-    """
-    client._current_endpoint_label = label
-
+# It goes once no module calls etcd3's methods directly (all through core/ops.py and
+# EtcdClient.call, which map errors themselves). Stubs, failover and fork need no private name:
+# EtcdClient caches its stubs by channel, fails over with Endpoint.fail() and the public
+# ``channel``, and forking.ChildLock replaces a lock in a forked child instead of re-initialising it.
 
 # -- Celery ---------------------------------------------------------------------------------
 
@@ -89,14 +63,3 @@ def pool_processes(pool: Any) -> tuple[list[Any], set[Any]] | None:
     if asynpool is None or starting is None:
         return None
     return list(asynpool._pool), set(starting)
-
-
-# -- CPython --------------------------------------------------------------------------------
-
-def reinit_lock(lock: Any) -> None:
-    """Unlock ``lock`` in a forked child (``lock._at_fork_reinit()``, what threading and logging use).
-
-    Why: a thread that held it in the parent does not exist in the child, so it would stay
-    locked for ever; the module-level registries of clients, hubs and leases are guarded by such locks.
-    """
-    lock._at_fork_reinit()

@@ -11,12 +11,12 @@ from typing import Any
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import EtcdClient
-from etcd_broker.core.keys import MAX_PRIORITY, KeySpace, range_end
+from etcd_broker.core.keys import MAX_PRIORITY, KeySpace
 from etcd_broker.transport.membership import declared_queues
 
 
 def _count(client: EtcdClient, prefix: str) -> int:
-    return client.get_range_response(prefix, range_end(prefix), count_only=True).count
+    return ops.get(client, prefix, prefix=True, count_only=True).count
 
 
 def queue_stats(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
@@ -62,8 +62,8 @@ def live_consumers(client: EtcdClient, keys: KeySpace) -> list[dict[str, Any]]:
     consumers = []
     for kv in ops.scan(client, keys.consumers(), prefix=True):
         info = json.loads(kv.value)
-        lease = client.get_lease_info(kv.lease) if kv.lease else None
-        consumers.append({"lease": f"{kv.lease:016x}", "ttl": lease.TTL if lease else None, **info})
+        ttl = ops.lease_ttl(client, kv.lease) if kv.lease else None
+        consumers.append({"lease": f"{kv.lease:016x}", "ttl": ttl, **info})
     return consumers
 
 

@@ -55,7 +55,8 @@ def check_etcd_url(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """ETCD_URL and ETCD_OPTIONS must describe a connection (nothing is contacted)."""
     from django.conf import settings
 
-    from etcd_broker.core.client import EtcdConfig, EtcdConfigError
+    from etcd_broker.core.client import EtcdConfig
+    from etcd_broker.exceptions import EtcdConfigError
 
     try:
         EtcdConfig.from_url(settings.ETCD_URL, **getattr(settings, "ETCD_OPTIONS", {}))

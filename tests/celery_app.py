@@ -132,7 +132,7 @@ def _fail_first_cancel_read(kind: str) -> None:
     import threading
 
     from etcd_broker.backend.result_store import ResultStore
-    from etcd_broker.core.client import EtcdUnreachable
+    from etcd_broker.exceptions import EtcdUnreachable
 
     original, lock, fired = ResultStore.cancelled_among, threading.Lock(), []
 

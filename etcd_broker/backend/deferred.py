@@ -42,7 +42,7 @@ class DeferredStarted:
         self._heap: list[tuple[float, int, str, _Held]] = []
         self._order = itertools.count()
         # its lock is unlocked again in a forked child (a thread holding it did not follow)
-        self._wake = threading.Condition(forking.reinit_in_child(threading.Lock()))
+        self._wake = threading.Condition(forking.ChildLock())
         self._pid = 0
         forking.reset_in_child(self, DeferredStarted._forget)
 

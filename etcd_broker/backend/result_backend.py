@@ -30,8 +30,9 @@ from etcd_broker.backend.deferred import DeferredStarted
 from etcd_broker.backend.result_consumer import ResultConsumer
 from etcd_broker.backend.result_store import CHORD_CLAIM_TTL, ChordClaim, ResultStore, WriteOutcome, store_for
 from etcd_broker.backend.task_events import TaskEvent, TaskStream, iter_events
-from etcd_broker.core.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig, EtcdConfigError, EtcdNoSpace
+from etcd_broker.core.client import CONNECTION_ERRORS, ETCD_OPTIONS, EtcdConfig
 from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace
+from etcd_broker.exceptions import EtcdConfigError, EtcdNoSpace
 from etcd_broker.transport import settle
 
 logger = logging.getLogger(__name__)
@@ -83,17 +84,13 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
         self.keys = KeySpace(self.prefix)
         self.retry_policy = {**Backend.retry_policy, **options.get("retry_policy", {})}
         self.started = DeferredStarted(_started_delay(options))
-        self._store: ResultStore | None = None
-        self._store_pid = 0
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages)
 
     @property
     def store(self) -> ResultStore:
         """This process's shared store for our etcd cluster and prefix."""
-        if self._store is None or self._store_pid != os.getpid():
-            self._store, self._store_pid = store_for(self.config, self.prefix), os.getpid()
-        return self._store
+        return store_for(self.config, self.prefix)
 
     # -- keys: every one comes from KeySpace -----------------------------------------
     def get_key_for_task(self, task_id: str, key: str = "") -> bytes:

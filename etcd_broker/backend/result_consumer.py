@@ -17,10 +17,8 @@ blocking on a condition variable meanwhile.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -434,22 +432,13 @@ class SharedWaits:
         return self.store.current_revision()
 
 
-_shared: weakref.WeakKeyDictionary[ResultStore, SharedWaits] = weakref.WeakKeyDictionary()
-_shared_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
-_shared_pid = os.getpid()
+_shared = forking.PerProcess()
 
 
 def shared_waits(store: ResultStore) -> SharedWaits:
     """The process's :class:`SharedWaits` for ``store`` (stores are per process: a child gets new ones)."""
-    global _shared_pid
-    with _shared_lock:
-        if _shared_pid != os.getpid():
-            _shared.clear()
-            _shared_pid = os.getpid()
-        waits = _shared.get(store)
-        if waits is None:
-            waits = _shared[store] = SharedWaits(store)
-        return waits
+    return _shared.get((store.config, store.keys.root), lambda: SharedWaits(store),
+                       usable=lambda waits: waits.store is store)  # a store made anew (close_shared) waits anew
 
 
 def _revision(item: Item) -> int:

@@ -1,7 +1,7 @@
-"""etcd operations behind the result backend: task states, bucketed leases, chord counting.
+"""etcd operations behind the result backend: task states, chord counting.
 
-Shared per process: one :class:`ResultStore` per (etcd configuration, prefix) and one
-:class:`LeaseBuckets` per etcd configuration; watches go through the process's watch hub
+Shared per process: one :class:`ResultStore` per (etcd configuration, prefix); leases come from
+the process's pool (core/leases.py, buckets of a tenth of the TTL); watches go through the process's watch hub
 (watch.py). This module speaks bytes and revisions; Celery's meta encoding stays in backend.py.
 """
 from __future__ import annotations
@@ -9,10 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import math
-import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,20 +17,16 @@ from typing import Any
 
 import grpc
 
-from etcd_broker.core import forking, group_commit, ops
+from etcd_broker.core import forking, group_commit, leases, ops
 from etcd_broker.core.client import COMPACTED, EtcdConfig, classify, get_client
 from etcd_broker.core.keys import KeySpace
 from etcd_broker.core.watch import WatchHub, close_hubs, hub_for
+from etcd_broker.exceptions import WriteConflict
 
 logger = logging.getLogger(__name__)
 
-#: A lease bucket is a tenth of the TTL, clamped to [1 s, 1 h]: a key lives between its TTL
-#: and its TTL plus one bucket, and a process holds at most ~11-25 leases per TTL in use.
-BUCKET_FRACTION = 0.1
-MIN_BUCKET_SECONDS = 1.0
-MAX_BUCKET_SECONDS = 3600.0
-#: etcd's default --max-txn-ops; reads of many keys are split into transactions this big.
-MAX_TXN_OPS = 128
+#: Reads of many keys are split into transactions this big (etcd's limit, core/ops.py).
+MAX_TXN_OPS = ops.MAX_TXN_OPS
 #: Task ids whose last write we remember (id -> mod revision), so the next write skips a read.
 LAST_WRITE_MEMORY = 4096
 #: Compare-and-put attempts on one key before giving up (only a concurrent writer forces a retry).
@@ -59,10 +52,6 @@ class ChordClaim(enum.Enum):
     DONE = "done"  # the chord's keys are gone: its callback was published
 
 
-class WriteConflict(RuntimeError):
-    """A key kept changing under a compare-and-put."""
-
-
 @dataclass(frozen=True)
 class Stored:
     """One stored value and the revisions that order it."""
@@ -84,49 +73,6 @@ class ChordCount:
     size: int | None
 
 
-def bucket_seconds(ttl: int) -> float:
-    """Width of the time bucket whose writes share one lease of ``ttl`` seconds."""
-    return min(max(ttl * BUCKET_FRACTION, MIN_BUCKET_SECONDS), MAX_BUCKET_SECONDS)
-
-
-class LeaseBuckets:
-    """One etcd lease per (TTL, time bucket), shared by every key written in that bucket.
-
-    A key written at time t in bucket [b*W, (b+1)*W) gets the bucket's lease, which
-    expires at (b+1)*W + TTL: between TTL and TTL + W after the write.
-    """
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self._lock = threading.Lock()
-        self._leases: dict[tuple[int, int], int] = {}
-
-    def lease_for(self, ttl: int | None) -> int:
-        """The lease id for a key written now with ``ttl`` seconds to live (0: no lease)."""
-        if not ttl:
-            return 0
-        width = bucket_seconds(ttl)
-        now = time.time()
-        bucket = int(now // width)
-        with self._lock:
-            lease_id = self._leases.get((ttl, bucket))
-            if lease_id is None:
-                lease_id = self._grant(ttl, bucket, width, now)
-        return lease_id
-
-    def _grant(self, ttl: int, bucket: int, width: float, now: float) -> int:
-        grant_ttl = math.ceil((bucket + 1) * width + ttl - now)
-        lease_id = self.client.lease(grant_ttl).id
-        self._leases = {k: v for k, v in self._leases.items() if k[0] != ttl or k[1] > bucket}
-        self._leases[(ttl, bucket)] = lease_id
-        logger.debug("granted result lease %x (ttl %ss) for bucket %s", lease_id, grant_ttl, bucket)
-        return lease_id
-
-    def discard(self, lease_id: int) -> None:
-        with self._lock:
-            self._leases = {k: v for k, v in self._leases.items() if v != lease_id}
-
-
 def status_of(value: bytes) -> str | None:
     """The Celery state in a stored JSON value (None if it is not one)."""
     try:
@@ -142,7 +88,7 @@ class ResultStore:
         self.config = config
         self.keys = keys
         self.client = get_client(config)
-        self.leases = _shared(_leases, config, lambda: LeaseBuckets(self.client))
+        self.leases = leases.pool_for(config)
         self._last_write: OrderedDict[str, int] = OrderedDict()
         self._memory_lock = threading.Lock()
 
@@ -308,7 +254,7 @@ class ResultStore:
             size = int(kvs[0].value) + 1 if kvs else 1
             expected = kvs[0].mod_revision if kvs else 0
             if self._txn(compare=[ops.compare(key, "mod_revision", expected)],
-                         success=[ops.put(key, str(size).encode(), self.leases.lease_for(ttl))]).succeeded:
+                         success=[ops.put(key, str(size).encode(), self.leases.lease_for_ttl(ttl))]).succeeded:
                 return
         raise WriteConflict(f"chord {group_id} size changed {MAX_WRITE_ATTEMPTS} times while we grew it")
 
@@ -384,13 +330,13 @@ class ResultStore:
     # -- plumbing -------------------------------------------------------------------------
     def _with_lease(self, ttl: int | None, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args, lease=...)`` with the bucket's lease; a lease etcd lost is replaced once."""
-        lease = self.leases.lease_for(ttl)
+        lease = self.leases.lease_for_ttl(ttl)
         try:
             return call(*args, lease=lease)
         except ops.LeaseNotFound:
             logger.info("result lease %x is gone; granting a new one", lease)
-            self.leases.discard(lease)
-            return call(*args, lease=self.leases.lease_for(ttl))
+            self.leases.forget(lease)
+            return call(*args, lease=self.leases.lease_for_ttl(ttl))
 
     def _txn(self, **parts: Any) -> Any:
         return ops.txn(self.client, **parts)
@@ -418,28 +364,16 @@ def _stored(response_op: Any) -> Stored | None:
     return Stored.from_kv(kv) if kv is not None else None
 
 
-_registry_lock = forking.reinit_in_child(threading.RLock())  # unlocked again in a forked child; store_for -> ResultStore() -> _shared(_leases)
-_leases: dict[tuple[int, EtcdConfig], LeaseBuckets] = {}
-_stores: dict[tuple[int, EtcdConfig, str], ResultStore] = {}
-
-
-def _shared(registry: dict, config: EtcdConfig, make: Callable[[], Any], *extra: str) -> Any:
-    key = (os.getpid(), config, *extra)
-    with _registry_lock:
-        item = registry.get(key)
-        if item is None:
-            item = registry[key] = make()
-        return item
+_stores = forking.PerProcess()
 
 
 def store_for(config: EtcdConfig, prefix: str) -> ResultStore:
     """The shared :class:`ResultStore` for ``config`` and key ``prefix`` in this process."""
-    return _shared(_stores, config, lambda: ResultStore(config, KeySpace(prefix)), prefix)
+    return _stores.get((config, prefix), lambda: ResultStore(config, KeySpace(prefix)))
 
 
 def close_shared() -> None:
-    """Close this process's watch hubs and forget stores (tests, shutdown)."""
-    with _registry_lock:
-        _leases.clear()
-        _stores.clear()
+    """Close this process's watch hubs and forget stores and lease pools (tests, shutdown)."""
+    _stores.clear()
+    leases.forget_pools()
     close_hubs()

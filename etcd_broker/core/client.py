@@ -15,7 +15,6 @@ URL forms::
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Iterable
@@ -28,8 +27,8 @@ import etcd3
 import grpc
 from etcd3 import exceptions as etcd_exceptions
 
-from etcd_broker import compat
 from etcd_broker.core import forking
+from etcd_broker.exceptions import EtcdConfigError, EtcdNoSpace, EtcdUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -71,22 +70,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     etcd_exceptions.NoServerAvailableError,
     etcd_exceptions.InternalServerError,
 )
-
-
-class EtcdConfigError(ValueError):
-    """A URL or option that cannot describe an etcd connection."""
-
-
-class EtcdUnreachable(etcd_exceptions.ConnectionFailedError):
-    """A connection error that says where and why, in gRPC's words (refused, TLS handshake failed...)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else super().__str__()
-
-
-class EtcdNoSpace(RuntimeError):
-    """etcd's backend quota is full (NOSPACE alarm): every write is refused until an operator
-    frees space (compact, defragment, disarm the alarm: docs/reliability.md). Not retried."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +166,7 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
         self.config = config
         endpoints = _endpoints(config)
         self._auth_lock = threading.Lock()
+        self._rpc_stubs: dict[type, tuple[grpc.Channel, Any]] = {}  # stub class -> (its channel, stub)
         try:
             super().__init__(endpoints=endpoints, timeout=config.timeout, user=config.user,
                              password=config.password, failover=True)
@@ -200,8 +184,7 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
         with self._auth_lock:
             request = etcd3.etcdrpc.AuthenticateRequest(name=self.config.user, password=self.config.password)
             response = self.authstub.Authenticate(request, self.timeout)
-            self.metadata = (("token", response.token),)
-            compat.clear_stubs(self)
+            self.metadata = (("token", response.token),)  # sent with every call: the stubs stay
             logger.info("re-authenticated to etcd at %s", self.config.describe())
 
     def call(self, method: str, request: Any, *, service: str = "KV") -> Any:
@@ -220,7 +203,7 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
             raise
 
     def _manage_grpc_errors(self, exc: grpc.RpcError) -> None:
-        # compat: etcd3's public methods send every gRPC error here (see compat.py); we map by code.
+        # compat.py: etcd3's public methods send every gRPC error to this private hook; we map by code.
         kind = classify(exc)
         if kind == INVALID_TOKEN:
             self.authenticate()
@@ -229,7 +212,6 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
             raise etcd_exceptions.ConnectionFailedError() from exc
         if kind in _ENDPOINT_FAILURES:
             self.endpoint_in_use.fail()
-            compat.clear_stubs(self)
             self.fail_over()
             if kind == UNREACHABLE:
                 raise EtcdUnreachable(f"etcd at {self.config.describe()} unreachable: "
@@ -253,33 +235,48 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
                 f"(etcdctl compact, etcdctl defrag, etcdctl alarm disarm)")
 
     def fail_over(self) -> None:
-        """Move to the next endpoint that has not failed lately (round robin; no-op with one).
+        """The endpoint in use failed: mark it, and move now to the next one that has not failed
+        lately (round robin; no-op with one endpoint).
 
-        etcd3 marks a failed endpoint but keeps using it once its retry window passes, so a
-        caller retrying slower than that window would hit the dead member for ever.
+        etcd3 marks a failed endpoint but moves off it only on the next call, and only while the
+        mark lasts (its retry window): a caller retrying slower than that would hit the dead member
+        for ever. Public etcd3 API only: ``Endpoint.fail()``, then the ``endpoints`` in round-robin
+        order from the failed one, then ``channel``, which takes the first endpoint not failed.
         """
         labels = list(self.endpoints)
         if len(labels) < 2:
             return
-        current = labels.index(compat.current_endpoint(self))
-        for label in labels[current + 1:] + labels[:current]:
-            if not self.endpoints[label].is_failed():
-                logger.info("etcd endpoint %s failed; using %s", labels[current], label)
-                compat.use_endpoint(self, label)
-                return
+        current = self.endpoint_in_use
+        current.fail()
+        at = labels.index(current.netloc)
+        self.endpoints = {label: self.endpoints[label] for label in labels[at + 1:] + labels[:at + 1]}
+        try:
+            self.channel  # noqa: B018 - etcd3 moves to the first endpoint not failed
+        except etcd_exceptions.NoServerAvailableError:
+            return  # every member failed lately: the next call says so, or finds one back
+        logger.info("etcd endpoint %s failed; using %s", current.netloc, self.endpoint_in_use.netloc)
 
-    def _clear_old_stubs(self) -> None:
-        # compat: etcd3's version also closes its shared watcher; we use our own streams (watch.py).
-        compat.clear_stubs(self)
+    def _stub(self, stub_class: type) -> Any:
+        """``stub_class`` on the channel in use, made again when that channel changes (failover, fork)."""
+        channel = self.channel
+        cached = self._rpc_stubs.get(stub_class)
+        if cached is None or cached[0] is not channel:
+            cached = self._rpc_stubs[stub_class] = (channel, stub_class(channel))
+        return cached[1]
+
+    # etcd3's own methods call these; cached by channel, so nothing has to clear them.
+    authstub = property(lambda self: self._stub(etcd3.etcdrpc.AuthStub))
+    kvstub = property(lambda self: self._stub(etcd3.etcdrpc.KVStub))
+    clusterstub = property(lambda self: self._stub(etcd3.etcdrpc.ClusterStub))
+    leasestub = property(lambda self: self._stub(etcd3.etcdrpc.LeaseStub))
+    maintenancestub = property(lambda self: self._stub(etcd3.etcdrpc.MaintenanceStub))
 
     def reset_after_fork(self) -> None:
         """In a forked child: the same endpoints on new channels; the parent's are never touched."""
         _inherited.append(self.endpoints)  # kept referenced: their finalizers would close the parent's sockets
-        label = compat.current_endpoint(self)
-        self.endpoints = {ep.netloc: ep for ep in _endpoints(self.config)}
+        self.endpoints = {ep.netloc: ep for ep in _endpoints(self.config)}  # same labels: the one in use stays
         self._auth_lock = threading.Lock()
-        compat.clear_stubs(self)
-        compat.use_endpoint(self, label)
+        self._rpc_stubs = {}
 
 
 # -- gRPC errors, by status code ------------------------------------------------------------
@@ -422,8 +419,7 @@ def make_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdCl
     return EtcdClient(config)
 
 
-_clients: dict[tuple[int, EtcdConfig], EtcdClient] = {}
-_clients_lock = forking.reinit_in_child(threading.Lock())
+_clients = forking.PerProcess()
 #: Every client made in this process (a forked child resets them all).
 _made: weakref.WeakSet[EtcdClient] = weakref.WeakSet()
 #: In a forked child: the parent's endpoints (channels), never used and never closed.
@@ -435,20 +431,12 @@ def get_client(url: str | Iterable[str] | EtcdConfig, **options: Any) -> EtcdCli
     config = url if isinstance(url, EtcdConfig) else EtcdConfig.from_url(url, **options)
     if isinstance(url, EtcdConfig) and options:
         config = config.with_options(**options)
-    key = (os.getpid(), config)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _clients[key] = EtcdClient(config)
-        return client
+    return _clients.get((config,), lambda: EtcdClient(config))
 
 
 def forget_clients() -> None:
     """Close and drop every shared client of this process (tests, shutdown)."""
-    with _clients_lock:
-        mine = [client for (pid, _), client in _clients.items() if pid == os.getpid()]
-        _clients.clear()
-    for client in mine:
+    for client in _clients.take_mine():
         try:
             client.close()
         except Exception:  # noqa: BLE001 - closing is best effort
@@ -460,10 +448,7 @@ def _adopt_clients_after_fork() -> None:
     """Every client of the parent's works in the child, on new channels; shared ones stay shared."""
     for client in list(_made):
         client.reset_after_fork()
-    pid = os.getpid()
-    shared = {(pid, config): client for (_, config), client in _clients.items()}
-    _clients.clear()
-    _clients.update(shared)
+    _clients.adopt()
 
 
 def wait_connected(client, timeout: float | None) -> None:

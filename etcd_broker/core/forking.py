@@ -22,7 +22,7 @@ A child also runs clean-up on objects it inherited: kombu's and Celery's after-f
 Nothing there may wait on a lock, stream or thread of the parent's, or act on what the parent
 holds in etcd: an object that belongs to its process checks :func:`inherited` and, in a child,
 is only forgotten (a transport, its channels, a watch stream); module tables and objects a child
-keeps using are reset (:func:`reinit_in_child`, :func:`reset_in_child`, :func:`on_child`).
+keeps using are reset (:class:`ChildLock`, :func:`reset_in_child`, :func:`on_child`).
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ CONNECTIVITY_POLL_SECONDS = 0.5
 FORK_SETTLE_SECONDS = 0.05
 
 _child_callbacks: list[Callable[[], None]] = []
-_locks: weakref.WeakSet = weakref.WeakSet()
+#: Every ChildLock of this process: each gets a new lock in a forked child.
+_locks: weakref.WeakSet[ChildLock] = weakref.WeakSet()
 #: Objects whose state was their process's (threads, streams, locks): reset in a forked child.
 _resets: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
 
@@ -68,9 +69,8 @@ class RpcGate(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         self._long_lived: set[Any] = set()
         self._in_flight: dict[Any, str] = {}  # call -> method, for the warning below
         self._poller_idle_at = 0.0  # monotonic time when grpc's connectivity poller has stopped
-        #: Forks prepared, and how many of them found every call finished in time.
+        #: Forks prepared (a watch stream cancelled by one resumes instead of reporting a break).
         self.forks = 0
-        self.quiet_forks = 0
 
     # -- the interceptor -----------------------------------------------------------
     def intercept_unary_unary(self, continuation, client_call_details, request):
@@ -141,10 +141,8 @@ class RpcGate(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
             quiet = self._cond.wait_for(lambda: self._active == 0, max(0.0, deadline - time.monotonic()))
             idle_at = self._poller_idle_at
         time.sleep(max(FORK_SETTLE_SECONDS, min(idle_at, deadline) - time.monotonic()))
-        with self._cond:
-            if quiet:
-                self.quiet_forks += 1
-            else:
+        if not quiet:
+            with self._cond:
                 logger.warning("fork: %d etcd call(s) still in flight after %ss (%s); gRPC will skip its fork "
                                "handlers and the child may not reach etcd", self._active, FORK_QUIESCE_SECONDS,
                                ", ".join(sorted(set(self._in_flight.values()))) or "connectivity polling")
@@ -220,10 +218,34 @@ def on_child(callback: Callable[[], None]) -> Callable[[], None]:
     return callback
 
 
-def reinit_in_child(lock: Any) -> Any:
-    """Give ``lock`` back unlocked in a forked child (a thread that held it did not follow)."""
-    _locks.add(lock)
-    return lock
+class ChildLock:
+    """A mutex (``threading.Lock``'s ``with``, ``acquire``, ``release``; usable by a ``Condition``) that
+    a forked child gets back unlocked: a new lock replaces the parent's there, which a thread that
+    did not follow may hold for ever. For module tables and registries that a child keeps using."""
+
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        _locks.add(self)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.release()
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
 
 
 def reset_in_child(obj: Any, reset: Callable[[Any], None]) -> None:
@@ -244,13 +266,14 @@ def inherited(pid: int) -> bool:
 
 class PerProcess:
     """One object per key in this process: made on first use, made again in a forked child (the
-    pid is part of every key) or when ``usable`` says the one there is spent. The registries of
-    leases, group commits and parked-consumer views are such maps; their lock is unlocked again
-    in a forked child."""
+    pid is part of every key) or when ``usable`` says the one there is spent. The library's one
+    per-process registry: shared clients, watch hubs, lease pools, consumer leases, group commits,
+    result stores and their shared waits, parked-consumer views. Its lock is unlocked again in a
+    forked child."""
 
     def __init__(self) -> None:
         self._items: dict[tuple, Any] = {}
-        self._lock = reinit_in_child(threading.Lock())
+        self._lock = ChildLock()
 
     def get(self, key: tuple, make: Callable[[], Any], usable: Callable[[Any], bool] = lambda item: True) -> Any:
         full_key = (os.getpid(), *key)
@@ -264,6 +287,20 @@ class PerProcess:
         """This process's objects (a forked child's map still holds its parent's)."""
         with self._lock:
             return [item for (pid, *_), item in self._items.items() if pid == os.getpid()]
+
+    def take_mine(self) -> list[Any]:
+        """Forget every object and return this process's ones (to close them outside the lock)."""
+        with self._lock:
+            mine = [item for (pid, *_), item in self._items.items() if pid == os.getpid()]
+            self._items.clear()
+        return mine
+
+    def adopt(self) -> None:
+        """In a forked child: keep the parent's objects as this process's (objects reset in place,
+        like clients that get new channels), instead of making new ones."""
+        pid = os.getpid()
+        with self._lock:
+            self._items = {(pid, *key): item for (_, *key), item in self._items.items()}
 
     def clear(self, each: Callable[[Any], None] | None = None) -> None:
         """Forget every object, calling ``each`` on this process's ones first (under the lock)."""
@@ -284,11 +321,9 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child() -> None:
-    from etcd_broker import compat
-
     GATE.after_fork_in_child()
     for lock in list(_locks):
-        compat.reinit_lock(lock)
+        lock._renew()
     for obj, reset in list(_resets.items()):
         try:
             reset(obj)

@@ -25,10 +25,7 @@ from etcd_broker.core.client import CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
 
-#: etcd's default --max-txn-ops is 128 (compares and success ops are counted separately).
-MAX_TXN_OPS = 128
-#: Bytes of keys and values per shared transaction, well under etcd's 1.5 MiB request limit.
-MAX_TXN_BYTES = 1_048_576
+MAX_TXN_OPS, MAX_TXN_BYTES = ops.MAX_TXN_OPS, ops.MAX_TXN_BYTES  # etcd's limits, one place (ops.py)
 
 
 class _Pending:

@@ -121,10 +121,10 @@ def _endpoint(client: EtcdClient) -> str:
 def member_configs(client: EtcdClient) -> list[EtcdConfig]:
     """One configuration per cluster member (its first client URL), with ``client``'s credentials."""
     configs = []
-    for member in client.members:
-        if not member.client_urls:
+    for member in client.call("MemberList", etcdrpc.MemberListRequest(), service="Cluster").members:
+        if not member.clientURLs:
             continue  # a learner or a member not started yet
-        parsed = urlsplit(member.client_urls[0])
+        parsed = urlsplit(member.clientURLs[0])
         configs.append(EtcdConfig(endpoints=((parsed.hostname, parsed.port),), user=client.config.user,
                                   password=client.config.password, ca_cert=client.config.ca_cert,
                                   cert_key=client.config.cert_key, cert_cert=client.config.cert_cert,

@@ -46,6 +46,11 @@ LESS = etcdrpc.Compare.LESS
 RESULTS = {"==": EQUAL, "!=": NOT_EQUAL, ">": GREATER, "<": LESS,
            EQUAL: EQUAL, NOT_EQUAL: NOT_EQUAL, GREATER: GREATER, LESS: LESS}
 
+#: etcd's default --max-txn-ops: operations per transaction (compares and success ops counted apart).
+MAX_TXN_OPS = 128
+#: Bytes of keys and values per transaction we build, well under etcd's 1.5 MiB request limit.
+MAX_TXN_BYTES = 1_048_576
+
 Key = str | bytes
 #: Keys per page of a read over a set that grows with the work (a queue, ``unacked/``, results):
 #: a reply stays far under gRPC's receive limit with keys only; with values a page halves until it fits.
@@ -170,10 +175,23 @@ def scan(client: Any, key: Key, **options: Any) -> Iterator[Any]:
         yield from page
 
 
-def _call(client: Any, method: str, request: Any) -> Any:
-    """The library's one call site for a KV RPC: deadline, auth metadata, errors mapped."""
+# -- leases ------------------------------------------------------------------------------
+
+
+def grant(client: Any, ttl: int) -> int:
+    """A new lease of ``ttl`` seconds (etcd's ``LeaseGrant``); its id."""
+    return _call(client, "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=ttl), service="Lease").ID
+
+
+def lease_ttl(client: Any, lease: int) -> int:
+    """Seconds ``lease`` has left (etcd's ``LeaseTimeToLive``); -1 once etcd no longer knows it."""
+    return _call(client, "LeaseTimeToLive", etcdrpc.LeaseTimeToLiveRequest(ID=lease), service="Lease").TTL
+
+
+def _call(client: Any, method: str, request: Any, service: str = "KV") -> Any:
+    """The library's one call site for a KV or lease RPC: deadline, auth metadata, errors mapped."""
     try:
-        return client.call(method, request)  # errors mapped by status code (client.classify)
+        return client.call(method, request, service=service)  # errors mapped by status code (client.classify)
     except grpc.RpcError as exc:
         if is_lease_not_found(exc):
             raise LeaseNotFound(exc.details()) from exc

@@ -233,7 +233,6 @@ class WatchStream:
         if getattr(exc, "code", lambda: None)() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             try:
                 if len(self.client.endpoints) > 1:
-                    self.client.endpoint_in_use.fail()
                     self.client.fail_over()
             except Exception:  # noqa: BLE001 - a bare etcd3 client has no fail_over; the next open retries
                 pass
@@ -360,26 +359,17 @@ class WatchHub:
         self._stream.close()
 
 
-_hubs: dict[tuple[int, EtcdConfig], WatchHub] = {}
-_hubs_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
+_hubs = forking.PerProcess()
 
 
 def hub_for(config: EtcdConfig) -> WatchHub:
     """This process's one :class:`WatchHub` for ``config`` (a new one in a forked child)."""
-    key = (os.getpid(), config)
-    with _hubs_lock:
-        hub = _hubs.get(key)
-        if hub is None:
-            hub = _hubs[key] = WatchHub(get_client(config))
-        return hub
+    return _hubs.get((config,), lambda: WatchHub(get_client(config)))
 
 
 def close_hubs() -> None:
     """Close this process's hubs (tests, shutdown); the next :func:`hub_for` opens a new one."""
-    with _hubs_lock:
-        hubs = [hub for (pid, _), hub in _hubs.items() if pid == os.getpid()]
-        _hubs.clear()
-    for hub in hubs:
+    for hub in _hubs.take_mine():
         hub.close()
 
 

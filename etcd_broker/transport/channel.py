@@ -72,6 +72,7 @@ from etcd_broker.core.client import (
 )
 from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.core.watch import WatchHub, hub_for
+from etcd_broker.exceptions import MessageTooLarge
 from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
 from etcd_broker.transport import delayed, executing, handoff, large_body, settle
 from etcd_broker.transport.bindings import BindingTable
@@ -105,10 +106,6 @@ HEAD_WINDOW_NS = 10_000_000
 HEAD_WINDOW_GROWTH = 16
 #: Windows tried before a head read runs from the cursor to the end of the queue.
 HEAD_WINDOWS = 3
-
-
-class MessageTooLarge(ValueError):
-    """A message bigger than etcd accepts; refused before anything is written."""
 
 
 class Channel(virtual.Channel):

@@ -78,7 +78,7 @@ def due_time(message: dict, now: float) -> float | None:
 
 def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None) -> None:
     """Publish an ETA task under ``delayed/`` (``key``), on its TTL lease if it expires (``leases``:
-    queue_limits.LeasePool); concurrent publishers share a transaction, as ready puts do."""
+    core.leases.LeasePool); concurrent publishers share a transaction, as ready puts do."""
     for attempt in range(2):
         lease = leases.lease_for(deadline) if deadline is not None else 0
         try:

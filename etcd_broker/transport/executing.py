@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -54,7 +53,7 @@ class _Kept:
 
 #: (id of the closed channel, delivery tag) -> message kept across a reset, until its task acks it
 _kept: dict[tuple[int, Any], _Kept] = {}
-_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
+_lock = forking.ChildLock()  # a new one in a forked child
 _checked_at = 0.0
 _stopping = False
 

@@ -18,10 +18,7 @@ from etcd_broker.core import ops
 
 logger = logging.getLogger(__name__)
 
-#: etcd's default --max-txn-ops is 128.
-MAX_TXN_OPS = 128
-#: Bytes of keys and values per transaction, well under etcd's 1.5 MiB request limit.
-MAX_TXN_BYTES = 1_048_576
+MAX_TXN_OPS, MAX_TXN_BYTES = ops.MAX_TXN_OPS, ops.MAX_TXN_BYTES  # etcd's limits, one place (ops.py)
 
 
 class PublishBatch:

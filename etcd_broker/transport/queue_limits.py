@@ -20,11 +20,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kombu.exceptions import KombuError, LimitExceeded, OperationalError
+from kombu.exceptions import OperationalError
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import CONNECTION_ERRORS
 from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.leases import LeasePool, pool_for
+from etcd_broker.exceptions import QueueArgumentError, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +50,6 @@ REFUSED_ARGUMENTS = {
     "x-dead-letter-routing-key": "dead-lettering is not implemented",
     "x-single-active-consumer": "single active consumer is not implemented",
 }
-
-
-class QueueArgumentError(KombuError, ValueError):
-    """A queue name or argument this transport refuses; nothing was written."""
-
-
-class QueueFull(LimitExceeded):
-    """Publish refused: the queue holds ``x-max-length`` messages and its overflow is reject-publish."""
 
 
 @dataclass(frozen=True)
@@ -134,42 +128,12 @@ def message_deadline(message: dict, limits: QueueLimits, now: float) -> float | 
     return now + min(ttls) if ttls else None
 
 
-class LeasePool:
-    """Leases shared by messages whose deadlines fall in the same second: one grant per second.
-
-    A lease for second S is granted with a TTL that ends at or after S, never before, so
-    etcd never deletes a message early; the consumer's check of the deadline in the key
-    makes delivery exact to the millisecond.
-    """
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self._by_second: dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    def lease_for(self, deadline: float) -> int:
-        second = math.ceil(deadline)
-        with self._lock:
-            now = time.time()
-            for stale in [s for s in self._by_second if s < now]:
-                del self._by_second[stale]
-            lease = self._by_second.get(second)
-            if lease is None:
-                lease = self._by_second[second] = self.client.lease(max(1, math.ceil(second - now))).id
-            return lease
-
-    def forget(self, lease: int) -> None:
-        with self._lock:
-            self._by_second = {s: lid for s, lid in self._by_second.items() if lid != lease}
-
-
 class QueueRegistry:
     """One transport's view of queue arguments, the TTL leases, and queue-expiry leases to keep alive."""
 
     def __init__(self, client: Any, keys: KeySpace) -> None:
         self.client = client
         self.keys = keys
-        self.leases = LeasePool(client)
         self._cache: dict[str, tuple[float, QueueLimits, int]] = {}
         self._kept: dict[str, int] = {}  # queue -> consumers on it in this process
         self._expiring: dict[str, tuple[int, float, float]] = {}  # kept queue -> (lease, expires, next refresh)
@@ -178,6 +142,11 @@ class QueueRegistry:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # a consumer started or stopped: the keeper looks again
         self._keeper: threading.Thread | None = None
+
+    @property
+    def leases(self) -> LeasePool:
+        """The process's lease pool (core/leases.py): message TTLs share one lease per second of deadlines."""
+        return pool_for(self.client.config)
 
     # -- declaring --------------------------------------------------------------------
     def declare(self, queue: str, limits: QueueLimits, auto_delete_lease: int | None) -> None:

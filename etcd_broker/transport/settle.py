@@ -10,7 +10,6 @@ child never sees its parent's table: it writes SUCCESS alone and the parent acks
 from __future__ import annotations
 
 import logging
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ class Held:
 
 
 _held: OrderedDict[str, Held] = OrderedDict()
-_lock = forking.reinit_in_child(threading.Lock())  # unlocked again in a forked child
+_lock = forking.ChildLock()  # a new one in a forked child
 
 
 @forking.on_child

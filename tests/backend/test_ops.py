@@ -61,3 +61,12 @@ def test_a_put_on_a_lease_etcd_does_not_know_raises_lease_not_found(client, etcd
 def test_bad_arguments_are_refused_naming_the_problem(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_granted_lease_counts_down_and_reads_minus_one_once_revoked(client, etcd_prefix):
+    lease = ops.grant(client, 30)
+    assert 25 <= ops.lease_ttl(client, lease) <= 30
+    ops.txn(client, success=[ops.put(f"{etcd_prefix}/ops/leased", b"v", lease)])
+    client.revoke_lease(lease)
+    assert ops.lease_ttl(client, lease) == -1
+    assert ops.get(client, f"{etcd_prefix}/ops/leased").count == 0

@@ -23,25 +23,33 @@ def _resolve(dotted: str):
 @pytest.mark.parametrize(("owner", "attribute"), compat.PRIVATE_NAMES, ids=lambda v: str(v))
 def test_it_finds_each_private_name(owner, attribute):
     target = _resolve(owner)
-    if attribute in ("_stubs", "_current_endpoint_label") and isinstance(target, type):
-        return  # instance attributes: checked on a live client below
     if attribute in ("_pool", "_waiting_to_start") and isinstance(target, type):
         return  # instance attributes of a running pool: tests/transport/test_pool_health.py reads them
     assert hasattr(target, attribute), f"{owner}.{attribute} is gone: update etcd_broker/compat.py"
 
 
-def test_it_reads_and_switches_endpoints_on_a_live_client(etcd_url):
-    client = make_client(f"{etcd_url},127.0.0.1:1")
+def test_failover_and_stubs_need_no_private_name(etcd_url):
+    """Round robin through etcd3's public Endpoint.fail() and ``channel``; stubs follow the channel."""
+    port = etcd_url.rsplit(":", 1)[1]
+    client = make_client(f"etcdv3://127.0.0.1:1,127.0.0.1:{port},127.0.0.1:2")
     try:
-        assert isinstance(client._stubs, dict), "etcd3 client._stubs is no longer a dict"
-        label = compat.current_endpoint(client)
-        assert label in client.endpoints, "etcd3 _current_endpoint_label no longer names an endpoint"
-        other = next(name for name in client.endpoints if name != label)
-        client.kvstub  # noqa: B018 - builds and caches a stub
-        compat.use_endpoint(client, other)
-        assert compat.current_endpoint(client) == other
-        compat.clear_stubs(client)
-        assert not client._stubs
+        labels = list(client.endpoints)
+        first = client.endpoint_in_use.netloc
+        stub = client.kvstub
+        assert client.kvstub is stub, "a stub is made again on the same channel"
+        client.fail_over()
+        second = client.endpoint_in_use.netloc
+        assert second == labels[(labels.index(first) + 1) % 3] and client.endpoints[first].is_failed()
+        assert client.kvstub is not stub, "the stub still calls the failed endpoint"
+        client.fail_over()
+        assert client.endpoint_in_use.netloc not in (first, second)  # the third: the first is still failed
+        live = f"127.0.0.1:{port}"
+        while client.endpoint_in_use.netloc != live:  # each dead one in turn, as a failed call would
+            for endpoint in client.endpoints.values():
+                endpoint.last_failed = 0  # their marks lapse (ENDPOINT_RETRY_SECONDS)
+            client.fail_over()
+        client.put("/compat/failover", "ok")
+        assert client.get("/compat/failover")[0] == b"ok"
     finally:
         client.close()
 
@@ -63,11 +71,3 @@ def test_etcd3_still_routes_public_methods_through_the_error_hook(etcd_url, monk
         assert seen, "etcd3's public methods no longer call _manage_grpc_errors: errors go unmapped"
     finally:
         client.close()
-
-
-def test_reinit_lock_unlocks_a_held_lock():
-    for lock in (threading.Lock(), threading.RLock()):
-        lock.acquire()
-        compat.reinit_lock(lock)
-        assert lock.acquire(blocking=False), f"{type(lock).__name__}._at_fork_reinit did not unlock"
-        lock.release()

@@ -7,7 +7,8 @@ from etcd3 import etcdrpc
 
 from etcd_broker.core import client as etcd_client
 from etcd_broker.core import ops
-from etcd_broker.core.client import CONNECTION_ERRORS, EtcdUnreachable, classify, get_client, make_client
+from etcd_broker.core.client import CONNECTION_ERRORS, classify, get_client, make_client
+from etcd_broker.exceptions import EtcdUnreachable
 from scripts.etcd_server import MAX_REQUEST_BYTES
 
 

@@ -220,3 +220,31 @@ def test_a_child_collecting_inherited_connections_waits_on_no_lock_and_gives_bac
         queue.close()
     finally:
         connection.release()
+
+
+def test_a_child_lock_held_by_a_parent_thread_is_free_in_the_child():
+    """forking.ChildLock: a new lock in the child (no private CPython name), also under a Condition."""
+    lock, registry = forking.ChildLock(), forking.PerProcess()
+    condition = threading.Condition(forking.ChildLock())
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock, condition:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(10)
+    registry.get(("parent",), object)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)  # a child stuck on a lock dies of SIGALRM
+        ok = lock.acquire(timeout=1) and condition.acquire(timeout=1) and registry.mine() == []
+        os._exit(0 if ok else 3)
+    release.set()
+    holder.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+    assert lock.acquire(blocking=False), "the parent's lock was released by its holder"
+    lock.release()

@@ -16,7 +16,8 @@ from kombu.exceptions import ChannelError, OperationalError
 from kombu.mixins import ConsumerMixin
 
 import etcd_broker  # noqa: F401
-from etcd_broker.transport.queue_limits import MAX_QUEUE_NAME_BYTES, QueueArgumentError, QueueFull
+from etcd_broker.exceptions import QueueArgumentError, QueueFull
+from etcd_broker.transport.queue_limits import MAX_QUEUE_NAME_BYTES
 from tests.helpers import REPO_ROOT
 
 

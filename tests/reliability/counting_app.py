@@ -21,7 +21,8 @@ from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from etcd_broker.batches import BatchTask
-from etcd_broker.core.client import CONNECTION_ERRORS, EtcdNoSpace, get_client
+from etcd_broker.core.client import CONNECTION_ERRORS, get_client
+from etcd_broker.exceptions import EtcdNoSpace
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from etcd_broker.core import ops
-from etcd_broker.core.client import EtcdNoSpace, get_client
+from etcd_broker.core.client import get_client
+from etcd_broker.exceptions import EtcdNoSpace
 from scripts.etcd_server import EtcdServer
 from tests.helpers import wait_until
 from tests.reliability import counting_app

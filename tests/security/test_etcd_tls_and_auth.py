@@ -11,7 +11,8 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 import etcd_broker  # noqa: F401
-from etcd_broker.core.client import EtcdConfigError, make_client
+from etcd_broker.core.client import make_client
+from etcd_broker.exceptions import EtcdConfigError
 from tests.helpers import WorkerProcess, wait_until
 from tests.reliability import counting_app
 from tests.reliability.counting import read_markers

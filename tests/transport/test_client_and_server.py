@@ -5,7 +5,8 @@ import pytest
 from kombu import Connection
 
 import etcd_broker  # noqa: F401
-from etcd_broker.core.client import EtcdConfig, EtcdConfigError, kombu_url, make_client
+from etcd_broker.core.client import EtcdConfig, kombu_url, make_client
+from etcd_broker.exceptions import EtcdConfigError
 from scripts.etcd_server import EtcdNotFound, EtcdServer, find_etcd_binary, free_port
 
 

@@ -15,8 +15,9 @@ from kombu.exceptions import OperationalError
 import etcd_broker  # noqa: F401
 from etcd_broker.core.client import get_client
 from etcd_broker.core.keys import KeySpace
+from etcd_broker.exceptions import MessageTooLarge
 from etcd_broker.transport import queue_limits
-from etcd_broker.transport.channel import RECONNECT_GAP_SECONDS, MessageTooLarge
+from etcd_broker.transport.channel import RECONNECT_GAP_SECONDS
 from tests.helpers import wait_until
 
 

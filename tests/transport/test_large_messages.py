@@ -11,7 +11,8 @@ from kombu import Connection, Queue
 
 from etcd_broker.core.client import get_client
 from etcd_broker.core.keys import KeySpace
-from etcd_broker.transport.channel import DEFAULT_MAX_MESSAGE_BYTES, MessageTooLarge
+from etcd_broker.exceptions import MessageTooLarge
+from etcd_broker.transport.channel import DEFAULT_MAX_MESSAGE_BYTES
 from tests.helpers import wait_until
 from tests.transport.test_busy_worker import APP, HOLD_SECONDS, busy, env_for  # noqa: F401 - busy is a fixture
 

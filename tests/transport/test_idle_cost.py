@@ -12,11 +12,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from etcd3 import etcdrpc
 from kombu import Connection, Consumer, Exchange, Queue
 
-from etcd_broker.core.client import EtcdUnreachable
 from etcd_broker.core.keys import KeySpace, range_end
 from etcd_broker.core.watch import EVENT_DELETE
+from etcd_broker.exceptions import EtcdUnreachable
 from etcd_broker.transport import delayed, event_loop
 from tests.helpers import wait_until
 
@@ -43,7 +44,7 @@ class CountingStub:
 def count_kv_requests(client: Any) -> CountingStub:
     """From now on, count the KV requests ``client`` sends (its threads' too)."""
     counter = CountingStub(client.kvstub)
-    client._stubs["kvstub"] = counter  # etcd3 caches its stubs there (compat.clear_stubs)
+    client._rpc_stubs[etcdrpc.KVStub] = (client.channel, counter)  # EtcdClient._stub's cache (core/client.py)
     return counter
 
 

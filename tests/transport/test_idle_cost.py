@@ -15,6 +15,7 @@ import pytest
 from etcd3 import etcdrpc
 from kombu import Connection, Consumer, Exchange, Queue
 
+from etcd_broker.core import ops
 from etcd_broker.core.keys import KeySpace, range_end
 from etcd_broker.core.watch import EVENT_DELETE
 from etcd_broker.exceptions import EtcdUnreachable
@@ -229,6 +230,39 @@ def test_a_consumer_death_the_watch_stream_never_delivers_is_swept_after_the_rec
         assert transport.lease.full_sweeps > sweeps
         ready = keys.ready_message("orphan-0", keys.position_of(claimed))
         assert client.get(ready)[0] is not None
+
+
+def test_a_dead_consumer_s_message_restored_below_the_cursor_is_delivered_next_without_forgetting_reads(
+        etcd_url, etcd_prefix):
+    """No timer forgets the head cursors now (the re-check forgets them only if the stream did not
+    answer): a message a dead consumer held, swept back to its original place below our cursor,
+    lowers the cursor by its put event and is the next one delivered, with no forget_reads."""
+    with Connection(etcd_url, transport_options={"prefix": etcd_prefix, **OPTIONS}) as conn:
+        queue = conn.SimpleQueue("cursor")
+        for n in range(6):
+            queue.put({"n": n})
+        transport = conn.transport
+        client, keys = transport.etcd, transport.keys
+        first = client.get_range_response(keys.ready("cursor"), range_end(keys.ready("cursor")), limit=1).kvs[0]
+        dead = client.lease(60).id  # another consumer claimed the first message, then dies below
+        client.put(keys.consumer(dead), json.dumps({"queues": ["cursor"]}), lease=dead)
+        claimed = keys.unacked_message("cursor", dead, keys.position_of(first.key))
+        ops.txn(client, [ops.compare(first.key.decode(), "mod_revision", first.mod_revision)],
+                [ops.delete(first.key.decode()), ops.put(claimed, first.value)])
+        got = []
+        for _ in range(3):  # our cursor moves past the first message's place
+            message = queue.get(timeout=30)
+            got.append(message.payload["n"])
+            message.ack()
+        assert got == [1, 2, 3]
+        generation = transport._reads_generation
+        client.revoke_lease(dead)  # our sweeper hears the delete and gives its message back, below the cursor
+        wait_until(lambda: client.get(first.key)[0] is not None, timeout=30, message="the message swept back")
+        wait_until(lambda: (transport._cursors.get("cursor") or b"") <= first.key, timeout=30,
+                   message="the put event lowered the cursor")
+        assert queue.get(timeout=30).payload["n"] == 0
+        assert transport._reads_generation == generation  # found by the cursor, not by forgetting reads
+        queue.close()
 
 
 def test_a_consumer_of_many_queues_writes_its_key_twice(etcd_url, etcd_prefix):

@@ -448,6 +448,10 @@ class ConsumerLease:
                 if restored:
                     logger.warning("restored %d message(s) from dead consumers, closed channels or reconciliation",
                                    restored)
+                    # our consumers read their queues again rather than wait for the restores' watch events:
+                    # one lost around an etcd restart left a restored message unclaimed (no 30 s forget now)
+                    for holder in list(self._holders):
+                        holder.forget_reads()
                 self._drop_orphaned_queues()
             except CONNECTION_ERRORS as exc:
                 logger.info("sweep postponed: etcd unreachable (%s)", type(exc).__name__)

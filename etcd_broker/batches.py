@@ -37,12 +37,11 @@ from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from celery import Task, signals, states
+from celery.app.task import Context
 from celery.concurrency import solo, thread
 from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 from kombu.asynchronous import get_event_loop
-
-from etcd_broker import compat
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +63,22 @@ class Call:
 def call_of(request: Any) -> Call:
     """The :class:`Call` of a worker request."""
     return Call(request.id, tuple(request.args), dict(request.kwargs), dict(request.delivery_info or {}))
+
+
+def task_context(request: Any) -> Context:
+    """The task context of a worker request, as Celery's trace hands it to the result backend
+    (``request=`` of ``mark_as_done``: name, arguments, callbacks, errbacks, chain, chord).
+
+    Public names only: the request's headers (``request_dict``) with the ``embed`` part of its
+    body, as Celery's ``Request._context`` merges them. A protocol-2 request keeps its body
+    encoded, and kombu's ``message.payload`` is the decoded one (cached: the strategy read it
+    already); a protocol-1 message was turned into a decoded ``(args, kwargs, embed)`` body.
+    """
+    body = request.body
+    if isinstance(body, (bytes, str)):
+        body = request.message.payload
+    _, _, embed = body
+    return Context({**request.request_dict, **(embed or {})})
 
 
 class BatchTask(Task):
@@ -134,7 +149,7 @@ class Batcher:
             hub.call_soon(self.flush)  # after the rest of this delivery
 
     def _batchable(self, request: Any) -> bool:
-        context = compat.request_context(request)
+        context = task_context(request)
         if context.callbacks or context.errbacks or context.chain or context.chord:
             return False
         return self.task.batchable(call_of(request))
@@ -230,7 +245,7 @@ def _store(task: BatchTask, done: list[tuple[Any, Any]]) -> None:
     mark_many = getattr(backend, "mark_many_as_done", None)
     together = []
     for request, value in done:
-        context = compat.request_context(request)
+        context = task_context(request)
         if context.ignore_result:
             continue
         if mark_many is None or context.chord:
@@ -244,11 +259,11 @@ def _store(task: BatchTask, done: list[tuple[Any, Any]]) -> None:
 def _finish_cancelled(task: BatchTask, request: Any) -> None:
     """As ``stop_if_cancelled`` at a task's start: REVOKED stored, the message acked, nothing run."""
     logger.info("task %s was cancelled: not running it", request.id)
-    task.backend.mark_as_revoked(request.id, reason="cancelled", request=compat.request_context(request))
+    task.backend.mark_as_revoked(request.id, reason="cancelled", request=task_context(request))
     request.acknowledge()
     worker_state.task_ready(request)
     request.send_event("task-revoked", terminated=False, signum=None, expired=False)
-    signals.task_revoked.send(sender=task, request=compat.request_context(request), terminated=False, signum=None,
+    signals.task_revoked.send(sender=task, request=task_context(request), terminated=False, signum=None,
                               expired=False)
 
 
@@ -259,7 +274,7 @@ def _finish_failed(task: BatchTask, request: Any, exc: BaseException) -> None:
     except BaseException:  # noqa: BLE001 - an ExceptionInfo needs the exception being handled
         info = ExceptionInfo()
     logger.error("Task %s[%s] raised: %r", task.name, request.id, exc)
-    context = compat.request_context(request)
+    context = task_context(request)
     task.backend.mark_as_failure(request.id, exc, info.traceback, request=context)
     signals.task_failure.send(sender=task, task_id=request.id, exception=exc, args=request.args, kwargs=request.kwargs,
                               traceback=info.tb, einfo=info)

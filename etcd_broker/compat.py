@@ -13,9 +13,7 @@ from typing import Any
 PRIVATE_NAMES = (
     ("etcd3.MultiEndpointEtcd3Client", "_manage_grpc_errors"),
     ("celery.app.amqp.AMQP", "_retry_publish"),
-    ("celery.worker.request.Request", "_context"),
     ("celery.concurrency.prefork.TaskPool", "_pool"),
-    ("celery.concurrency.asynpool.AsynPool", "_pool"),
     ("celery.concurrency.asynpool.AsynPool", "_waiting_to_start"),
 )
 
@@ -40,26 +38,15 @@ def retry_publish(app: Any, publish: Callable[..., Any], *args: Any, **kwargs: A
     return app.amqp._retry_publish(publish, *args, **kwargs)
 
 
-def request_context(request: Any) -> Any:
-    """The task context (``celery.app.task.Context``) of a worker request (``request._context``).
-
-    Why: it is what Celery's trace hands the result backend (``request=`` of ``mark_as_done``:
-    task name, arguments, callbacks, chord); the worker request (``celery.worker.request.Request``)
-    has no public name for it, and building one would copy Celery's merge of headers and body.
-    """
-    return request._context
-
-
-def pool_processes(pool: Any) -> tuple[list[Any], set[Any]] | None:
-    """A prefork pool's child processes and those not up yet (``pool._pool._pool``,
-    ``pool._pool._waiting_to_start``); None for a pool without children (threads, solo).
+def pool_processes(pool: Any) -> tuple[list[int], set[int]] | None:
+    """A prefork pool's child pids (public: ``pool.info["processes"]``) and the pids of those not up
+    yet (``pool._pool._waiting_to_start``); None for a pool without children (threads, solo).
 
     Why: Celery's pool reports its children's pids (``TaskPool.info``, ``inspect stats``) but not
     which of them billiard still waits on: a child that hangs while starting is listed like a
     working one until billiard kills it, and its replacement is listed again.
     """
-    asynpool = getattr(pool, "_pool", None)
-    starting = getattr(asynpool, "_waiting_to_start", None)
-    if asynpool is None or starting is None:
+    starting = getattr(getattr(pool, "_pool", None), "_waiting_to_start", None)
+    if starting is None:
         return None
-    return list(asynpool._pool), set(starting)
+    return list(pool.info.get("processes", ())), {process.pid for process in list(starting)}

@@ -55,8 +55,19 @@ def read_pool(pool: Any) -> PoolReading:
     if processes is None:
         return PoolReading(up=wanted, wanted=wanted)
     children, starting = processes
-    up = sum(1 for child in children if child.exitcode is None and child not in starting)
+    up = sum(1 for pid in children if pid not in starting and _running(pid))
     return PoolReading(up=up, wanted=wanted)
+
+
+def _running(pid: int) -> bool:
+    """False once child ``pid`` has exited (gone, or a zombie billiard has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (not Linux): billiard drops exited children from its list
+        return True
 
 
 class PoolWatch:

@@ -187,17 +187,20 @@ class EtcdClient(etcd3.MultiEndpointEtcd3Client):
             self.metadata = (("token", response.token),)  # sent with every call: the stubs stay
             logger.info("re-authenticated to etcd at %s", self.config.describe())
 
-    def call(self, method: str, request: Any, *, service: str = "KV") -> Any:
+    def call(self, method: str, request: Any, *, service: str = "KV", stream: bool = False) -> Any:
         """Run one raw RPC (``call("Txn", TxnRequest(...))``) with our deadline, token and error mapping.
 
         ``service`` names the stub: ``KV`` (Range, Put, DeleteRange, Txn, Compact), ``Lease``,
         ``Maintenance``, ``Cluster``. A gRPC error comes back as a ``CONNECTION_ERRORS`` member
         when a retry can succeed, else as the ``grpc.RpcError`` itself (see :func:`classify`).
+        ``stream``: the RPC answers with a stream (``LeaseKeepAlive``), read to its end into a list
+        under the same deadline and error mapping.
         """
         stub = getattr(self, f"{service.lower()}stub")
         try:
-            return getattr(stub, method)(request, self.timeout, credentials=self.call_credentials,
-                                         metadata=self.metadata)
+            response = getattr(stub, method)(request, self.timeout, credentials=self.call_credentials,
+                                             metadata=self.metadata)
+            return list(response) if stream else response
         except grpc.RpcError as exc:
             self._manage_grpc_errors(exc)
             raise

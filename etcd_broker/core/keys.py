@@ -10,10 +10,12 @@ in a queue name cannot escape its directory)::
     <root>/q/<queue>/body/<seq>/<n>                 chunk n of a large expiring message's body
     <root>/q/<queue>/delayed/<due>/<band>/<seq>[~<ms>]  an ETA task waiting for its due time
                                                     (<due>: epoch ms, 13 digits; delayed.py)
+    <root>/p/<queue>/<publish id>                   a publish was stored (short lease; idempotent.py)
     <root>/x/<exchange>                             exchange type
     <root>/b/<exchange>/<queue>/<routing key>       binding (JSON: routing_key, pattern, queue)
     <root>/consumer/<lease>                         live consumer (attached to its lease)
     <root>/dead/<queue>/<seq>                       undecodable messages
+    <root>/ping, <root>/compaction-probe            never written: read or watched as probes
     <prefix>/results/<task id>                      task state (result backend)
     <prefix>/groups/<group id>                      saved GroupResult (result backend)
     <prefix>/chords/<group id>/size                 chord header size (result backend)
@@ -127,6 +129,10 @@ class KeySpace:
     def body_chunk(self, queue: str, seq: str, index: int) -> str:
         return f"{self.body_chunks(queue, seq)}{index:06d}"
 
+    def published(self, queue: str, publish_id: str) -> str:
+        """The marker of one stored publish to ``queue`` (transport/idempotent.py)."""
+        return f"{self.root}/p/{_q(queue)}/{publish_id}"
+
     @staticmethod
     def band(priority: int) -> int:
         return MAX_PRIORITY - priority
@@ -199,6 +205,20 @@ class KeySpace:
 
     def dead(self, queue: str) -> str:
         return f"{self.root}/dead/{_q(queue)}/"
+
+    def dead_message(self, queue: str, seq: str) -> str:
+        """Where an undecodable message of ``queue`` is moved (its own sequence number)."""
+        return f"{self.dead(queue)}{seq}"
+
+    # probes ----------------------------------------------------------------------
+    def ping(self) -> str:
+        """A key never written: reading it proves etcd answers (Transport.establish_connection)."""
+        return f"{self.root}/ping"
+
+    def compaction_probe(self) -> str:
+        """A key never written, under the deployment's prefix (a user's role may be limited to it):
+        core/maintenance.py watches it from revision 1 to learn the last compaction."""
+        return f"{self.root}/compaction-probe"
 
     # results -------------------------------------------------------------------
     def results(self) -> str:

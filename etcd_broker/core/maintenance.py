@@ -22,9 +22,6 @@ logger = logging.getLogger(__name__)
 
 #: StatusResponse field ``dbSizeInUse`` (etcd 3.4+), absent from python3-etcd3's older proto.
 DB_SIZE_IN_USE_FIELD = 9
-#: A key nobody writes, under the deployment's prefix (a user's role may be limited to it): the
-#: compaction probe watches it from revision 1.
-PROBE_KEY = "compaction-probe"
 #: Seconds the probe waits for etcd's "compacted" answer (etcd sends it within its 100 ms watcher sync;
 #: none comes if nothing was ever compacted).
 PROBE_TIMEOUT = 0.5
@@ -66,7 +63,7 @@ def etcd_status(client: EtcdClient, keys: KeySpace) -> EtcdStatus:
 
 def compact_revision(client: EtcdClient, keys: KeySpace) -> int:
     """The revision etcd compacted last (0: never): a watch from revision 1 is cancelled with it."""
-    probe = f"{keys.root}/{PROBE_KEY}".encode()
+    probe = keys.compaction_probe().encode()
     request = etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(key=probe, start_revision=1))
     stub = etcdrpc.WatchStub(client.channel)
     try:

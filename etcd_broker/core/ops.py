@@ -55,6 +55,8 @@ Key = str | bytes
 #: Keys per page of a read over a set that grows with the work (a queue, ``unacked/``, results):
 #: a reply stays far under gRPC's receive limit with keys only; with values a page halves until it fits.
 PAGE_KEYS = 1000
+#: The KV method that runs each kind of op on its own (:func:`run`), by the op's field name.
+_LONE_METHODS = {"request_put": "Put", "request_delete_range": "DeleteRange", "request_range": "Range"}
 
 
 
@@ -145,6 +147,19 @@ def get(client: Any, key: Key, **options: Any) -> etcdrpc.RangeResponse:
     return _call(client, "Range", range_request(key, **options))
 
 
+def run(client: Any, op: etcdrpc.RequestOp) -> Any:
+    """Run one built op (:func:`put`, :func:`delete`, :func:`range_`) on its own, outside a transaction.
+
+    The op goes as its own RPC (``Put``, ``DeleteRange``, ``Range``), not as a one-op ``Txn``;
+    returns that RPC's response (``PutResponse``, ``DeleteRangeResponse`` with ``deleted``...).
+    Example: ``ops.run(client, ops.delete(prefix, prefix=True)).deleted``.
+    """
+    field = op.WhichOneof("request")
+    if field not in _LONE_METHODS:
+        raise ValueError(f"ops.run runs a put, delete or range op (got {field!r}); a txn goes to ops.txn")
+    return _call(client, _LONE_METHODS[field], getattr(op, field))
+
+
 def pages(client: Any, key: Key, *, prefix: bool = False, range_end: Key | None = None, keys_only: bool = False,
           limit: int = PAGE_KEYS) -> Iterator[list[Any]]:
     """Every key under ``key`` (``prefix``) or in [key, range_end), ``limit`` keys per read, in key order.
@@ -181,6 +196,16 @@ def scan(client: Any, key: Key, **options: Any) -> Iterator[Any]:
 def grant(client: Any, ttl: int) -> int:
     """A new lease of ``ttl`` seconds (etcd's ``LeaseGrant``); its id."""
     return _call(client, "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=ttl), service="Lease").ID
+
+
+def keep_alive(client: Any, lease: int) -> int:
+    """Refresh ``lease`` once (one request on etcd's ``LeaseKeepAlive`` stream); the TTL it has again.
+
+    0 or less: etcd no longer knows the lease (it expired or was revoked), or sent no answer.
+    """
+    request = iter([etcdrpc.LeaseKeepAliveRequest(ID=lease)])
+    responses = client.call("LeaseKeepAlive", request, service="Lease", stream=True)
+    return responses[-1].TTL if responses else 0
 
 
 def lease_ttl(client: Any, lease: int) -> int:

@@ -38,6 +38,8 @@ Transport options
   holds, and how long such a message stays unheld first (default 30; reconcile.py).
 * ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
   not in a worker's memory (default True; delayed.py).
+* ``idempotent_publish``: a publish retried after an ambiguous failure (kombu's ``ensure``) is
+  stored once: each publish writes a short-lived marker in its transaction (default True; idempotent.py).
 * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
 * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
 """
@@ -62,10 +64,8 @@ from etcd_broker.core import forking, group_commit, ops
 from etcd_broker.core.client import (
     CONNECTION_ERRORS,
     ETCD_OPTIONS,
-    LEASE_NOT_FOUND,
     EtcdConfig,
     EtcdUnreachable,
-    classify,
     get_client,
     is_request_too_large,
     wait_connected,
@@ -73,8 +73,7 @@ from etcd_broker.core.client import (
 from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
 from etcd_broker.core.watch import WatchHub, hub_for
 from etcd_broker.exceptions import MessageTooLarge
-from etcd_broker.stats import live_consumers, queue_stats  # noqa: F401 - public API
-from etcd_broker.transport import delayed, executing, handoff, large_body, settle
+from etcd_broker.transport import delayed, executing, handoff, idempotent, large_body, settle
 from etcd_broker.transport.bindings import BindingTable
 from etcd_broker.transport.event_loop import EventLoopMixin
 from etcd_broker.transport.expired import revoke_expired
@@ -118,9 +117,11 @@ class Channel(virtual.Channel):
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
     #: Celery tasks with a future ``eta`` (countdown) wait in etcd until due, not in a worker (delayed.py).
     delayed_delivery = True
+    #: A publish retried after an ambiguous failure is stored once (a marker per publish: idempotent.py).
+    idempotent_publish = True
 
     from_transport_options = virtual.Channel.from_transport_options + (
-        "max_message_bytes", "default_priority", "delayed_delivery",
+        "max_message_bytes", "default_priority", "delayed_delivery", "idempotent_publish",
     )
 
     def __init__(self, connection, **kwargs):
@@ -135,6 +136,15 @@ class Channel(virtual.Channel):
         self._single_get = False
 
     # -- publishing -------------------------------------------------------------
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        """Publish, named once across kombu's retries of it (idempotent.py): a retry after an
+        ambiguous failure finds the first attempt's marker and stores nothing again."""
+        if self.idempotent_publish:
+            idempotent.name_publish(message, self.connection.sequence.next)
+        result = super().basic_publish(message, exchange, routing_key, **kwargs)
+        idempotent.published(message)
+        return result
+
     def _put(self, queue, message, **kwargs):
         check_queue_name(queue)
         priority = self._get_message_priority(message)
@@ -145,39 +155,66 @@ class Channel(virtual.Channel):
         if deadline is not None and (deadline <= now or (due is not None and deadline <= due)):
             revoke_expired(message)  # expired already, or before it is due: dropped, as a claim would drop it
             return
-        value, chunks, seq = dumps(message).encode(), [], self.connection.sequence.next()
+        publish_id = idempotent.publish_id(message)
+        seq = publish_id or self.connection.sequence.next()
+        value, chunks = dumps(idempotent.stored_form(message)).encode(), []
         if len(value) > self.max_message_bytes and deadline is not None:  # its body beside it (large_body.py)
-            value, chunks = large_body.split(message, self.keys, queue, seq)
+            value, chunks = large_body.split(idempotent.stored_form(message), self.keys, queue, seq)
         self._check_size(queue, value)
         position = self.keys.position(priority, seq, deadline)
         key = self.keys.ready_message(queue, position)
         batch = kwargs.get("_publish_batch")
-        try:
-            if due is not None and not chunks and not queue_lease and limits.max_length is None:
-                if batch is not None:
-                    batch.flush()  # keep publish order: what came before is written first
-                delayed.put(self.client, self.connection.queues.leases, self.keys.delayed_message(queue, due, position),
-                            value, deadline)
-            elif deadline is None and not queue_lease and limits.max_length is None:
-                if batch is not None:
-                    batch.add(key, value)  # Producer.batch(): written with others in one transaction
-                else:
-                    # the common case: one put (straight to an idle consumer if one is parked, handoff.py);
-                    # concurrent publishers share a txn
-                    park = self.connection.parked.pick(queue) if len(value) <= handoff.HANDOFF_MAX_BYTES else None
-                    if park is not None:
-                        group_commit.shared(self.client).txn(*handoff.handoff_ops(self.keys, queue, position, value,
-                                                                                   key, park))
-                    else:
-                        group_commit.shared(self.client).txn(success=[ops.put(key, value)])
-            else:
-                if batch is not None:
-                    batch.flush()  # keep publish order: what came before is written first
-                if chunks:
-                    large_body.put_chunks(self.client, chunks, self.connection.queues.leases.lease_for(deadline))
-                self.connection.queues.put(queue, key, value, deadline, limits, queue_lease)
-        except grpc.RpcError as exc:
-            raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
+        for attempt in range(2):
+            guard = idempotent.guard(self.client, self.keys, queue, publish_id) if publish_id is not None else None
+            try:
+                stored = self._write(queue, position, key, value, chunks, deadline, due, limits, queue_lease, batch,
+                                     guard)
+                break
+            except ops.LeaseNotFound:
+                if guard is None or attempt:
+                    raise
+                idempotent.forget_lease(self.client, guard.lease)  # refused, so not written: again, new lease
+            except grpc.RpcError as exc:
+                raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
+        if not stored:
+            idempotent.note_retry(queue, guard.key)
+
+    def _write(self, queue, position: str, key: str, value: bytes, chunks: list, deadline: float | None,
+               due: float | None, limits, queue_lease: int, batch: PublishBatch | None,
+               guard: idempotent.Guard | None) -> bool:
+        """One attempt of :meth:`_put`'s write, by path. False: ``guard``'s marker says an earlier attempt
+        of this publish stored it (True for a put buffered in a ``Producer.batch()``)."""
+        if due is not None and not chunks and not queue_lease and limits.max_length is None:
+            if batch is not None:
+                batch.flush()  # keep publish order: what came before is written first
+            return delayed.put(self.client, self.connection.queues.leases,
+                               self.keys.delayed_message(queue, due, position), value, deadline, guard)
+        if deadline is None and not queue_lease and limits.max_length is None:
+            if batch is not None:
+                # Producer.batch(): written with others in one transaction (one marker per transaction)
+                batch.add(key, value, guard and guard.key)
+                return True
+            return self._put_plain(queue, position, key, value, guard)
+        if batch is not None:
+            batch.flush()  # keep publish order: what came before is written first
+        if chunks:
+            large_body.put_chunks(self.client, chunks, self.connection.queues.leases.lease_for(deadline))
+        return self.connection.queues.put(queue, key, value, deadline, limits, queue_lease, guard)
+
+    def _put_plain(self, queue, position: str, key: str, value: bytes, guard: idempotent.Guard | None) -> bool:
+        """The common case: one put, straight to an idle consumer if one is parked (handoff.py); concurrent
+        publishers share a transaction. False: ``guard``'s marker says an earlier attempt stored it."""
+        park = self.connection.parked.pick(queue) if len(value) <= handoff.HANDOFF_MAX_BYTES else None
+        if park is not None:
+            compare, success, failure = handoff.handoff_ops(self.keys, queue, position, value, key, park)
+            if guard is not None:  # the hand-off's own compare decides between its branches, inside
+                compare, success, failure = [guard.compare()], [guard.put(), idempotent.nested(
+                    compare, success, failure)], []
+        else:
+            compare, success, failure = [], [ops.put(key, value)], []
+            if guard is not None:
+                compare, success = [guard.compare()], [*success, guard.put()]
+        return group_commit.shared(self.client).txn(compare, success, failure).succeeded or guard is None
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
@@ -398,7 +435,7 @@ class Channel(virtual.Channel):
         self.connection = None
 
     def _dead_letter(self, queue, key, value: bytes, exc: Exception) -> None:
-        dead = self.keys.dead(queue) + self.connection.sequence.next()
+        dead = self.keys.dead_message(queue, self.connection.sequence.next())
         logger.error("undecodable message on queue %r moved to %s: %s", queue, dead, exc)
         ops.txn(self.client, success=[ops.put(dead, value)] + ([ops.delete(key)] if key else []))
 
@@ -455,9 +492,9 @@ class Channel(virtual.Channel):
         if not key:
             return
         key = self.lease.current_key(key)
-        value, meta = self.client.get(key)
-        if meta is not None:
-            restore_message(self.client, self.keys, self.keys.queue_of(key), key, value, meta.mod_revision)
+        kv = ops.first_kv_of(ops.get(self.client, key))
+        if kv is not None:
+            restore_message(self.client, self.keys, self.keys.queue_of(key), key, kv.value, kv.mod_revision)
 
     @property
     def lease(self) -> ConsumerLease:
@@ -528,8 +565,8 @@ class Channel(virtual.Channel):
         lease = self.lease.ensure() if queue in self._auto_delete else None
         try:
             self.connection.queues.declare(queue, limits, lease)
-        except grpc.RpcError as exc:
-            if lease is None or classify(exc) != LEASE_NOT_FOUND:
+        except ops.LeaseNotFound:
+            if lease is None:
                 raise
             # our consumer lease expired while etcd could not hear us (a partition longer than its TTL) and the
             # keepalive has not said so yet: re-register now; raised, this ended the worker (chaos test)
@@ -538,21 +575,19 @@ class Channel(virtual.Channel):
         self.connection.declared.add(queue)
 
     def _has_queue(self, queue, **kwargs):
-        value, _ = self.client.get(self.keys.declared(queue))
-        return value is not None
+        return ops.first_kv_of(ops.get(self.client, self.keys.declared(queue))) is not None
 
     def _size(self, queue):
-        prefix = self.keys.ready(queue)
-        return self.client.get_range_response(prefix, range_end(prefix), count_only=True).count
+        return ops.get(self.client, self.keys.ready(queue), prefix=True, count_only=True).count
 
     def _purge(self, queue):
         """Every message waiting: ready, and delayed (ETA tasks not due yet)."""
-        return sum(self.client.delete_prefix(prefix).deleted
+        return sum(ops.run(self.client, ops.delete(prefix, prefix=True)).deleted
                    for prefix in (self.keys.ready(queue), self.keys.delayed(queue)))
 
     def _delete(self, queue, *args, **kwargs):
-        self.client.delete_prefix(self.keys.queue(queue))
-        self.client.delete(self.keys.declared(queue))
+        ops.run(self.client, ops.delete(self.keys.queue(queue), prefix=True))
+        ops.run(self.client, ops.delete(self.keys.declared(queue)))
         self.connection.bindings.unbind_queue(queue)
         self.connection.declared.discard(queue)
         self.connection.queues.forget(queue)
@@ -576,6 +611,16 @@ class Channel(virtual.Channel):
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
         super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
         self.connection.bindings.unbind(exchange or "amq.direct", queue, routing_key)
+
+    def _lookup(self, exchange, routing_key, default=None):
+        queues = super()._lookup(exchange, routing_key, default)
+        if not queues and exchange and self.typeof(exchange).type == "direct":
+            # our copy of the bindings may lag (a reply queue bound a moment ago elsewhere): ask etcd
+            self.connection.bindings.refresh(exchange)
+            queues = super()._lookup(exchange, routing_key, default)
+        if not queues and exchange:
+            logger.debug("no queue bound to exchange %r for routing key %r: message dropped", exchange, routing_key)
+        return queues
 
     def get_table(self, exchange):
         return self.connection.bindings.table(exchange)
@@ -646,7 +691,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     def establish_connection(self):
         self._space_reconnects()
         wait_connected(self.etcd, self.client.connect_timeout)  # connect_timeout bounds the first contact
-        self.etcd.get(self.keys.root + "/ping")  # raises a connection error if etcd is unreachable
+        ops.get(self.etcd, self.keys.ping())  # raises a connection error if etcd is unreachable
         return super().establish_connection()
 
     def _space_reconnects(self) -> None:
@@ -747,15 +792,15 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
 
     def remember_exchange(self, exchange: str, type: str) -> None:
         if self._exchange_types.get(exchange) != type:
-            self.etcd.put(self.keys.exchange(exchange), type)
+            ops.run(self.etcd, ops.put(self.keys.exchange(exchange), type))
             self._exchange_types[exchange] = type
 
     def exchange_type(self, exchange: str) -> str | None:
         if exchange not in self._exchange_types:
-            value, _ = self.etcd.get(self.keys.exchange(exchange))
-            if value is None:
+            kv = ops.first_kv_of(ops.get(self.etcd, self.keys.exchange(exchange)))
+            if kv is None:
                 return None
-            self._exchange_types[exchange] = value.decode()
+            self._exchange_types[exchange] = kv.value.decode()
         return self._exchange_types[exchange]
 
 

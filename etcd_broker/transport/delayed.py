@@ -76,18 +76,22 @@ def due_time(message: dict, now: float) -> float | None:
     return due if due - now >= MIN_DELAY_SECONDS else None
 
 
-def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None) -> None:
+def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None, guard: Any = None) -> bool:
     """Publish an ETA task under ``delayed/`` (``key``), on its TTL lease if it expires (``leases``:
-    core.leases.LeasePool); concurrent publishers share a transaction, as ready puts do."""
+    core.leases.LeasePool); concurrent publishers share a transaction, as ready puts do. ``guard``
+    (idempotent.Guard): written once; False if an earlier attempt of this publish stored it."""
     for attempt in range(2):
         lease = leases.lease_for(deadline) if deadline is not None else 0
+        compare, success = [], [ops.put(key, value, lease)]
+        if guard is not None:
+            compare, success = [guard.compare()], [*success, guard.put()]
         try:
-            group_commit.shared(client).txn(success=[ops.put(key, value, lease)])
-            return
+            return group_commit.shared(client).txn(compare, success).succeeded
         except ops.LeaseNotFound:
             if attempt or not lease:
                 raise
             leases.forget(lease)
+    raise AssertionError("unreachable")
 
 
 class DelayedMover:

@@ -154,17 +154,22 @@ class QueueRegistry:
         # An auto-delete queue lives and dies with its consumer's lease, x-expires or not.
         own = self._expiry_lease(queue, limits.expires) if limits.expires is not None and not auto_delete_lease else 0
         info = json.dumps({"auto_delete": bool(auto_delete_lease), "limits": limits.as_dict(), "lease": own})
-        self.client.put(self.keys.declared(queue), info, lease=auto_delete_lease or own or None)
+        ops.run(self.client, ops.put(self.keys.declared(queue), info, auto_delete_lease or own or 0))
         with self._lock:
             self._cache[queue] = (time.monotonic(), limits, own)
 
     def _expiry_lease(self, queue: str, expires: float) -> int:
         """The queue's live expiry lease, refreshed (redeclaring counts as use), or a new one."""
-        value, _ = self.client.get(self.keys.declared(queue))
+        value = self._declared(queue)
         old = json.loads(value).get("lease", 0) if value else 0
         if old and self._refresh(old):
             return old
-        return self.client.lease(max(1, math.ceil(expires))).id
+        return ops.grant(self.client, max(1, math.ceil(expires)))
+
+    def _declared(self, queue: str) -> bytes | None:
+        """The queue's declared key's value (JSON: auto_delete, limits, lease); None if not declared."""
+        kv = ops.first_kv_of(ops.get(self.client, self.keys.declared(queue)))
+        return kv.value if kv is not None else None
 
     def limits(self, queue: str) -> tuple[QueueLimits, int]:
         """The queue's limits and expiry lease (0: none), read from etcd at most every few seconds."""
@@ -172,7 +177,7 @@ class QueueRegistry:
             cached = self._cache.get(queue)
         if cached is not None and time.monotonic() - cached[0] < LIMITS_CACHE_SECONDS:
             return cached[1], cached[2]
-        value, _ = self.client.get(self.keys.declared(queue))
+        value = self._declared(queue)
         limits = QueueLimits.from_declared(value)
         lease = json.loads(value).get("lease", 0) if value else 0
         with self._lock:
@@ -185,16 +190,20 @@ class QueueRegistry:
 
     # -- publishing -------------------------------------------------------------------
     def put(self, queue: str, key: str, value: bytes, deadline: float | None, limits: QueueLimits,
-            queue_lease: int) -> None:
-        """Write one ready message under its TTL lease (or the queue's), within ``max_length``."""
+            queue_lease: int, guard: Any = None) -> bool:
+        """Write one ready message under its TTL lease (or the queue's), within ``max_length``.
+
+        ``guard`` (idempotent.Guard): written once; False if an earlier attempt of this publish stored it.
+        """
         for attempt in range(2):
             lease = self.leases.lease_for(deadline) if deadline is not None else queue_lease
             try:
-                if limits.max_length is None:
-                    ops.txn(self.client, success=[ops.put(key, value, lease)])
-                else:
-                    self._put_bounded(queue, key, value, lease, limits)
-                return
+                if limits.max_length is not None:
+                    return self._put_bounded(queue, key, value, lease, limits, guard)
+                compare, success = [], [ops.put(key, value, lease)]
+                if guard is not None:
+                    compare, success = [guard.compare()], [*success, guard.put()]
+                return ops.txn(self.client, compare, success).succeeded
             except ops.LeaseNotFound:
                 if attempt:
                     raise
@@ -203,13 +212,17 @@ class QueueRegistry:
                 else:  # the queue expired under us: publish as to any undeclared queue
                     self.forget(queue)
                     queue_lease = 0
+        raise AssertionError("unreachable")
 
-    def _put_bounded(self, queue: str, key: str, value: bytes, lease: int, limits: QueueLimits) -> None:
+    def _put_bounded(self, queue: str, key: str, value: bytes, lease: int, limits: QueueLimits,
+                     guard: Any = None) -> bool:
         prefix = self.keys.ready(queue)
         for _ in range(BOUNDED_PUT_ATTEMPTS):
             head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=1)
             excess = head.count + 1 - limits.max_length
             if excess > 0 and limits.overflow == REJECT_PUBLISH:
+                if guard is not None and ops.get(self.client, guard.key, count_only=True).count:
+                    return False  # full of, among others, this very publish's earlier attempt
                 raise QueueFull(f"queue {queue!r} holds {head.count} message(s), its x-max-length is "
                                 f"{limits.max_length} and x-overflow is {REJECT_PUBLISH!r}: message refused")
             if excess > 1:
@@ -218,15 +231,20 @@ class QueueRegistry:
             dropped = list(head.kvs)[:max(excess, 0)]
             unchanged = ops.compare(prefix, "mod_revision", head.header.revision + 1, "<")
             unchanged.range_end = ops.range_request(prefix, prefix=True).range_end  # no key added since the count
-            response = ops.txn(
-                self.client,
-                compare=[unchanged] + [ops.compare(kv.key, "mod_revision", kv.mod_revision) for kv in dropped],
-                success=[ops.put(key, value, lease)] + [ops.delete(kv.key) for kv in dropped])
+            compare = [unchanged] + [ops.compare(kv.key, "mod_revision", kv.mod_revision) for kv in dropped]
+            success = [ops.put(key, value, lease)] + [ops.delete(kv.key) for kv in dropped]
+            failure = []
+            if guard is not None:  # the failure branch says whether it failed on our own marker
+                compare, success, failure = [*compare, guard.compare()], [*success, guard.put()], [
+                    ops.range_(guard.key, count_only=True)]
+            response = ops.txn(self.client, compare=compare, success=success, failure=failure)
             if response.succeeded:
                 if dropped:
                     logger.info("queue %r at x-max-length %d: dropped %d message(s) from its head",
                                 queue, limits.max_length, len(dropped))
-                return
+                return True
+            if guard is not None and ops.count(response.responses[0]):
+                return False  # an earlier attempt of this publish was stored
         raise OperationalError(f"queue {queue!r}: {BOUNDED_PUT_ATTEMPTS} bounded publishes in a row lost "
                                "to concurrent writers; try again")
 
@@ -332,8 +350,7 @@ class QueueRegistry:
 
     def _refresh(self, lease: int) -> bool:
         """Keep ``lease`` alive once; False if etcd no longer knows it."""
-        responses = list(self.client.refresh_lease(lease))
-        alive = bool(responses) and responses[-1].TTL > 0
+        alive = ops.keep_alive(self.client, lease) > 0
         with self._lock:
             self._refreshed[lease] = time.monotonic()
         return alive

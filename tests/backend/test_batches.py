@@ -168,3 +168,20 @@ def test_a_batch_whose_cancel_read_fails_still_runs_each_request_once_and_leaves
     assert ("injected: etcd unreachable" in log) if fault == "EtcdUnreachable" else ("broke off" in log)
     ran = sum(int(count) for count in re.findall(r"double: batch of (\d+) ran", log))
     assert ran == len(values)  # each request once: the failed batch never reached run_batch
+
+
+def test_a_request_with_a_callback_runs_alone_and_its_callback_runs(etcd_server, app_and_prefix, tmp_path):
+    """The batcher reads each request's callbacks from its task context (batches.task_context)."""
+    app, prefix = app_and_prefix
+    callback = task(app, "sleep_then_record", 0, "linked").set(immutable=True)
+    callback_id = callback.freeze().id
+    results = [task(app, "double", 1).apply_async(), task(app, "double", 2).apply_async(link=callback),
+               task(app, "double", 3).apply_async()]
+    worker = start_worker(etcd_server, prefix, tmp_path)
+    try:
+        answers = [result.get(timeout=RESULT_TIMEOUT) for result in results]
+        assert app.AsyncResult(callback_id).get(timeout=RESULT_TIMEOUT) == "linked"
+    finally:
+        worker.terminate(timeout=15)
+    assert answers[1] == {"double": 4, "batch": 1, "pid": answers[1]["pid"]}  # double() itself: not a batch
+    assert f"tests.celery_app.double[{results[1].id}] succeeded" in worker.log()  # Celery's own trace

@@ -70,3 +70,25 @@ def test_a_granted_lease_counts_down_and_reads_minus_one_once_revoked(client, et
     client.revoke_lease(lease)
     assert ops.lease_ttl(client, lease) == -1
     assert ops.get(client, f"{etcd_prefix}/ops/leased").count == 0
+
+
+def test_run_sends_one_op_as_its_own_rpc_and_refuses_a_txn(client, etcd_prefix):
+    prefix = f"{etcd_prefix}/ops/lone/"
+    put = ops.run(client, ops.put(prefix + "a", b"1"))
+    ops.run(client, ops.put(prefix + "b", b"2"))
+    assert put.header.revision > 0 and not put.HasField("prev_kv")  # a PutResponse, not a TxnResponse
+    assert [kv.value for kv in ops.run(client, ops.range_(prefix, prefix=True)).kvs] == [b"1", b"2"]
+    assert ops.run(client, ops.delete(prefix + "a")).deleted == 1
+    assert ops.run(client, ops.delete(prefix, prefix=True)).deleted == 1
+    with pytest.raises(ops.LeaseNotFound):
+        ops.run(client, ops.put(prefix + "c", b"x", lease=0x7E57))
+    txn_op = ops.etcdrpc.RequestOp(request_txn=ops.etcdrpc.TxnRequest())
+    with pytest.raises(ValueError, match="ops.txn"):
+        ops.run(client, txn_op)
+
+
+def test_keep_alive_renews_a_live_lease_and_reads_zero_once_it_is_gone(client):
+    lease = ops.grant(client, 30)
+    assert ops.keep_alive(client, lease) == 30
+    client.revoke_lease(lease)
+    assert ops.keep_alive(client, lease) <= 0

@@ -8,8 +8,10 @@ pool full again and runs a task on both slots at once.
 from __future__ import annotations
 
 import json
+import os
 
 from etcd_broker.core.client import get_client
+from etcd_broker.pool_health import _running
 from tests.helpers import wait_until
 from tests.transport.busy_app import make_app
 
@@ -53,3 +55,16 @@ def test_a_pool_that_cannot_start_children_is_reported_and_its_recovery_too(work
     assert {row["task_id"] for row in running} == {result.id for result in held}
     assert len({row["pid"] for row in running}) == 2
     app.close()
+
+
+def test_an_exited_child_billiard_has_not_reaped_is_not_counted_as_running():
+    assert _running(os.getpid())
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        wait_until(lambda: not _running(pid), timeout=30, message="the child a zombie")  # exited, not reaped yet
+        assert os.path.exists(f"/proc/{pid}"), "reaped already: the zombie case was not seen"
+    finally:
+        os.waitpid(pid, 0)
+    assert not _running(pid)  # reaped: gone

@@ -311,7 +311,7 @@ class Channel(virtual.Channel):
         limit = self._allowance()
         prefix = self.keys.ready(queue)
         cursor, token = self.connection.head_read_start(queue)
-        rows = []
+        rows, covered = [], False
         try:
             response = self._read_windows(cursor, limit) if cursor is not None else None
             drained = False
@@ -320,8 +320,9 @@ class Channel(virtual.Channel):
                 drained = len(response.kvs) < limit
             rows = [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs]
         finally:  # a failed read learns nothing, but ends its watch on the cursor
-            self.connection.head_read_end(queue, token, rows[0][0] if rows else None)
-        self.connection.after_read(queue, response.header.revision, drained=drained)
+            covered = self.connection.head_read_end(queue, token, rows[0][0] if rows else None)
+        # a put that landed below the cursor during the read is not in it: not drained, read again
+        self.connection.after_read(queue, response.header.revision, drained=drained and covered)
         return rows
 
     def _read_windows(self, cursor: bytes, limit: int):

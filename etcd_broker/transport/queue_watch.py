@@ -126,7 +126,7 @@ class QueueWatchMixin:
             if low is None or key < low:
                 reads[read] = key
 
-    def head_read_start(self, queue: str) -> tuple[bytes | None, tuple[int, int] | None]:
+    def head_read_start(self, queue: str) -> tuple[bytes | None, tuple | None]:
         """Where a head read of ``queue`` may start (None: the prefix), and a token for :meth:`head_read_end`.
 
         No token for a queue we do not watch: puts we would not see could land below any cursor.
@@ -136,30 +136,36 @@ class QueueWatchMixin:
                 return None, None
             read = next(self._read_ids)
             self._cursor_reads.setdefault(queue, {})[read] = None
-            return self._cursors.get(queue), (read, self._reads_generation)
+            cursor = self._cursors.get(queue)
+            return cursor, (read, self._reads_generation, cursor)
 
-    def head_read_end(self, queue: str, token: tuple[int, int] | None, head: bytes | None) -> None:
+    def head_read_end(self, queue: str, token: tuple | None, head: bytes | None) -> bool:
         """A head read with ``token`` found ``head`` first (None: nothing from where it started).
 
         The cursor moves there, or to a lower put seen meanwhile (its event may predate the
         read's revision yet come after it). Nothing is learned from a read that began before
-        :meth:`forget_reads`.
+        :meth:`forget_reads`. Returns False if the read may have missed the queue's head: it
+        started at a cursor and a put below it was seen meanwhile (a restore or requeue goes back
+        to its original, lower place), or reads were forgotten meanwhile; such a read must not
+        make the queue known empty (:meth:`after_read`), or that put waits for the next forget.
         """
         if token is None:
-            return
-        read, generation = token
+            return True
+        read, generation, start = token
         with self._watch_lock:
             reads = self._cursor_reads.get(queue, {})
             low = reads.pop(read, None)
             if not reads:
                 self._cursor_reads.pop(queue, None)
+            covered = start is None or (generation == self._reads_generation and (low is None or low >= start))
             if generation != self._reads_generation or queue not in self._queue_watches:
-                return
+                return covered
             found = [key for key in (head, low) if key is not None]
             if head is None and queue in self._cursors:
                 found.append(self._cursors[queue])  # nothing from the cursor on: it stays (or a put lowers it)
             if found:
                 self._cursors[queue] = min(found)
+            return covered
 
     def drop_hints(self, queue: str, keys: list[bytes]) -> None:
         """These keys were deleted (claimed, by anyone): no hint of ours need try them."""

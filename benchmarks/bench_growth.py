@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_growth [--quick] [--parts consumers,backlog,long,idle,celery]
         [--brokers etcd,redis,redis-aof,rabbitmq] [--consumers 1,4,16,64] [--messages 3000] [--rate 150]
-        [--backlogs 0,10000,50000,200000] [--long 1000000 --chunk 100000] [--idle 1,100,1000,10000]
-        [--idle-seconds 30] [--idle-settle 5] [--workers 1,4,8] [--tasks 4000] [--etcd-retention 5m]
+        [--backlogs 0,10000,50000,200000] [--long 1000000 --chunk 100000 [--long-rivals N]]
+        [--idle 1,100,1000,10000] [--idle-seconds 30] [--idle-settle 5]
+        [--workers 1,4,8] [--tasks 4000] [--etcd-retention 5m]
 
 Every broker runs the same plain-kombu clients (benchmarks/growth_clients.py) in the same run:
 our etcd transport on one etcd from scripts/etcd_server.py with its defaults, Redis (defaults,
@@ -15,9 +16,10 @@ and appendfsync always) and RabbitMQ (the throw-away node of benchmarks/common.p
   transactions (counted in the consumer processes), broker CPU; end-to-end p50/p99;
 * backlog: one consumer starts on B waiting messages (B = 0: it is consuming while a burst of
   ``--burst`` is published as fast as one producer can); drain rate and its broker cost;
-* long: ``--long`` messages through one queue, one consumer, at most WINDOW in flight; per
-  ``--chunk``: rate, broker CPU and requests per message, stored size at the chunk's end (etcd:
-  its DB file; Redis: used_memory; RabbitMQ: its data directory);
+* long: ``--long`` messages through one queue, one consumer, at most WINDOW in flight
+  (``--long-rivals``: fewer for Redis and RabbitMQ, where time is short); per ``--chunk``: rate,
+  broker CPU and requests per message, stored size at the chunk's end (etcd: its DB file and the
+  part of it in use; Redis: used_memory; RabbitMQ: its data directory);
 * idle: one consumer on Q empty queues; broker requests/s and CPU, the consumer's CPU;
 * celery: W ``celery worker -P threads -c 8`` processes drain ``--tasks`` no-op tasks from one
   queue (bench_scale's shape, on one server per broker).
@@ -29,6 +31,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 
 from benchmarks.bench_transport import wait_count
 from benchmarks.common import RedisServer, percentile, print_table, progress, start_worker, stop_worker
@@ -46,6 +49,10 @@ IDLE_SETTLE_SECONDS = 5.0
 QUICK = {"consumers": "1,4,16", "messages": 600, "backlogs": "0,2000,10000", "burst": 2000, "long": 30000,
          "chunk": 10000, "idle": "1,100,1000", "idle_seconds": 31.0, "workers": "1,4", "tasks": 1000}
 PARTS = ("consumers", "backlog", "long", "idle", "celery")
+#: Seconds between progress lines inside one long step (a 200k backlog, a 1,000,000-message run).
+HEARTBEAT_SECONDS = 30.0
+#: Seconds without a message consumed after which the long run gives up (a consumer that died).
+STALL_SECONDS = 300.0
 
 
 def load() -> str:
@@ -67,6 +74,19 @@ def mb(value: float | None) -> str:
 
 def new_queue(part: str) -> str:
     return f"growth-{part}-{uuid.uuid4().hex[:8]}"
+
+
+def heartbeat(label: str, status: Callable[[], str]) -> Callable[[], None]:
+    """A tick that prints ``label: status()`` and the load at most every HEARTBEAT_SECONDS."""
+    due = [time.monotonic() + HEARTBEAT_SECONDS]
+
+    def tick() -> None:
+        now = time.monotonic()
+        if now >= due[0]:
+            due[0] = now + HEARTBEAT_SECONDS
+            progress(f"{label}: {status()} (load {load()})")
+
+    return tick
 
 
 # -- consumers on one queue --------------------------------------------------------------
@@ -121,8 +141,13 @@ def backlog_row(broker: Broker, size: int, burst: int) -> list:
             group = ConsumerGroup(broker.url(), [queue], 1).start()
         started = time.perf_counter()
         before = broker.read()
+        published = [0]
+        tick = heartbeat(f"backlog: {broker.name}", lambda: f"{published[0]} published, "
+                         f"{group.consumed.value if group else 0} consumed")
         for _ in range(count):
             publisher.publish()
+            published[0] += 1
+            tick()
         publish_rate = count / (time.perf_counter() - started)
         if size:
             group = ConsumerGroup(broker.url(), [queue], 1).start()
@@ -132,7 +157,7 @@ def backlog_row(broker: Broker, size: int, burst: int) -> list:
             base = 1
         else:
             base = 0
-        group.wait_consumed(base + count, timeout=1800)
+        group.wait_consumed(base + count, timeout=1800, tick=tick)
         elapsed, after = time.perf_counter() - started, broker.read()
     finally:
         if group is not None:
@@ -143,17 +168,20 @@ def backlog_row(broker: Broker, size: int, burst: int) -> list:
 
 
 # -- a long run --------------------------------------------------------------------------
-def long_part(brokers: list[Broker], total: int, chunk: int) -> str:
+def long_part(brokers: list[Broker], total: int, chunk: int, rivals: int | None = None) -> str:
+    """``total`` messages through etcd (``rivals``, default ``total``, through the others)."""
     rows, notes = [], []
     for broker in brokers:
-        progress(f"long: {broker.name}, {total} msgs, one consumer, readings every {chunk}")
-        chunks = long_rows(broker, total, chunk)
-        rows += [[broker.name, *row, load()] for row in chunks]
+        count = total if broker.name == "etcd" or rivals is None else rivals
+        progress(f"long: {broker.name}, {count} msgs, one consumer, readings every {chunk}")
+        chunks = long_rows(broker, count, chunk)
+        rows += [[broker.name, *row] for row in chunks]
         first, last = float(chunks[0][2]), float(chunks[-1][2])
         notes.append(f"{broker.name}: CPU per msg last / first chunk {last / first:.2f}x" if first else "")
-    table = print_table(f"{total} msgs through one queue, one consumer (prefetch 4), <= {WINDOW} in flight, "
+    sizes = f"{total} msgs" + (f" (Redis and RabbitMQ: {rivals})" if rivals is not None and rivals != total else "")
+    table = print_table(f"{sizes} through one queue, one consumer (prefetch 4), <= {WINDOW} in flight, "
                         f"per {chunk}", ["broker", "msgs", "msg/s", "broker CPU ms/msg", "requests/msg",
-                                         "proposals/msg", "stored MB at end", "load"], rows)
+                                         "proposals/msg", "stored MB at end", "in use MB", "load"], rows)
     print("\n".join(notes), flush=True)
     return table + "\n\n" + "\n".join(notes)
 
@@ -162,23 +190,26 @@ def long_rows(broker: Broker, total: int, chunk: int) -> list[list]:
     queue = new_queue("l")
     group = ConsumerGroup(broker.url(), [queue], 1).start()
     publisher = Publisher(broker.url(), queue)
+    tick = heartbeat(f"long: {broker.name}", lambda: f"{group.consumed.value} of {total} consumed")
     rows = []
     try:
-        mark, before, started = chunk, broker.read(), time.perf_counter()
+        mark, base, before, started = chunk, 0, broker.read(), time.perf_counter()
         for index in range(total):
-            while index - group.consumed.value >= WINDOW:
-                time.sleep(0.0005)
+            if index - group.consumed.value >= WINDOW:
+                group.wait_consumed(index - WINDOW + 1, timeout=STALL_SECONDS, tick=tick)
             publisher.publish()
+            tick()
             if group.consumed.value >= mark or index == total - 1:
                 if index == total - 1:
-                    group.wait_consumed(total, timeout=300)
-                now, reading = time.perf_counter(), broker.read()
-                done = group.consumed.value - (mark - chunk)
+                    group.wait_consumed(total, timeout=300, tick=tick)
+                consumed, now, reading = group.consumed.value, time.perf_counter(), broker.read()
+                done = consumed - base
                 rows.append([f"{mark - chunk}-{min(mark, total)}", round(done / (now - started)),
                              per(reading.cpu - before.cpu, done, 1000), per(delta(reading, before, "requests"), done),
-                             per(delta(reading, before, "proposals"), done), mb(reading.stored_bytes)])
+                             per(delta(reading, before, "proposals"), done), mb(reading.stored_bytes),
+                             mb(reading.in_use_bytes), load()])
                 progress(f"long: {broker.name} {rows[-1]}")
-                mark, before, started = mark + chunk, reading, now
+                mark, base, before, started = mark + chunk, consumed, reading, now
     finally:
         group.finish()
         publisher.close()
@@ -276,6 +307,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--burst", type=int, default=10000)
     parser.add_argument("--long", type=int, default=1_000_000)
     parser.add_argument("--chunk", type=int, default=100_000)
+    parser.add_argument("--long-rivals", type=int, help="messages for Redis and RabbitMQ in the long part "
+                        "(default: --long)")
     parser.add_argument("--idle", default="1,100,1000,10000")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--idle-settle", type=float, default=IDLE_SETTLE_SECONDS)
@@ -303,7 +336,7 @@ def main(argv: list[str] | None = None) -> str:
         if "backlog" in parts:
             tables.append(backlog_part(brokers, ints(args.backlogs), args.burst))
         if "long" in parts:
-            tables.append(long_part(brokers, args.long, args.chunk))
+            tables.append(long_part(brokers, args.long, args.chunk, args.long_rivals))
         if "idle" in parts:
             tables.append(idle_part(brokers, ints(args.idle), args.idle_seconds, args.idle_settle))
         if "celery" in parts:

@@ -138,7 +138,12 @@ def start_worker(app: str, env: dict[str, str], concurrency: int = 8, queues: st
              "--without-heartbeat", "-n", f"bench-{os.getpid()}-{time.time_ns()}@%h"],
             cwd=REPO_ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
+    return wait_worker_ready(process, log_path)
+
+
+def wait_worker_ready(process: subprocess.Popen, log_path: str, timeout: float = 60) -> subprocess.Popen:
+    """``process`` once its log at ``log_path`` says ``ready``; exits the benchmark if it dies or is late."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if " ready." in Path(log_path).read_text(errors="replace"):
             return process

@@ -22,6 +22,8 @@ class Reading:
     requests: float | None
     proposals: float | None
     stored_bytes: float | None
+    #: etcd only: the part of its DB file in use (the rest is free pages until a defragmentation).
+    in_use_bytes: float | None = None
 
 
 def etcd_metrics(client_url: str) -> dict[str, float]:
@@ -71,7 +73,8 @@ class EtcdBroker(Broker):
     def read(self) -> Reading:
         metrics = etcd_metrics(self.server.client_url)
         return Reading(process_cpu(self.server.process.pid), metrics["requests"],
-                       metrics["etcd_server_proposals_committed_total"], metrics["etcd_mvcc_db_total_size_in_bytes"])
+                       metrics["etcd_server_proposals_committed_total"], metrics["etcd_mvcc_db_total_size_in_bytes"],
+                       metrics.get("etcd_mvcc_db_total_size_in_use_in_bytes"))
 
     def stop(self) -> None:
         self.server.cleanup()

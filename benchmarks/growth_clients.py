@@ -9,8 +9,10 @@ result queue; in each, failed etcd transactions are counted where every one pass
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,8 @@ PREFETCH = 4
 DRAIN_TIMEOUT = 0.5
 #: Most consumer threads in one process (64 consumers run in 4 processes).
 THREADS_PER_PROCESS = 16
+#: Seconds a consumer waits after a connection error before it connects again.
+RECONNECT_SECONDS = 1.0
 SPAWN = multiprocessing.get_context("spawn")
 
 
@@ -47,22 +51,35 @@ def _count_failed_txns(failed: list[int]) -> None:
 def consumer_process(url: str, queues: list[str], threads: int, consumed: Any, ready: Any, stop: Any,
                      results: Any) -> None:
     """``threads`` consumers on ``queues`` until ``stop``; then (latencies, failed txns) to ``results``."""
-    failed = [0]
+    failed, reconnects = [0], [0]
     _count_failed_txns(failed)
     latencies: list[float] = []
 
-    def consume() -> None:
-        def on_message(body: dict, message: Any) -> None:
-            latencies.append(time.time() - body["t"])
-            message.ack()
-            with consumed.get_lock():
-                consumed.value += 1
+    def on_message(body: dict, message: Any) -> None:
+        latencies.append(time.time() - body["t"])
+        message.ack()
+        with consumed.get_lock():
+            consumed.value += 1
 
+    def consume() -> None:
+        errors = Connection(url).connection_errors
+        started = [False]
+        while not stop.is_set():  # a connection error (an etcd call past its deadline at load 30):
+            try:                  # a new Connection, as kombu's ConsumerMixin and Celery do
+                consume_once(started)
+            except errors as exc:
+                reconnects[0] += 1
+                print(f"consumer reconnects after {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                time.sleep(RECONNECT_SECONDS)
+
+    def consume_once(started: list[bool]) -> None:
         with Connection(url) as connection:
             declared = [kombu_queue(name) for name in queues]
             with connection.Consumer(declared, callbacks=[on_message], prefetch_count=PREFETCH, accept=["json"]):
-                with ready.get_lock():
-                    ready.value += 1
+                if not started[0]:
+                    started[0] = True
+                    with ready.get_lock():
+                        ready.value += 1
                 while not stop.is_set():
                     try:
                         connection.drain_events(timeout=DRAIN_TIMEOUT)
@@ -74,6 +91,8 @@ def consumer_process(url: str, queues: list[str], threads: int, consumed: Any, r
         worker.start()
     for worker in workers:
         worker.join()
+    if reconnects[0]:
+        print(f"consumers reconnected {reconnects[0]} time(s)", file=sys.stderr, flush=True)
     results.put((latencies, failed[0]))
 
 
@@ -107,11 +126,14 @@ class ConsumerGroup:
             time.sleep(0.05)
         return self
 
-    def wait_consumed(self, target: int, timeout: float) -> None:
+    def wait_consumed(self, target: int, timeout: float, tick: Callable[[], None] | None = None) -> None:
+        """Wait until ``target`` messages are consumed; ``tick()`` between looks (progress lines)."""
         deadline = time.monotonic() + timeout
         while self.consumed.value < target:
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {self.consumed.value} of {target} messages consumed in {timeout:.0f} s")
+            if tick is not None:
+                tick()
             time.sleep(0.002)
 
     def cpu(self) -> float:

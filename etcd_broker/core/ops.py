@@ -134,12 +134,23 @@ def count(response_op: etcdrpc.ResponseOp) -> int:
     return response_op.response_range.count
 
 
+def txn_request(compare: Iterable[etcdrpc.Compare] = (), success: Iterable[etcdrpc.RequestOp] = (),
+                failure: Iterable[etcdrpc.RequestOp] = ()) -> etcdrpc.TxnRequest:
+    """A transaction: if every ``compare`` holds, ``success``, else ``failure``."""
+    return etcdrpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+
+
+def nested_txn(compare: Iterable[etcdrpc.Compare], success: Iterable[etcdrpc.RequestOp],
+               failure: Iterable[etcdrpc.RequestOp]) -> etcdrpc.RequestOp:
+    """A transaction run as one op of another one (etcd >= 3.3)."""
+    return etcdrpc.RequestOp(request_txn=txn_request(compare, success, failure))
+
+
 # -- running them -----------------------------------------------------------------------
 def txn(client: Any, compare: Iterable[etcdrpc.Compare] = (), success: Iterable[etcdrpc.RequestOp] = (),
         failure: Iterable[etcdrpc.RequestOp] = ()) -> etcdrpc.TxnResponse:
     """Run one transaction: if every ``compare`` holds, ``success``, else ``failure``."""
-    request = etcdrpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
-    return _call(client, "Txn", request)
+    return _call(client, "Txn", txn_request(compare, success, failure))
 
 
 def get(client: Any, key: Key, **options: Any) -> etcdrpc.RangeResponse:

@@ -208,7 +208,7 @@ class Channel(virtual.Channel):
         if park is not None:
             compare, success, failure = handoff.handoff_ops(self.keys, queue, position, value, key, park)
             if guard is not None:  # the hand-off's own compare decides between its branches, inside
-                compare, success, failure = [guard.compare()], [guard.put(), idempotent.nested(
+                compare, success, failure = [guard.compare()], [guard.put(), ops.nested_txn(
                     compare, success, failure)], []
         else:
             compare, success, failure = [], [ops.put(key, value)], []

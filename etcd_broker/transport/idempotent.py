@@ -123,11 +123,6 @@ def stored_form(message: dict) -> dict:
     return stored
 
 
-def nested(compare: list, success: list, failure: list) -> etcdrpc.RequestOp:
-    """A transaction run inside another one's success ops (etcd >= 3.3)."""
-    return etcdrpc.RequestOp(request_txn=etcdrpc.TxnRequest(compare=compare, success=success, failure=failure))
-
-
 def note_retry(queue: str, marker: str) -> None:
     """A publish attempt found its own marker: an earlier attempt was committed; nothing written."""
     logger.info("publish to %r retried after an ambiguous failure was already stored (%s); not stored again",

@@ -39,7 +39,9 @@ def test_concurrent_puts_are_all_durable_in_fewer_revisions(etcd_url, etcd_prefi
         value, meta = client.get(key)
         assert value == key.encode() and meta.mod_revision == response.header.revision
     revisions = {r.header.revision for r in responses}
-    assert max(revisions) - before == len(revisions) < THREADS  # shared transactions, one revision each
+    # shared transactions, one revision each (the etcd is shared: another test's lease expiring, such as
+    # a publish marker's 120 s after it was written, may take a revision in between, so no gap check)
+    assert min(revisions) > before and len(revisions) < THREADS
 
 
 def test_a_failed_compare_fails_only_its_own_transaction(etcd_url, etcd_prefix):

@@ -241,7 +241,7 @@ class Channel(virtual.Channel):
         buffered = self._buffer.get(queue)
         if buffered:
             return buffered.popleft()
-        lease_id = self.lease.ensure()
+        lease_id = self.lease.ensure(queue)  # lists the queue in our consumer key before any claim (the sweep)
         if not self._single_get:  # what the consume watches tell is for consumers; a synchronous get reads
             # claimed by its publisher; checked with etcd while our lease is in doubt
             while (handed := self.connection.parking.take(queue, self.lease.current_key,
@@ -512,8 +512,7 @@ class Channel(virtual.Channel):
         self._consumer_queues[consumer_tag] = queue
         if no_ack:
             self._no_ack_queues.add(queue)
-        self.lease.ensure()
-        self.lease.add_queue(queue)
+        self.lease.add_queue(queue)  # the first grants the lease; the next ensure() lists the rest: 2 writes for Q queues
         self.connection.watch_queue(queue)
         if queue not in self._auto_delete:  # replies and events are never delayed
             self.connection.delayed.follow(queue)  # its ETA tasks move to ready/ when due (delayed.py)

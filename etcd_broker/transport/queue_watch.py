@@ -11,9 +11,11 @@ compacted, so a read of the whole ``ready/`` prefix walks the backlog and the to
 what was claimed. Per watched queue we keep the lowest ready key that may still be live: a read
 that finds the head raises it there; every put the watch hands us (publishes, requeues and
 restores, which go back to their original lower place) lowers it to its key, also one seen
-while a read was under way; :meth:`forget_reads` (reconnects, the 30 s safety re-check) drops
-it, so the next read is of the whole prefix again. The transport reads from the cursor
-(transport.py ``_read_ready``).
+while a read was under way; :meth:`forget_reads` (a reconnect or a compacted watch, and a 30 s
+safety re-check the stream did not answer, event_loop.py) drops it, so the next read is of the
+whole prefix again. No timer forgets it otherwise: a put below the cursor (a requeue, a dead
+consumer's message swept back) lowers it by its own event. The transport reads from the cursor
+(channel.py ``_read_ready``).
 
 The watch is the process's, shared by its transports on the queue (offers.QueueFeed): a put
 reaches the one transport it is offered to at once; one offered elsewhere is held back by the

@@ -113,15 +113,15 @@ class ConsumerLease:
                 self._register()
                 self._start_threads()
             elif self._unlisted:
-                self.client.put(self.keys.consumer(self.lease_id), self._describe(), lease=self.lease_id)
+                ops.run(self.client, ops.put(self.keys.consumer(self.lease_id), self._describe(), self.lease_id))
                 self._unlisted = False
             return self.lease_id  # type: ignore[return-value]
 
     def _register(self) -> None:
-        lease = self.client.lease(self.ttl)
-        self.client.put(self.keys.consumer(lease.id), self._describe(), lease=lease.id)
-        logger.info("consumer lease %016x granted (ttl %ss)", lease.id, self.ttl)
-        self.lease_id = lease.id
+        lease_id = ops.grant(self.client, self.ttl)
+        ops.run(self.client, ops.put(self.keys.consumer(lease_id), self._describe(), lease_id))
+        logger.info("consumer lease %016x granted (ttl %ss)", lease_id, self.ttl)
+        self.lease_id = lease_id
         self._unlisted = False
         self._answered_at = time.monotonic()  # the grant is an answer: the lease is alive now
 
@@ -181,7 +181,7 @@ class ConsumerLease:
                                self.lease_id, self.ttl)
             elif revoke and self.lease_id is not None:
                 try:
-                    self.client.revoke_lease(self.lease_id)
+                    ops.revoke(self.client, self.lease_id)
                 except CONNECTION_ERRORS:
                     logger.info("could not revoke lease %016x; it expires in %ss", self.lease_id, self.ttl)
             self.lease_id = None
@@ -243,9 +243,9 @@ class ConsumerLease:
             lease_id = self.lease_id
         if lease_id is None:
             return
-        responses = list(self.client.refresh_lease(lease_id))
+        ttl = ops.keep_alive(self.client, lease_id)
         self._answered_at = time.monotonic()
-        if responses and responses[-1].TTL > 0:
+        if ttl > 0:
             return
         self.lost(lease_id)
 
@@ -270,10 +270,9 @@ class ConsumerLease:
 
     def current_key(self, key: str) -> str:
         """An unacked key under our current lease (it changes only after an adopt)."""
-        queue_part, _, position_part = key.partition("/unacked/")
-        lease_hex, _, position = position_part.partition("/")
-        if self.lease_id is not None and int(lease_hex, 16) != self.lease_id:
-            return f"{queue_part}/unacked/{self.lease_id:016x}/{position}"
+        lease_id = self.lease_id
+        if lease_id is not None and self.keys.lease_of_unacked(key) != lease_id:
+            return self.keys.unacked_message(self.keys.queue_of(key), lease_id, self.keys.position_of(key))
         return key
 
     # -- acks: deleted in batches by one thread ---------------------------------------
@@ -356,10 +355,10 @@ class ConsumerLease:
         for index, key in enumerate(keys):
             try:
                 key = self.current_key(key)
-                value, meta = self.client.get(key)
-                if meta is not None:  # None: acked or swept meanwhile
-                    restored += restore_message(self.client, self.keys, self.keys.queue_of(key), key, value,
-                                                meta.mod_revision)
+                kv = ops.first_kv_of(ops.get(self.client, key))
+                if kv is not None:  # None: acked or swept meanwhile
+                    restored += restore_message(self.client, self.keys, self.keys.queue_of(key), key, kv.value,
+                                                kv.mod_revision)
             except CONNECTION_ERRORS:
                 with self._lock:
                     self._pending_requeues[:0] = keys[index:]
@@ -403,7 +402,7 @@ class ConsumerLease:
         one read). Unread, offers are not made (every consumer claims at once, offers.py)."""
         prefix = self.keys.consumers()
         try:
-            response = self.client.get_range_response(prefix, range_end(prefix))
+            response = ops.get(self.client, prefix, range_end=range_end(prefix))
         except CONNECTION_ERRORS as exc:
             logger.debug("live consumers not read: %s", exc)
             return 0
@@ -472,9 +471,8 @@ class ConsumerLease:
         with self._lock:
             queues, self._dead_queues = self._dead_queues, set()
         for queue in queues:
-            value, _ = self.client.get(self.keys.declared(queue))
-            if value is None:
-                deleted = self.client.delete_prefix(self.keys.queue(queue)).deleted
+            if ops.first_kv_of(ops.get(self.client, self.keys.declared(queue))) is None:
+                deleted = ops.run(self.client, ops.delete(self.keys.queue(queue), prefix=True)).deleted
                 if deleted:
                     logger.info("dropped %d message(s) left in auto-delete queue %r", deleted, queue)
 

@@ -22,6 +22,7 @@ import threading
 from queue import Empty
 from time import monotonic
 
+from etcd_broker.core import ops
 from etcd_broker.core.client import CONNECTION_ERRORS, EtcdUnreachable
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class EventLoopMixin:
         self._recheck_pending = None
         lease_id = self.lease.lease_id
         try:
-            revision = self.etcd.get_response(self.keys.consumer(lease_id or 0), count_only=True).header.revision
+            revision = ops.get(self.etcd, self.keys.consumer(lease_id or 0), count_only=True).header.revision
         except CONNECTION_ERRORS as exc:
             logger.debug("safety re-check: etcd unreachable (%s); reading every queue", type(exc).__name__)
             self._recheck_failed()

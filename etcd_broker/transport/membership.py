@@ -182,6 +182,8 @@ class ConsumerLease:
             elif revoke and self.lease_id is not None:
                 try:
                     ops.revoke(self.client, self.lease_id)
+                except ops.LeaseNotFound:  # it expired already: what it held is back in line
+                    logger.info("lease %016x had expired before close", self.lease_id)
                 except CONNECTION_ERRORS:
                     logger.info("could not revoke lease %016x; it expires in %ss", self.lease_id, self.ttl)
             self.lease_id = None

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 #: Reconnect back-off: first and longest wait between tries (seconds).
 RECONNECT_FIRST_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
+#: What etcd says when it cancels a watch whose stream carries a token it no longer knows (it restarted).
+INVALID_TOKEN_REASON = "invalid auth token"
 EVENT_PUT = 0
 EVENT_DELETE = 1
 #: The watch id etcd gives its answer to a progress request (clientv3.InvalidWatchID): no one watch's.
@@ -204,8 +206,8 @@ class WatchStream:
                 call = self._open()
                 for response in call:
                     self._connected.set()
-                    delay = RECONNECT_FIRST_DELAY
                     self._handle(response)
+                    delay = RECONNECT_FIRST_DELAY  # after a response that did not restart the stream
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     break
@@ -264,6 +266,8 @@ class WatchStream:
             if not watch.cancelled:
                 logger.warning("%s: etcd cancelled watch on %r: %s", self.name, watch.key,
                                response.cancel_reason)
+                if INVALID_TOKEN_REASON in response.cancel_reason:
+                    self._authenticate()
                 raise _StreamRestart()
             return
         if response.events:
@@ -273,6 +277,14 @@ class WatchStream:
         elif not response.created:
             # A progress notification: every event up to this revision was sent.
             watch.next_revision = max(watch.next_revision or 0, response.header.revision + 1)
+
+    def _authenticate(self) -> None:
+        """etcd restarted and forgot our token: a new one before the stream opens again (the stream sends the
+        token it opened with; only a unary call renews it, and an idle process may make none for long)."""
+        try:
+            self.client.authenticate()
+        except Exception as exc:  # noqa: BLE001 - unreachable again: the next open retries, then this again
+            logger.info("%s: could not authenticate again (%s)", self.name, exc)
 
     def _resync(self, watch: Watch, compact_revision: int) -> None:
         logger.warning("%s: revision %s of %r was compacted; resyncing", self.name,

@@ -143,9 +143,6 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_QUEUE_MAX_PRIORITY = MAX_PRIORITY
 CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# A redelivered acks_late task that already succeeded is not run again (its result is looked up first):
-# closes a prefork race at a broker reset (docs/operators.md "Settings a worker needs").
-CELERY_WORKER_DEDUPLICATE_SUCCESSFUL_TASKS = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 #: Worker-side Prometheus metrics (tasks, failures, batch sizes), served when WORKER_METRICS_PORT is set.
 CELERY_IMPORTS = ("jobs.worker_metrics",)

@@ -54,11 +54,6 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,
     task_queue_max_priority=9,
-    # An acks_late task whose message comes back after it succeeded (a prefork child finished it while the
-    # worker's main process, blocked on etcd, had not read its acceptance yet: at the connection reset
-    # Celery gives the message back and forgets the job) is not run again: Celery looks its result up
-    # first (docs/operators.md "Settings a worker needs"). The site sets it too.
-    worker_deduplicate_successful_tasks=True,
 )
 
 

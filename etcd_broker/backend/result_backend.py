@@ -107,9 +107,8 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
 
     # -- KeyValueStoreBackend's primitives ----------------------------------------------
     def get(self, key: bytes) -> bytes | None:
-        """A read waits out an outage as a write does: in a worker, Celery's look-up of a redelivered task
-        (``worker_deduplicate_successful_tasks``) and a chord's join run inside a task, which a leader
-        change would otherwise fail."""
+        """A read waits out an outage as a write does: in a worker, reads run inside a task (a chord's
+        join, Celery's look-up of a redelivered task), which a leader change would otherwise fail."""
         return self._ensure(self.store.get, key)
 
     def mget(self, keys: Iterable[bytes]) -> list[bytes | None]:

@@ -84,8 +84,10 @@ for _name, _why in UNSAFE_GRPC_ENV.items():
 
 from etcd_broker.core import forking  # noqa: E402,F401 - installs the fork handlers before any client exists
 
-# pool_health (a worker whose pool cannot start children says so) hooks a Celery signal: only
-# where Celery is loaded already, as in every worker (`celery -A proj worker` imports Celery before
-# the app module that imports us); kombu-only users import no Celery.
+# pool_health (a worker whose pool cannot start children says so) and executing (pool children report
+# the tasks they run) hook Celery signals, worker_init among them: only where Celery is loaded already,
+# as in every worker (`celery -A proj worker` imports Celery before the app module that imports us);
+# kombu-only users import no Celery.
 if "celery" in sys.modules:
     from etcd_broker import pool_health  # noqa: F401
+    from etcd_broker.transport import executing  # noqa: F401

@@ -457,7 +457,7 @@ class Channel(virtual.Channel):
         under our lease: the task acks it when it ends (executing.py). Given back, it would run twice.
         """
         if self.closed and executing.executing(message.headers.get("id")):
-            executing.keep(self, message, self._requeue_later)
+            executing.keep(self, message, self._requeue_later, self._forget)
             logger.info("channel closed while task %s runs here: its message %s stays ours until it acks",
                         message.headers.get("id"), message.delivery_info.get("etcd_key"))
             return

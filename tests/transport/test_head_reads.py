@@ -21,9 +21,10 @@ SLOW = 20
 
 
 def record_ready_reads(transport, prefix: str) -> list[bytes]:
-    """The start key of every range read under ``prefix`` the transport's client makes from now on."""
+    """The start key of every range read under ``prefix`` the transport's client makes from now on:
+    lone reads, and the reads ahead a claim transaction makes in its success branch (transport.py _claim)."""
     client, starts = transport.etcd, []
-    original = client.get_range_response
+    original, original_call = client.get_range_response, client.call
 
     def recorded(range_start, range_end, *args, **kwargs):
         start = range_start.encode() if isinstance(range_start, str) else range_start
@@ -31,7 +32,13 @@ def record_ready_reads(transport, prefix: str) -> list[bytes]:
             starts.append(start)
         return original(range_start, range_end, *args, **kwargs)
 
-    client.get_range_response = recorded
+    def called(method, request, **kwargs):
+        if method == "Txn":
+            starts.extend(op.request_range.key for op in request.success
+                          if op.HasField("request_range") and op.request_range.key.startswith(prefix.encode()))
+        return original_call(method, request, **kwargs)
+
+    client.get_range_response, client.call = recorded, called
     return starts
 
 

@@ -523,8 +523,9 @@ class Channel(virtual.Channel):
             return
         key = self.lease.current_key(key)
         kv = ops.first_kv_of(ops.get(self.client, key))
-        if kv is not None:
-            restore_message(self.client, self.keys, self.keys.queue_of(key), key, kv.value, kv.mod_revision)
+        queue = self.keys.queue_of(key)
+        if kv is not None and restore_message(self.client, self.keys, queue, key, kv.value, kv.mod_revision):
+            self._transport.put_below(queue, self.keys.ready_message(queue, self.keys.position_of(key)).encode())
 
     @property
     def lease(self) -> ConsumerLease:

@@ -166,6 +166,12 @@ class QueueWatchMixin:
                 self._cursors[queue] = min(found)
             return covered
 
+    def put_below(self, queue: str, key: bytes) -> None:
+        """We put ``key`` back ourselves (a requeue): lower the cursor now, not when its watch event comes, so
+        the channel's next get reads it first (a read ahead of the claim lies above it: transport.py ``_claim``)."""
+        with self._watch_lock:
+            self._lower_cursor(queue, key)
+
     def still_head(self, queue: str, key: bytes) -> bool:
         """True if no put below ``key`` was seen since a head read found it (the cursor is not under it).
 

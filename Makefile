@@ -47,9 +47,10 @@ test-matrix: setup
 	@bash scripts/system-deps.sh test
 	$(BIN)/python -m scripts.lib_matrix
 
-# The library's wheel (celery-etcd-broker, only etcd_broker inside) in dist/.
+# The library (celery-etcd-broker, only etcd_broker inside) in dist/: its sdist, and its wheel built from that
+# sdist (scripts/library_dist.py).
 dist: setup
-	$(BIN)/python -m pip wheel --disable-pip-version-check -q --no-deps ./broker-dist -w dist/
+	$(BIN)/python -m scripts.library_dist dist/
 
 bench: setup
 	@bash scripts/system-deps.sh bench

@@ -3,8 +3,8 @@
     python -m benchmarks.bench_growth [--quick] [--parts consumers,backlog,long,idle,celery]
         [--brokers etcd,redis,redis-aof,rabbitmq] [--consumers 1,4,16,64] [--messages 3000] [--rate 150]
         [--backlogs 0,10000,50000,200000] [--long 1000000 --chunk 100000 [--long-rivals N]]
-        [--idle 1,100,1000,10000]
-        [--idle-seconds 30] [--workers 1,4,8] [--tasks 4000] [--etcd-retention 5m]
+        [--idle 1,100,1000,10000] [--idle-seconds 30] [--idle-settle 5]
+        [--workers 1,4,8] [--tasks 4000] [--etcd-retention 5m]
 
 Every broker runs the same plain-kombu clients (benchmarks/growth_clients.py) in the same run:
 our etcd transport on one etcd from scripts/etcd_server.py with its defaults, Redis (defaults,
@@ -40,7 +40,9 @@ from benchmarks.growth_clients import ConsumerGroup, Publisher
 
 #: Messages in flight at most in the long run (published, not yet consumed).
 WINDOW = 200
-#: Seconds an idle consumer settles (declares, first reads) before its idle cost is measured.
+#: Seconds an idle consumer settles (declares, first reads) before its idle cost is measured (``--idle-settle``:
+#: past 100 s, the etcd consumer's start-up passes are over: its first full sweep, the reconciliation
+#: passes that read the queues its first gets touched; the window then shows the steady state).
 IDLE_SETTLE_SECONDS = 5.0
 #: The sizes of ``--quick`` (the idle window stays over 30 s: the transport's safety re-check and
 #: sweep run every 30 s, and a shorter window may miss them) (a check that finishes in a few minutes).
@@ -215,21 +217,21 @@ def long_rows(broker: Broker, total: int, chunk: int) -> list[list]:
 
 
 # -- idle queues -------------------------------------------------------------------------
-def idle_part(brokers: list[Broker], counts: list[int], seconds: float) -> str:
+def idle_part(brokers: list[Broker], counts: list[int], seconds: float, settle: float = IDLE_SETTLE_SECONDS) -> str:
     rows = []
     for count in counts:
         for broker in brokers:
-            progress(f"idle: {broker.name}, one consumer on {count} empty queue(s), {seconds:g} s")
-            rows.append([count, broker.name, *idle_row(broker, count, seconds), load()])
-    return print_table(f"One consumer on Q empty queues, {seconds:g} s measured",
+            progress(f"idle: {broker.name}, one consumer on {count} empty queue(s), {seconds:g} s after {settle:g} s")
+            rows.append([count, broker.name, *idle_row(broker, count, seconds, settle), load()])
+    return print_table(f"One consumer on Q empty queues, {seconds:g} s measured from {settle:g} s after it is ready",
                        ["queues", "broker", "requests/s", "broker CPU %", "consumer CPU %", "load"], rows)
 
 
-def idle_row(broker: Broker, count: int, seconds: float) -> list:
+def idle_row(broker: Broker, count: int, seconds: float, settle: float) -> list:
     tag = uuid.uuid4().hex[:6]
     group = ConsumerGroup(broker.url(), [f"growth-i-{tag}-{n}" for n in range(count)], 1).start(timeout=1800)
     try:
-        time.sleep(IDLE_SETTLE_SECONDS)
+        time.sleep(settle)
         before, consumer_before = broker.read(), group.cpu()
         time.sleep(seconds)
         after, consumer_after = broker.read(), group.cpu()
@@ -309,6 +311,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "(default: --long)")
     parser.add_argument("--idle", default="1,100,1000,10000")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--idle-settle", type=float, default=IDLE_SETTLE_SECONDS)
     parser.add_argument("--workers", default="1,4,8")
     parser.add_argument("--tasks", type=int, default=4000)
     argv = sys.argv[1:] if argv is None else argv
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> str:
         if "long" in parts:
             tables.append(long_part(brokers, args.long, args.chunk, args.long_rivals))
         if "idle" in parts:
-            tables.append(idle_part(brokers, ints(args.idle), args.idle_seconds))
+            tables.append(idle_part(brokers, ints(args.idle), args.idle_seconds, args.idle_settle))
         if "celery" in parts:
             tables.append(celery_part(brokers, ints(args.workers), args.tasks))
         etcd = next((b for b in brokers if b.name == "etcd"), None)

@@ -11,7 +11,7 @@ is counted once, by its first row that another consumer took:
 * ``hint via owner`` / ``hint via grace``: from watch hints, offered to this consumer at once (it
   owned the put) or after an offer's grace;
 * ``read ahead by the last claim, taken meanwhile``: the rows its previous claim read after itself
-  (transport.py ``_claim``), claimed by another before this claim.
+  (channel.py ``_claim``), claimed by another before this claim.
 
     python -m benchmarks.claim_failures [consumers] [messages] [rate]     (default 64 1500 150)
 """

@@ -1,6 +1,7 @@
 """Every exception the library raises for its users to catch, defined here (the raisers import them).
 
-* :class:`EtcdConfigError`: a URL or option that cannot describe an etcd connection.
+* :class:`EtcdConfigError`: a URL or option that cannot describe an etcd connection, or a transport
+  option of a wrong type or value (transport/options.py).
 * :class:`EtcdUnreachable`: no etcd member answered (a kombu/Celery connection error).
 * :class:`EtcdNoSpace`: etcd's backend quota is full; writes fail until an operator frees space.
 * :class:`MessageTooLarge`: a message over ``max_message_bytes``, refused before anything is written.
@@ -20,7 +21,7 @@ __all__ = ["EtcdConfigError", "EtcdNoSpace", "EtcdUnreachable", "MessageTooLarge
 
 
 class EtcdConfigError(ValueError):
-    """A URL or option that cannot describe an etcd connection."""
+    """A URL or option that cannot describe an etcd connection, or a transport option of a wrong type or value."""
 
 
 class EtcdUnreachable(etcd_exceptions.ConnectionFailedError):

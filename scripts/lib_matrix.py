@@ -3,10 +3,10 @@
     python -m scripts.lib_matrix           # the full matrix: 3.10-3.13 x floor/ceiling x etcd 3.4/3.5
     python -m scripts.lib_matrix --quick   # two cells: 3.10 at the floor on etcd 3.4, 3.13 at the ceiling on 3.5
 
-The wheel is built once; each (Python, pins) venv lives in var/matrix/ and is made again only when
-its pins change (pip with the machine's configured index, binary wheels only). The checks
-(tests/lib_matrix/check_*.py) run from a staging dir that holds no etcd_broker, so they import the
-installed wheel. Pythons come from pyenv (PYENV_ROOT) or PATH; etcd 3.5 from the launcher
+The sdist is built once, and the wheel from it (scripts/library_dist.py: what `make dist` ships);
+each (Python, pins) venv lives in var/matrix/ and is made again only when its pins change (pip with
+the machine's configured index, binary wheels only). The checks (tests/lib_matrix/check_*.py) run
+from a staging dir that holds no etcd_broker, so they import the installed wheel. Pythons come from pyenv (PYENV_ROOT) or PATH; etcd 3.5 from the launcher
 (scripts/etcd_server.py), etcd 3.4 from ETCD_34_BIN or var/etcd-3.4 (scripts/system-deps.sh test).
 """
 from __future__ import annotations
@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.etcd_server import etcd_candidates, etcd_version
+from scripts.library_dist import DIST_DIR, build, pip
 
 REPO = Path(__file__).resolve().parent.parent
-#: The library's build config, pins and changelog.
-DIST_DIR = REPO / "broker-dist"
-#: Venvs, the wheel and the staging dir (gitignored).
+#: Venvs, the sdist and wheel, and the staging dir (gitignored).
 WORK = REPO / "var" / "matrix"
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 PINS = ("floor", "ceiling")
@@ -36,8 +35,6 @@ ETCDS = ("3.4", "3.5")
 QUICK = (("3.10", "floor", "3.4"), ("3.13", "ceiling", "3.5"))
 #: Test tools from requirements-dev.txt (their exact pins) installed beside the wheel.
 TEST_TOOLS = ("pytest", "pytest-timeout")
-#: The build backend (broker-dist/pyproject.toml asks for hatchling>=1.26), pinned for the matrix.
-BUILD_BACKEND = "hatchling==1.33.0"
 #: Files copied into the staging dir: the etcd launcher, the worker helper and the checks.
 STAGED = ("scripts/__init__.py", "scripts/etcd_server.py", "scripts/processes.py", "tests/helpers.py")
 
@@ -78,33 +75,6 @@ def test_tools() -> list[str]:
     return [line.strip() for line in lines if line.split("==")[0].strip() in TEST_TOOLS]
 
 
-def build_wheel() -> Path:
-    """The library's wheel, built by calling hatchling's PEP 517 hook in var/matrix/build (no pip run,
-    no index lookup once that venv exists)."""
-    builder = WORK / "build"
-    if not (builder / ".backend").exists() or (builder / ".backend").read_text() != BUILD_BACKEND:
-        shutil.rmtree(builder, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(builder)], check=True)
-        pip(builder / "bin/python", "--only-binary", ":all:", BUILD_BACKEND)
-        (builder / ".backend").write_text(BUILD_BACKEND)
-    out = WORK / "dist"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    built = subprocess.run([builder / "bin/python", "-c", "import sys; from hatchling.build import build_wheel; "
-                            "print(build_wheel(sys.argv[1]))", out], cwd=DIST_DIR, capture_output=True, text=True)
-    if built.returncode:
-        raise SystemExit(f"building the wheel failed:\n{built.stdout}{built.stderr}")
-    return out / built.stdout.split()[-1]
-
-
-def pip(python: str | Path, *args: str | Path) -> None:
-    """``pip install`` quietly (the index's warnings about absent local mirrors dropped); raise on failure."""
-    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *map(str, args)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"pip install {' '.join(map(str, args))} failed:\n{done.stdout}{done.stderr}")
-
-
 def venv_for(python: str, pins: str) -> Path:
     """A venv with ``python`` and the ``pins`` file's exact versions (made again when they change)."""
     venv = WORK / f"py{python}-{pins}"
@@ -134,7 +104,7 @@ def stage() -> Path:
     return path
 
 
-def run_cell(cell: Cell, wheel: Path, staged: Path) -> bool:
+def run_cell(cell: Cell, sdist: Path, wheel: Path, staged: Path) -> bool:
     venv = venv_for(cell.python, cell.pins)
     python = str(venv / "bin/python")
     pin_file = DIST_DIR / f"pins-{cell.pins}.txt"
@@ -142,7 +112,8 @@ def run_cell(cell: Cell, wheel: Path, staged: Path) -> bool:
     if not (installed.exists() and installed.read_text() == digest):  # hatchling's wheels are reproducible
         pip(python, "--no-deps", "--force-reinstall", wheel)
         installed.write_text(digest)
-    env = {**os.environ, "ETCD_BIN": find_etcd(cell.etcd), "LIB_WHEEL": str(wheel), "LIB_PINS": str(pin_file)}
+    env = {**os.environ, "ETCD_BIN": find_etcd(cell.etcd), "LIB_SDIST": str(sdist), "LIB_WHEEL": str(wheel),
+           "LIB_PINS": str(pin_file)}
     env.pop("PYTHONPATH", None)
     env.pop("DJANGO_SETTINGS_MODULE", None)
     started = time.monotonic()
@@ -162,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     cells = [Cell(*cell) for cell in QUICK] if args.quick else [
         Cell(python, pins, etcd) for python in PYTHONS for pins in PINS for etcd in ETCDS]
     WORK.mkdir(parents=True, exist_ok=True)
-    wheel = build_wheel()
+    sdist, wheel = build(WORK / "dist")
     staged = stage()
-    failed = [cell.name for cell in cells if not run_cell(cell, wheel, staged)]
+    failed = [cell.name for cell in cells if not run_cell(cell, sdist, wheel, staged)]
     print(f"library matrix: {len(cells) - len(failed)} of {len(cells)} cells passed", *failed, sep="\n  ")
     return 1 if failed else 0
 

@@ -107,10 +107,12 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
 
     # -- KeyValueStoreBackend's primitives ----------------------------------------------
     def get(self, key: bytes) -> bytes | None:
-        return self.store.get(key)
+        """A read waits out an outage as a write does: in a worker, reads run inside a task (a chord's
+        join, Celery's look-up of a redelivered task), which a leader change would otherwise fail."""
+        return self._ensure(self.store.get, key)
 
     def mget(self, keys: Iterable[bytes]) -> list[bytes | None]:
-        return self.store.get_many(keys)
+        return self._ensure(self.store.get_many, list(keys))
 
     def set(self, key: bytes, value: str | bytes) -> None:
         self._ensure(self.store.put, key, ensure_bytes(value), self.expires)

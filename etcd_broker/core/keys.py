@@ -8,6 +8,8 @@ in a queue name cannot escape its directory)::
                                                     ~<ms>: expires at this epoch millisecond (TTL)
     <root>/q/<queue>/unacked/<lease>/<band>/<seq>   claimed by the consumer holding <lease>
     <root>/q/<queue>/body/<seq>/<n>                 chunk n of a large expiring message's body
+    <root>/q/<queue>/parked/<token>                 an idle consumer waits for a hand-off (its lease;
+                                                    transport/handoff.py)
     <root>/q/<queue>/delayed/<due>/<band>/<seq>[~<ms>]  an ETA task waiting for its due time
                                                     (<due>: epoch ms, 13 digits; delayed.py)
     <root>/p/<queue>/<publish id>                   a publish was stored (short lease; idempotent.py)
@@ -128,6 +130,14 @@ class KeySpace:
 
     def body_chunk(self, queue: str, seq: str, index: int) -> str:
         return f"{self.body_chunks(queue, seq)}{index:06d}"
+
+    def parked(self, queue: str) -> str:
+        """The consumers parked on ``queue``, waiting for a publisher's hand-off (transport/handoff.py)."""
+        return f"{self.queue(queue)}parked/"
+
+    def parked_consumer(self, queue: str, token: str) -> str:
+        """One consumer's parked key on ``queue`` (``token``: the parking transport's, fixed for its life)."""
+        return f"{self.parked(queue)}{token}"
 
     def published(self, queue: str, publish_id: str) -> str:
         """The marker of one stored publish to ``queue`` (transport/idempotent.py)."""

@@ -219,6 +219,14 @@ def keep_alive(client: Any, lease: int) -> int:
     return responses[-1].TTL if responses else 0
 
 
+def revoke(client: Any, lease: int) -> None:
+    """Revoke ``lease`` (etcd's ``LeaseRevoke``): the keys attached to it are deleted now.
+
+    :class:`LeaseNotFound` if etcd no longer knows it (it expired, or was revoked already).
+    """
+    _call(client, "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease), service="Lease")
+
+
 def lease_ttl(client: Any, lease: int) -> int:
     """Seconds ``lease`` has left (etcd's ``LeaseTimeToLive``); -1 once etcd no longer knows it."""
     return _call(client, "LeaseTimeToLive", etcdrpc.LeaseTimeToLiveRequest(ID=lease), service="Lease").TTL

@@ -32,8 +32,12 @@ logger = logging.getLogger(__name__)
 #: Reconnect back-off: first and longest wait between tries (seconds).
 RECONNECT_FIRST_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
+#: What etcd says when it cancels a watch whose stream carries a token it no longer knows (it restarted).
+INVALID_TOKEN_REASON = "invalid auth token"
 EVENT_PUT = 0
 EVENT_DELETE = 1
+#: The watch id etcd gives its answer to a progress request (clientv3.InvalidWatchID): no one watch's.
+PROGRESS_WATCH_ID = -1
 #: Thread name of every hub's stream (one per process and etcd configuration).
 HUB_THREAD_NAME = "etcd-watch-hub"
 
@@ -90,6 +94,11 @@ class WatchStream:
         self._connected = threading.Event()
         #: Events delivered to callbacks since the stream started, by the watches' labels.
         self.events_delivered: Counter[str] = Counter()
+        #: The revision of the last progress answer (:meth:`request_progress`): every event of every
+        #: watch on this stream up to it had reached its callback when it arrived.
+        self.progress_revision = 0
+        #: Progress requests sent (tests count them: one per safety re-check, whatever the watches).
+        self.progress_requests = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -146,6 +155,21 @@ class WatchStream:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def request_progress(self) -> bool:
+        """Ask etcd for a progress answer on this stream (one message, no request of its own).
+
+        etcd answers once every watch on the stream has been sent every event up to its current
+        revision; :attr:`progress_revision` then holds that revision. False if not sent (no stream).
+        """
+        if forking.inherited(self._pid):
+            return False
+        with self._lock:
+            if self._requests is None:
+                return False
+            self.progress_requests += 1
+            self._requests.put(etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest()))
+            return True
+
     # -- the stream thread --------------------------------------------------
     def _send_create(self, watch: Watch) -> None:
         if self._requests is not None:
@@ -182,8 +206,8 @@ class WatchStream:
                 call = self._open()
                 for response in call:
                     self._connected.set()
-                    delay = RECONNECT_FIRST_DELAY
                     self._handle(response)
+                    delay = RECONNECT_FIRST_DELAY  # after a response that did not restart the stream
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     break
@@ -216,6 +240,10 @@ class WatchStream:
                 pass
 
     def _handle(self, response) -> None:
+        if response.watch_id == PROGRESS_WATCH_ID and not response.created and not response.events:
+            # etcd's answer to request_progress (no watch's): every event up to it was sent before it
+            self.progress_revision = max(self.progress_revision, response.header.revision)
+            return
         with self._lock:
             if response.created:
                 watch = self._pending.popleft() if self._pending else None
@@ -238,6 +266,8 @@ class WatchStream:
             if not watch.cancelled:
                 logger.warning("%s: etcd cancelled watch on %r: %s", self.name, watch.key,
                                response.cancel_reason)
+                if INVALID_TOKEN_REASON in response.cancel_reason:
+                    self._authenticate()
                 raise _StreamRestart()
             return
         if response.events:
@@ -247,6 +277,14 @@ class WatchStream:
         elif not response.created:
             # A progress notification: every event up to this revision was sent.
             watch.next_revision = max(watch.next_revision or 0, response.header.revision + 1)
+
+    def _authenticate(self) -> None:
+        """etcd restarted and forgot our token: a new one before the stream opens again (the stream sends the
+        token it opened with; only a unary call renews it, and an idle process may make none for long)."""
+        try:
+            self.client.authenticate()
+        except Exception as exc:  # noqa: BLE001 - unreachable again: the next open retries, then this again
+            logger.info("%s: could not authenticate again (%s)", self.name, exc)
 
     def _resync(self, watch: Watch, compact_revision: int) -> None:
         logger.warning("%s: revision %s of %r was compacted; resyncing", self.name,
@@ -310,6 +348,20 @@ class WatchHub:
         """Events this process received through the hub: all, or those of subscriptions with ``label``."""
         counts = self._stream.events_delivered
         return sum(counts.values()) if label is None else counts[label]
+
+    def request_progress(self) -> bool:
+        """Ask for a progress answer (:meth:`WatchStream.request_progress`); False if not sent."""
+        return self._stream.request_progress()
+
+    @property
+    def progress_revision(self) -> int:
+        """The revision of etcd's last progress answer: every event up to it reached its callback."""
+        return self._stream.progress_revision
+
+    @property
+    def progress_requests(self) -> int:
+        """Progress requests this hub sent (one per safety re-check)."""
+        return self._stream.progress_requests
 
     @property
     def connected(self) -> bool:

@@ -12,7 +12,7 @@ A message's path, in order (docs/transport.md, "How a message moves"):
 Beside that path: ``handoff`` (a publish straight to a parked idle consumer), ``delayed`` (ETA
 tasks), ``reconcile`` and ``executing`` (what a live lease holds), ``settle`` (an ``acks_late``
 SUCCESS deletes its message), ``bindings``, ``queue_limits``, ``large_body``, ``publish_batch``,
-``expired`` (REVOKED for a task dropped as expired).
+``expired`` (REVOKED for a task dropped as expired), ``options`` (the transport options, checked).
 """
 from etcd_broker.transport.channel import Channel, Transport
 

@@ -30,6 +30,9 @@ Connection string
 
 Transport options
 =================
+Checked when the transport is made (options.py): a wrong type or value raises ``EtcdConfigError``
+naming it. Options of kombu and Celery themselves pass untouched.
+
 * ``prefix``: key prefix for everything (default ``/deephardway``).
 * ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
 * ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
@@ -38,6 +41,7 @@ Transport options
   holds, and how long such a message stays unheld first (default 30; reconcile.py).
 * ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
   not in a worker's memory (default True; delayed.py).
+* ``default_priority``: priority 0-9 of a message sent with ``priority=None`` (default 0).
 * ``idempotent_publish``: a publish retried after an ambiguous failure (kombu's ``ensure``) is
   stored once: each publish writes a short-lived marker in its transaction (default True; idempotent.py).
 * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
@@ -78,6 +82,7 @@ from etcd_broker.transport.bindings import BindingTable
 from etcd_broker.transport.event_loop import EventLoopMixin
 from etcd_broker.transport.expired import revoke_expired
 from etcd_broker.transport.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
+from etcd_broker.transport.options import check_options
 from etcd_broker.transport.publish_batch import PublishBatch
 from etcd_broker.transport.qos import QoS
 from etcd_broker.transport.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
@@ -239,7 +244,7 @@ class Channel(virtual.Channel):
         buffered = self._buffer.get(queue)
         if buffered:
             return buffered.popleft()
-        lease_id = self.lease.ensure()
+        lease_id = self.lease.ensure(queue)  # lists the queue in our consumer key before any claim (the sweep)
         if not self._single_get:  # what the consume watches tell is for consumers; a synchronous get reads
             # claimed by its publisher; checked with etcd while our lease is in doubt
             while (handed := self.connection.parking.take(queue, self.lease.current_key,
@@ -321,7 +326,7 @@ class Channel(virtual.Channel):
             response = self._read_windows(cursor, limit) if cursor is not None else None
             drained = False
             if response is None:
-                response = self.client.get_range_response(cursor or prefix, range_end(prefix), limit=limit)
+                response = ops.get(self.client, cursor or prefix, range_end=range_end(prefix), limit=limit)
                 drained = len(response.kvs) < limit
             rows = [(kv.key, kv.value, kv.mod_revision) for kv in response.kvs]
         finally:  # a failed read learns nothing, but ends its watch on the cursor
@@ -334,7 +339,7 @@ class Channel(virtual.Channel):
         """The first non-empty of the windows of the cursor's band that start at it (None: all empty)."""
         width = HEAD_WINDOW_NS
         for _ in range(HEAD_WINDOWS):
-            response = self.client.get_range_response(cursor, self.keys.window_end(cursor, width), limit=limit)
+            response = ops.get(self.client, cursor, range_end=self.keys.window_end(cursor, width), limit=limit)
             if response.kvs:
                 return response
             width *= HEAD_WINDOW_GROWTH
@@ -537,8 +542,7 @@ class Channel(virtual.Channel):
         self._consumer_queues[consumer_tag] = queue
         if no_ack:
             self._no_ack_queues.add(queue)
-        self.lease.ensure()
-        self.lease.add_queue(queue)
+        self.lease.add_queue(queue)  # the first grants the lease; the next ensure() lists the rest: 2 writes for Q queues
         self.connection.watch_queue(queue)
         if queue not in self._auto_delete:  # replies and events are never delayed
             self.connection.delayed.follow(queue)  # its ETA tasks move to ready/ when due (delayed.py)
@@ -688,6 +692,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     recoverable_channel_errors = ()
 
     def __init__(self, client, **kwargs):
+        check_options(client.transport_options)  # a wrong type or value, named, before anything reads one
         super().__init__(client, **kwargs)
         options = client.transport_options
         self.config = EtcdConfig.from_url(self._urls(client, options),
@@ -695,8 +700,8 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self.etcd = get_client(self.config)
         self.owner_pid = os.getpid()  # the process it belongs to (forking.inherited)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
-        self.lease_ttl = int(options.get("lease_ttl", DEFAULT_LEASE_TTL))
-        self.reconcile_seconds = float(options.get("reconcile_seconds", RECONCILE_SECONDS))
+        self.lease_ttl = options.get("lease_ttl", DEFAULT_LEASE_TTL)
+        self.reconcile_seconds = options.get("reconcile_seconds", RECONCILE_SECONDS)
         self.sequence = Sequence()
         self.declared: set[str] = set()
         self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases (queue_limits.py)

@@ -9,7 +9,10 @@ puts only) and keeps the earliest due time; one thread per transport sleeps unti
 what is due to ``ready/<band>/<seq>`` (its place among ready messages: priority, then age), up to
 ``MOVE_BATCH`` messages per transaction, each guarded by its key's mod revision, so whichever
 process moves a message moves it once. The ready put wakes the consumers as any publish does,
-and the worker runs the task at once (its ``eta`` is past). A message's TTL goes with it: the
+and the worker runs the task at once (its ``eta`` is past). No timer re-reads a followed queue:
+the watch and the transport's safety re-check stand for it (event_loop.py: if the stream did not
+answer a progress request up to etcd's revision, ``look_again_all``), so an idle mover costs etcd
+nothing. A message's TTL goes with it: the
 delayed key hangs on the same lease and keeps its deadline, and so does the ready key.
 
 Revoking a waiting task: Celery's ``revoke`` reaches the live workers, which keep the id and
@@ -38,13 +41,14 @@ MIN_DELAY_SECONDS = 1.0
 MOVE_BATCH = 64
 #: Most message bytes moved in one transaction (etcd refuses requests over 1.5 MiB).
 MOVE_BATCH_BYTES = 1_048_576
-#: The earliest due time of every followed queue is read again this often (a safety net, like the
-#: consumers' 30 s re-read): one keys-only read of one key per queue.
-SAFETY_SECONDS = 30.0
+#: Longest sleep of the mover thread, and longest wait after repeated errors (seconds). No timer
+#: re-reads a queue: a put the watch stream missed is caught by the transport's safety re-check
+#: (event_loop.py: one read and a progress request for the whole stream), which calls look_again_all.
+MAX_WAIT_SECONDS = 30.0
 #: Least time between two moves of one queue (seconds): messages due within it move in one transaction
 #: instead of one each (at 400 due per second: 10 transactions, not 400), well inside the 1 s precision.
 MOVE_INTERVAL = 0.1
-#: First wait after an unexpected error in the mover (seconds); doubled up to SAFETY_SECONDS.
+#: First wait after an unexpected error in the mover (seconds); doubled up to MAX_WAIT_SECONDS.
 ERROR_BACKOFF = 1.0
 #: The next due time is looked for within these many seconds ahead first, then without bound: etcd
 #: visits every key of a range to count it, so a read bounded by a due time visits the keys due
@@ -101,6 +105,7 @@ class DelayedMover:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._moving = False  # the thread took due queues and has not looked for more since
 
     def follow(self, queue: str) -> None:
         """Move ``queue``'s delayed messages when due (idempotent)."""
@@ -134,6 +139,12 @@ class DelayedMover:
             self._thread = None
         self._wake.set()
 
+    def settled(self) -> bool:
+        """True if nothing is due or being moved now (tests: an idle mover)."""
+        with self._lock:
+            now = time.time()
+            return not self._moving and all(when is None or when > now for when in self._next.values())
+
     def next_due(self, queue: str) -> float | None:
         """The earliest due time this mover knows for ``queue`` (None: nothing waits, or not followed)."""
         with self._lock:
@@ -165,15 +176,12 @@ class DelayedMover:
 
     # -- the mover thread -------------------------------------------------------------------
     def _loop(self, closed: threading.Event) -> None:
-        backoff, looked_at = ERROR_BACKOFF, time.monotonic()
+        backoff = ERROR_BACKOFF
         while not closed.is_set():
             due, wait = self._due_queues(time.time())
             if not due:
                 self._wake.wait(wait)
                 self._wake.clear()
-                if time.monotonic() - looked_at >= SAFETY_SECONDS:
-                    looked_at = time.monotonic()
-                    self._look_again_all()  # safety net: a due time we never heard of
                 continue
             for queue in due:
                 try:
@@ -181,7 +189,7 @@ class DelayedMover:
                 except Exception:  # noqa: BLE001 - the mover must outlive anything one move meets
                     logger.exception("delayed messages of queue %r not moved; retrying in %.0fs", queue, backoff)
                     following = time.time() + backoff
-                    backoff = min(backoff * 2, SAFETY_SECONDS)
+                    backoff = min(backoff * 2, MAX_WAIT_SECONDS)
                 else:
                     backoff = ERROR_BACKOFF
                 self._learn(queue, following)
@@ -193,8 +201,9 @@ class DelayedMover:
             due = [queue for queue, when in self._next.items() if when is not None and when <= now]
             for queue in due:
                 self._next[queue] = None  # a put seen while we move sets it again
+            self._moving = bool(due)
             soonest = min((when for when in self._next.values() if when is not None), default=None)
-        wait = SAFETY_SECONDS if soonest is None else min(SAFETY_SECONDS, max(soonest - now, 0.0))
+        wait = MAX_WAIT_SECONDS if soonest is None else min(MAX_WAIT_SECONDS, max(soonest - now, 0.0))
         return due, wait
 
     def _learn(self, queue: str, following: float | None) -> None:
@@ -206,10 +215,13 @@ class DelayedMover:
                 known = self._next[queue]
                 self._next[queue] = following if known is None else min(known, following)
 
-    def _look_again_all(self) -> None:
+    def look_again_all(self) -> None:
+        """Read every followed queue's earliest due time again (the watch stream may have missed a put:
+        the transport's safety re-check found it did not answer, event_loop.py)."""
         with self._lock:
             for queue in self._next:
                 self._next[queue] = 0.0
+        self._wake.set()
 
     def _move(self, queue: str, closed: threading.Event) -> float | None:
         """Move every message of ``queue`` due now to ready/; return when the next one is due (None: none)."""

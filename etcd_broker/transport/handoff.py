@@ -49,14 +49,6 @@ IDLE = b""
 MAX_FOLLOWED_QUEUES = 64
 
 
-def parked_key(keys: KeySpace, queue: str, token: str) -> str:
-    return f"{keys.queue(queue)}parked/{token}"
-
-
-def parked_prefix(keys: KeySpace, queue: str) -> str:
-    return f"{keys.queue(queue)}parked/"
-
-
 def record(unacked_key: str, value: bytes) -> bytes:
     """The hand-off record a publisher writes over a parked key: the claimed key, then the message."""
     return unacked_key.encode() + b"\n" + value
@@ -114,7 +106,7 @@ class ParkedConsumers:
             return len(self._idle.get(queue) or ())
 
     def _follow(self, queue: str) -> None:
-        prefix = parked_prefix(self.keys, queue)
+        prefix = self.keys.parked(queue)
         self._watches[queue] = self.hub.subscribe(
             prefix, lambda events: self._update(queue, ((e.kv, e.type == EVENT_PUT) for e in events)),
             prefix=True, on_created=lambda: self._read(queue), label="parked")
@@ -122,7 +114,7 @@ class ParkedConsumers:
     def _read(self, queue: str) -> None:
         """Each time the watch is (re)created: the parked keys now (on the watch thread; one read)."""
         try:
-            response = ops.get(self.client, parked_prefix(self.keys, queue), prefix=True)
+            response = ops.get(self.client, self.keys.parked(queue), prefix=True)
         except Exception as exc:  # noqa: BLE001 - the view stays empty; publishes go to ready
             logger.debug("parked consumers of %r not read: %s", queue, exc)
             return
@@ -304,7 +296,7 @@ class Parking:
 
     def _start(self, queue: str) -> _Park | None:
         """Follow our parked key for ``queue`` before the first park (a hand-off must reach us)."""
-        park = _Park(parked_key(self.keys, queue, self._token))
+        park = _Park(self.keys.parked_consumer(queue, self._token))
         hub = self._hub()
         park.watch = hub.subscribe(park.key, lambda events: self._on_events(queue, park, events), label="parked",
                                    on_resync=lambda: self._resync(queue, park))

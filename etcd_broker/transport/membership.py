@@ -6,6 +6,12 @@ under ``unacked/<lease>/`` *without* a lease, so it survives anything; when a
 consumer's lease expires (SIGKILL, OOM, lost network) its consumer key vanishes
 and any live consumer moves those messages back to ``ready/`` in one
 transaction per message, at their original place in line.
+
+The sweep reads only the dead consumer's queues (its key's last value lists them; a claim's
+transaction requires the key, so nothing is claimed under a lease after it is gone). A full
+pass over every declared queue runs at start, when the consumer watch's history was compacted
+away (deletes may have gone unseen) and every FULL_SWEEP_SECONDS as a safety net, so the
+idle cost does not grow with the number of queues.
 """
 from __future__ import annotations
 
@@ -33,13 +39,26 @@ logger = logging.getLogger(__name__)
 DEFAULT_LEASE_TTL = 10
 #: Most acks deleted in one transaction (etcd allows 128 operations per transaction).
 ACK_BATCH = 100
-#: Full sweep of every declared queue this often, besides the sweeps that lease expiry triggers.
+#: The sweeper thread wakes at least this often (reconciliation, a full pass falling due).
 SAFETY_SWEEP_SECONDS = 30.0
+#: Full sweep of every declared queue this often: the last net for a lease expiry the consumer watch did
+#: not show us although its stream answered the safety re-checks (a stream that did not answer asks for
+#: a full sweep at once, event_loop.py).
+FULL_SWEEP_SECONDS = 300.0
 #: A lease keepalive unanswered this long means etcd is unreachable now (the RPC deadline is longer):
 #: closing then skips every etcd call and leaves the lease to expire, which hands our messages back.
 PROBE_SECONDS = 1.0
 #: First wait (seconds) of a background loop after an unexpected error; doubled each time it fails again.
 FAILED_LOOP_BACKOFF = 1.0
+
+
+def claimed_queues_of(value: bytes) -> frozenset[str]:
+    """Every queue a ``consumer/`` key's value says it claimed from: its consumed queues
+    (offers.queues_of) and its ``basic_get`` queues ("gets", which offers never use)."""
+    try:
+        return offers.queues_of(value) | frozenset(json.loads(value).get("gets", ()))
+    except (ValueError, AttributeError):
+        return frozenset()
 
 
 class ConsumerLease:
@@ -51,12 +70,20 @@ class ConsumerLease:
         self.keys = keys
         self.ttl = ttl
         self.queues: set[str] = set()
+        #: queues claimed from without a consumer (``basic_get``): listed apart ("gets"), for the sweep
+        #: only (offers.py offers puts to the consumers in "queues")
+        self.get_queues: set[str] = set()
         self.lease_id: int | None = None
         self._lock = threading.RLock()
         self._pending_deletes: list[str] = []
         self._pending_requeues: list[str] = []
         self._pending_withdraws: list[tuple[str, int]] = []  # parks to delete (handoff.py)
         self._dead_queues: set[str] = set()
+        self._unlisted = False  # queues were added that our consumer key does not list yet (ensure writes them)
+        self._sweep_queues: set[str] = set()  # a dead consumer's queues, to sweep at the next turn
+        self._full_sweep_wanted = True  # a full pass at the next turn (start, watch re-created or compacted)
+        self._full_swept_at = 0.0  # monotonic time of the last full pass
+        self.full_sweeps = 0  # full passes made (tests)
         self._sweep_now = threading.Event()
         self._acks_waiting = threading.Event()
         self._closed = threading.Event()
@@ -72,32 +99,52 @@ class ConsumerLease:
                                      reconcile_seconds)
 
     # -- lifecycle ------------------------------------------------------------
-    def ensure(self) -> int:
-        """Grant the lease and register the consumer key if not done yet; return the lease id."""
+    def ensure(self, queue: str | None = None) -> int:
+        """Grant the lease and register the consumer key if not done yet, or write the queues added
+        since (every claim and park comes after this call, naming its ``queue``: a dead consumer's key
+        lists every queue it claimed from, which its sweep relies on); return the lease id."""
+        if queue is not None:
+            self.reconciler.touch(queue)  # a claim or park may follow: reconciliation reads the queue
         with self._lock:
+            if queue is not None and queue not in self.queues and queue not in self.get_queues:
+                self.get_queues.add(queue)
+                self._unlisted = True
             if self.lease_id is None:
                 self._register()
                 self._start_threads()
+            elif self._unlisted:
+                ops.run(self.client, ops.put(self.keys.consumer(self.lease_id), self._describe(), self.lease_id))
+                self._unlisted = False
             return self.lease_id  # type: ignore[return-value]
 
     def _register(self) -> None:
-        lease = self.client.lease(self.ttl)
-        self.client.put(self.keys.consumer(lease.id), self._describe(), lease=lease.id)
-        logger.info("consumer lease %016x granted (ttl %ss)", lease.id, self.ttl)
-        self.lease_id = lease.id
+        lease_id = ops.grant(self.client, self.ttl)
+        ops.run(self.client, ops.put(self.keys.consumer(lease_id), self._describe(), lease_id))
+        logger.info("consumer lease %016x granted (ttl %ss)", lease_id, self.ttl)
+        self.lease_id = lease_id
+        self._unlisted = False
         self._answered_at = time.monotonic()  # the grant is an answer: the lease is alive now
 
     def _describe(self) -> str:
-        return json.dumps({"hostname": socket.gethostname(), "pid": os.getpid(),
-                           "queues": sorted(self.queues), "since": time.time()})
+        described = {"hostname": socket.gethostname(), "pid": os.getpid(), "queues": sorted(self.queues),
+                     "since": time.time()}
+        if self.get_queues - self.queues:
+            described["gets"] = sorted(self.get_queues - self.queues)
+        return json.dumps(described)
 
     def add_queue(self, queue: str) -> None:
+        """Consume ``queue`` too. The first one grants the lease (its key lists the queue); later ones are
+        listed by the next :meth:`ensure` (the first get), so a consumer of Q queues writes its key
+        twice, not Q times (O(Q) bytes of history, not O(Q^2))."""
         with self._lock:
             if queue in self.queues:
                 return
             self.queues.add(queue)
-            if self.lease_id is not None:
-                self.client.put(self.keys.consumer(self.lease_id), self._describe(), lease=self.lease_id)
+            if self.lease_id is None:  # the first: the lease, its key (listing it) and the sweeper start now
+                self._register()
+                self._start_threads()
+            else:
+                self._unlisted = True
 
     def _start_threads(self) -> None:
         if self._threads:
@@ -134,7 +181,9 @@ class ConsumerLease:
                                self.lease_id, self.ttl)
             elif revoke and self.lease_id is not None:
                 try:
-                    self.client.revoke_lease(self.lease_id)
+                    ops.revoke(self.client, self.lease_id)
+                except ops.LeaseNotFound:  # it expired already: what it held is back in line
+                    logger.info("lease %016x had expired before close", self.lease_id)
                 except CONNECTION_ERRORS:
                     logger.info("could not revoke lease %016x; it expires in %ss", self.lease_id, self.ttl)
             self.lease_id = None
@@ -196,9 +245,9 @@ class ConsumerLease:
             lease_id = self.lease_id
         if lease_id is None:
             return
-        responses = list(self.client.refresh_lease(lease_id))
+        ttl = ops.keep_alive(self.client, lease_id)
         self._answered_at = time.monotonic()
-        if responses and responses[-1].TTL > 0:
+        if ttl > 0:
             return
         self.lost(lease_id)
 
@@ -210,6 +259,7 @@ class ConsumerLease:
             logger.error("consumer lease %016x expired while we were alive; re-registering", lease_id)
             self._register()
             self._adopt(lease_id, self.lease_id)
+            self.reconciler.read_all()  # our keys moved to the new lease, on any queue
 
     def _adopt(self, old: int, new: int | None) -> None:
         """Move what our expired lease still owns to the new one, unless a sweeper got there first."""
@@ -222,10 +272,9 @@ class ConsumerLease:
 
     def current_key(self, key: str) -> str:
         """An unacked key under our current lease (it changes only after an adopt)."""
-        queue_part, _, position_part = key.partition("/unacked/")
-        lease_hex, _, position = position_part.partition("/")
-        if self.lease_id is not None and int(lease_hex, 16) != self.lease_id:
-            return f"{queue_part}/unacked/{self.lease_id:016x}/{position}"
+        lease_id = self.lease_id
+        if lease_id is not None and self.keys.lease_of_unacked(key) != lease_id:
+            return self.keys.unacked_message(self.keys.queue_of(key), lease_id, self.keys.position_of(key))
         return key
 
     # -- acks: deleted in batches by one thread ---------------------------------------
@@ -308,10 +357,10 @@ class ConsumerLease:
         for index, key in enumerate(keys):
             try:
                 key = self.current_key(key)
-                value, meta = self.client.get(key)
-                if meta is not None:  # None: acked or swept meanwhile
-                    restored += restore_message(self.client, self.keys, self.keys.queue_of(key), key, value,
-                                                meta.mod_revision)
+                kv = ops.first_kv_of(ops.get(self.client, key))
+                if kv is not None:  # None: acked or swept meanwhile
+                    restored += restore_message(self.client, self.keys, self.keys.queue_of(key), key, kv.value,
+                                                kv.mod_revision)
             except CONNECTION_ERRORS:
                 with self._lock:
                     self._pending_requeues[:0] = keys[index:]
@@ -355,7 +404,7 @@ class ConsumerLease:
         one read). Unread, offers are not made (every consumer claims at once, offers.py)."""
         prefix = self.keys.consumers()
         try:
-            response = self.client.get_range_response(prefix, range_end(prefix))
+            response = ops.get(self.client, prefix, range_end=range_end(prefix))
         except CONNECTION_ERRORS as exc:
             logger.debug("live consumers not read: %s", exc)
             return 0
@@ -364,18 +413,28 @@ class ConsumerLease:
 
     def _resync_members(self) -> int:
         """The watch's history was compacted away: read the members again; deletes missed meanwhile
-        are the sweep's to find."""
-        self._sweep_now.set()
+        are the full sweep's to find (a reconnect resumes where the watch was: it misses none)."""
+        self.sweep_everything()
         return self._read_members()
+
+    def sweep_everything(self) -> None:
+        """A full sweep at the next turn: the consumer watch may have missed a delete (its history
+        compacted, or its stream did not answer the transport's safety re-check, event_loop.py)."""
+        with self._lock:
+            self._full_sweep_wanted = True
+        self._sweep_now.set()
 
     def _on_consumer_events(self, events: Iterable) -> None:
         self.members.apply(events)
         for event in events:
             if event.type != EVENT_DELETE:
                 continue
-            queues = offers.queues_of(event.prev_kv.value) if event.prev_kv.value else frozenset()
+            queues = claimed_queues_of(event.prev_kv.value) if event.prev_kv.value else frozenset()
             with self._lock:
                 self._dead_queues.update(queues)
+                self._sweep_queues.update(queues)
+                if not event.prev_kv.value:  # its queues unknown: every queue
+                    self._full_sweep_wanted = True
             self._sweep_now.set()
 
     def _sweep_loop(self) -> None:
@@ -386,10 +445,14 @@ class ConsumerLease:
             if self._closed.is_set():
                 return
             try:
-                restored = self._requeue_pending() + self.sweep() + self._reconcile()
+                restored = self._requeue_pending() + self._sweep_due() + self._reconcile()
                 if restored:
                     logger.warning("restored %d message(s) from dead consumers, closed channels or reconciliation",
                                    restored)
+                    # our consumers read their queues again rather than wait for the restores' watch events:
+                    # one lost around an etcd restart left a restored message unclaimed (no 30 s forget now)
+                    for holder in list(self._holders):
+                        holder.forget_reads()
                 self._drop_orphaned_queues()
             except CONNECTION_ERRORS as exc:
                 logger.info("sweep postponed: etcd unreachable (%s)", type(exc).__name__)
@@ -410,22 +473,44 @@ class ConsumerLease:
         with self._lock:
             queues, self._dead_queues = self._dead_queues, set()
         for queue in queues:
-            value, _ = self.client.get(self.keys.declared(queue))
-            if value is None:
-                deleted = self.client.delete_prefix(self.keys.queue(queue)).deleted
+            if ops.first_kv_of(ops.get(self.client, self.keys.declared(queue))) is None:
+                deleted = ops.run(self.client, ops.delete(self.keys.queue(queue), prefix=True)).deleted
                 if deleted:
                     logger.info("dropped %d message(s) left in auto-delete queue %r", deleted, queue)
 
-    def sweep(self) -> int:
-        """Give back every unacked message whose consumer lease is gone; return how many."""
+    def _sweep_due(self) -> int:
+        """A full pass if one is wanted or due, else the dead consumers' queues; how many came back."""
+        with self._lock:
+            full = self._full_sweep_wanted or time.monotonic() - self._full_swept_at >= FULL_SWEEP_SECONDS
+            queues, self._sweep_queues = self._sweep_queues, set()
+            self._full_sweep_wanted = False
+        if not full and not queues:
+            return 0
+        try:
+            restored = self.sweep(None if full else sorted(queues))
+        except BaseException:
+            with self._lock:  # not done: again at the next turn
+                self._sweep_queues |= queues
+                self._full_sweep_wanted |= full
+            raise
+        if full:
+            self._full_swept_at = time.monotonic()
+            self.full_sweeps += 1
+        return restored
+
+    def sweep(self, queues: Iterable[str] | None = None) -> int:
+        """Give back every unacked message on ``queues`` (None: every declared queue) whose consumer
+        lease is gone; return how many."""
         live = {self.keys.lease_of_consumer(kv.key)
                 for kv in ops.scan(self.client, self.keys.consumers(), prefix=True, keys_only=True)}
-        restored = 0
-        for queue in declared_queues(self.client, self.keys):
+        restored, own = 0, self.lease_id
+        for queue in declared_queues(self.client, self.keys) if queues is None else queues:
             # keys only, in pages: a busy worker holds thousands (one unbounded read of 19k failed, issue 20)
             for kv in ops.scan(self.client, self.keys.unacked(queue), prefix=True, keys_only=True):
                 key = kv.key.decode()
                 lease = self.keys.lease_of_unacked(key)
+                if lease == own:  # ours: reconciliation reads the queue (its net for a claim no touch announced)
+                    self.reconciler.touch(queue)
                 if lease in live:
                     continue
                 held = ops.first_kv_of(ops.get(self.client, key))

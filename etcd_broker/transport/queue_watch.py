@@ -11,9 +11,11 @@ compacted, so a read of the whole ``ready/`` prefix walks the backlog and the to
 what was claimed. Per watched queue we keep the lowest ready key that may still be live: a read
 that finds the head raises it there; every put the watch hands us (publishes, requeues and
 restores, which go back to their original lower place) lowers it to its key, also one seen
-while a read was under way; :meth:`forget_reads` (reconnects, the 30 s safety re-check) drops
-it, so the next read is of the whole prefix again. The transport reads from the cursor
-(transport.py ``_read_ready``).
+while a read was under way; :meth:`forget_reads` (a reconnect or a compacted watch, and a 30 s
+safety re-check the stream did not answer, event_loop.py) drops it, so the next read is of the
+whole prefix again. No timer forgets it otherwise: a put below the cursor (a requeue, a dead
+consumer's message swept back) lowers it by its own event. The transport reads from the cursor
+(channel.py ``_read_ready``).
 
 The watch is the process's, shared by its transports on the queue (offers.QueueFeed): a put
 reaches the one transport it is offered to at once; one offered elsewhere is held back by the
@@ -168,14 +170,14 @@ class QueueWatchMixin:
 
     def put_below(self, queue: str, key: bytes) -> None:
         """We put ``key`` back ourselves (a requeue): lower the cursor now, not when its watch event comes, so
-        the channel's next get reads it first (a read ahead of the claim lies above it: transport.py ``_claim``)."""
+        the channel's next get reads it first (a read ahead of the claim lies above it: channel.py ``_claim``)."""
         with self._watch_lock:
             self._lower_cursor(queue, key)
 
     def still_head(self, queue: str, key: bytes) -> bool:
         """True if no put below ``key`` was seen since a head read found it (the cursor is not under it).
 
-        A read ahead (transport.py ``_claim``) is claimed later without reading again only while this holds;
+        A read ahead (channel.py ``_claim``) is claimed later without reading again only while this holds;
         False too once reads were forgotten (no cursor) or the queue is no longer watched.
         """
         with self._watch_lock:

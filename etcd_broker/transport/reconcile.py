@@ -20,10 +20,21 @@ still names it), and the give-back transaction's compare on that mod_revision ho
 never given back twice, nor after an ack deleted it. Passes run on the lease's sweeper thread
 every ``interval`` (transport option ``reconcile_seconds``, default RECONCILE_SECONDS) and once
 after etcd answers again following an outage, and never while etcd is unreachable.
+
+A pass reads only the queues where a key under our lease may be (issue 19: an idle consumer of Q
+queues read Q keys every pass): those :meth:`Reconciler.touch` named since shortly before the
+previous pass began (``ConsumerLease.ensure(queue)`` touches a queue before every claim from it
+and every park on it; a hand-off on a park wakes a get, which touches it again), those where the
+previous pass found keys of ours, and every queue in a full pass: after an outage (``soon``),
+after our lease was lost and its keys adopted (``read_all``). A new lease holds nothing that no
+touch announced, so the first pass is not a full one. The lease's full sweep
+(every 300 s, membership.py) sees our keys too and touches their queues, so a key no touch
+announced is still found within that sweep's period plus a pass.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from time import monotonic
 from typing import Any
@@ -35,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 #: Default seconds between passes, and the least time a key stays unheld before it is given back.
 RECONCILE_SECONDS = 30.0
+#: A touch this long before the previous pass began still makes a pass read the queue: it bounds the
+#: time from a touch to the claim or park after it (a get's reads and claim, each under the call deadline).
+TOUCH_MARGIN_SECONDS = 60.0
 
 
 def unacked_keys(client: Any, keys: KeySpace, queue: str, lease_id: int) -> Iterator[tuple[str, int]]:
@@ -59,10 +73,28 @@ class Reconciler:
         self._suspects: dict[str, tuple[int, float]] = {}  # key -> (mod_revision, first seen unheld)
         self._last = monotonic()  # the first pass waits one interval: a consumer starting up holds nothing yet
         self._soon = False
+        self._lock = threading.Lock()
+        self._touched: dict[str, float] = {}  # queue -> monotonic time of its last touch
+        self._full = False  # the next pass reads every queue (not the first: a new lease holds nothing untouched)
+        self._previous_start = monotonic()  # when the last pass that completed began
+        self._holding: set[str] = set()  # queues where the last pass found keys of ours
+        self.queues_read = 0  # queues read by passes so far (tests)
+
+    def touch(self, queue: str) -> None:
+        """A claim or park on ``queue`` may follow: the next passes read it."""
+        with self._lock:
+            self._touched[queue] = monotonic()
+
+    def read_all(self) -> None:
+        """The next pass reads every queue (our keys moved: a lost lease's adopted)."""
+        with self._lock:
+            self._full = True
 
     def soon(self) -> None:
-        """Run a pass at the sweeper's next turn (etcd answers again after an outage)."""
+        """Run a full pass at the sweeper's next turn (etcd answers again after an outage: a claim
+        sent before it may have been applied however long ago it was touched)."""
         self._soon = True
+        self.read_all()
 
     def postpone(self) -> None:
         """No pass now (etcd unreachable, no lease): the next one is an interval away."""
@@ -76,8 +108,15 @@ class Reconciler:
         """One pass over our lease's keys on ``queues``; returns how many were given back."""
         self._soon, now = False, monotonic()
         self._last = now
-        found = {key: revision for queue in sorted(queues)
-                 for key, revision in unacked_keys(self.client, self.keys, queue, lease_id)}
+        to_read = self._to_read(queues)
+        try:
+            found = {key: revision for queue in to_read
+                     for key, revision in unacked_keys(self.client, self.keys, queue, lease_id)}
+        except BaseException:
+            self.read_all()  # not done: the next pass reads every queue
+            raise
+        self._previous_start, self.queues_read = now, self.queues_read + len(to_read)
+        self._holding = {self.keys.queue_of(key) for key in found}
         held = self._held_now()
         stray = {key: revision for key, revision in found.items() if key not in held}
         suspects, given_back = {}, 0
@@ -94,6 +133,16 @@ class Reconciler:
                 given_back += outcome or 0
         self._suspects = suspects
         return given_back
+
+    def _to_read(self, queues: Iterable[str]) -> list[str]:
+        """The queues this pass reads: every one in a full pass; else those touched since shortly
+        before the previous pass began, and those where it found keys of ours."""
+        with self._lock:
+            full, self._full = self._full, False
+            since = self._previous_start - TOUCH_MARGIN_SECONDS
+            self._touched = {queue: at for queue, at in self._touched.items() if at > since}
+            touched = set(self._touched)
+        return sorted(queue for queue in queues if full or queue in touched or queue in self._holding)
 
     def _held_now(self) -> set[str]:
         return {self._current_key(key) for key in self._held()}

@@ -67,9 +67,11 @@ def test_a_granted_lease_counts_down_and_reads_minus_one_once_revoked(client, et
     lease = ops.grant(client, 30)
     assert 25 <= ops.lease_ttl(client, lease) <= 30
     ops.txn(client, success=[ops.put(f"{etcd_prefix}/ops/leased", b"v", lease)])
-    client.revoke_lease(lease)
+    ops.revoke(client, lease)
     assert ops.lease_ttl(client, lease) == -1
     assert ops.get(client, f"{etcd_prefix}/ops/leased").count == 0
+    with pytest.raises(ops.LeaseNotFound):  # gone already
+        ops.revoke(client, lease)
 
 
 def test_run_sends_one_op_as_its_own_rpc_and_refuses_a_txn(client, etcd_prefix):
@@ -90,5 +92,5 @@ def test_run_sends_one_op_as_its_own_rpc_and_refuses_a_txn(client, etcd_prefix):
 def test_keep_alive_renews_a_live_lease_and_reads_zero_once_it_is_gone(client):
     lease = ops.grant(client, 30)
     assert ops.keep_alive(client, lease) == 30
-    client.revoke_lease(lease)
+    ops.revoke(client, lease)
     assert ops.keep_alive(client, lease) <= 0

@@ -90,3 +90,17 @@ def test_results_keep_flowing_when_the_cluster_member_in_use_dies(tmp_path):
     finally:
         for member in members:
             member.cleanup()
+
+
+def test_a_state_read_waits_out_an_etcd_restart(private_etcd):
+    """A task's state read (in a worker: Celery's look-up of a redelivered task) waits for etcd like a
+    write, instead of raising into the task (the 10-minute prefork chaos run, seed 2875818680: a chord part
+    failed with EtcdUnreachable from that look-up during a leader kill)."""
+    app = make_app(private_etcd.url, f"/tr-{uuid.uuid4().hex[:8]}")
+    app.backend.store_result("stored-before", "kept", states.SUCCESS)
+    private_etcd.stop()  # the read below starts during the outage
+    starter = threading.Timer(1.5, private_etcd.start)
+    starter.start()
+    assert app.AsyncResult("stored-before").state == states.SUCCESS
+    starter.join()
+    app.close()

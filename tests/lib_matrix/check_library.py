@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,9 @@ DIST = "celery-etcd-broker"
 #: The pins of this run (broker-dist/pins-floor.txt or pins-ceiling.txt) and both pin files.
 PINS = Path(os.environ["LIB_PINS"])
 PIN_DIR = PINS.parent
+#: What the sdist holds at its top: the package and broker-dist/'s files (no deephardway_site, jobs, ml...).
+SDIST_TOP = ("etcd_broker", "pyproject.toml", "hatch_build.py", "README.md", "CHANGELOG.md", "PKG-INFO",
+             "pins-floor.txt", "pins-ceiling.txt")
 #: A result, a group and a worker start on a loaded 2-core machine.
 RESULT_TIMEOUT = 120
 
@@ -50,6 +54,21 @@ def test_the_wheel_holds_etcd_broker_and_its_metadata_only():
     assert not strays, f"the wheel holds more than etcd_broker: {strays}"
     assert "etcd_broker/py.typed" in names and "etcd_broker/__init__.py" in names
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+
+
+def test_the_sdist_holds_etcd_broker_and_its_build_files_and_the_wheel_came_from_it():
+    # scripts/library_dist.py built LIB_SDIST in broker-dist/, then LIB_WHEEL from it alone
+    root = f"{DIST.replace('-', '_')}-{importlib.metadata.version(DIST)}/"
+    with tarfile.open(os.environ["LIB_SDIST"]) as sdist:
+        files = {member.name.removeprefix(root): sdist.extractfile(member).read()
+                 for member in sdist.getmembers() if member.isfile()}
+        assert all(member.name.startswith(root) for member in sdist.getmembers())
+    assert {name.split("/")[0] for name in files} == set(SDIST_TOP)
+    assert not [name for name in files if "__pycache__" in name or name.endswith(".pyc")]
+    assert {"etcd_broker/__init__.py", "etcd_broker/py.typed", "etcd_broker/transport/channel.py"} <= set(files)
+    with zipfile.ZipFile(os.environ["LIB_WHEEL"]) as wheel:
+        package = {name: wheel.read(name) for name in wheel.namelist() if name.startswith("etcd_broker/")}
+    assert package == {name: data for name, data in files.items() if name.startswith("etcd_broker/")}
 
 
 def test_the_metadata_ranges_start_at_the_floor_and_admit_the_ceiling():

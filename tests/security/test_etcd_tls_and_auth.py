@@ -11,7 +11,9 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 import etcd_broker  # noqa: F401
-from etcd_broker.core.client import make_client
+from etcd_broker.core import ops
+from etcd_broker.core.client import CONNECTION_ERRORS, make_client
+from etcd_broker.core.watch import WatchHub
 from etcd_broker.exceptions import EtcdConfigError
 from tests.helpers import WorkerProcess, wait_until
 from tests.reliability import counting_app
@@ -135,3 +137,37 @@ def test_a_worker_with_credentials_keeps_working_across_an_etcd_restart(certs, t
         client.close()
     finally:
         server.stop()
+
+
+def test_a_watch_keeps_delivering_after_an_etcd_restart_without_other_calls(certs, tmp_path, secure_prefix):
+    """A restart forgets every token; etcd then cancels each watch the stream re-creates with the old one
+    ("invalid auth token") and a lease keepalive still passes with it. An idle worker makes no other call
+    for up to the 30 s re-check, so the watch stream renews its token itself (cc19: a hand-off to an idle
+    worker waited past the test's 60 s; before the fix the stream re-opened every 50 ms, refused)."""
+    server = start_secure_etcd(certs, str(tmp_path / "etcd"), tls=False)
+    options = {"user": APP_USER, "password": "app-secret-1"}
+    watching, writer = make_client(server.url, **options), make_client(server.url, **options)
+    seen: list = []
+    hub = WatchHub(watching)
+    try:
+        hub.subscribe(f"{secure_prefix}/w/", seen.extend, prefix=True)
+        ops.run(writer, ops.put(f"{secure_prefix}/w/1", "before"))
+        wait_until(lambda: len(seen) == 1, timeout=30, message="the event before the restart")
+        server.stop()
+        server.start()
+        wait_until(lambda: _put_retrying_once(writer, f"{secure_prefix}/w/2"), timeout=60,
+                   message="a write after the restart (the writer authenticates again)")
+        wait_until(lambda: len(seen) == 2, timeout=30, message="the watch's event after the restart")
+    finally:
+        hub.close()
+        watching.close()
+        writer.close()
+        server.stop()
+
+
+def _put_retrying_once(client, key: str) -> bool:
+    try:
+        ops.run(client, ops.put(key, "after"))
+        return True
+    except CONNECTION_ERRORS:  # unreachable while etcd starts, or the old token (renewed for the next try)
+        return False

@@ -61,7 +61,7 @@ def env_for(url: str, prefix: str, lease_ttl: int = 3) -> dict[str, str]:
 
 def parks(client, keys: KeySpace, queue: str) -> list:
     """The parked keys of ``queue``: (value, lease) of each."""
-    response = ops.get(client, handoff.parked_prefix(keys, queue), prefix=True)
+    response = ops.get(client, keys.parked(queue), prefix=True)
     return [(kv.value, kv.lease) for kv in response.kvs]
 
 
@@ -175,7 +175,7 @@ def test_a_handoff_to_a_sigkilled_worker_comes_back_and_runs_elsewhere(worker_fa
 def test_a_park_that_changed_since_the_publisher_saw_it_gets_nothing(etcd_url, etcd_prefix):
     client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
     lease = client.lease(10)
-    key = handoff.parked_key(keys, "stale-q", "token")
+    key = keys.parked_consumer("stale-q", "token")
     seen = ops.txn(client, success=[ops.put(key, handoff.IDLE, lease.id)]).header.revision
     ops.txn(client, success=[ops.put(key, handoff.IDLE, lease.id)])  # parked again since (a new revision)
     position = keys.position(0, "00000000000000000001-test")
@@ -199,7 +199,7 @@ def test_a_handoff_not_taken_before_its_lease_lapsed_is_delivered_only_if_still_
 
     def hand_off(lease_id: int, seq: str) -> str:
         parking.park(queue, lease_id)
-        (kv,) = ops.get(client, handoff.parked_prefix(keys, queue), prefix=True).kvs
+        (kv,) = ops.get(client, keys.parked(queue), prefix=True).kvs
         position = f"9/{seq}"
         compare, success, failure = handoff.handoff_ops(keys, queue, position, b'{"n": 1}',
                                                         keys.ready_message(queue, position),

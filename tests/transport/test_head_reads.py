@@ -20,35 +20,38 @@ BACKLOG = 30
 SLOW = 20
 
 
-def record_ready_reads(transport, prefix: str) -> list[bytes]:
-    """The start key of every range read under ``prefix`` the transport's client makes from now on:
-    lone reads, and the reads ahead a claim transaction makes in its success branch (transport.py _claim)."""
+def is_head_read(method: str, request, prefix: str) -> bool:
+    """A head read of the queue under ``prefix`` (channel.py's ``_read_ready``), not a count or a keys-only read."""
+    return method == "Range" and request.key.startswith(prefix.encode()) and not (
+        request.count_only or request.keys_only)
+
+
+def record_ready_reads(monkeypatch, transport, prefix: str) -> list[bytes]:
+    """The start key of every head read under ``prefix`` the transport's client makes from now on
+    (every read goes through ``client.call``: core/ops.py), lone reads and the reads ahead a claim
+    transaction makes in its success branch (channel.py ``_claim``); the wrapper goes at the test's end."""
     client, starts = transport.etcd, []
-    original, original_call = client.get_range_response, client.call
+    original = client.call
 
-    def recorded(range_start, range_end, *args, **kwargs):
-        start = range_start.encode() if isinstance(range_start, str) else range_start
-        if start.startswith(prefix.encode()):
-            starts.append(start)
-        return original(range_start, range_end, *args, **kwargs)
-
-    def called(method, request, **kwargs):
-        if method == "Txn":
+    def recorded(method, request, *args, **kwargs):
+        if is_head_read(method, request, prefix):
+            starts.append(request.key)
+        elif method == "Txn":
             starts.extend(op.request_range.key for op in request.success
-                          if op.HasField("request_range") and op.request_range.key.startswith(prefix.encode()))
-        return original_call(method, request, **kwargs)
+                          if op.HasField("request_range") and is_head_read("Range", op.request_range, prefix))
+        return original(method, request, *args, **kwargs)
 
-    client.get_range_response, client.call = recorded, called
+    monkeypatch.setattr(client, "call", recorded)
     return starts
 
 
-def test_draining_a_backlog_reads_from_its_head_not_from_the_queue_s_start(etcd_url, etcd_prefix):
+def test_draining_a_backlog_reads_from_its_head_not_from_the_queue_s_start(monkeypatch, etcd_url, etcd_prefix):
     prefix = KeySpace(etcd_prefix).ready("backlog")
     with Connection(etcd_url, transport_options={"prefix": etcd_prefix}) as conn:
         queue = conn.SimpleQueue("backlog")
         for n in range(BACKLOG):
             queue.put({"n": n})
-        starts = record_ready_reads(queue.consumer.channel.connection, prefix)
+        starts = record_ready_reads(monkeypatch, queue.consumer.channel.connection, prefix)
         got = []
         for _ in range(BACKLOG):
             message = queue.get(timeout=SLOW)
@@ -114,25 +117,24 @@ def test_a_put_below_the_cursor_during_a_read_is_not_taken_for_an_empty_queue(et
         for _ in range(2):  # the cursor moves past the first message's place
             queue.get(timeout=SLOW).ack()
         seen = threading.Event()
-        original_news, original_read = transport.offer_news, transport.etcd.get_range_response
+        original_news, original_call = transport.offer_news, transport.etcd.call
 
         def watched(name, rows):
             original_news(name, rows)
             if any(row[0] == place for row in rows):
                 seen.set()
 
-        def read_after_a_requeue(range_start, range_end, *args, **kwargs):
-            start = range_start.encode() if isinstance(range_start, str) else range_start
-            if start.startswith(prefix.encode()) and start > place and not seen.is_set():
+        def read_after_a_requeue(method, request, *args, **kwargs):
+            if is_head_read(method, request, prefix) and request.key > place and not seen.is_set():
                 first.requeue()  # back below the cursor, its event seen while this read is under way
                 assert seen.wait(SLOW), "the watch never saw the requeued message's put"
-            return original_read(range_start, range_end, *args, **kwargs)
+            return original_call(method, request, *args, **kwargs)
 
-        transport.offer_news, transport.etcd.get_range_response = watched, read_after_a_requeue
+        transport.offer_news, transport.etcd.call = watched, read_after_a_requeue
         try:
             again = queue.get(timeout=SLOW)
         finally:
-            transport.etcd.get_range_response = original_read
+            del transport.etcd.call  # the class's method again
         assert again.payload["n"] == 0
         again.ack()
         queue.close()

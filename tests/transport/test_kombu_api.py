@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.request
@@ -432,3 +433,16 @@ def test_an_idle_consumer_whose_lease_lapsed_unnoticed_re_registers_instead_of_p
     finally:
         conn.transport.unregister_from_event_loop(conn.connection, hub)
         hub.close()
+
+
+def test_a_consumer_lease_etcd_expired_closes_without_error(connect, etcd_url, caplog):
+    """Closing (at exit: membership.close_all_leases) revokes the process's consumer lease; one etcd
+    expired already is what the revoke wanted, not an error (etcd answers "lease not found")."""
+    conn = connect(lease_ttl=30)
+    channel = conn.default_channel
+    Consumer(channel, [Queue("close-lapsed", channel=channel)], callbacks=[lambda body, message: None]).consume()
+    lapsed = channel.lease.ensure()
+    get_client(etcd_url).revoke_lease(lapsed)  # as etcd expires the lease of a worker it cannot hear
+    with caplog.at_level(logging.INFO, logger="etcd_broker"):
+        channel.lease.close()
+    assert f"lease {lapsed:016x} had expired before close" in caplog.text

@@ -1,7 +1,7 @@
 """A claim reads the queue's next head in its own transaction (issue 19, "Stop 20: read-ahead claims").
 
 While a backlog lasts, each claim transaction also reads the ready keys after what it claims
-(transport.py ``_claim``); the next get claims those without a range read: one etcd request per
+(channel.py ``_claim``); the next get claims those without a range read: one etcd request per
 claim, where there were two. A put that lands below them meanwhile (a more urgent message, a
 requeue) lowers the queue's head cursor (queue_watch.py), and the next get reads the head again.
 These tests count the consumer's KV requests on a real etcd and publish an urgent message mid-drain.

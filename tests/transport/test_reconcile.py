@@ -3,18 +3,22 @@ comes back to the queue once, and what it holds (running, prefetched) never does
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
+from kombu import Connection
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
 from etcd_broker.core.keys import KeySpace
 from etcd_broker.core.ops import PAGE_KEYS
+from etcd_broker.transport import reconcile
 from etcd_broker.transport.membership import restore_message
 from etcd_broker.transport.reconcile import Reconciler, unacked_keys
 from tests.backend.conftest import make_app, task, worker_env
 from tests.helpers import WorkerProcess, wait_until
+from tests.transport.test_idle_cost import idle_consumer
 
 #: Seconds between the worker's reconciliation passes (a stray key comes back after two).
 RECONCILE_SECONDS = 1.0
@@ -109,6 +113,7 @@ def test_a_pass_gives_back_only_what_stays_unheld_and_unchanged_and_each_key_onc
     holdings.held.add(held)
     holdings.arriving.add(arriving)
     reconciler = reconciler_on(client, keys, holdings)
+    reconciler.read_all()  # keys no touch announced (as an adopt leaves them): a full pass reads them
 
     assert reconciler.run(lease, ["q"]) == 0  # first sight: suspects only
     client.delete(acked)  # its ack came
@@ -132,3 +137,86 @@ def test_a_pass_reads_a_lease_holding_more_than_a_page(etcd_url, etcd_prefix):
         ops.txn(client, success=[ops.put(key, b"{}") for key in sorted(written)[start:start + 100]])
     assert {key for key, _ in unacked_keys(client, keys, "q", lease)} == written
     client.revoke_lease(lease)
+
+
+def stray_on(client, keys: KeySpace, queue: str, lease: int, n: int = 0) -> str:
+    key = keys.unacked_message(queue, lease, f"9/{n:020d}")
+    client.put(key, json.dumps({"body": key, "properties": {"delivery_info": {}}}))
+    return key
+
+
+def test_a_pass_reads_only_queues_touched_or_holding_keys_of_ours(etcd_url, etcd_prefix, monkeypatch):
+    """An idle queue costs a pass nothing (issue 19); a touch (before a claim or park), keys found the
+    pass before, an outage (``soon``) and an adopt (``read_all``) make it read."""
+    monkeypatch.setattr(reconcile, "TOUCH_MARGIN_SECONDS", 0.0)  # a touch counts for the pass after it alone
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    lease = client.lease(30).id
+    queues = ["a", "b", "c"]
+    reconciler = reconciler_on(client, keys, Holdings())
+
+    def read_by_a_pass() -> int:
+        before = reconciler.queues_read
+        reconciler.run(lease, queues)
+        return reconciler.queues_read - before
+
+    assert read_by_a_pass() == 0  # a new lease: none (nothing under it that no touch announced)
+    reconciler.read_all()
+    assert read_by_a_pass() == 3  # a full pass
+    assert read_by_a_pass() == 0  # idle: none
+    reconciler.touch("b")
+    assert read_by_a_pass() == 1
+    assert read_by_a_pass() == 0  # the touch was before that pass began: it read b
+    untouched = stray_on(client, keys, "c", lease)  # no touch announced it: the lease's full sweep will
+    assert read_by_a_pass() == 0
+    reconciler.touch("c")  # what the full sweep does on finding a key of ours
+    assert read_by_a_pass() == 1  # a suspect now
+    assert read_by_a_pass() == 1  # read again (it found a key there), given back
+    assert client.get(untouched)[0] is None
+    assert read_by_a_pass() == 1  # the pass before found a key on c
+    assert read_by_a_pass() == 0
+    reconciler.soon()
+    assert read_by_a_pass() == 3
+    reconciler.read_all()
+    assert read_by_a_pass() == 3
+    client.revoke_lease(lease)
+
+
+def test_a_claim_after_a_pass_read_its_touched_queue_is_read_by_the_next_pass(etcd_url, etcd_prefix):
+    """touch, then a pass reads the queue, then the claim lands: the next pass still reads the queue
+    (a touch counts for the passes that begin up to TOUCH_MARGIN_SECONDS after it)."""
+    client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
+    lease = client.lease(30).id
+    reconciler = reconciler_on(client, keys, Holdings())
+    reconciler.touch("a")
+    assert reconciler.run(lease, ["a"]) == 0
+    stray = stray_on(client, keys, "a", lease)  # the claim whose answer was lost, after that pass's read
+    assert reconciler.run(lease, ["a"]) == 0  # seen: a suspect
+    assert reconciler.run(lease, ["a"]) == 1
+    assert client.get(stray)[0] is None
+    client.revoke_lease(lease)
+
+
+def test_the_full_sweep_makes_reconciliation_read_a_queue_no_touch_announced(private_etcd, etcd_prefix,
+                                                                              monkeypatch):
+    """A key of our live lease on an idle queue, which no claim touched: passes skip the queue until
+    the lease's full sweep (every FULL_SWEEP_SECONDS) sees the key and touches it; then it comes back."""
+    monkeypatch.setattr(reconcile, "TOUCH_MARGIN_SECONDS", 0.0)
+    options = {"prefix": etcd_prefix, "reconcile_seconds": 0.3}
+    # private_etcd: its teardown ends this process's leases (this one's passes every 0.3 s with it)
+    with Connection(private_etcd.url, transport_options=options) as conn:
+        idle_consumer(conn, "unannounced", 3)
+        lease = conn.transport.lease
+        reconciler = lease.reconciler
+        passes_read = reconciler.queues_read
+        wait_until(lambda: reconciler.queues_read > passes_read or reconciler.due() == 0, timeout=TIMEOUT,
+                   message="a pass after the consumer read its queues")
+        client, keys = conn.transport.etcd, conn.transport.keys
+        stray = stray_on(client, keys, "unannounced-1", lease.lease_id)
+        before = reconciler.queues_read
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # ten passes or so: none reads the idle queue
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=0.3)
+        assert reconciler.queues_read == before and client.get(stray)[0] is not None
+        lease.sweep()  # the full pass, run now
+        wait_until(lambda: client.get(stray)[0] is None, timeout=TIMEOUT, message="the stray key given back")

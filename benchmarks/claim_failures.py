@@ -9,7 +9,9 @@ is counted once, by its first row that another consumer took:
 * ``read: seen (stale row)``: from a range read, the put placed before the read (claimed by
   another between the read and the claim);
 * ``hint via owner`` / ``hint via grace``: from watch hints, offered to this consumer at once (it
-  owned the put) or after an offer's grace.
+  owned the put) or after an offer's grace;
+* ``read ahead by the last claim, taken meanwhile``: the rows its previous claim read after itself
+  (channel.py ``_claim``), claimed by another before this claim.
 
     python -m benchmarks.claim_failures [consumers] [messages] [rate]     (default 64 1500 150)
 """
@@ -67,19 +69,26 @@ def instrument() -> None:
     def read_ready(original, channel_, queue):
         _local.read_at = time.monotonic()
         rows = original(channel_, queue)
-        _local.read_keys = {row[0] for row in rows}
+        _local.read_keys, _local.ahead_keys = {row[0] for row in rows}, set()
+        return rows
+
+    def take_read_ahead(original, channel_, queue):
+        rows = original(channel_, queue)
+        _local.ahead_keys = {row[0] for row in rows or ()}
         return rows
 
     def take_hints(original, transport, queue):
         _local.read_keys = set()
         return original(transport, queue)
 
-    def claim(original, channel_, queue, rows, lease_id):
+    def claim(original, channel_, queue, rows, lease_id, *rest):
         _local.failed = False
-        messages, left = original(channel_, queue, rows, lease_id)
+        messages, left = original(channel_, queue, rows, lease_id, *rest)
         if _local.failed:
             key = ([row for row in rows if row not in left] or rows)[0][0]
-            if key in getattr(_local, "read_keys", ()):
+            if key in getattr(_local, "ahead_keys", ()):
+                COUNTS["read ahead by the last claim, taken meanwhile"] += 1
+            elif key in getattr(_local, "read_keys", ()):
                 placed = _placed.get(key)
                 stale = placed is not None and placed <= _local.read_at
                 COUNTS["read: seen (stale row)" if stale else "read: put not yet seen by feed"] += 1
@@ -92,6 +101,7 @@ def instrument() -> None:
     wrap(offers.QueueFeed, "_grace_over", lambda original, feed: _via("grace", original, feed))
     wrap(queue_watch.QueueWatchMixin, "offer_news", offer_news)
     wrap(channel.Channel, "_read_ready", read_ready)
+    wrap(channel.Channel, "_take_read_ahead", take_read_ahead)
     wrap(queue_watch.QueueWatchMixin, "take_hints", take_hints)
     wrap(channel.Channel, "_claim", claim)
 

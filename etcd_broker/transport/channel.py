@@ -110,6 +110,8 @@ HEAD_WINDOW_NS = 10_000_000
 HEAD_WINDOW_GROWTH = 16
 #: Windows tried before a head read runs from the cursor to the end of the queue.
 HEAD_WINDOWS = 3
+#: Ready keys a claim also reads, beyond as many as it claims, for the next claim (one round trip per claim).
+READ_AHEAD_EXTRA = 4
 
 
 class Channel(virtual.Channel):
@@ -138,6 +140,7 @@ class Channel(virtual.Channel):
         self._no_ack_queues: set[str] = set()
         self._consumer_queues: dict[str, str] = {}  # consumer tag -> queue
         self._buffer: dict[str, deque] = {}
+        self._ahead: dict[str, list] = {}  # queue -> the head our last claim read after it (_claim)
         self._single_get = False
 
     # -- publishing -------------------------------------------------------------
@@ -249,13 +252,14 @@ class Channel(virtual.Channel):
                 message = self._decode(queue, handed[1], handed[0])
                 if message is not None:
                     return message
+        ahead = None if self._single_get else self._take_read_ahead(queue)
         hints = None if self._single_get else self.connection.take_hints(queue)
         if hints is None and not self._single_get and self.connection.known_empty(queue):
             self._park(queue, lease_id)
             raise Empty()
         # Hints hold every put since the queue was known empty: claimed straight from the watch
         # events, no range read. Once all are settled the queue is known empty again.
-        candidates, token = hints if hints is not None else (None, None)
+        candidates, token = hints if hints is not None else (ahead, None)
         for _ in range(CLAIM_ATTEMPTS):
             if not candidates:
                 if token is not None:  # every hinted message is ours or another consumer's
@@ -268,7 +272,8 @@ class Channel(virtual.Channel):
                 if not candidates:
                     self._park(queue, lease_id)
                     raise Empty()
-            messages, candidates = self._claim_many(queue, candidates, lease_id)
+            messages, candidates = self._claim_many(queue, candidates, lease_id,
+                                                    read_ahead=token is None and not self._single_get)
             if messages:
                 if candidates:  # more than our room: read them next time
                     self.connection.unread(queue)
@@ -340,8 +345,15 @@ class Channel(virtual.Channel):
             width *= HEAD_WINDOW_GROWTH
         return None
 
-    def _claim_many(self, queue, candidates, lease_id: int) -> tuple[list[dict], list]:
-        """Claim what our allowance permits in one transaction.
+    def _take_read_ahead(self, queue) -> list | None:
+        """The head our last claim of ``queue`` read after it, unless a put landed below it since."""
+        rows = self._ahead.pop(queue, None)
+        if not rows or not self.connection.still_head(queue, rows[0][0]):
+            return None  # a more urgent (or requeued) message came, or reads were forgotten: read again
+        return self.connection.skip_held(queue, rows)
+
+    def _claim_many(self, queue, candidates, lease_id: int, read_ahead: bool = False) -> tuple[list[dict], list]:
+        """Claim what our allowance permits in one transaction (``read_ahead``: see :meth:`_claim`).
 
         Returns the messages, and the candidates still worth trying when another consumer
         won some of the batch: the ones it left, then those beyond the batch.
@@ -352,15 +364,18 @@ class Channel(virtual.Channel):
                 break
             batch.append(row)
             size += len(row[1])
-        messages, left = self._claim(queue, batch, lease_id) if batch else ([], [])
+        messages, left = self._claim(queue, batch, lease_id, read_ahead) if batch else ([], [])
         return messages, left + candidates[len(batch):]
 
-    def _claim(self, queue, rows, lease_id: int) -> tuple[list[dict], list]:
+    def _claim(self, queue, rows, lease_id: int, read_ahead: bool = False) -> tuple[list[dict], list]:
         """The ready keys unchanged and our lease alive -> all of them are ours, atomically.
 
         Messages past the deadline in their key are deleted in the same transaction, unread.
         If the transaction fails, its failure branch reads which rows nobody took (returned
-        second), so a loser retries those without a range read of the queue.
+        second), so a loser retries those without a range read of the queue. With ``read_ahead``
+        and a head cursor, a successful transaction also reads the queue's head after its deletes
+        (the first window of :meth:`_read_ready`, under the same cursor token): the next get
+        claims those rows without a read, unless a put lands below them meanwhile (:meth:`_take_read_ahead`).
         """
         consumer_key = self.keys.consumer(lease_id)
         no_ack = queue in self._no_ack_queues
@@ -379,14 +394,26 @@ class Channel(virtual.Channel):
             if unacked:
                 success.append(ops.put(unacked, value))
             taken.append((value, unacked))
+        cursor, read = self.connection.head_read_start(queue, from_cursor=True) if read_ahead else (None, None)
+        if read is not None:  # the range sees this transaction's deletes: the head after our claim
+            biggest = max(len(row[1]) for row in rows)  # the next ones are likely as big: a reply of ~a claim's bytes
+            success.append(ops.range_(cursor, range_end=self.keys.window_end(cursor, HEAD_WINDOW_NS), limit=min(
+                CLAIM_BATCH, len(rows) + READ_AHEAD_EXTRA, max(1, CLAIM_BATCH_BYTES // max(biggest, 1)))))
+        ahead = []
         try:
             failure = [ops.range_(consumer_key, count_only=True)] + [ops.range_(row[0], keys_only=True) for row in rows]
             response = ops.txn(self.client, compare, success, failure)
+            if read is not None and response.succeeded:
+                ahead = [(kv.key, kv.value, kv.mod_revision) for kv in response.responses[-1].response_range.kvs]
         except CONNECTION_ERRORS:
             for _, unacked in taken:  # it may have been applied: give back whatever it took
                 if unacked:
                     self.lease.requeue_later(unacked)
             raise
+        finally:  # as _read_ready: a put seen below the cursor meanwhile means the rows are not the head
+            if read is not None and self.connection.head_read_end(queue, read, ahead[0][0] if ahead else None) \
+                    and ahead:
+                self._ahead[queue] = ahead
         if not response.succeeded:
             if not ops.count(response.responses[0]):
                 self.lease.lost(lease_id)
@@ -431,12 +458,14 @@ class Channel(virtual.Channel):
             return
         if not self.closed:
             self._requeue_buffered()
+            self._ahead.clear()
         super().close()
 
     def _forget_after_fork(self) -> None:
         """Closed in a forked child: what it holds (buffered, unacked, consumers) is the parent's."""
         self.closed = True
         self._buffer.clear()
+        self._ahead.clear()
         self._consumer_queues.clear()
         self.connection = None
 
@@ -499,8 +528,9 @@ class Channel(virtual.Channel):
             return
         key = self.lease.current_key(key)
         kv = ops.first_kv_of(ops.get(self.client, key))
-        if kv is not None:
-            restore_message(self.client, self.keys, self.keys.queue_of(key), key, kv.value, kv.mod_revision)
+        queue = self.keys.queue_of(key)
+        if kv is not None and restore_message(self.client, self.keys, queue, key, kv.value, kv.mod_revision):
+            self._transport.put_below(queue, self.keys.ready_message(queue, self.keys.position_of(key)).encode())
 
     @property
     def lease(self) -> ConsumerLease:

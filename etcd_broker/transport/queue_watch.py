@@ -126,17 +126,18 @@ class QueueWatchMixin:
             if low is None or key < low:
                 reads[read] = key
 
-    def head_read_start(self, queue: str) -> tuple[bytes | None, tuple | None]:
+    def head_read_start(self, queue: str, from_cursor: bool = False) -> tuple[bytes | None, tuple | None]:
         """Where a head read of ``queue`` may start (None: the prefix), and a token for :meth:`head_read_end`.
 
-        No token for a queue we do not watch: puts we would not see could land below any cursor.
+        No token for a queue we do not watch: puts we would not see could land below any cursor;
+        none either with ``from_cursor`` while the queue has no cursor (a read ahead is bounded by one).
         """
         with self._watch_lock:
-            if queue not in self._queue_watches:
+            cursor = self._cursors.get(queue)
+            if queue not in self._queue_watches or (from_cursor and cursor is None):
                 return None, None
             read = next(self._read_ids)
             self._cursor_reads.setdefault(queue, {})[read] = None
-            cursor = self._cursors.get(queue)
             return cursor, (read, self._reads_generation, cursor)
 
     def head_read_end(self, queue: str, token: tuple | None, head: bytes | None) -> bool:
@@ -166,6 +167,22 @@ class QueueWatchMixin:
             if found:
                 self._cursors[queue] = min(found)
             return covered
+
+    def put_below(self, queue: str, key: bytes) -> None:
+        """We put ``key`` back ourselves (a requeue): lower the cursor now, not when its watch event comes, so
+        the channel's next get reads it first (a read ahead of the claim lies above it: channel.py ``_claim``)."""
+        with self._watch_lock:
+            self._lower_cursor(queue, key)
+
+    def still_head(self, queue: str, key: bytes) -> bool:
+        """True if no put below ``key`` was seen since a head read found it (the cursor is not under it).
+
+        A read ahead (channel.py ``_claim``) is claimed later without reading again only while this holds;
+        False too once reads were forgotten (no cursor) or the queue is no longer watched.
+        """
+        with self._watch_lock:
+            cursor = self._cursors.get(queue)
+            return cursor is not None and cursor >= key
 
     def drop_hints(self, queue: str, keys: list[bytes]) -> None:
         """These keys were deleted (claimed, by anyone): no hint of ours need try them."""

@@ -28,13 +28,17 @@ def is_head_read(method: str, request, prefix: str) -> bool:
 
 def record_ready_reads(monkeypatch, transport, prefix: str) -> list[bytes]:
     """The start key of every head read under ``prefix`` the transport's client makes from now on
-    (every read goes through ``client.call``: core/ops.py); the wrapper goes at the test's end."""
+    (every read goes through ``client.call``: core/ops.py), lone reads and the reads ahead a claim
+    transaction makes in its success branch (channel.py ``_claim``); the wrapper goes at the test's end."""
     client, starts = transport.etcd, []
     original = client.call
 
     def recorded(method, request, *args, **kwargs):
         if is_head_read(method, request, prefix):
             starts.append(request.key)
+        elif method == "Txn":
+            starts.extend(op.request_range.key for op in request.success
+                          if op.HasField("request_range") and is_head_read("Range", op.request_range, prefix))
         return original(method, request, *args, **kwargs)
 
     monkeypatch.setattr(client, "call", recorded)

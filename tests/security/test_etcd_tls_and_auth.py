@@ -7,6 +7,7 @@ import uuid
 
 import grpc
 import pytest
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
@@ -131,7 +132,13 @@ def test_a_worker_with_credentials_keeps_working_across_an_etcd_restart(certs, t
         after = [counting_app.work.apply_async((0.0,), retry=True,
                                                retry_policy={"max_retries": 30, "interval_start": 0.5})
                  for _ in range(3)]
-        assert [result.get(timeout=60) for result in after] == [result.id for result in after]
+        try:
+            fetched = [result.get(timeout=60) for result in after]
+        except CeleryTimeoutError as exc:  # cc19, cc21: say where the task waited (the worker's log)
+            logs = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}"
+                             for log in sorted(tmp_path.glob("w-*.log")))
+            raise AssertionError(f"a result after the restart did not come: {[r.state for r in after]}\n{logs}") from exc
+        assert fetched == [result.id for result in after]
         client = make_client(server.url, **secure.options())
         wait_until(lambda: len(read_markers(client, secure_prefix, "done")) == 6, timeout=30, message="6 done")
         client.close()

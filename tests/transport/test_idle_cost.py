@@ -8,6 +8,8 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,6 +81,17 @@ def idle_consumer(conn: Connection, name: str, count: int) -> list[Queue]:
     return queues
 
 
+@contextmanager
+def consumer_and_producer(url: str, prefix: str, queue: Queue, received: list[int]) -> Iterator[tuple]:
+    """A consumer of ``queue`` that appends each body's ``n`` to ``received`` and acks, and a producer on a
+    connection of its own: (consumer's connection, producer)."""
+    options = {"prefix": prefix, **OPTIONS}
+    with Connection(url, transport_options=options) as conn, Connection(url, transport_options=options) as other:
+        Consumer(conn.channel(), [queue], accept=["json"],
+                 callbacks=[lambda body, message: (received.append(body["n"]), message.ack())]).consume()
+        yield conn, other.Producer(serializer="json")
+
+
 def queue_prefixes(conn: Connection, queues: list[Queue]) -> list[str]:
     """Every key of ``queues`` (ready, unacked, delayed) starts with one of these."""
     return [conn.transport.keys.queue(queue.name) for queue in queues]
@@ -128,14 +141,9 @@ def test_a_put_the_watch_stream_never_delivers_is_found_by_the_recheck(private_e
     """A stream that stops answering (stuck, half-open) misses a put; the re-check's progress
     request goes unanswered too, so the queues are read again and the message is delivered."""
     monkeypatch.setattr(event_loop, "PROGRESS_WAIT_SECONDS", 1.0)
-    options = {"prefix": etcd_prefix, **OPTIONS}
     received: list[int] = []
     queue = Queue("missed", Exchange("missed", type="direct"), routing_key="missed")
-    with Connection(private_etcd.url, transport_options=options) as conn, \
-            Connection(private_etcd.url, transport_options=options) as producer_conn:
-        Consumer(conn.channel(), [queue], accept=["json"],
-                 callbacks=[lambda body, message: (received.append(body["n"]), message.ack())]).consume()
-        producer = producer_conn.Producer(serializer="json")
+    with consumer_and_producer(private_etcd.url, etcd_prefix, queue, received) as (conn, producer):
         producer.publish({"n": 1}, exchange=queue.exchange, routing_key="missed", declare=[queue])
         conn.drain_events(timeout=30)
         assert received == [1]
@@ -179,15 +187,10 @@ def test_a_delayed_put_the_watch_stream_never_delivers_is_moved_after_the_rechec
     its queue's delayed/ on a timer; the failed re-check makes the mover read every followed queue
     again, so it is moved (then delivered by the next failed re-check, the stream still stuck)."""
     monkeypatch.setattr(event_loop, "PROGRESS_WAIT_SECONDS", 1.0)
-    options = {"prefix": etcd_prefix, **OPTIONS}
     keys = KeySpace(etcd_prefix)
     received: list[int] = []
     queue = Queue("late", Exchange("late", type="direct"), routing_key="late")
-    with Connection(private_etcd.url, transport_options=options) as conn, \
-            Connection(private_etcd.url, transport_options=options) as producer_conn:
-        Consumer(conn.channel(), [queue], accept=["json"],
-                 callbacks=[lambda body, message: (received.append(body["n"]), message.ack())]).consume()
-        producer = producer_conn.Producer(serializer="json")
+    with consumer_and_producer(private_etcd.url, etcd_prefix, queue, received) as (conn, producer):
         # one message first: the producer's watches (handoff.py's parked view) exist before the stream sticks
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="late", declare=[queue])
         conn.drain_events(timeout=30)

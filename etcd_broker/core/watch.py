@@ -249,15 +249,17 @@ class WatchStream:
                 watch = self._pending.popleft() if self._pending else None
                 if watch is None or watch.cancelled:
                     return
-                watch.watch_id = response.watch_id
-                self._by_id[response.watch_id] = watch
-                if watch.next_revision is None:  # a watch "from now" starts after this revision:
-                    watch.next_revision = response.header.revision + 1  # resume there, not "now" again
-                watch.created.set()
-            watch = self._by_id.get(response.watch_id)
+                if not response.canceled:  # refused at creation (a token etcd forgot): not created, below
+                    watch.watch_id = response.watch_id
+                    self._by_id[response.watch_id] = watch
+                    if watch.next_revision is None:  # a watch "from now" starts after this revision:
+                        watch.next_revision = response.header.revision + 1  # resume there, not "now" again
+                    watch.created.set()
+            else:
+                watch = self._by_id.get(response.watch_id)
         if watch is None:
             return
-        if response.created and watch.on_created is not None:
+        if response.created and not response.canceled and watch.on_created is not None:
             watch.on_created()
         if response.compact_revision:
             self._resync(watch, response.compact_revision)

@@ -157,7 +157,8 @@ def test_a_watch_keeps_delivering_after_an_etcd_restart_without_other_calls(cert
     seen: list = []
     hub = WatchHub(watching)
     try:
-        hub.subscribe(f"{secure_prefix}/w/", seen.extend, prefix=True)
+        watch = hub.subscribe(f"{secure_prefix}/w/", seen.extend, prefix=True)
+        assert hub.wait_created(watch, timeout=30)  # a watch "from now": a put before this is not its event
         ops.run(writer, ops.put(f"{secure_prefix}/w/1", "before"))
         wait_until(lambda: len(seen) == 1, timeout=30, message="the event before the restart")
         server.stop()

@@ -28,7 +28,7 @@ from etcd3 import etcdrpc
 from benchmarks.common import print_table, process_cpu, progress
 from etcd_broker.core import ops
 from etcd_broker.core.client import make_client
-from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.ops import KeySpace, range_end
 from scripts.etcd_server import EtcdServer
 
 #: Puts per transaction while filling (etcd allows 128 operations per transaction).

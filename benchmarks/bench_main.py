@@ -110,7 +110,7 @@ def running(name: str) -> Iterator[Stack]:
     """Start the servers of broker configuration ``name``; stop them afterwards."""
     progress(f"{name}: starting servers")
     if name == "etcd":
-        from etcd_broker.transport.membership import close_all_leases
+        from etcd_broker.transport.consumer import close_all_leases
 
         etcd = EtcdServer().start()
         try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import redis
 
 from benchmarks.common import RedisServer, print_table, process_cpu, progress, start_worker, stop_worker
-from etcd_broker.transport.membership import close_all_leases
+from etcd_broker.transport.consumer import close_all_leases
 from scripts.etcd_server import EtcdServer, cluster_url, start_cluster
 
 #: Threads per worker process; the prefetch multiplier comes from benchmarks/transport_app.py.

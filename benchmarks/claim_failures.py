@@ -24,6 +24,8 @@ import time
 
 from benchmarks import growth_clients
 from benchmarks.growth_clients import ConsumerGroup, Publisher
+from etcd_broker.transport.channel import Channel
+from etcd_broker.transport.delivery import QueueWatchMixin
 
 #: This consumer process's counts, by cause.
 COUNTS: collections.Counter = collections.Counter()
@@ -36,7 +38,7 @@ def instrument() -> None:
     """Wrap ops.txn, the feed's callbacks, offer_news, the head read, take_hints and _claim (this process)."""
     from etcd_broker.core import ops
     from etcd_broker.core.watch import EVENT_DELETE
-    from etcd_broker.transport import channel, offers, queue_watch
+    from etcd_broker.transport import offers
 
     def wrap(owner, name, around):
         original = getattr(owner, name)
@@ -99,11 +101,11 @@ def instrument() -> None:
     wrap(ops, "txn", txn)
     wrap(offers.QueueFeed, "on_events", on_events)
     wrap(offers.QueueFeed, "_grace_over", lambda original, feed: _via("grace", original, feed))
-    wrap(queue_watch.QueueWatchMixin, "offer_news", offer_news)
-    wrap(channel.Channel, "_read_ready", read_ready)
-    wrap(channel.Channel, "_take_read_ahead", take_read_ahead)
-    wrap(queue_watch.QueueWatchMixin, "take_hints", take_hints)
-    wrap(channel.Channel, "_claim", claim)
+    wrap(QueueWatchMixin, "offer_news", offer_news)
+    wrap(Channel, "_read_ready", read_ready)
+    wrap(Channel, "_take_read_ahead", take_read_ahead)
+    wrap(QueueWatchMixin, "take_hints", take_hints)
+    wrap(Channel, "_claim", claim)
 
 
 def consumer_process(url, queues, threads, consumed, ready, stop, results) -> None:

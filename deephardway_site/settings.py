@@ -11,7 +11,7 @@ from pathlib import Path
 import dj_database_url
 
 from etcd_broker.core.client import kombu_url, url_credentials
-from etcd_broker.core.keys import MAX_PRIORITY
+from etcd_broker.core.ops import MAX_PRIORITY
 from jobs.queues import GPU_QUEUE
 
 BASE_DIR = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ backend); at the top level :mod:`~etcd_broker.exceptions` (every exception users
 :mod:`~etcd_broker.compat` (private upstream names), :mod:`~etcd_broker.stats` and
 :mod:`~etcd_broker.flower` (operators), :mod:`~etcd_broker.batches`, :mod:`~etcd_broker.pool_health`.
 
-Fork safety needs no setting: gRPC's defaults plus :mod:`etcd_broker.core.forking`. The
+Fork safety needs no setting: gRPC's defaults plus :mod:`etcd_broker.core.client`. The
 two gRPC variables people set for fork support make it worse here, so we warn.
 """
 from __future__ import annotations
@@ -82,7 +82,6 @@ for _name, _why in UNSAFE_GRPC_ENV.items():
     if os.environ.get(_name):
         logger.warning("etcd_broker: %s=%s is set; unset it for fork safety (%s)", _name, os.environ[_name], _why)
 
-from etcd_broker.core import forking  # noqa: E402,F401 - installs the fork handlers before any client exists
 
 # pool_health (a worker whose pool cannot start children says so) and executing (pool children report
 # the tasks they run) hook Celery signals, worker_init among them: only where Celery is loaded already,
@@ -90,4 +89,3 @@ from etcd_broker.core import forking  # noqa: E402,F401 - installs the fork hand
 # kombu-only users import no Celery.
 if "celery" in sys.modules:
     from etcd_broker import pool_health  # noqa: F401
-    from etcd_broker.transport import executing  # noqa: F401

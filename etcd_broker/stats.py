@@ -11,8 +11,8 @@ from typing import Any
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import EtcdClient
-from etcd_broker.core.keys import MAX_PRIORITY, KeySpace
-from etcd_broker.transport.membership import declared_queues
+from etcd_broker.core.ops import MAX_PRIORITY, KeySpace
+from etcd_broker.transport.consumer import declared_queues
 
 
 def _count(client: EtcdClient, prefix: str) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from django.apps import AppConfig
 from django.core import checks
 
-from etcd_broker.core.keys import MAX_PRIORITY
+from etcd_broker.core.ops import MAX_PRIORITY
 
 #: The development SECRET_KEY in settings.py starts with this; production must replace it.
 DEV_SECRET_PREFIX = "dev-only-insecure"

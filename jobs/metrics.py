@@ -28,7 +28,7 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from etcd_broker.core.keys import MAX_PRIORITY
+from etcd_broker.core.ops import MAX_PRIORITY
 from jobs.exporter import DEFAULT_ADDR, port_from_env, recorded_registry, serve
 from jobs.models import ACTIVE_STATUSES, FINAL_STATUSES, MODEL_QUEUE, Job, Status
 from ml.registry import MODELS
@@ -84,7 +84,7 @@ post_save.connect(record_job_change, sender=Job, dispatch_uid="jobs.metrics.reco
 def broker_queues() -> list[dict[str, Any]]:
     """Queue rows from etcd (``etcd_broker.stats.queue_stats``) for this site's prefix."""
     from etcd_broker.core.client import get_client
-    from etcd_broker.core.keys import KeySpace
+    from etcd_broker.core.ops import KeySpace
     from etcd_broker.stats import queue_stats
 
     return queue_stats(get_client(settings.ETCD_URL, **settings.ETCD_OPTIONS), KeySpace(settings.ETCD_PREFIX))
@@ -136,8 +136,8 @@ def etcd_gauges() -> Iterator[Metric]:
     """etcd's DB size and compaction lag (``etcd_broker.core.maintenance.etcd_status``) for operators who
     do not scrape etcd's own /metrics."""
     from etcd_broker.core.client import get_client
-    from etcd_broker.core.keys import KeySpace
     from etcd_broker.core.maintenance import etcd_status
+    from etcd_broker.core.ops import KeySpace
 
     try:
         status = etcd_status(get_client(settings.ETCD_URL, **settings.ETCD_OPTIONS), KeySpace(settings.ETCD_PREFIX))

@@ -20,7 +20,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.http import HttpRequest
 from PIL import Image
 
-from etcd_broker.core.keys import MAX_PRIORITY  # the top priority (9), defined once
+from etcd_broker.core.ops import MAX_PRIORITY  # the top priority (9), defined once
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from celery import Celery
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from etcd_broker.batches import BatchTask
-from etcd_broker.core.keys import MAX_PRIORITY
+from etcd_broker.core.ops import MAX_PRIORITY
 
 URL = os.environ.get("ETCD_TEST_URL", "etcdv3://127.0.0.1:2379")
 PREFIX = os.environ.get("ETCD_TEST_PREFIX", "/deephardway-test")
 
-#: ``reconcile_seconds`` for the worker's transport (tests of etcd_broker/transport/reconcile.py), if set.
+#: ``reconcile_seconds`` for the worker's transport (tests of etcd_broker/transport/consumer.py), if set.
 RECONCILE = {"reconcile_seconds": float(os.environ["ETCD_TEST_RECONCILE_SECONDS"])} \
     if os.environ.get("ETCD_TEST_RECONCILE_SECONDS") else {}
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from etcd_broker.core.client import forget_clients
-from etcd_broker.transport.membership import close_all_leases
+from etcd_broker.transport.consumer import close_all_leases
 from scripts.etcd_server import EtcdServer
 from tests.helpers import WorkerProcess
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
-from etcd_broker.core import forking, group_commit, leases, ops
-from etcd_broker.core.client import COMPACTED, EtcdConfig, classify, get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core import ops
+from etcd_broker.core.client import COMPACTED, EtcdConfig, PerProcess, classify, get_client
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.core.watch import WatchHub, close_hubs, hub_for
 from etcd_broker.exceptions import WriteConflict
 
@@ -88,7 +88,7 @@ class ResultStore:
         self.config = config
         self.keys = keys
         self.client = get_client(config)
-        self.leases = leases.pool_for(config)
+        self.leases = ops.pool_for(config)
         self._last_write: OrderedDict[str, int] = OrderedDict()
         self._memory_lock = threading.Lock()
 
@@ -189,12 +189,12 @@ class ResultStore:
     def _put_many(self, writes: Sequence[tuple[str, bytes, str | None]], *, lease: int) -> list[Any]:
         transactions = [_put_if_unchanged_ops(self.keys.result(task_id), value, self._remembered(task_id), None,
                                               ack_key, lease) for task_id, value, ack_key in writes]
-        return group_commit.shared(self.client).txn_many(transactions)
+        return ops.shared(self.client).txn_many(transactions)
 
     def _put_if_unchanged(self, key: str, value: bytes, expected: int, cancel_key: str | None,
                           ack_key: str | None = None, *, lease: int) -> Any:
         transaction = _put_if_unchanged_ops(key, value, expected, cancel_key, ack_key, lease)
-        return group_commit.shared(self.client).txn(*transaction)  # shared with concurrent writers
+        return ops.shared(self.client).txn(*transaction)  # shared with concurrent writers
 
     def forget(self, task_id: str) -> None:
         """Delete the state and any cancel marker of ``task_id`` now."""
@@ -364,7 +364,7 @@ def _stored(response_op: Any) -> Stored | None:
     return Stored.from_kv(kv) if kv is not None else None
 
 
-_stores = forking.PerProcess()
+_stores = PerProcess()
 
 
 def store_for(config: EtcdConfig, prefix: str) -> ResultStore:
@@ -375,5 +375,5 @@ def store_for(config: EtcdConfig, prefix: str) -> ResultStore:
 def close_shared() -> None:
     """Close this process's watch hubs and forget stores and lease pools (tests, shutdown)."""
     _stores.clear()
-    leases.forget_pools()
+    ops.forget_pools()
     close_hubs()

@@ -16,7 +16,7 @@ import grpc
 from etcd3 import etcdrpc
 
 from etcd_broker.core.client import EtcdClient, EtcdConfig, make_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 
 logger = logging.getLogger(__name__)
 

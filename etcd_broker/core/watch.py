@@ -24,8 +24,7 @@ from etcd3 import etcdrpc
 from etcd3.exceptions import NoServerAvailableError
 from etcd3.utils import prefix_range_end, to_bytes
 
-from etcd_broker.core import forking
-from etcd_broker.core.client import EtcdConfig, get_client
+from etcd_broker.core.client import GATE, EtcdConfig, PerProcess, get_client, inherited
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class WatchStream:
         ``puts_only`` drops DELETE events at the server; ``label`` names the subscriber in
         the event counts.
         """
-        if forking.inherited(self._pid):
+        if inherited(self._pid):
             raise RuntimeError(f"{self.name}: this watch stream belongs to process {self._pid}; "
                                "a forked child watches on its own (watch.hub_for)")
         key = to_bytes(key)
@@ -132,7 +131,7 @@ class WatchStream:
 
     def cancel(self, watch: Watch) -> None:
         watch.cancelled = True
-        if forking.inherited(self._pid):  # the parent's stream: its lock may be held for ever here
+        if inherited(self._pid):  # the parent's stream: its lock may be held for ever here
             return
         with self._lock:
             if watch in self._watches:
@@ -145,7 +144,7 @@ class WatchStream:
 
     def close(self) -> None:
         self._closed.set()
-        if forking.inherited(self._pid):  # the parent's stream and thread: nothing of them is ours
+        if inherited(self._pid):  # the parent's stream and thread: nothing of them is ours
             return
         with self._lock:
             self._stop_call()
@@ -161,7 +160,7 @@ class WatchStream:
         etcd answers once every watch on the stream has been sent every event up to its current
         revision; :attr:`progress_revision` then holds that revision. False if not sent (no stream).
         """
-        if forking.inherited(self._pid):
+        if inherited(self._pid):
             return False
         with self._lock:
             if self._requests is None:
@@ -201,7 +200,7 @@ class WatchStream:
     def _run(self) -> None:
         delay = RECONNECT_FIRST_DELAY
         while not self._closed.is_set():
-            forks, paused = forking.GATE.forks, False
+            forks, paused = GATE.forks, False
             try:
                 call = self._open()
                 for response in call:
@@ -212,7 +211,7 @@ class WatchStream:
                 if self._closed.is_set():
                     break
                 # forking.py cancels watch streams before a fork(): resume at once, quietly.
-                paused = forking.GATE.forks != forks and exc.code() == grpc.StatusCode.CANCELLED
+                paused = GATE.forks != forks and exc.code() == grpc.StatusCode.CANCELLED
                 log = logger.info if delay == RECONNECT_FIRST_DELAY and not paused else logger.debug  # once per outage
                 log("%s: watch stream broke (%s); reconnecting", self.name, _describe(exc))
                 if not paused:
@@ -373,7 +372,7 @@ class WatchHub:
         self._stream.close()
 
 
-_hubs = forking.PerProcess()
+_hubs = PerProcess()
 
 
 def hub_for(config: EtcdConfig) -> WatchHub:

@@ -4,10 +4,10 @@ A message's path, in order (docs/transport.md, "How a message moves"):
 
 - :mod:`~etcd_broker.transport.channel`: kombu's ``Channel`` (publish, claim, requeue) and ``Transport``.
 - :mod:`~etcd_broker.transport.offers`: which one consumer a put is offered to; one watch per queue.
-- :mod:`~etcd_broker.transport.queue_watch`: a transport's consumed queues, hints and "known empty".
-- :mod:`~etcd_broker.transport.event_loop`: delivery into a Celery worker's hub or ``drain_events``.
-- :mod:`~etcd_broker.transport.qos`: ack, reject, requeue; prefetch room.
-- :mod:`~etcd_broker.transport.membership`: the consumer lease, batched acks, the dead-consumer sweep.
+- :mod:`~etcd_broker.transport.delivery`: a transport's consumed queues, hints and "known empty".
+- :mod:`~etcd_broker.transport.delivery`: delivery into a Celery worker's hub or ``drain_events``.
+- :mod:`~etcd_broker.transport.consumer`: ack, reject, requeue; prefetch room.
+- :mod:`~etcd_broker.transport.consumer`: the consumer lease, batched acks, the dead-consumer sweep.
 
 Beside that path: ``handoff`` (a publish straight to a parked idle consumer), ``delayed`` (ETA
 tasks), ``reconcile`` and ``executing`` (what a live lease holds), ``settle`` (an ``acks_late``

@@ -22,7 +22,7 @@ from collections import defaultdict
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import EtcdClient
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.core.watch import EVENT_PUT, Watch, WatchHub
 
 logger = logging.getLogger(__name__)

@@ -1,95 +1,581 @@
-"""etcd v3 transport for kombu (and so for Celery).
+"""TODO docstring for etcd_broker.transport.channel."""
 
-Features
-========
-* Type: Virtual
-* Supports Direct: Yes
-* Supports Topic: Yes
-* Supports Fanout: Yes (bindings live in etcd, so broadcast reaches other hosts)
-* Supports Priority: Yes, 0-9, 9 the most urgent (AMQP's meaning)
-* Supports TTL: Yes (message `expiration`, queue `x-message-ttl` and `x-expires`, on etcd leases;
-  `x-max-length` with drop-head or reject-publish; see queue_limits.py)
-
-Messages wait under ``ready/<band>/<seq>`` and are claimed by one etcd
-transaction that moves them under the consumer's lease (``unacked/<lease>/``);
-no locks, no visibility timeout. A consumer that dies loses its lease and its
-messages go back to the queue at their original place. Waiting consumers are
-woken by an etcd watch; nothing polls. See docs/transport.md.
-
-Asynchronous: in a Celery worker the transport joins kombu's event loop (the hub)
-through a wake-up pipe that the watch thread, acks and prefetch changes write to,
-so a worker whose pool is full still answers control messages (docs/operators.md).
-Plain kombu consumers keep the synchronous ``drain_events``.
-
-Connection string
-=================
-.. code-block::
-
-    etcdv3://[USER:PASSWORD@]HOST:PORT[/VHOST]
-    etcdv3://h1:2379;etcdv3://h2:2379;etcdv3://h3:2379     (several endpoints)
-
-Transport options
-=================
-Checked when the transport is made (options.py): a wrong type or value raises ``EtcdConfigError``
-naming it. Options of kombu and Celery themselves pass untouched.
-
-* ``prefix``: key prefix for everything (default ``/deephardway``).
-* ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
-* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
-  unless they expire (large_body.py).
-* ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
-  holds, and how long such a message stays unheld first (default 30; reconcile.py).
-* ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
-  not in a worker's memory (default True; delayed.py).
-* ``default_priority``: priority 0-9 of a message sent with ``priority=None`` (default 0).
-* ``idempotent_publish``: a publish retried after an ambiguous failure (kombu's ``ensure``) is
-  stored once: each publish writes a short-lived marker in its transaction (default True; idempotent.py).
-* ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
-* ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
-"""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from queue import Empty
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import etcd3
 import grpc
+from etcd3 import etcdrpc
+from kombu.exceptions import OperationalError
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps
 
-from etcd_broker.core import forking, group_commit, ops
+from etcd_broker.core import ops
 from etcd_broker.core.client import (
     CONNECTION_ERRORS,
     ETCD_OPTIONS,
     EtcdConfig,
     EtcdUnreachable,
     get_client,
+    inherited,
     is_request_too_large,
     wait_connected,
 )
-from etcd_broker.core.keys import DEFAULT_PREFIX, KeySpace, Sequence, range_end
+from etcd_broker.core.ops import DEFAULT_PREFIX, KeySpace, LeasePool, Sequence, pool_for, range_end
 from etcd_broker.core.watch import WatchHub, hub_for
-from etcd_broker.exceptions import MessageTooLarge
-from etcd_broker.transport import delayed, executing, handoff, idempotent, large_body, settle
+from etcd_broker.exceptions import MessageTooLarge, QueueArgumentError, QueueFull
+from etcd_broker.transport import delayed, large_body
 from etcd_broker.transport.bindings import BindingTable
-from etcd_broker.transport.event_loop import EventLoopMixin
+from etcd_broker.transport.consumer import (
+    DEFAULT_LEASE_TTL,
+    RECONCILE_SECONDS,
+    ConsumerLease,
+    QoS,
+    consumer_lease,
+    hold_for_result,
+    is_executing,
+    keep,
+    kept_keys,
+    release_held,
+    restore_message,
+    worker_stopping,
+)
+from etcd_broker.transport.delivery import (
+    CLAIM_BATCH,
+    HANDOFF_MAX_BYTES,
+    EventLoopMixin,
+    ParkedConsumers,
+    Parking,
+    QueueWatchMixin,
+    handoff_ops,
+    parked_consumers,
+)
 from etcd_broker.transport.expired import revoke_expired
-from etcd_broker.transport.membership import DEFAULT_LEASE_TTL, ConsumerLease, consumer_lease, restore_message
 from etcd_broker.transport.options import check_options
-from etcd_broker.transport.publish_batch import PublishBatch
-from etcd_broker.transport.qos import QoS
-from etcd_broker.transport.queue_limits import QueueLimits, QueueRegistry, check_queue_name, message_deadline
-from etcd_broker.transport.queue_watch import CLAIM_BATCH, QueueWatchMixin
-from etcd_broker.transport.reconcile import RECONCILE_SECONDS
+
+# -------------------- idempotent: Idempotent publish: a publish retried after an ambiguous failure is stored once.
+#
+# A publish whose etcd call fails without an answer (deadline exceeded, connection lost after
+# sending, a leader change) may have been committed. kombu's ``Connection.ensure`` (Celery's
+# publish retry) then runs the publish again; without a guard the retry stores a second copy
+# and the task runs twice.
+#
+# So a publish is named once, before its first attempt: :meth:`Channel.basic_publish` puts a
+# publish id (a sequence number, keys.py) in the message's properties, the dict kombu hands to
+# every retry of one ``Producer.publish``, and in its headers, the dict Celery hands to every
+# retry of a worker's callback publish (``AMQP._retry_publish``: ``Producer.publish`` called again),
+# and takes it out of both once the publish returned. The id is never stored with the message (a
+# consumer that republishes a message's properties makes a new publish). Each attempt is one
+# transaction that
+#
+# * compares ``p/<queue>/<id>`` (the publish marker) to absent, and
+# * writes the message and the marker (empty, on a marker lease of MARKER_SECONDS or a little more).
+#
+# A retry whose first attempt committed finds the marker and writes nothing, whether the message
+# still waits, was claimed, or was acked and deleted meanwhile. The message's own key is fixed by
+# the id too (``ready/<band>/<id>``), so a large message's body chunks are overwritten, not copied.
+#
+# Cost: one compare and one put more in the same transaction (no extra request, no extra Raft
+# proposal), one live key per message published in the last MARKER_SECONDS, and one lease grant
+# and one lease expiry per MARKER_BUCKET_SECONDS per publishing process (the one lease pool,
+# core/leases.py; a marker lease etcd no longer knows is forgotten and the write tried once more).
+# A retry later than MARKER_SECONDS after the first attempt is not guarded (Celery's retry policy
+# gives up long before). ``Producer.batch()`` writes one marker per transaction (publish_batch.py).
+
+if TYPE_CHECKING:
+    from etcd_broker.transport.publish_batch import PublishBatch
 
 logger = logging.getLogger(__name__)
+
+#: The message property (and header) that names one publish across its retries: "<id> <hash of the body>"
+#: (removed before the message is stored).
+PUBLISH_ID = "x-etcd-publish-id"
+#: Least seconds a publish marker lives: a retry within this of the first attempt is stored once.
+MARKER_SECONDS = 120
+#: Markers written within this many seconds share one lease (a marker lives MARKER_SECONDS to MARKER_SECONDS
+#: + this); its expiry deletes that many seconds of one process's markers in one etcd proposal.
+MARKER_BUCKET_SECONDS = 10
+
+
+def marker_lease(client: Any) -> int:
+    """The lease for a marker written now: from the process's one lease pool (core/leases.py), shared by
+    the markers of MARKER_BUCKET_SECONDS, ending MARKER_SECONDS to MARKER_SECONDS + that from now."""
+    return ops.pool_for(client.config).lease_for(time.time() + MARKER_SECONDS, MARKER_BUCKET_SECONDS)
+
+
+def forget_lease(client: Any, lease: int) -> None:
+    """etcd no longer knows ``lease`` (LeaseNotFound): the next marker gets a new one."""
+    ops.pool_for(client.config).forget(lease)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The marker of one publish to one queue: what each attempt's transaction compares and writes."""
+
+    key: str
+    lease: int
+
+    def compare(self) -> etcdrpc.Compare:
+        """Holds while no attempt of this publish has been committed."""
+        return ops.compare(self.key, "version", 0)
+
+    def put(self) -> etcdrpc.RequestOp:
+        return ops.put(self.key, b"", self.lease)
+
+
+def publish_guard(client: Any, keys: KeySpace, queue: str, publish_id: str) -> Guard:
+    """The guard of publish ``publish_id`` to ``queue`` (grants a marker lease at most every bucket)."""
+    return Guard(keys.published(queue, publish_id), marker_lease(client))
+
+
+def _places(message: dict) -> list[dict]:
+    """Where a publish id survives a retry: the properties (kombu's ``ensure`` passes the same dict to
+    each attempt) and the headers (Celery's callback retry calls ``Producer.publish`` again, with new
+    properties but the same headers dict)."""
+    return [place for place in (message.get("properties"), message.get("headers")) if isinstance(place, dict)]
+
+
+def name_publish(message: dict, new_id: Callable[[], str]) -> str:
+    """Give ``message`` its publish id: the one an earlier attempt of the same publish gave it, if any
+    (same dicts and the same body: a caller that reuses a headers dict for another body gets a new id)."""
+    places, body = _places(message), f" {hash(message.get('body'))}"
+    found = next((place[PUBLISH_ID] for place in places if str(place.get(PUBLISH_ID, "")).endswith(body)), None)
+    found = found or new_id() + body
+    for place in places:
+        place[PUBLISH_ID] = found
+    return found.split(" ", 1)[0]
+
+
+def published(message: dict) -> None:
+    """The publish returned: its id goes (a later publish of the same dicts is a new publish)."""
+    for place in _places(message):
+        place.pop(PUBLISH_ID, None)
+
+
+def publish_id_of(message: dict) -> str | None:
+    """The id :func:`name_publish` gave this publish (None: an unguarded publish)."""
+    value = (message.get("properties") or {}).get(PUBLISH_ID)
+    return value.split(" ", 1)[0] if value else None
+
+
+def stored_form(message: dict) -> dict:
+    """``message`` as stored: without the publish id."""
+    stored = message
+    for field in ("properties", "headers"):
+        place = message.get(field)
+        if isinstance(place, dict) and PUBLISH_ID in place:
+            stored = {**stored, field: {k: v for k, v in place.items() if k != PUBLISH_ID}}
+    return stored
+
+
+def note_retry(queue: str, marker: str) -> None:
+    """A publish attempt found its own marker: an earlier attempt was committed; nothing written."""
+    logger.info("publish to %r retried after an ambiguous failure was already stored (%s); not stored again",
+                queue, marker)
+
+
+# -------------------- queue_limits: Queue arguments on etcd, as RabbitMQ means them: message TTL, queue expiry, length limits.
+#
+# * Message TTL (``expiration`` on publish, queue ``message_ttl`` / ``x-message-ttl``): the
+#   ready key is attached to a lease that etcd revokes at (or just after) the deadline, and
+#   the deadline is written in the key, so a consumer drops an expired message unread.
+# * Queue ``expires`` / ``x-expires``: the declared key, and the messages without a TTL of
+#   their own, hang on one lease that declaring, ``basic_get`` and consuming keep alive;
+#   etcd deletes them all together when the queue goes unused.
+# * ``max_length`` / ``x-max-length`` with ``x-overflow`` ``drop-head`` (default) or
+#   ``reject-publish``: one transaction writes the message only if no other message arrived
+#   since the count it decided on, dropping the head in the same transaction.
+
+
+#: AMQP 0-9-1 names are short strings: a name RabbitMQ would accept fits in a few hundred key bytes.
+MAX_QUEUE_NAME_BYTES = 255
+#: Seconds a publisher trusts the queue arguments it read (another process may redeclare).
+LIMITS_CACHE_SECONDS = 5.0
+#: Seconds the keeper thread waits, with nothing to refresh, before looking again (it is woken
+#: whenever a consumer starts or stops; it refreshes each expiring queue every third of its TTL).
+KEEP_IDLE_SECONDS = 60.0
+#: Seconds before the keeper retries a read or refresh that etcd did not answer.
+KEEP_RETRY_SECONDS = 1.0
+#: Times a bounded publish re-counts after another publisher or consumer changed the queue.
+BOUNDED_PUT_ATTEMPTS = 50
+DROP_HEAD = "drop-head"
+REJECT_PUBLISH = "reject-publish"
+#: Arguments that would change delivery in ways this transport does not implement: refused.
+REFUSED_ARGUMENTS = {
+    "x-max-length-bytes": "byte limits are not implemented; use x-max-length",
+    "x-dead-letter-exchange": "dead-lettering is not implemented",
+    "x-dead-letter-routing-key": "dead-lettering is not implemented",
+    "x-single-active-consumer": "single active consumer is not implemented",
+}
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """What a queue's declaration asked for (seconds and counts; None: no limit)."""
+
+    message_ttl: float | None = None
+    expires: float | None = None
+    max_length: int | None = None
+    overflow: str = DROP_HEAD
+
+    @classmethod
+    def from_arguments(cls, queue: str, arguments: dict[str, Any] | None) -> QueueLimits:
+        """Validate RabbitMQ-style arguments (milliseconds) and keep the ones we implement."""
+        arguments = arguments or {}
+        for name, why in REFUSED_ARGUMENTS.items():
+            if arguments.get(name) is not None:
+                raise QueueArgumentError(f"queue {queue!r}: argument {name!r} is refused by the etcdv3 transport: {why}")
+        overflow = arguments.get("x-overflow") or DROP_HEAD
+        if overflow not in (DROP_HEAD, REJECT_PUBLISH):
+            raise QueueArgumentError(f"queue {queue!r}: x-overflow must be {DROP_HEAD!r} or {REJECT_PUBLISH!r}, "
+                                     f"got {overflow!r}")
+        return cls(message_ttl=_millis(queue, arguments, "x-message-ttl", minimum=0),
+                   expires=_millis(queue, arguments, "x-expires", minimum=1),
+                   max_length=_count(queue, arguments.get("x-max-length")), overflow=overflow)
+
+    @classmethod
+    def from_declared(cls, value: bytes | None) -> QueueLimits:
+        try:
+            return cls(**json.loads(value).get("limits", {})) if value else NO_LIMITS
+        except (ValueError, TypeError):
+            return NO_LIMITS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and (k != "overflow" or self.max_length)}
+
+
+NO_LIMITS = QueueLimits()
+
+
+def _millis(queue: str, arguments: dict[str, Any], name: str, minimum: int) -> float | None:
+    value = arguments.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise QueueArgumentError(f"queue {queue!r}: {name} must be a number of milliseconds >= {minimum}, "
+                                 f"got {value!r}")
+    return value / 1000
+
+
+def _count(queue: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise QueueArgumentError(f"queue {queue!r}: x-max-length must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_queue_name(queue: str) -> None:
+    """Refuse names longer than AMQP allows: they would make every key and watch event huge."""
+    size = len(queue.encode("utf-8", "surrogatepass"))
+    if size > MAX_QUEUE_NAME_BYTES:
+        raise QueueArgumentError(f"queue name of {size} bytes (UTF-8) starting {queue[:40]!r} is longer than "
+                                 f"the limit of {MAX_QUEUE_NAME_BYTES} bytes (AMQP's); nothing was declared")
+
+
+def message_deadline(message: dict, limits: QueueLimits, now: float) -> float | None:
+    """The epoch second ``message`` expires at: its ``expiration`` (ms) or the queue's TTL, the sooner."""
+    ttls = [limits.message_ttl] if limits.message_ttl is not None else []
+    expiration = message.get("properties", {}).get("expiration")
+    if expiration is not None:
+        try:
+            ttls.append(max(0.0, float(expiration) / 1000))
+        except (TypeError, ValueError):
+            raise QueueArgumentError(f"message expiration must be milliseconds, got {expiration!r}") from None
+    return now + min(ttls) if ttls else None
+
+
+class QueueRegistry:
+    """One transport's view of queue arguments, the TTL leases, and queue-expiry leases to keep alive."""
+
+    def __init__(self, client: Any, keys: KeySpace) -> None:
+        self.client = client
+        self.keys = keys
+        self._cache: dict[str, tuple[float, QueueLimits, int]] = {}
+        self._kept: dict[str, int] = {}  # queue -> consumers on it in this process
+        self._expiring: dict[str, tuple[int, float, float]] = {}  # kept queue -> (lease, expires, next refresh)
+        self._to_learn: set[str] = set()  # kept queues whose limits the keeper has yet to look at
+        self._refreshed: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # a consumer started or stopped: the keeper looks again
+        self._keeper: threading.Thread | None = None
+
+    @property
+    def leases(self) -> LeasePool:
+        """The process's lease pool (core/leases.py): message TTLs share one lease per second of deadlines."""
+        return pool_for(self.client.config)
+
+    # -- declaring --------------------------------------------------------------------
+    def declare(self, queue: str, limits: QueueLimits, auto_delete_lease: int | None) -> None:
+        """Write the declared key; a queue with ``expires`` hangs on its own lease (kept if alive)."""
+        # An auto-delete queue lives and dies with its consumer's lease, x-expires or not.
+        own = self._expiry_lease(queue, limits.expires) if limits.expires is not None and not auto_delete_lease else 0
+        info = json.dumps({"auto_delete": bool(auto_delete_lease), "limits": limits.as_dict(), "lease": own})
+        ops.run(self.client, ops.put(self.keys.declared(queue), info, auto_delete_lease or own or 0))
+        with self._lock:
+            self._cache[queue] = (time.monotonic(), limits, own)
+
+    def _expiry_lease(self, queue: str, expires: float) -> int:
+        """The queue's live expiry lease, refreshed (redeclaring counts as use), or a new one."""
+        value = self._declared(queue)
+        old = json.loads(value).get("lease", 0) if value else 0
+        if old and self._refresh(old):
+            return old
+        return ops.grant(self.client, max(1, math.ceil(expires)))
+
+    def _declared(self, queue: str) -> bytes | None:
+        """The queue's declared key's value (JSON: auto_delete, limits, lease); None if not declared."""
+        kv = ops.first_kv_of(ops.get(self.client, self.keys.declared(queue)))
+        return kv.value if kv is not None else None
+
+    def limits(self, queue: str) -> tuple[QueueLimits, int]:
+        """The queue's limits and expiry lease (0: none), read from etcd at most every few seconds."""
+        with self._lock:
+            cached = self._cache.get(queue)
+        if cached is not None and time.monotonic() - cached[0] < LIMITS_CACHE_SECONDS:
+            return cached[1], cached[2]
+        value = self._declared(queue)
+        limits = QueueLimits.from_declared(value)
+        lease = json.loads(value).get("lease", 0) if value else 0
+        with self._lock:
+            self._cache[queue] = (time.monotonic(), limits, lease)
+        return limits, lease
+
+    def forget(self, queue: str) -> None:
+        with self._lock:
+            self._cache.pop(queue, None)
+
+    # -- publishing -------------------------------------------------------------------
+    def put(self, queue: str, key: str, value: bytes, deadline: float | None, limits: QueueLimits,
+            queue_lease: int, guard: Any = None) -> bool:
+        """Write one ready message under its TTL lease (or the queue's), within ``max_length``.
+
+        ``guard`` (idempotent.Guard): written once; False if an earlier attempt of this publish stored it.
+        """
+        for attempt in range(2):
+            lease = self.leases.lease_for(deadline) if deadline is not None else queue_lease
+            try:
+                if limits.max_length is not None:
+                    return self._put_bounded(queue, key, value, lease, limits, guard)
+                compare, success = [], [ops.put(key, value, lease)]
+                if guard is not None:
+                    compare, success = [guard.compare()], [*success, guard.put()]
+                return ops.txn(self.client, compare, success).succeeded
+            except ops.LeaseNotFound:
+                if attempt:
+                    raise
+                if deadline is not None:
+                    self.leases.forget(lease)
+                else:  # the queue expired under us: publish as to any undeclared queue
+                    self.forget(queue)
+                    queue_lease = 0
+        raise AssertionError("unreachable")
+
+    def _put_bounded(self, queue: str, key: str, value: bytes, lease: int, limits: QueueLimits,
+                     guard: Any = None) -> bool:
+        prefix = self.keys.ready(queue)
+        for _ in range(BOUNDED_PUT_ATTEMPTS):
+            head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=1)
+            excess = head.count + 1 - limits.max_length
+            if excess > 0 and limits.overflow == REJECT_PUBLISH:
+                if guard is not None and ops.get(self.client, guard.key, count_only=True).count:
+                    return False  # full of, among others, this very publish's earlier attempt
+                raise QueueFull(f"queue {queue!r} holds {head.count} message(s), its x-max-length is "
+                                f"{limits.max_length} and x-overflow is {REJECT_PUBLISH!r}: message refused")
+            if excess > 1:
+                head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=excess)
+                excess = head.count + 1 - limits.max_length  # counted again at this read's revision
+            dropped = list(head.kvs)[:max(excess, 0)]
+            unchanged = ops.compare(prefix, "mod_revision", head.header.revision + 1, "<")
+            unchanged.range_end = ops.range_request(prefix, prefix=True).range_end  # no key added since the count
+            compare = [unchanged] + [ops.compare(kv.key, "mod_revision", kv.mod_revision) for kv in dropped]
+            success = [ops.put(key, value, lease)] + [ops.delete(kv.key) for kv in dropped]
+            failure = []
+            if guard is not None:  # the failure branch says whether it failed on our own marker
+                compare, success, failure = [*compare, guard.compare()], [*success, guard.put()], [
+                    ops.range_(guard.key, count_only=True)]
+            response = ops.txn(self.client, compare=compare, success=success, failure=failure)
+            if response.succeeded:
+                if dropped:
+                    logger.info("queue %r at x-max-length %d: dropped %d message(s) from its head",
+                                queue, limits.max_length, len(dropped))
+                return True
+            if guard is not None and ops.count(response.responses[0]):
+                return False  # an earlier attempt of this publish was stored
+        raise OperationalError(f"queue {queue!r}: {BOUNDED_PUT_ATTEMPTS} bounded publishes in a row lost "
+                               "to concurrent writers; try again")
+
+    # -- keeping expiring queues alive while used ---------------------------------------
+    def touch(self, queue: str) -> None:
+        """``basic_get`` uses the queue: its expiry starts again (at most one refresh per third of it)."""
+        limits, lease = self.limits(queue)
+        if lease and limits.expires is not None:
+            with self._lock:
+                due = time.monotonic() - self._refreshed.get(lease, 0.0) > limits.expires / 3
+            if due:
+                self._refresh(lease)
+
+    def consuming(self, queue: str) -> None:
+        """A consumer started on ``queue``: keep its expiry lease alive until the last one stops."""
+        with self._wake:
+            self._kept[queue] = self._kept.get(queue, 0) + 1
+            self._to_learn.add(queue)
+            self._wake.notify()
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep_loop, name="etcd-queue-expiry", daemon=True)
+                self._keeper.start()
+
+    def cancelled(self, queue: str) -> None:
+        with self._wake:
+            if self._kept.get(queue, 0) <= 1:
+                self._kept.pop(queue, None)
+                self._expiring.pop(queue, None)
+                self._to_learn.discard(queue)
+                self._wake.notify()
+            else:
+                self._kept[queue] -= 1
+
+    def _keep_loop(self) -> None:
+        """Refresh the expiry leases of consumed queues, each when a third of its TTL has passed.
+
+        One timer for all: the thread sleeps until the next refresh is due (or a consumer
+        starts or stops). A consumed queue without ``expires`` costs nothing after its limits
+        are learnt (from the cache its declaration filled); idle cost does not grow with queues.
+        Ends when no consumer is left.
+        """
+        while True:
+            with self._wake:
+                if not self._kept:
+                    self._keeper = None
+                    return
+                learn, self._to_learn = self._to_learn, set()
+            retry = any([not self._learn(queue) for queue in learn])
+            now = time.monotonic()
+            with self._wake:
+                due = [q for q, (_, _, at) in self._expiring.items() if at <= now]
+            for queue in due:
+                retry = not self._keep(queue) or retry
+            with self._wake:
+                if self._to_learn:
+                    continue
+                next_at = min((at for _, _, at in self._expiring.values()), default=now + KEEP_IDLE_SECONDS)
+                wait = min(next_at, now + KEEP_RETRY_SECONDS) if retry else next_at
+                if self._kept:
+                    self._wake.wait(max(0.0, wait - time.monotonic()))
+
+    def _learn(self, queue: str) -> bool:
+        """Note whether ``queue`` has an expiry lease to keep; False (try again) if etcd did not answer."""
+        try:
+            limits, lease = self.limits(queue)
+        except CONNECTION_ERRORS as exc:
+            logger.info("queue %r expiry not read: %s", queue, exc)
+            with self._wake:
+                if queue in self._kept:
+                    self._to_learn.add(queue)
+            return False
+        with self._wake:
+            if queue in self._kept and lease and limits.expires is not None:
+                self._expiring[queue] = (lease, limits.expires, time.monotonic() + limits.expires / 3)
+            else:
+                self._expiring.pop(queue, None)
+        return True
+
+    def _keep(self, queue: str) -> bool:
+        """Refresh ``queue``'s lease once; a lease etcd no longer knows sends the queue to be learnt again
+        (it expired or was redeclared). False if etcd did not answer (the refresh is retried soon)."""
+        with self._wake:
+            entry = self._expiring.get(queue)
+        if entry is None:
+            return True
+        lease, expires, _ = entry
+        try:
+            alive = self._refresh(lease)
+        except CONNECTION_ERRORS as exc:
+            logger.info("queue %r expiry not refreshed: %s", queue, exc)
+            return False
+        with self._wake:
+            if queue not in self._expiring:
+                return True
+            if alive:
+                self._expiring[queue] = (lease, expires, time.monotonic() + expires / 3)
+            else:
+                self._expiring.pop(queue, None)
+                self._to_learn.add(queue)
+        if not alive:
+            self.forget(queue)
+        return True
+
+    def _refresh(self, lease: int) -> bool:
+        """Keep ``lease`` alive once; False if etcd no longer knows it."""
+        alive = ops.keep_alive(self.client, lease) > 0
+        with self._lock:
+            self._refreshed[lease] = time.monotonic()
+        return alive
+
+
+# -------------------- channel: etcd v3 transport for kombu (and so for Celery).
+#
+# Features
+# ========
+# * Type: Virtual
+# * Supports Direct: Yes
+# * Supports Topic: Yes
+# * Supports Fanout: Yes (bindings live in etcd, so broadcast reaches other hosts)
+# * Supports Priority: Yes, 0-9, 9 the most urgent (AMQP's meaning)
+# * Supports TTL: Yes (message `expiration`, queue `x-message-ttl` and `x-expires`, on etcd leases;
+#   `x-max-length` with drop-head or reject-publish; see queue_limits.py)
+#
+# Messages wait under ``ready/<band>/<seq>`` and are claimed by one etcd
+# transaction that moves them under the consumer's lease (``unacked/<lease>/``);
+# no locks, no visibility timeout. A consumer that dies loses its lease and its
+# messages go back to the queue at their original place. Waiting consumers are
+# woken by an etcd watch; nothing polls. See docs/transport.md.
+#
+# Asynchronous: in a Celery worker the transport joins kombu's event loop (the hub)
+# through a wake-up pipe that the watch thread, acks and prefetch changes write to,
+# so a worker whose pool is full still answers control messages (docs/operators.md).
+# Plain kombu consumers keep the synchronous ``drain_events``.
+#
+# Connection string
+# =================
+# .. code-block::
+#
+#     etcdv3://[USER:PASSWORD@]HOST:PORT[/VHOST]
+#     etcdv3://h1:2379;etcdv3://h2:2379;etcdv3://h3:2379     (several endpoints)
+#
+# Transport options
+# =================
+# Checked when the transport is made (options.py): a wrong type or value raises ``EtcdConfigError``
+# naming it. Options of kombu and Celery themselves pass untouched.
+#
+# * ``prefix``: key prefix for everything (default ``/deephardway``).
+# * ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
+# * ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
+#   unless they expire (large_body.py).
+# * ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
+#   holds, and how long such a message stays unheld first (default 30; reconcile.py).
+# * ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
+#   not in a worker's memory (default True; delayed.py).
+# * ``default_priority``: priority 0-9 of a message sent with ``priority=None`` (default 0).
+# * ``idempotent_publish``: a publish retried after an ambiguous failure (kombu's ``ensure``) is
+#   stored once: each publish writes a short-lived marker in its transaction (default True; idempotent.py).
+# * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
+# * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
+
 
 #: etcd refuses requests over 1.5 MiB (--max-request-bytes); keep 4 KiB for key and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 1_572_864 - 4_096
@@ -148,9 +634,9 @@ class Channel(virtual.Channel):
         """Publish, named once across kombu's retries of it (idempotent.py): a retry after an
         ambiguous failure finds the first attempt's marker and stores nothing again."""
         if self.idempotent_publish:
-            idempotent.name_publish(message, self.connection.sequence.next)
+            name_publish(message, self.connection.sequence.next)
         result = super().basic_publish(message, exchange, routing_key, **kwargs)
-        idempotent.published(message)
+        published(message)
         return result
 
     def _put(self, queue, message, **kwargs):
@@ -163,17 +649,17 @@ class Channel(virtual.Channel):
         if deadline is not None and (deadline <= now or (due is not None and deadline <= due)):
             revoke_expired(message)  # expired already, or before it is due: dropped, as a claim would drop it
             return
-        publish_id = idempotent.publish_id(message)
+        publish_id = publish_id_of(message)
         seq = publish_id or self.connection.sequence.next()
-        value, chunks = dumps(idempotent.stored_form(message)).encode(), []
+        value, chunks = dumps(stored_form(message)).encode(), []
         if len(value) > self.max_message_bytes and deadline is not None:  # its body beside it (large_body.py)
-            value, chunks = large_body.split(idempotent.stored_form(message), self.keys, queue, seq)
+            value, chunks = large_body.split(stored_form(message), self.keys, queue, seq)
         self._check_size(queue, value)
         position = self.keys.position(priority, seq, deadline)
         key = self.keys.ready_message(queue, position)
         batch = kwargs.get("_publish_batch")
         for attempt in range(2):
-            guard = idempotent.guard(self.client, self.keys, queue, publish_id) if publish_id is not None else None
+            guard = publish_guard(self.client, self.keys, queue, publish_id) if publish_id is not None else None
             try:
                 stored = self._write(queue, position, key, value, chunks, deadline, due, limits, queue_lease, batch,
                                      guard)
@@ -181,15 +667,15 @@ class Channel(virtual.Channel):
             except ops.LeaseNotFound:
                 if guard is None or attempt:
                     raise
-                idempotent.forget_lease(self.client, guard.lease)  # refused, so not written: again, new lease
+                forget_lease(self.client, guard.lease)  # refused, so not written: again, new lease
             except grpc.RpcError as exc:
                 raise _too_large_or(exc, queue, len(value), self.max_message_bytes) from None
         if not stored:
-            idempotent.note_retry(queue, guard.key)
+            note_retry(queue, guard.key)
 
     def _write(self, queue, position: str, key: str, value: bytes, chunks: list, deadline: float | None,
                due: float | None, limits, queue_lease: int, batch: PublishBatch | None,
-               guard: idempotent.Guard | None) -> bool:
+               guard: Guard | None) -> bool:
         """One attempt of :meth:`_put`'s write, by path. False: ``guard``'s marker says an earlier attempt
         of this publish stored it (True for a put buffered in a ``Producer.batch()``)."""
         if due is not None and not chunks and not queue_lease and limits.max_length is None:
@@ -209,12 +695,12 @@ class Channel(virtual.Channel):
             large_body.put_chunks(self.client, chunks, self.connection.queues.leases.lease_for(deadline))
         return self.connection.queues.put(queue, key, value, deadline, limits, queue_lease, guard)
 
-    def _put_plain(self, queue, position: str, key: str, value: bytes, guard: idempotent.Guard | None) -> bool:
+    def _put_plain(self, queue, position: str, key: str, value: bytes, guard: Guard | None) -> bool:
         """The common case: one put, straight to an idle consumer if one is parked (handoff.py); concurrent
         publishers share a transaction. False: ``guard``'s marker says an earlier attempt stored it."""
-        park = self.connection.parked.pick(queue) if len(value) <= handoff.HANDOFF_MAX_BYTES else None
+        park = self.connection.parked.pick(queue) if len(value) <= HANDOFF_MAX_BYTES else None
         if park is not None:
-            compare, success, failure = handoff.handoff_ops(self.keys, queue, position, value, key, park)
+            compare, success, failure = handoff_ops(self.keys, queue, position, value, key, park)
             if guard is not None:  # the hand-off's own compare decides between its branches, inside
                 compare, success, failure = [guard.compare()], [guard.put(), ops.nested_txn(
                     compare, success, failure)], []
@@ -222,7 +708,7 @@ class Channel(virtual.Channel):
             compare, success, failure = [], [ops.put(key, value)], []
             if guard is not None:
                 compare, success = [guard.compare()], [*success, guard.put()]
-        return group_commit.shared(self.client).txn(compare, success, failure).succeeded or guard is None
+        return ops.shared(self.client).txn(compare, success, failure).succeeded or guard is None
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
@@ -230,6 +716,7 @@ class Channel(virtual.Channel):
 
     def create_publish_batch(self, max_size: int) -> PublishBatch:
         """kombu's ``Producer.batch()``: puts buffered and written a transaction at a time."""
+        from etcd_broker.transport.publish_batch import PublishBatch  # it builds on this module's guard
         return PublishBatch(self, max_size)
 
     def _check_size(self, queue, value: bytes) -> None:
@@ -438,7 +925,7 @@ class Channel(virtual.Channel):
             return None
         task_id = (message.get("headers") or {}).get("id")
         if unacked and isinstance(task_id, str):  # its SUCCESS write may delete it (settle.py)
-            settle.hold(task_id, unacked, self.client, self.lease.current_key)
+            hold_for_result(task_id, unacked, self.client, self.lease.current_key)
         return message
 
     def held_keys(self) -> list[str]:
@@ -453,7 +940,7 @@ class Channel(virtual.Channel):
                 self._requeue_or_later(self.Message(raw, channel=self))
 
     def close(self):
-        if self.connection is not None and forking.inherited(self.connection.owner_pid):
+        if self.connection is not None and inherited(self.connection.owner_pid):
             self._forget_after_fork()
             return
         if not self.closed:
@@ -476,7 +963,7 @@ class Channel(virtual.Channel):
 
     def _forget(self, message) -> None:
         key = message.delivery_info.get("etcd_key")
-        if key and not settle.release(message.headers.get("id"), key):  # else deleted with its SUCCESS
+        if key and not release_held(message.headers.get("id"), key):  # else deleted with its SUCCESS
             self.lease.delete_later(key)
 
     def _restore(self, message) -> None:
@@ -485,18 +972,18 @@ class Channel(virtual.Channel):
         At close (a connection reset), a message whose task is running in this process stays
         under our lease: the task acks it when it ends (executing.py). Given back, it would run twice.
         """
-        if self.closed and executing.executing(message.headers.get("id")):
-            executing.keep(self, message, self._requeue_later, self._forget)
+        if self.closed and is_executing(message.headers.get("id")):
+            keep(self, message, self._requeue_later, self._forget)
             logger.info("channel closed while task %s runs here: its message %s stays ours until it acks",
                         message.headers.get("id"), message.delivery_info.get("etcd_key"))
             return
-        settle.release(message.headers.get("id"), message.delivery_info.get("etcd_key"))
+        release_held(message.headers.get("id"), message.delivery_info.get("etcd_key"))
         self._requeue_or_later(message)
 
     def _requeue_later(self, message) -> None:
         """Give back through the lease's sweeper thread (never blocks the caller on etcd)."""
         key = message.delivery_info.get("etcd_key")
-        settle.release(message.headers.get("id"), key)
+        release_held(message.headers.get("id"), key)
         if key:
             self.lease.requeue_later(key)
 
@@ -507,7 +994,7 @@ class Channel(virtual.Channel):
         back, and if the process exits first the message stays under our lease and comes back
         when the lease is revoked or expires.
         """
-        if executing.worker_stopping():
+        if worker_stopping():
             key = message.delivery_info.get("etcd_key")
             if key:
                 self.lease.requeue_later(key)
@@ -560,7 +1047,7 @@ class Channel(virtual.Channel):
                 self._auto_delete.discard(queue)
                 # Else it goes with our lease (declared and bound under it; the sweeper that sees the lease
                 # go drops its messages): a stopping worker never waits on etcd for it.
-                if not executing.worker_stopping() and self.lease.reachable():
+                if not worker_stopping() and self.lease.reachable():
                     self.queue_delete(queue)
         return result
 
@@ -698,7 +1185,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self.config = EtcdConfig.from_url(self._urls(client, options),
                                           **{k: options[k] for k in ETCD_OPTIONS if k in options})
         self.etcd = get_client(self.config)
-        self.owner_pid = os.getpid()  # the process it belongs to (forking.inherited)
+        self.owner_pid = os.getpid()  # the process it belongs to (inherited)
         self.keys = KeySpace(options.get("prefix", DEFAULT_PREFIX), client.virtual_host)
         self.lease_ttl = options.get("lease_ttl", DEFAULT_LEASE_TTL)
         self.reconcile_seconds = options.get("reconcile_seconds", RECONCILE_SECONDS)
@@ -709,7 +1196,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self._bindings: BindingTable | None = None
         self._hub: WatchHub | None = None
         self.delayed = delayed.DelayedMover(self.etcd, self.keys, lambda: self.watch_hub)
-        self.parking = handoff.Parking(self.etcd, self.keys, lambda: self.watch_hub, self.wake, self.config.timeout)
+        self.parking = Parking(self.etcd, self.keys, lambda: self.watch_hub, self.wake, self.config.timeout)
         self._init_event_loop()
         self._init_queue_watch()
 
@@ -739,7 +1226,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         _connected_at[self.client] = time.monotonic()
 
     def close_connection(self, connection):
-        if forking.inherited(self.owner_pid):
+        if inherited(self.owner_pid):
             self._forget_after_fork()
             return
         super().close_connection(connection)
@@ -790,14 +1277,14 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         return self._hub
 
     @property
-    def parked(self) -> handoff.ParkedConsumers:
+    def parked(self) -> ParkedConsumers:
         """Which consumers wait on the queues we publish to (handoff.py; shared by the process)."""
-        return handoff.parked_consumers(self.etcd, self.keys, self.watch_hub)
+        return parked_consumers(self.etcd, self.keys, self.watch_hub)
 
     def held_keys(self) -> set[str]:
         """Every unacked key this connection holds (reconcile.py): its channels', hand-offs received
         and not taken, and messages kept across a reset for tasks still running (executing.py)."""
-        held = set(self.parking.held_keys()) | set(executing.kept_keys())
+        held = set(self.parking.held_keys()) | set(kept_keys())
         for channel in list(self.channels):
             held.update(channel.held_keys())
         return held

@@ -29,8 +29,8 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from etcd_broker.core import group_commit, ops
-from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core import ops
+from etcd_broker.core.ops import KeySpace, range_end
 from etcd_broker.core.watch import Watch, WatchHub
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None
         if guard is not None:
             compare, success = [guard.compare()], [*success, guard.put()]
         try:
-            return group_commit.shared(client).txn(compare, success).succeeded
+            return ops.shared(client).txn(compare, success).succeeded
         except ops.LeaseNotFound:
             if attempt or not lease:
                 raise

@@ -20,7 +20,7 @@ from typing import Any
 from kombu.utils.json import dumps
 
 from etcd_broker.core import ops
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from itertools import count
 from time import monotonic
 from typing import Any
 
-from etcd_broker.core import forking
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.client import PerProcess
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.core.watch import EVENT_DELETE
 
 logger = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ class Timer:
                 logger.exception("offer grace callback %r failed", callback)
 
 
-_per_process = forking.PerProcess()
+_per_process = PerProcess()
 
 
 def feeds() -> Feeds:

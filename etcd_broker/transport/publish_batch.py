@@ -20,7 +20,7 @@ from kombu.exceptions import BatchPublishError
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import CONNECTION_ERRORS
-from etcd_broker.transport import idempotent
+from etcd_broker.transport.channel import Guard, marker_lease, note_retry
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +84,12 @@ class PublishBatch:
         compare, success = [], [ops.put(key, value) for key, value, _ in batch]
         marker = batch[0][2]
         if marker is not None:
-            guard = idempotent.Guard(marker, idempotent.marker_lease(client))
+            guard = Guard(marker, marker_lease(client))
             compare, success = [guard.compare()], [*success, guard.put()]
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 if not ops.txn(client, compare, success).succeeded:
-                    idempotent.note_retry(self.channel.keys.queue_of(batch[0][0]), marker)
+                    note_retry(self.channel.keys.queue_of(batch[0][0]), marker)
                 return
             except CONNECTION_ERRORS as exc:
                 if marker is None or attempt == WRITE_ATTEMPTS:

@@ -120,7 +120,7 @@ def _check_database() -> str:
 
 def _check_etcd() -> str:
     from etcd_broker.core.client import get_client
-    from etcd_broker.core.keys import KeySpace, range_end
+    from etcd_broker.core.ops import KeySpace, range_end
 
     try:
         queues = KeySpace(settings.ETCD_PREFIX).declared_queues()

@@ -17,7 +17,7 @@ from celery.exceptions import Ignore, ImproperlyConfigured, TimeoutError
 from etcd_broker.backend.result_backend import EtcdBackend
 from etcd_broker.backend.result_store import ChordCount
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from tests.backend.conftest import make_app
 from tests.helpers import REPO_ROOT, wait_until
 

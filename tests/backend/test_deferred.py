@@ -1,10 +1,10 @@
-"""The held-back STARTED write (etcd_broker/backend/deferred.py) with real threads."""
+"""The held-back STARTED write (etcd_broker/backend/result_backend.py) with real threads."""
 from __future__ import annotations
 
 import threading
 import time
 
-from etcd_broker.backend.deferred import DeferredStarted
+from etcd_broker.backend.result_backend import DeferredStarted
 from tests.helpers import wait_until
 
 

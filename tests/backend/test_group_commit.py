@@ -1,11 +1,11 @@
-"""Group commit (etcd_broker/core/group_commit.py) against a real etcd: shared transactions, separate outcomes."""
+"""Group commit (etcd_broker/core/ops.py) against a real etcd: shared transactions, separate outcomes."""
 from __future__ import annotations
 
 import threading
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
-from etcd_broker.core.group_commit import GroupCommit
+from etcd_broker.core.ops import GroupCommit
 
 #: Concurrent writers in these tests.
 THREADS = 32

@@ -15,8 +15,8 @@ import uuid
 import pytest
 from celery import states
 
-from etcd_broker.backend import result_consumer
-from etcd_broker.backend.result_consumer import HUB_LABEL
+from etcd_broker.backend import result_backend
+from etcd_broker.backend.result_backend import HUB_LABEL
 from etcd_broker.core import watch
 from tests.backend.conftest import task
 from tests.helpers import wait_until
@@ -86,7 +86,7 @@ def test_many_threads_each_awaiting_its_own_result_all_arrive(results_app):
 
 
 def test_a_burst_of_results_is_read_in_a_few_batches_not_one_read_each(worker_app, monkeypatch):
-    monkeypatch.setattr(result_consumer, "PREFIX_LINGER", 60.0)  # however slow this machine is today
+    monkeypatch.setattr(result_backend, "PREFIX_LINGER", 60.0)  # however slow this machine is today
     backend = worker_app.backend
     reads = CountedReads(monkeypatch, backend.store)
     results = [task(worker_app, "add", n, 1).apply_async() for n in range(200)]
@@ -99,7 +99,7 @@ def test_a_burst_of_results_is_read_in_a_few_batches_not_one_read_each(worker_ap
 
 
 def test_tasks_sent_once_the_prefix_is_confirmed_need_no_read(worker_app, monkeypatch):
-    monkeypatch.setattr(result_consumer, "PREFIX_LINGER", 60.0)  # however slow this machine is today
+    monkeypatch.setattr(result_backend, "PREFIX_LINGER", 60.0)  # however slow this machine is today
     backend = worker_app.backend
     held = task(worker_app, "add", 0, 0).apply_async()  # held: two results awaited from here
     assert task(worker_app, "add", 1, 1).apply_async().get(timeout=30) == 2
@@ -145,7 +145,7 @@ def test_results_racing_the_switch_between_modes_are_never_missed(results_app, m
     # A lone waiter (its own subscription) is joined by a second one (the prefix starts),
     # both results racing the switch; then both end and, after the linger, a lone get()
     # subscribes its own key again, its result racing the prefix's end.
-    monkeypatch.setattr(result_consumer, "PREFIX_LINGER", linger)
+    monkeypatch.setattr(result_backend, "PREFIX_LINGER", linger)
     backend = results_app.backend
     modes = set()
     for number in range(60):
@@ -169,7 +169,7 @@ def test_results_racing_the_switch_between_modes_are_never_missed(results_app, m
 
 
 def test_the_prefix_subscription_ends_when_the_process_stops_awaiting_several(results_app, monkeypatch):
-    monkeypatch.setattr(result_consumer, "PREFIX_LINGER", 0.0)
+    monkeypatch.setattr(result_backend, "PREFIX_LINGER", 0.0)
     backend = results_app.backend
     a, b = new_id("a"), new_id("b")
     waiter = threading.Thread(target=lambda: results_app.AsyncResult(a).get(timeout=20))
@@ -250,7 +250,7 @@ def test_threads_awaiting_the_same_task_all_get_it_while_a_stray_handle_is_dropp
 def test_an_idle_process_stops_receiving_every_result_at_the_next_write(results_app, monkeypatch):
     # Nobody awaits here any more (and did not for PREFIX_LINGER): the next result written
     # anywhere ends the prefix subscription, without waiting for another get() here.
-    monkeypatch.setattr(result_consumer, "PREFIX_LINGER", 0.2)
+    monkeypatch.setattr(result_backend, "PREFIX_LINGER", 0.2)
     backend = results_app.backend
     hub = backend.store.hub
     first, second = new_id("first"), new_id("second")

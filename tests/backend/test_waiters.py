@@ -6,7 +6,7 @@ import uuid
 
 from celery import group, states
 
-from etcd_broker.backend.result_consumer import HUB_LABEL
+from etcd_broker.backend.result_backend import HUB_LABEL
 from tests.backend.conftest import task
 from tests.helpers import wait_until
 

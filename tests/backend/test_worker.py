@@ -11,7 +11,7 @@ from celery.exceptions import ChordError, TaskRevokedError
 from etcd_broker.backend.result_backend import watch_task
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from tests.backend.conftest import task
 from tests.helpers import wait_until
 

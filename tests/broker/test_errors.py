@@ -5,9 +5,19 @@ import grpc
 import pytest
 from etcd3 import etcdrpc
 
-from etcd_broker.core import client as etcd_client
 from etcd_broker.core import ops
-from etcd_broker.core.client import CONNECTION_ERRORS, classify, get_client, make_client
+from etcd_broker.core.client import (
+    COMPACTED,
+    CONNECTION_ERRORS,
+    REQUEST_TOO_LARGE,
+    TOO_MANY_OPS,
+    UNREACHABLE,
+    classify,
+    get_client,
+    is_lease_not_found,
+    is_request_too_large,
+    make_client,
+)
 from etcd_broker.exceptions import EtcdUnreachable
 from scripts.etcd_server import MAX_REQUEST_BYTES
 
@@ -17,8 +27,8 @@ def test_a_request_over_the_server_limit_is_request_too_large(etcd_url, etcd_pre
     with pytest.raises(grpc.RpcError) as caught:
         client.call("Put", etcdrpc.PutRequest(key=f"{etcd_prefix}/big".encode(), value=b"x" * (MAX_REQUEST_BYTES + 1)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert classify(caught.value) == etcd_client.REQUEST_TOO_LARGE
-    assert etcd_client.is_request_too_large(caught.value)
+    assert classify(caught.value) == REQUEST_TOO_LARGE
+    assert is_request_too_large(caught.value)
 
 
 def test_too_many_operations_share_the_code_and_differ_by_message(etcd_url, etcd_prefix):
@@ -27,7 +37,7 @@ def test_too_many_operations_share_the_code_and_differ_by_message(etcd_url, etcd
     with pytest.raises(grpc.RpcError) as caught:
         client.call("Txn", etcdrpc.TxnRequest(success=puts))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert classify(caught.value) == etcd_client.TOO_MANY_OPS
+    assert classify(caught.value) == TOO_MANY_OPS
 
 
 def test_a_put_on_an_unknown_lease_is_lease_not_found(etcd_url, etcd_prefix):
@@ -35,7 +45,7 @@ def test_a_put_on_an_unknown_lease_is_lease_not_found(etcd_url, etcd_prefix):
     with pytest.raises(grpc.RpcError) as caught:
         client.call("Put", etcdrpc.PutRequest(key=f"{etcd_prefix}/leased".encode(), value=b"v", lease=0x7E57))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert etcd_client.is_lease_not_found(caught.value)
+    assert is_lease_not_found(caught.value)
     with pytest.raises(ops.LeaseNotFound):
         ops.txn(client, compare=[], success=[ops.put(f"{etcd_prefix}/leased", b"v", lease=0x7E57)])
 
@@ -48,7 +58,7 @@ def test_a_compacted_revision_is_compacted(etcd_url, etcd_prefix):
     client.call("Compact", etcdrpc.CompactionRequest(revision=last))
     with pytest.raises(grpc.RpcError) as caught:
         client.call("Range", etcdrpc.RangeRequest(key=key, revision=first))
-    assert classify(caught.value) == etcd_client.COMPACTED
+    assert classify(caught.value) == COMPACTED
 
 
 def test_nothing_listening_is_a_connection_error_that_says_where(etcd_url):
@@ -58,7 +68,7 @@ def test_nothing_listening_is_a_connection_error_that_says_where(etcd_url):
             client.call("Range", etcdrpc.RangeRequest(key=b"/k"))
         assert isinstance(caught.value, EtcdUnreachable)
         assert "127.0.0.1:1" in str(caught.value)
-        assert classify(caught.value.__cause__) == etcd_client.UNREACHABLE
+        assert classify(caught.value.__cause__) == UNREACHABLE
     finally:
         client.close()
 

@@ -12,7 +12,7 @@ import atexit, logging, sys
 sys.path.insert(0, {root!r})
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s %(message)s")
 atexit.register(lambda: logging.getLogger("host").warning("host says goodbye"))  # runs after ours
-import etcd_broker.transport.membership
+import etcd_broker.transport.consumer
 from kombu import Connection
 with Connection({url!r}, transport_options={{"prefix": {prefix!r}}}) as connection:
     queue = connection.SimpleQueue("exit")  # consumes: this process holds a consumer lease

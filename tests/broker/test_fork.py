@@ -21,9 +21,8 @@ from celery import Celery, states
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from etcd_broker.backend.result_store import close_shared
-from etcd_broker.core import forking
-from etcd_broker.core.client import get_client
-from etcd_broker.transport.membership import close_all_leases
+from etcd_broker.core.client import GATE, ChildLock, PerProcess, get_client
+from etcd_broker.transport.consumer import close_all_leases
 
 #: Fork rounds; each forks CHILDREN children (the abort was 1 in 3 children, so 50 rounds catch it).
 ROUNDS = 50
@@ -115,7 +114,7 @@ def test_children_forked_after_the_parent_used_etcd_all_work_and_so_does_the_par
     waiter = threading.Thread(target=lambda: waited.append(waiting.get(timeout=600)), daemon=True)
     waiter.start()
 
-    forks_before = forking.GATE.forks
+    forks_before = GATE.forks
     failures, children_ids = [], []
     methods = ("os.fork", "multiprocessing", "billiard")
     try:
@@ -144,7 +143,7 @@ def test_children_forked_after_the_parent_used_etcd_all_work_and_so_does_the_par
     waiter.join(30)
     assert waited == ["after the forks"]
     assert writes, "the writer thread never wrote"
-    forks = forking.GATE.forks - forks_before
+    forks = GATE.forks - forks_before
     assert forks >= ROUNDS * CHILDREN
 
 
@@ -223,9 +222,9 @@ def test_a_child_collecting_inherited_connections_waits_on_no_lock_and_gives_bac
 
 
 def test_a_child_lock_held_by_a_parent_thread_is_free_in_the_child():
-    """forking.ChildLock: a new lock in the child (no private CPython name), also under a Condition."""
-    lock, registry = forking.ChildLock(), forking.PerProcess()
-    condition = threading.Condition(forking.ChildLock())
+    """ChildLock: a new lock in the child (no private CPython name), also under a Condition."""
+    lock, registry = ChildLock(), PerProcess()
+    condition = threading.Condition(ChildLock())
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:

@@ -3,8 +3,8 @@ alarms) and defragmentation member by member."""
 from __future__ import annotations
 
 from etcd_broker.core.client import make_client
-from etcd_broker.core.keys import KeySpace
 from etcd_broker.core.maintenance import defragment_members, etcd_status
+from etcd_broker.core.ops import KeySpace
 
 
 def test_status_reports_the_compacted_revision_and_defragmenting_shrinks_the_file(private_etcd, etcd_prefix):

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.stats import queue_stats
 from scripts.etcd_server import free_port
 from scripts.processes import log_tail, stop_process

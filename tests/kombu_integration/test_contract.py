@@ -17,7 +17,7 @@ from kombu.mixins import ConsumerMixin
 
 import etcd_broker  # noqa: F401
 from etcd_broker.exceptions import QueueArgumentError, QueueFull
-from etcd_broker.transport.queue_limits import MAX_QUEUE_NAME_BYTES
+from etcd_broker.transport.channel import MAX_QUEUE_NAME_BYTES
 from tests.helpers import REPO_ROOT
 
 

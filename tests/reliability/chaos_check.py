@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from etcd_broker.core.client import DEFAULT_TIMEOUT
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 
 #: A finished task's ack (or SUCCESS write) lands within this on a loaded 2-core machine, unless etcd could
 #: not take writes meanwhile (ETCD_FAULTS): a worker killed or cut off this soon after a run finished may
@@ -48,7 +48,7 @@ HEAL_GRACE = 5.0
 REVOKE_GRACE = 2.0
 #: Clock slack between markers and the test's own times, one machine (seconds).
 CLOCK_SLACK = 0.05
-#: What a worker logs when etcd expired its lease while it was alive (etcd_broker/transport/membership.py).
+#: What a worker logs when etcd expired its lease while it was alive (etcd_broker/transport/consumer.py).
 #: What a worker logs when Celery publishes a chord callback again after an error (celery/app/amqp.py).
 CALLBACK_RETRY_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): WARNING/\w+\] Retrying refused callback publish")
 LAPSE_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ERROR/\w+\] consumer lease \w+ expired while we were alive")

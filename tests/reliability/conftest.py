@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from etcd_broker.backend.result_store import close_shared
-from etcd_broker.transport.membership import close_all_leases
+from etcd_broker.transport.consumer import close_all_leases
 from scripts.etcd_server import EtcdServer, start_cluster
 from tests.helpers import WorkerProcess
 from tests.reliability import counting_app

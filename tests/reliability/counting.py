@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from etcd_broker.core.client import CONNECTION_ERRORS, EtcdClient
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from tests.helpers import wait_until
 from tests.reliability import counting_app
 

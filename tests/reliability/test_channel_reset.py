@@ -10,7 +10,7 @@ from kombu import Connection, Consumer, Queue
 
 import etcd_broker  # noqa: F401
 from etcd_broker.core.client import CONNECTION_ERRORS
-from etcd_broker.transport import executing
+from etcd_broker.transport.consumer import ORPHAN_GRACE_SECONDS, kept
 from tests.helpers import wait_until
 from tests.reliability.blackhole import BlackholeProxy
 
@@ -57,14 +57,14 @@ def test_a_reset_keeps_the_message_of_a_running_task_and_gives_back_the_others(e
         state.active_requests.add(request)
         try:
             channel.close()  # a connection reset, while task-running runs and task-waiting waits
-            assert executing.kept() == 1
+            assert kept() == 1
             back = queue.get(timeout=5)
             assert back.headers["id"] == "task-waiting" and back.delivery_info["redelivered"]
             back.ack()
             with pytest.raises(queue.Empty):
                 queue.get(timeout=1)  # the running task's message stays with us, under our lease
             running.ack()  # the task ends: its ack on the old channel deletes the message
-            assert executing.kept() == 0
+            assert kept() == 0
         finally:
             state.active_requests.discard(request)
         wait_until(lambda: not list(client.get_prefix(keys.unacked("running"))), timeout=10,
@@ -86,10 +86,10 @@ def test_a_kept_message_whose_task_ends_without_an_ack_comes_back(etcd_url, etcd
         state.active_requests.add(request)
         try:
             channel.close()
-            assert executing.kept() == 1
+            assert kept() == 1
         finally:
             state.active_requests.discard(request)  # it stops running; nobody acks
-        wait_until(lambda: executing.kept() == 0, timeout=executing.ORPHAN_GRACE_SECONDS + 10,
+        wait_until(lambda: kept() == 0, timeout=ORPHAN_GRACE_SECONDS + 10,
                    interval=0.2, message="the orphaned message given back")
         back = queue.get(timeout=10)
         assert back.headers["id"] == held.headers["id"] and back.delivery_info["redelivered"]

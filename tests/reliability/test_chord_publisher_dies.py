@@ -8,7 +8,7 @@ import pytest
 from celery import chord
 
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from tests.helpers import wait_until
 from tests.reliability import counting_app
 from tests.reliability.counting import Tally, read_markers

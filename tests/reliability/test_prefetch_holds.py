@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from tests.reliability.counting import Producer, read_markers, wait_for_completion
 
 WORKERS = 3

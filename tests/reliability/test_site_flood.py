@@ -34,7 +34,7 @@ import pytest
 from benchmarks.bench_web import Server, open_stream, site_env, start_gunicorn, still_open
 from benchmarks.common import percentile
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.stats import queue_stats
 from tests import postgres
 from tests.helpers import REPO_ROOT

@@ -8,7 +8,7 @@ import pytest
 
 from etcd_broker.backend.result_store import close_shared
 from etcd_broker.core.client import make_client
-from etcd_broker.transport.membership import close_all_leases
+from etcd_broker.transport.consumer import close_all_leases
 from scripts.etcd_server import EtcdServer, TlsFiles
 from tests.reliability import counting_app
 from tests.security.certs import Certificates, make_certificates

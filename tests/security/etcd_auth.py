@@ -9,7 +9,7 @@ from __future__ import annotations
 from etcd3.etcdrpc import auth_pb2, rpc_pb2
 
 from etcd_broker.core.client import EtcdClient
-from etcd_broker.core.keys import range_end
+from etcd_broker.core.ops import range_end
 
 #: The permission etcd's ``role grant-permission --prefix <role> readwrite <prefix>`` gives.
 READWRITE = auth_pb2.Permission.READWRITE

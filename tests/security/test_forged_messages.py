@@ -20,7 +20,7 @@ from kombu.exceptions import ContentDisallowed
 
 import etcd_broker  # noqa: F401
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace, Sequence
+from etcd_broker.core.ops import KeySpace, Sequence
 from tests.helpers import wait_until
 from tests.reliability import counting_app
 from tests.reliability.counting import read_markers
@@ -67,7 +67,7 @@ def put_raw(url: str, prefix: str, queue: str, value: bytes) -> None:
 
 
 def queue_is_empty(url: str, prefix: str, queue: str) -> bool:
-    """No message waiting or claimed (an idle worker's parked key, etcd_broker/transport/handoff.py, is no message)."""
+    """No message waiting or claimed (an idle worker's parked key, etcd_broker/transport/delivery.py, is no message)."""
     client, keys = get_client(url), KeySpace(prefix)
     return not any(True for where in (keys.ready(queue), keys.unacked(queue))
                    for _ in client.get_prefix(where, keys_only=True))

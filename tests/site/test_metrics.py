@@ -11,7 +11,7 @@ from django.db import transaction
 from prometheus_client.parser import text_string_to_metric_families
 
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.stats import live_consumers
 from jobs.management.commands.watch_jobs import JobWatcher
 from jobs.models import Job, Status

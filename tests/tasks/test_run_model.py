@@ -9,7 +9,7 @@ import pytest
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from jobs.queues import GPU_QUEUE
 from tests.helpers import wait_until
 from tests.ml.tiny import drawing_of, png_data_url

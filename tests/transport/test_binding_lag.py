@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from kombu import Connection, Exchange, Queue
 
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from tests.helpers import wait_until
 
 

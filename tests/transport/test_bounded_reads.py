@@ -12,7 +12,7 @@ from kombu import Connection
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import GRPC_MAX_MESSAGE_BYTES, get_client
-from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.ops import KeySpace, range_end
 from tests.helpers import wait_until
 
 #: Values of this size: a dozen make one reply larger than gRPC's receive limit.
@@ -41,7 +41,7 @@ def test_the_sweeper_goes_on_after_an_unexpected_error(etcd_url, etcd_prefix, ca
     keys = KeySpace(etcd_prefix)
     junk = keys.unacked("work") + "not-a-lease/9/1"  # a key the sweep cannot parse: its read raises ValueError
     client.put(junk, b"{}")
-    caplog.set_level(logging.ERROR, logger="etcd_broker.transport.membership")
+    caplog.set_level(logging.ERROR, logger="etcd_broker.transport.consumer")
     with Connection(etcd_url, transport_options={"prefix": etcd_prefix, "lease_ttl": 3}) as conn:
         queue = conn.SimpleQueue("work")
         queue.put({"n": 0})

@@ -19,7 +19,7 @@ from kombu import Connection, Consumer, Queue
 
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.stats import queue_stats
 from etcd_broker.transport import delayed
 from tests.helpers import wait_until

@@ -15,7 +15,7 @@ from celery.exceptions import TaskRevokedError
 import etcd_broker  # noqa: F401 - registers etcdv3://
 from etcd_broker.backend.result_store import close_shared
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.ops import KeySpace, range_end
 
 
 @pytest.fixture

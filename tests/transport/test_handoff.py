@@ -18,9 +18,9 @@ from kombu.asynchronous import Hub
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.core.watch import hub_for
-from etcd_broker.transport import handoff
+from etcd_broker.transport.delivery import IDLE, Parking, handoff_ops, waiting
 from tests.helpers import wait_until
 from tests.transport.busy_app import make_app
 
@@ -66,7 +66,7 @@ def parks(client, keys: KeySpace, queue: str) -> list:
 
 
 def idle_park(client, keys: KeySpace, queue: str):
-    return [row for row in parks(client, keys, queue) if row[0] == handoff.IDLE and row[1]]
+    return [row for row in parks(client, keys, queue) if row[0] == IDLE and row[1]]
 
 
 class ReadyPuts:
@@ -102,7 +102,7 @@ def test_lone_tasks_reach_an_idle_worker_without_a_claim_and_run_once(worker_fac
         assert first.get(timeout=60) == worker.process.pid
         ids = [first.id]
         for _ in range(10):
-            wait_until(lambda: handoff.waiting("celery", keys), timeout=30,  # this test's key space only
+            wait_until(lambda: waiting("celery", keys), timeout=30,  # this test's key space only
                        message="the client saw the idle worker park")
             result = app.send_task("busy.pid")
             assert result.get(timeout=60) == worker.process.pid
@@ -135,10 +135,10 @@ def test_a_consumer_that_stops_gives_back_a_handoff_it_never_took(etcd_url, etcd
 
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="park-q", declare=[queue])
         run_until(loop, lambda: received == [0], "message 0 delivered")
-        run_until(loop, lambda: handoff.waiting("park-q"), "the producer saw the consumer park")
+        run_until(loop, lambda: waiting("park-q"), "the producer saw the consumer park")
         producer.publish({"n": 1}, exchange=queue.exchange, routing_key="park-q")  # the hub loop is not run
         (park,) = parks(client, keys, "park-q")
-        assert park[0] != handoff.IDLE, "message 1 was not handed to the parked consumer"
+        assert park[0] != IDLE, "message 1 was not handed to the parked consumer"
         assert ops.get(client, keys.ready("park-q"), prefix=True, count_only=True).count == 0
         consumer.cancel()  # stops consuming: the hand-off it never delivered goes back in line
         hub.close()
@@ -160,12 +160,12 @@ def test_a_handoff_to_a_sigkilled_worker_comes_back_and_runs_elsewhere(worker_fa
     first = worker_factory(app=APP, env=env, pool="threads", concurrency=2)
     try:
         assert app.send_task("busy.pid").get(timeout=60) == first.process.pid  # the client follows the parks
-        wait_until(lambda: handoff.waiting("celery", keys), timeout=30,  # this test's key space only
+        wait_until(lambda: waiting("celery", keys), timeout=30,  # this test's key space only
                    message="the client saw the idle worker park")
         first.kill()  # its park stays until its lease lapses
         lost = app.send_task("busy.pid")
         (park,) = parks(client, keys, "celery")
-        assert park[0] != handoff.IDLE, "the task was not handed to the dead worker's park"
+        assert park[0] != IDLE, "the task was not handed to the dead worker's park"
         second = worker_factory(app=APP, env=env, pool="threads", concurrency=2)
         assert lost.get(timeout=ttl + 60) == second.process.pid
     finally:
@@ -176,16 +176,16 @@ def test_a_park_that_changed_since_the_publisher_saw_it_gets_nothing(etcd_url, e
     client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
     lease = client.lease(10)
     key = keys.parked_consumer("stale-q", "token")
-    seen = ops.txn(client, success=[ops.put(key, handoff.IDLE, lease.id)]).header.revision
-    ops.txn(client, success=[ops.put(key, handoff.IDLE, lease.id)])  # parked again since (a new revision)
+    seen = ops.txn(client, success=[ops.put(key, IDLE, lease.id)]).header.revision
+    ops.txn(client, success=[ops.put(key, IDLE, lease.id)])  # parked again since (a new revision)
     position = keys.position(0, "00000000000000000001-test")
     ready_key = keys.ready_message("stale-q", position)
-    response = ops.txn(client, *handoff.handoff_ops(keys, "stale-q", position, b'{"n": 1}', ready_key,
+    response = ops.txn(client, *handoff_ops(keys, "stale-q", position, b'{"n": 1}', ready_key,
                                                     (key, seen, lease.id)))
     assert not response.succeeded
     assert client.get(ready_key)[0] == b'{"n": 1}'
     assert ops.get(client, keys.unacked("stale-q"), prefix=True, count_only=True).count == 0
-    assert client.get(key)[0] == handoff.IDLE
+    assert client.get(key)[0] == IDLE
     client.revoke_lease(lease.id)
 
 
@@ -195,13 +195,13 @@ def test_a_handoff_not_taken_before_its_lease_lapsed_is_delivered_only_if_still_
     run again; one the lapsed lease's adoption moved under the new lease is still delivered."""
     queue, keys, client = "lapse-q", KeySpace(etcd_prefix), get_client(etcd_url)
     hub = hub_for(client.config)
-    parking = handoff.Parking(client, keys, lambda: hub, lambda: None, 10)
+    parking = Parking(client, keys, lambda: hub, lambda: None, 10)
 
     def hand_off(lease_id: int, seq: str) -> str:
         parking.park(queue, lease_id)
         (kv,) = ops.get(client, keys.parked(queue), prefix=True).kvs
         position = f"9/{seq}"
-        compare, success, failure = handoff.handoff_ops(keys, queue, position, b'{"n": 1}',
+        compare, success, failure = handoff_ops(keys, queue, position, b'{"n": 1}',
                                                         keys.ready_message(queue, position),
                                                         (kv.key.decode(), kv.mod_revision, kv.lease))
         assert ops.txn(client, compare, success, failure).succeeded
@@ -270,13 +270,13 @@ def test_a_handoff_that_finds_the_prefetch_room_taken_goes_back_in_line(etcd_url
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="full-q", declare=[queue])
         run_until(loop, lambda: len(received) == 1, "message 0 delivered")
         received.pop().ack()
-        run_until(loop, lambda: handoff.waiting("full-q"), "the producer saw the consumer park")
+        run_until(loop, lambda: waiting("full-q"), "the producer saw the consumer park")
         # A message with a TTL is never handed off: it comes through ready/ and fills the room.
         producer.publish({"n": 1}, exchange=queue.exchange, routing_key="full-q", expiration=60)
         run_until(loop, lambda: len(received) == 1, "message 1 delivered")
-        assert handoff.waiting("full-q"), "the park is still there (nothing withdrew it)"
+        assert waiting("full-q"), "the park is still there (nothing withdrew it)"
         producer.publish({"n": 2}, exchange=queue.exchange, routing_key="full-q")
-        wait_until(lambda: parks(client, keys, "full-q")[0][0] != handoff.IDLE, timeout=10,
+        wait_until(lambda: parks(client, keys, "full-q")[0][0] != IDLE, timeout=10,
                    message="message 2 handed to the park")
         run_until(loop, lambda: ops.get(client, keys.ready("full-q"), prefix=True, count_only=True).count == 1,
                   "the hand-off given back to ready/ while the room is taken")

@@ -11,7 +11,7 @@ import threading
 
 from kombu import Connection
 
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 
 #: Messages in the backlog the tests drain, one claim at a time (no prefetch limit: one per read).
 BACKLOG = 30

@@ -21,8 +21,9 @@ from kombu import Connection, Exchange, Queue
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
-from etcd_broker.transport import handoff, idempotent
+from etcd_broker.core.ops import KeySpace
+from etcd_broker.transport.channel import marker_lease
+from etcd_broker.transport.delivery import IDLE, waiting
 from tests.helpers import wait_until
 from tests.transport.test_handoff import hub_consumer, parks, run_until
 
@@ -171,7 +172,7 @@ def test_a_publish_whose_marker_lease_is_gone_takes_a_new_one(setup):
     client, keys, connect = setup
     producer = connect().Producer(serializer="json")
     producer.publish({"n": 1}, routing_key="idem-lease", declare=[Queue("idem-lease")])
-    client.revoke_lease(idempotent.marker_lease(client))  # the pool's current marker lease: etcd forgets it
+    client.revoke_lease(marker_lease(client))  # the pool's current marker lease: etcd forgets it
     producer.publish({"n": 2}, routing_key="idem-lease")
     assert copies(client, keys, "idem-lease")["ready"] == 2
 
@@ -227,12 +228,12 @@ def test_a_handoff_retried_after_its_answer_was_lost_is_stored_once(setup, monke
                       lambda body, message: (received.append(body["n"]), message.ack())) as (_, loop, _c, producer):
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="idem-park", declare=[queue])
         run_until(loop, lambda: received == [0], "message 0 delivered")
-        run_until(loop, lambda: handoff.waiting("idem-park"), "the producer saw the consumer park")
+        run_until(loop, lambda: waiting("idem-park"), "the producer saw the consumer park")
         with answer_lost(client, monkeypatch, queue_dir(keys, "idem-park")) as fired:
             producer.publish({"n": 1}, exchange=queue.exchange, routing_key="idem-park", retry=True,
                              retry_policy=RETRY)
         assert fired
         (park,) = parks(client, keys, "idem-park")
-        assert park[0] != handoff.IDLE, "message 1 was not handed to the parked consumer"
+        assert park[0] != IDLE, "message 1 was not handed to the parked consumer"
         assert copies(client, keys, "idem-park") == {"ready": 0, "unacked": 1, "delayed": 0}
         run_until(loop, lambda: received == [0, 1], "message 1 delivered")

@@ -18,11 +18,11 @@ from etcd3 import etcdrpc
 from kombu import Connection, Consumer, Exchange, Queue
 
 from etcd_broker.core import ops
-from etcd_broker.core.keys import KeySpace, range_end
+from etcd_broker.core.ops import KeySpace, range_end
 from etcd_broker.core.watch import EVENT_DELETE
 from etcd_broker.exceptions import EtcdUnreachable
-from etcd_broker.transport import delayed, event_loop
-from etcd_broker.transport.membership import restore_message
+from etcd_broker.transport import delayed, delivery
+from etcd_broker.transport.consumer import restore_message
 from tests.helpers import wait_until
 
 #: Transport options of these tests: no reconciliation pass within a test (it reads every queue).
@@ -140,7 +140,7 @@ def test_safety_recheck_is_one_request_whatever_the_number_of_queues(etcd_url, e
 def test_a_put_the_watch_stream_never_delivers_is_found_by_the_recheck(private_etcd, etcd_prefix, monkeypatch):
     """A stream that stops answering (stuck, half-open) misses a put; the re-check's progress
     request goes unanswered too, so the queues are read again and the message is delivered."""
-    monkeypatch.setattr(event_loop, "PROGRESS_WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(delivery, "PROGRESS_WAIT_SECONDS", 1.0)
     received: list[int] = []
     queue = Queue("missed", Exchange("missed", type="direct"), routing_key="missed")
     with consumer_and_producer(private_etcd.url, etcd_prefix, queue, received) as (conn, producer):
@@ -186,7 +186,7 @@ def test_a_delayed_put_the_watch_stream_never_delivers_is_moved_after_the_rechec
     """An ETA task published while the stream is stuck: the mover never hears of it and nothing reads
     its queue's delayed/ on a timer; the failed re-check makes the mover read every followed queue
     again, so it is moved (then delivered by the next failed re-check, the stream still stuck)."""
-    monkeypatch.setattr(event_loop, "PROGRESS_WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(delivery, "PROGRESS_WAIT_SECONDS", 1.0)
     keys = KeySpace(etcd_prefix)
     received: list[int] = []
     queue = Queue("late", Exchange("late", type="direct"), routing_key="late")
@@ -231,7 +231,7 @@ def test_a_consumer_death_the_watch_stream_never_delivers_is_swept_after_the_rec
     """A consumer dies (its lease revoked) while our stream is stuck: the consumer watch misses the
     delete, so no sweep of its queues starts; the failed re-check asks for a full sweep, which gives
     its claimed message back at once (not at the next periodic full sweep, FULL_SWEEP_SECONDS away)."""
-    monkeypatch.setattr(event_loop, "PROGRESS_WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(delivery, "PROGRESS_WAIT_SECONDS", 1.0)
     with Connection(private_etcd.url, transport_options={"prefix": etcd_prefix, **OPTIONS}) as conn:
         idle_consumer(conn, "orphan", 1)
         transport = conn.transport

@@ -15,9 +15,9 @@ from kombu.exceptions import OperationalError
 
 import etcd_broker  # noqa: F401
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.exceptions import MessageTooLarge
-from etcd_broker.transport import queue_limits
+from etcd_broker.transport import channel as channel_module
 from etcd_broker.transport.channel import RECONNECT_GAP_SECONDS
 from tests.helpers import wait_until
 
@@ -219,7 +219,7 @@ def test_an_idle_consumer_on_many_queues_does_not_read_them_again(private_etcd, 
     # The queue-expiry keeper used to re-read each consumed queue's declaration whenever its cached
     # limits aged (every LIMITS_CACHE_SECONDS): idle reads grew with the queues. With the cache made
     # short here, that would be dozens of reads a second; queues without x-expires must cost none.
-    monkeypatch.setattr(queue_limits, "LIMITS_CACHE_SECONDS", 0.2)
+    monkeypatch.setattr(channel_module, "LIMITS_CACHE_SECONDS", 0.2)
     conn = Connection(private_etcd.url, transport_options={"prefix": etcd_prefix})
     queues = [Queue(f"idle-{n}", routing_key=f"idle-{n}") for n in range(30)]
     with Consumer(conn, queues, callbacks=[lambda body, message: message.ack()]):

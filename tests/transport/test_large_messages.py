@@ -10,7 +10,7 @@ import pytest
 from kombu import Connection, Queue
 
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.exceptions import MessageTooLarge
 from etcd_broker.transport.channel import DEFAULT_MAX_MESSAGE_BYTES
 from tests.helpers import wait_until

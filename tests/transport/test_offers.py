@@ -15,7 +15,7 @@ from kombu import Connection, Exchange, Queue
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
+from etcd_broker.core.ops import KeySpace
 from etcd_broker.transport import offers
 from tests.helpers import wait_until
 

@@ -17,7 +17,17 @@ from celery import Celery
 from celery.worker import state as worker_state
 from kombu import Message
 
-from etcd_broker.transport import executing
+from etcd_broker.transport import consumer
+from etcd_broker.transport.consumer import (
+    _finished_in_child,
+    _reports,
+    _started_in_child,
+    finished_in_child,
+    is_executing,
+    keep,
+    kept,
+    open_reports,
+)
 from tests.helpers import wait_until
 
 app = Celery("reports", set_as_current=False)
@@ -33,8 +43,8 @@ def fresh_reports(monkeypatch):
     """This process as a worker's main process with a report pipe of its own, restored afterwards."""
     for name, value in (("_reports", None), ("_reports_reader", 0), ("_unread", b""), ("_in_children", {}),
                         ("_finished_in_children", OrderedDict()), ("_kept", {}), ("_checked_at", 0.0)):
-        monkeypatch.setattr(executing, name, value)
-    executing.open_reports()
+        monkeypatch.setattr(consumer, name, value)
+    open_reports()
     yield
     for pid in _children:  # a failed test leaves its child waiting for the word to finish
         try:
@@ -43,8 +53,8 @@ def fresh_reports(monkeypatch):
         except (ProcessLookupError, ChildProcessError):  # finished and reaped already
             pass
     _children.clear()
-    os.close(executing._reports[0])
-    os.close(executing._reports[1])
+    os.close(_reports[0])
+    os.close(_reports[1])
 
 
 _children: list[int] = []
@@ -56,9 +66,9 @@ def child_running(task_id: str) -> tuple[int, int]:
     pid = os.fork()
     if pid == 0:
         try:
-            executing._started_in_child(task_id=task_id, task=noop)
+            _started_in_child(task_id=task_id, task=noop)
             os.read(go_read, 1)
-            executing._finished_in_child(task_id=task_id, task=noop)
+            _finished_in_child(task_id=task_id, task=noop)
         finally:
             os._exit(0)
     os.close(go_read)
@@ -75,48 +85,48 @@ def finish(child: tuple[int, int]) -> None:
 
 def test_a_task_a_child_started_counts_as_running_here_until_it_reports_it_finished():
     child = child_running("t-running")
-    wait_until(lambda: executing.executing("t-running"), timeout=30, message="the child's start report")
+    wait_until(lambda: is_executing("t-running"), timeout=30, message="the child's start report")
     finish(child)
-    wait_until(lambda: executing.finished_in_child("t-running", 0), timeout=30, message="the finish report")
-    assert not executing.executing("t-running")
+    wait_until(lambda: finished_in_child("t-running", 0), timeout=30, message="the finish report")
+    assert not is_executing("t-running")
 
 
 def test_a_child_killed_mid_task_no_longer_counts_as_running():
     pid, go = child_running("t-killed")
-    wait_until(lambda: executing.executing("t-killed"), timeout=30, message="the child's start report")
+    wait_until(lambda: is_executing("t-killed"), timeout=30, message="the child's start report")
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     os.close(go)
-    assert not executing.executing("t-killed")
-    assert not executing.finished_in_child("t-killed", 0)
+    assert not is_executing("t-killed")
+    assert not finished_in_child("t-killed", 0)
 
 
 def kept_message(task_id: str, given_back: list, settled: list) -> Message:
     message = Message(body="{}", delivery_tag=1, headers={"id": task_id, "retries": 0},
                       delivery_info={"etcd_key": f"/q/celery/unacked/1/9/{task_id}"})
-    executing.keep(object(), message, given_back.append, settled.append)
+    keep(object(), message, given_back.append, settled.append)
     return message
 
 
 def test_a_kept_message_whose_task_a_child_finished_and_celery_forgot_is_settled_not_given_back():
     given_back, settled = [], []
     child = child_running("t-forgotten")
-    wait_until(lambda: executing.executing("t-forgotten"), timeout=30, message="the child's start report")
+    wait_until(lambda: is_executing("t-forgotten"), timeout=30, message="the child's start report")
     message = kept_message("t-forgotten", given_back, settled)  # the reset: kept, as it runs here
-    assert executing.kept() == 1
+    assert kept() == 1
     finish(child)
-    wait_until(lambda: (executing.kept(), settled)[1], timeout=30, interval=0.2, message="settled")
+    wait_until(lambda: (kept(), settled)[1], timeout=30, interval=0.2, message="settled")
     assert (settled, given_back) == ([message], [])
 
 
 def test_a_kept_message_celery_still_knows_is_left_to_celery(monkeypatch):
     """Celery acks (or requeues) what it knows; only past the grace with no ack is it given back."""
     monkeypatch.setitem(worker_state.requests, "t-known", object())
-    monkeypatch.setattr(executing, "ORPHAN_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(consumer, "ORPHAN_GRACE_SECONDS", 0.5)
     given_back, settled = [], []
     child = child_running("t-known")
-    wait_until(lambda: executing.executing("t-known"), timeout=30, message="the child's start report")
+    wait_until(lambda: is_executing("t-known"), timeout=30, message="the child's start report")
     message = kept_message("t-known", given_back, settled)
     finish(child)
-    wait_until(lambda: (executing.kept(), given_back)[1], timeout=30, interval=0.2, message="given back")
+    wait_until(lambda: (kept(), given_back)[1], timeout=30, interval=0.2, message="given back")
     assert (given_back, settled) == ([message], [])

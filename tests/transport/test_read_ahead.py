@@ -16,7 +16,7 @@ from typing import Any
 from etcd3 import etcdrpc
 from kombu import Connection, Consumer, Exchange, Queue
 
-from etcd_broker.core.keys import KeySpace, Sequence
+from etcd_broker.core.ops import KeySpace, Sequence
 
 #: Messages in the backlogs the tests drain.
 BACKLOG = 120

@@ -1,4 +1,4 @@
-"""Reconciliation (etcd_broker/transport/reconcile.py) on a real worker: what its live lease owns and it holds nowhere
+"""Reconciliation (etcd_broker/transport/consumer.py) on a real worker: what its live lease owns and it holds nowhere
 comes back to the queue once, and what it holds (running, prefetched) never does."""
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from kombu import Connection
 
 from etcd_broker.core import ops
 from etcd_broker.core.client import get_client
-from etcd_broker.core.keys import KeySpace
-from etcd_broker.core.ops import PAGE_KEYS
-from etcd_broker.transport import reconcile
-from etcd_broker.transport.membership import restore_message
-from etcd_broker.transport.reconcile import Reconciler, unacked_keys
+from etcd_broker.core.ops import PAGE_KEYS, KeySpace
+from etcd_broker.transport import consumer
+from etcd_broker.transport.consumer import Reconciler, restore_message, unacked_keys
 from tests.backend.conftest import make_app, task, worker_env
 from tests.helpers import WorkerProcess, wait_until
 from tests.transport.test_idle_cost import idle_consumer
@@ -148,7 +146,7 @@ def stray_on(client, keys: KeySpace, queue: str, lease: int, n: int = 0) -> str:
 def test_a_pass_reads_only_queues_touched_or_holding_keys_of_ours(etcd_url, etcd_prefix, monkeypatch):
     """An idle queue costs a pass nothing (issue 19); a touch (before a claim or park), keys found the
     pass before, an outage (``soon``) and an adopt (``read_all``) make it read."""
-    monkeypatch.setattr(reconcile, "TOUCH_MARGIN_SECONDS", 0.0)  # a touch counts for the pass after it alone
+    monkeypatch.setattr(consumer, "TOUCH_MARGIN_SECONDS", 0.0)  # a touch counts for the pass after it alone
     client, keys = get_client(etcd_url), KeySpace(etcd_prefix)
     lease = client.lease(30).id
     queues = ["a", "b", "c"]
@@ -200,7 +198,7 @@ def test_the_full_sweep_makes_reconciliation_read_a_queue_no_touch_announced(pri
                                                                               monkeypatch):
     """A key of our live lease on an idle queue, which no claim touched: passes skip the queue until
     the lease's full sweep (every FULL_SWEEP_SECONDS) sees the key and touches it; then it comes back."""
-    monkeypatch.setattr(reconcile, "TOUCH_MARGIN_SECONDS", 0.0)
+    monkeypatch.setattr(consumer, "TOUCH_MARGIN_SECONDS", 0.0)
     options = {"prefix": etcd_prefix, "reconcile_seconds": 0.3}
     # private_etcd: its teardown ends this process's leases (this one's passes every 0.3 s with it)
     with Connection(private_etcd.url, transport_options=options) as conn:

@@ -8,8 +8,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from etcd_broker.core.client import CONNECTION_ERRORS, get_client
-from etcd_broker.core.keys import KeySpace
 from etcd_broker.core.maintenance import defragment_members
+from etcd_broker.core.ops import KeySpace
 
 
 class Command(BaseCommand):

@@ -11,7 +11,7 @@ still in etcd's index until compaction), etcd CPU per call (from /proc) of:
 * cursor: ``Range([first live key, end of ready/), limit=4)``, starting past the deleted keys
   (a cursor the consumer keeps, lowered by the put events its watch already sees);
 * window: ``Range([first live key, first live key + 1 ms of sequence), limit=4)``, the cursor
-  with a bounded end (sequence numbers are wall-clock ns, keys.py: a window is a time span;
+  with a bounded end (sequence numbers are wall-clock ns, ops.py: a window is a time span;
   keys are filled 100 us apart, a queue fed at 10,000/s, so the window holds 10);
 * count: ``Range(ready/, count_only=True)`` (what ``qsize`` and ``manage.py queues`` pay).
 

@@ -15,7 +15,7 @@ same turn of the worker's event loop and runs them as one pool job:
 3. ``task.run_batch(calls)`` runs them together (each a :class:`Call`: the request's id,
    arguments and delivery info) and returns one outcome per call, a value or an exception;
 4. the values are stored together (``backend.mark_many_as_done``: one shared etcd transaction
-   that also deletes the ``acks_late`` messages, settle.py), then each request finishes as
+   that also deletes the ``acks_late`` messages, consumer.py), then each request finishes as
    Celery's pool would finish it (ack, ``task-succeeded``/``task-failed``, ready).
 
 A request is run alone, through Celery's own path, when batching cannot keep its meaning: the

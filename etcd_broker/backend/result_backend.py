@@ -844,7 +844,7 @@ class EtcdBackend(BaseKeyValueStoreBackend, AsyncBackendMixin):
 
         For requests without a chord (those go through ``mark_as_done``): each SUCCESS is stored
         unless one is stored already, with the task's ``acks_late`` message deleted in the same
-        transaction where this process holds it (settle.py).
+        transaction where this process holds it (consumer.py).
         """
         writes = []
         for task_id, result, request in done:

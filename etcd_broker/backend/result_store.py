@@ -152,7 +152,7 @@ class ResultStore:
         """Store ``value`` unless SUCCESS is stored already; one transaction when uncontended.
 
         ``success``: ``value`` is a SUCCESS, after which this process must read before writing.
-        ``ack_key``: the task's unacked message, deleted in the same transaction (settle.py).
+        ``ack_key``: the task's unacked message, deleted in the same transaction (consumer.py).
         """
         key = self.keys.result(task_id)
         cancel_key = self.keys.cancel(task_id) if check_cancel else None

@@ -352,7 +352,7 @@ os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_c
 #
 # The transport and the result backend both get their client here, so a process
 # holds one gRPC client per configuration. Every channel goes through the fork gate
-# (:mod:`etcd_broker.core.forking`): a forked child gets the same clients on fresh channels.
+# (:mod:`etcd_broker.core.client`): a forked child gets the same clients on fresh channels.
 # gRPC errors are mapped by status code (:func:`classify`); :meth:`EtcdClient.call`
 # runs a raw KV request with that mapping. Tests point it anywhere by passing another URL.
 #

@@ -38,7 +38,7 @@ from etcd_broker.core.client import (
 #                                                     transport/handoff.py)
 #     <root>/q/<queue>/delayed/<due>/<band>/<seq>[~<ms>]  an ETA task waiting for its due time
 #                                                     (<due>: epoch ms, 13 digits; delayed.py)
-#     <root>/p/<queue>/<publish id>                   a publish was stored (short lease; idempotent.py)
+#     <root>/p/<queue>/<publish id>                   a publish was stored (short lease; channel.py)
 #     <root>/x/<exchange>                             exchange type
 #     <root>/b/<exchange>/<queue>/<routing key>       binding (JSON: routing_key, pattern, queue)
 #     <root>/consumer/<lease>                         live consumer (attached to its lease)

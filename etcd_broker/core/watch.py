@@ -210,7 +210,7 @@ class WatchStream:
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     break
-                # forking.py cancels watch streams before a fork(): resume at once, quietly.
+                # client.py cancels watch streams before a fork(): resume at once, quietly.
                 paused = GATE.forks != forks and exc.code() == grpc.StatusCode.CANCELLED
                 log = logger.info if delay == RECONNECT_FIRST_DELAY and not paused else logger.debug  # once per outage
                 log("%s: watch stream broke (%s); reconnecting", self.name, _describe(exc))

@@ -75,7 +75,7 @@ from etcd_broker.transport.options import check_options
 # and the task runs twice.
 #
 # So a publish is named once, before its first attempt: :meth:`Channel.basic_publish` puts a
-# publish id (a sequence number, keys.py) in the message's properties, the dict kombu hands to
+# publish id (a sequence number, ops.py) in the message's properties, the dict kombu hands to
 # every retry of one ``Producer.publish``, and in its headers, the dict Celery hands to every
 # retry of a worker's callback publish (``AMQP._retry_publish``: ``Producer.publish`` called again),
 # and takes it out of both once the publish returned. The id is never stored with the message (a
@@ -537,7 +537,7 @@ class QueueRegistry:
 # * Supports Fanout: Yes (bindings live in etcd, so broadcast reaches other hosts)
 # * Supports Priority: Yes, 0-9, 9 the most urgent (AMQP's meaning)
 # * Supports TTL: Yes (message `expiration`, queue `x-message-ttl` and `x-expires`, on etcd leases;
-#   `x-max-length` with drop-head or reject-publish; see queue_limits.py)
+#   `x-max-length` with drop-head or reject-publish)
 #
 # Messages wait under ``ready/<band>/<seq>`` and are claimed by one etcd
 # transaction that moves them under the consumer's lease (``unacked/<lease>/``);
@@ -567,12 +567,12 @@ class QueueRegistry:
 # * ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
 #   unless they expire (large_body.py).
 # * ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
-#   holds, and how long such a message stays unheld first (default 30; reconcile.py).
+#   holds, and how long such a message stays unheld first (default 30; consumer.py).
 # * ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
 #   not in a worker's memory (default True; delayed.py).
 # * ``default_priority``: priority 0-9 of a message sent with ``priority=None`` (default 0).
 # * ``idempotent_publish``: a publish retried after an ambiguous failure (kombu's ``ensure``) is
-#   stored once: each publish writes a short-lived marker in its transaction (default True; idempotent.py).
+#   stored once: each publish writes a short-lived marker in its transaction (default True).
 # * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
 # * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
 
@@ -589,7 +589,7 @@ _connected_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CLAIM_BATCH_BYTES = 1_048_576
 #: Reads in one _get after other consumers won the messages we read (then the loop looks again soon).
 CLAIM_ATTEMPTS = 4
-#: The first window of a head read from a queue's cursor, in sequence units (ns of publish time, keys.py):
+#: The first window of a head read from a queue's cursor, in sequence units (ns of publish time, ops.py):
 #: 10 ms of a queue fed at 1,000/s holds 10 messages, whatever backlog waits behind them.
 HEAD_WINDOW_NS = 10_000_000
 #: Each empty window is followed by one this many times wider (10 ms, 160 ms, 2.56 s).
@@ -610,7 +610,7 @@ class Channel(virtual.Channel):
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
     #: Celery tasks with a future ``eta`` (countdown) wait in etcd until due, not in a worker (delayed.py).
     delayed_delivery = True
-    #: A publish retried after an ambiguous failure is stored once (a marker per publish: idempotent.py).
+    #: A publish retried after an ambiguous failure is stored once (a marker per publish).
     idempotent_publish = True
 
     from_transport_options = virtual.Channel.from_transport_options + (
@@ -631,7 +631,7 @@ class Channel(virtual.Channel):
 
     # -- publishing -------------------------------------------------------------
     def basic_publish(self, message, exchange, routing_key, **kwargs):
-        """Publish, named once across kombu's retries of it (idempotent.py): a retry after an
+        """Publish, named once across kombu's retries of it : a retry after an
         ambiguous failure finds the first attempt's marker and stores nothing again."""
         if self.idempotent_publish:
             name_publish(message, self.connection.sequence.next)
@@ -645,7 +645,8 @@ class Channel(virtual.Channel):
         limits, queue_lease = self.connection.queues.limits(queue)
         now = time.time()
         deadline = message_deadline(message, limits, now)
-        due = delayed.due_time(message, now) if self.delayed_delivery else None
+        eta = (message.get("headers") or {}).get("eta")  # only a task with an ETA may wait in delayed/
+        due = delayed.due_time(message, now) if eta and self.delayed_delivery else None
         if deadline is not None and (deadline <= now or (due is not None and deadline <= due)):
             revoke_expired(message)  # expired already, or before it is due: dropped, as a claim would drop it
             return
@@ -696,7 +697,7 @@ class Channel(virtual.Channel):
         return self.connection.queues.put(queue, key, value, deadline, limits, queue_lease, guard)
 
     def _put_plain(self, queue, position: str, key: str, value: bytes, guard: Guard | None) -> bool:
-        """The common case: one put, straight to an idle consumer if one is parked (handoff.py); concurrent
+        """The common case: one put, straight to an idle consumer if one is parked (delivery.py); concurrent
         publishers share a transaction. False: ``guard``'s marker says an earlier attempt stored it."""
         park = self.connection.parked.pick(queue) if len(value) <= HANDOFF_MAX_BYTES else None
         if park is not None:
@@ -773,7 +774,7 @@ class Channel(virtual.Channel):
         raise Empty()
 
     def _park(self, queue, lease_id: int) -> None:
-        """Idle on an empty queue inside an event loop: let publishers hand us its next message (handoff.py)."""
+        """Idle on an empty queue inside an event loop: let publishers hand us its next message (delivery.py)."""
         if self.connection.in_event_loop and queue in self._consumer_queues.values() \
                 and queue not in self._no_ack_queues and self.connection.known_empty(queue):
             try:
@@ -801,7 +802,7 @@ class Channel(virtual.Channel):
     def _read_ready(self, queue) -> list[tuple[bytes, bytes, int]]:
         """The head of ``queue``: up to our allowance of ready messages, most urgent and oldest first.
 
-        Read from the queue's cursor (queue_watch.py), first through windows of publish time
+        Read from the queue's cursor (delivery.py), first through windows of publish time
         (etcd walks every key of a range, a backlog's included; a window bounds the walk), then
         to the end of the queue: only that last read can tell the queue is drained.
         """
@@ -914,7 +915,9 @@ class Channel(virtual.Channel):
 
     def _decode(self, queue, value: bytes, unacked: str | None) -> dict | None:
         try:
-            message = large_body.join(self.client, json.loads(value), discard=unacked is None)
+            message = json.loads(value)
+            if large_body.FIELD in message:  # a large expiring message: its body in chunks beside it
+                message = large_body.join(self.client, message, discard=unacked is None)
             message["properties"]["delivery_info"]["etcd_key"] = unacked
         except CONNECTION_ERRORS:
             if unacked:  # claimed but not delivered: back in line once etcd answers
@@ -924,7 +927,7 @@ class Channel(virtual.Channel):
             self._dead_letter(queue, unacked, value, exc)
             return None
         task_id = (message.get("headers") or {}).get("id")
-        if unacked and isinstance(task_id, str):  # its SUCCESS write may delete it (settle.py)
+        if unacked and isinstance(task_id, str):  # its SUCCESS write may delete it (consumer.py)
             hold_for_result(task_id, unacked, self.client, self.lease.current_key)
         return message
 
@@ -970,7 +973,7 @@ class Channel(virtual.Channel):
         """kombu's hook for a requeue (``reject(requeue=True)``, ``restore_unacked`` at close).
 
         At close (a connection reset), a message whose task is running in this process stays
-        under our lease: the task acks it when it ends (executing.py). Given back, it would run twice.
+        under our lease: the task acks it when it ends (consumer.py). Given back, it would run twice.
         """
         if self.closed and is_executing(message.headers.get("id")):
             keep(self, message, self._requeue_later, self._forget)
@@ -1152,8 +1155,8 @@ class Channel(virtual.Channel):
 class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     """kombu transport for etcd v3: ``kombu.Connection("etcdv3://host:2379")``.
 
-    Delivery through kombu's event loop or ``drain_events`` is event_loop.py's; the queue
-    watches and what they tell about queue contents are queue_watch.py's.
+    Delivery through kombu's event loop or ``drain_events`` is delivery.py's; the queue
+    watches and what they tell about queue contents are delivery.py's.
     """
 
     Channel = Channel
@@ -1191,7 +1194,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         self.reconcile_seconds = options.get("reconcile_seconds", RECONCILE_SECONDS)
         self.sequence = Sequence()
         self.declared: set[str] = set()
-        self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases (queue_limits.py)
+        self.queues = QueueRegistry(self.etcd, self.keys)  # queue arguments, TTL leases
         self._exchange_types: dict[str, str] = {}
         self._bindings: BindingTable | None = None
         self._hub: WatchHub | None = None
@@ -1263,7 +1266,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
         """The process's consumer lease for this etcd and key space (membership.consumer_lease: made on
         first use, made again in a forked child or once closed)."""
         lease = consumer_lease(self.etcd, self.keys, self.lease_ttl, self.reconcile_seconds)
-        lease.hold_for(self)  # what this transport holds counts as held (reconcile.py)
+        lease.hold_for(self)  # what this transport holds counts as held (consumer.py)
         return lease
 
     @property
@@ -1278,23 +1281,23 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
 
     @property
     def parked(self) -> ParkedConsumers:
-        """Which consumers wait on the queues we publish to (handoff.py; shared by the process)."""
+        """Which consumers wait on the queues we publish to (delivery.py; shared by the process)."""
         return parked_consumers(self.etcd, self.keys, self.watch_hub)
 
     def held_keys(self) -> set[str]:
-        """Every unacked key this connection holds (reconcile.py): its channels', hand-offs received
-        and not taken, and messages kept across a reset for tasks still running (executing.py)."""
+        """Every unacked key this connection holds (consumer.py): its channels', hand-offs received
+        and not taken, and messages kept across a reset for tasks still running (consumer.py)."""
         held = set(self.parking.held_keys()) | set(kept_keys())
         for channel in list(self.channels):
             held.update(channel.held_keys())
         return held
 
     def arriving(self, key: str) -> bool:
-        """True if ``key`` is a hand-off to us whose watch event has not arrived yet (reconcile.py)."""
+        """True if ``key`` is a hand-off to us whose watch event has not arrived yet (consumer.py)."""
         return self.parking.arriving(key)
 
     def give_back_handoffs_without_room(self) -> None:
-        """Hand-offs that arrived after our prefetch room filled go back in line at once (handoff.py),
+        """Hand-offs that arrived after our prefetch room filled go back in line at once (delivery.py),
         where an idle consumer can take them, instead of waiting here for a slot."""
         for queue in self.parking.queues_with_handoffs():
             if not any(channel.has_room_for(queue) for channel in self.channels):

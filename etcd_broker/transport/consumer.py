@@ -319,7 +319,7 @@ def take_kept(channel: Any, delivery_tag: Any) -> Any | None:
 
 
 def kept_keys() -> list[str]:
-    """The unacked keys of the messages kept across a reset (reconcile.py counts them as held)."""
+    """The unacked keys of the messages kept across a reset (the reconciler counts them as held)."""
     with _lock:
         entries = list(_kept.values())
     return [key for entry in entries if (key := entry.message.delivery_info.get("etcd_key"))]
@@ -367,7 +367,7 @@ def _give_back_orphans() -> None:
 
 # -------------------- qos: The transport's QoS: an ack deletes the claimed key, a requeue puts it back in its place.
 #
-# kombu's prefetch accounting, less the messages kept across a connection reset (executing.py),
+# kombu's prefetch accounting, less the messages kept across a connection reset (above),
 # and a wake-up of the transport whenever a slot frees.
 
 
@@ -390,7 +390,7 @@ class QoS(virtual.QoS):
             self._held[delivery_tag] = key
 
     def held_keys(self) -> list[str]:
-        """Unacked keys of the messages delivered through this QoS and not settled (reconcile.py)."""
+        """Unacked keys of the messages delivered through this QoS and not settled."""
         return list(self._held.values())
 
     def ack(self, delivery_tag):
@@ -411,13 +411,13 @@ class QoS(virtual.QoS):
         return room is None or room > 0
 
     def can_consume_max_estimate(self):
-        """kombu's room under the prefetch limit, less the messages kept across a reset (executing.py)."""
+        """kombu's room under the prefetch limit, less the messages kept across a reset."""
         room = super().can_consume_max_estimate()
         return None if room is None else max(room - kept(), 0)
 
     def reject(self, delivery_tag, requeue=False):
         running = take_kept(self.channel, delivery_tag)
-        if running is not None:  # kept across a reset (executing.py): its channel's QoS forgot it
+        if running is not None:  # kept across a reset (above): its channel's QoS forgot it
             if requeue:
                 self.channel._requeue_or_later(running)
             else:
@@ -448,7 +448,7 @@ class QoS(virtual.QoS):
 # -------------------- reconcile: Reconciliation: what a live consumer's lease owns in etcd is exactly what the process holds.
 #
 # A claimed message lives under ``q/<queue>/unacked/<lease>/`` until its ack deletes it, and only
-# the lease's expiry (the sweep, membership.py) gives it back. So a message that this live process
+# the lease's expiry (the sweep, below) gives it back. So a message that this live process
 # claimed but holds nowhere (a claim etcd applied whose answer was lost and not recorded, a batch
 # that broke off, any bug on the way from the claim to the pool) would wait for as long as the
 # process lives. A reconciliation pass compares the two, per consumed queue:
@@ -456,8 +456,8 @@ class QoS(virtual.QoS):
 # * **etcd**: the keys under our lease, read in bounded pages (keys only, ``ops.scan``);
 # * **held** (read after etcd, so a key claimed in between is held): every channel's delivered and
 #   not settled messages (kombu's QoS: executing, prefetched, a batch waiting, an ETA task) and
-#   claimed-not-delivered buffer, hand-offs received and not taken (handoff.py), messages kept
-#   across a connection reset (executing.py), and acks and give-backs queued for the lease's threads.
+#   claimed-not-delivered buffer, hand-offs received and not taken (delivery.py), messages kept
+#   across a connection reset (above), and acks and give-backs queued for the lease's threads.
 #
 # A key under our lease that nothing holds is a *suspect*. It goes back to ``ready/`` at its place in
 # line (marked redelivered) only if the next pass, at least ``interval`` seconds later, finds it
@@ -475,7 +475,7 @@ class QoS(virtual.QoS):
 # previous pass found keys of ours, and every queue in a full pass: after an outage (``soon``),
 # after our lease was lost and its keys adopted (``read_all``). A new lease holds nothing that no
 # touch announced, so the first pass is not a full one. The lease's full sweep
-# (every 300 s, membership.py) sees our keys too and touches their queues, so a key no touch
+# (every 300 s, ConsumerLease.sweep) sees our keys too and touches their queues, so a key no touch
 # announced is still found within that sweep's period plus a pass.
 
 
@@ -497,7 +497,7 @@ class Reconciler:
 
     ``held()``: the unacked keys the process holds (under any lease of ours: mapped to the current
     one by ``current_key``); ``arriving(key)``: True if ``key`` is a hand-off not received yet;
-    ``restore(key, value, mod_revision)``: back to ready if unchanged, 1 if done (membership.py).
+    ``restore(key, value, mod_revision)``: back to ready if unchanged, 1 if done (restore_message).
     """
 
     def __init__(self, client: Any, keys: KeySpace, held: Callable[[], set[str]],
@@ -619,7 +619,7 @@ ACK_BATCH = 100
 SAFETY_SWEEP_SECONDS = 30.0
 #: Full sweep of every declared queue this often: the last net for a lease expiry the consumer watch did
 #: not show us although its stream answered the safety re-checks (a stream that did not answer asks for
-#: a full sweep at once, event_loop.py).
+#: a full sweep at once, delivery.py).
 FULL_SWEEP_SECONDS = 300.0
 #: A lease keepalive unanswered this long means etcd is unreachable now (the RPC deadline is longer):
 #: closing then skips every etcd call and leaves the lease to expire, which hands our messages back.
@@ -653,7 +653,7 @@ class ConsumerLease:
         self._lock = threading.RLock()
         self._pending_deletes: list[str] = []
         self._pending_requeues: list[str] = []
-        self._pending_withdraws: list[tuple[str, int]] = []  # parks to delete (handoff.py)
+        self._pending_withdraws: list[tuple[str, int]] = []  # parks to delete (delivery.py)
         self._dead_queues: set[str] = set()
         self._unlisted = False  # queues were added that our consumer key does not list yet (ensure writes them)
         self._sweep_queues: set[str] = set()  # a dead consumer's queues, to sweep at the next turn
@@ -669,7 +669,7 @@ class ConsumerLease:
         self._threads: list[threading.Thread] = []
         self._answered_at = 0.0  # monotonic time of the last keepalive etcd answered
         self._failing = False  # the last keepalive (or probe) failed or went unanswered
-        #: what claims under this lease (transports: ``held_keys()``, ``arriving(key)``), for reconcile.py
+        #: what claims under this lease (transports: ``held_keys()``, ``arriving(key)``), for the reconciler
         self._holders: weakref.WeakSet = weakref.WeakSet()
         self.reconciler = Reconciler(client, keys, self._held, self._arriving, self.current_key, self._restore,
                                      reconcile_seconds)
@@ -943,7 +943,7 @@ class ConsumerLease:
                 raise
         return restored
 
-    # -- reconciliation: what our live lease owns is what we hold (reconcile.py) ----
+    # -- reconciliation: what our live lease owns is what we hold (Reconciler above) ----
     def hold_for(self, holder: Any) -> None:
         """``holder`` (a transport) claims under this lease: its ``held_keys()`` count as held."""
         self._holders.add(holder)
@@ -995,7 +995,7 @@ class ConsumerLease:
 
     def sweep_everything(self) -> None:
         """A full sweep at the next turn: the consumer watch may have missed a delete (its history
-        compacted, or its stream did not answer the transport's safety re-check, event_loop.py)."""
+        compacted, or its stream did not answer the transport's safety re-check, delivery.py)."""
         with self._lock:
             self._full_sweep_wanted = True
         self._sweep_now.set()

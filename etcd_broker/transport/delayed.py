@@ -10,7 +10,7 @@ what is due to ``ready/<band>/<seq>`` (its place among ready messages: priority,
 ``MOVE_BATCH`` messages per transaction, each guarded by its key's mod revision, so whichever
 process moves a message moves it once. The ready put wakes the consumers as any publish does,
 and the worker runs the task at once (its ``eta`` is past). No timer re-reads a followed queue:
-the watch and the transport's safety re-check stand for it (event_loop.py: if the stream did not
+the watch and the transport's safety re-check stand for it (delivery.py: if the stream did not
 answer a progress request up to etcd's revision, ``look_again_all``), so an idle mover costs etcd
 nothing. A message's TTL goes with it: the
 delayed key hangs on the same lease and keeps its deadline, and so does the ready key.
@@ -43,7 +43,7 @@ MOVE_BATCH = 64
 MOVE_BATCH_BYTES = 1_048_576
 #: Longest sleep of the mover thread, and longest wait after repeated errors (seconds). No timer
 #: re-reads a queue: a put the watch stream missed is caught by the transport's safety re-check
-#: (event_loop.py: one read and a progress request for the whole stream), which calls look_again_all.
+#: (delivery.py: one read and a progress request for the whole stream), which calls look_again_all.
 MAX_WAIT_SECONDS = 30.0
 #: Least time between two moves of one queue (seconds): messages due within it move in one transaction
 #: instead of one each (at 400 due per second: 10 transactions, not 400), well inside the 1 s precision.
@@ -78,7 +78,7 @@ def due_time(message: dict, now: float) -> float | None:
 
 def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None, guard: Any = None) -> bool:
     """Publish an ETA task under ``delayed/`` (``key``), on its TTL lease if it expires (``leases``:
-    core.leases.LeasePool); concurrent publishers share a transaction, as ready puts do. ``guard``
+    core.ops.LeasePool); concurrent publishers share a transaction, as ready puts do. ``guard``
     (idempotent.Guard): written once; False if an earlier attempt of this publish stored it."""
     for attempt in range(2):
         lease = leases.lease_for(deadline) if deadline is not None else 0
@@ -217,7 +217,7 @@ class DelayedMover:
 
     def look_again_all(self) -> None:
         """Read every followed queue's earliest due time again (the watch stream may have missed a put:
-        the transport's safety re-check found it did not answer, event_loop.py)."""
+        the transport's safety re-check found it did not answer, delivery.py)."""
         with self._lock:
             for queue in self._next:
                 self._next[queue] = 0.0

@@ -241,7 +241,7 @@ class Parking:
         return [queue for queue, park in list(self._parks.items()) if park.handed]
 
     def held_keys(self) -> list[str]:
-        """Unacked keys of the hand-offs received and not delivered yet (reconcile.py)."""
+        """Unacked keys of the hand-offs received and not delivered yet (consumer.py)."""
         with self._lock:
             return [key for park in self._parks.values() for key, _ in park.handed]
 
@@ -414,7 +414,7 @@ class EventLoopMixin:
     """Wake-up pipe, hub registration and ``drain_events`` of :class:`etcd_broker.transport.channel.Transport`.
 
     Needs ``cycle``, ``lease``, ``config``, ``etcd``, ``keys``, ``watch_hub``, ``delayed``, ``forget_reads()``,
-    ``on_message_ready()``, ``give_back_handoffs_without_room()`` and the queue watches (queue_watch.py)
+    ``on_message_ready()``, ``give_back_handoffs_without_room()`` and the queue watches (below)
     from the class it is mixed into.
     """
 
@@ -496,7 +496,7 @@ class EventLoopMixin:
     def _recheck_failed(self) -> None:
         """The stream may have missed events: read every consumed queue, and every followed queue's
         earliest due time (delayed.py), again, and sweep every queue for a dead consumer's messages
-        (membership.py: its consumer watch is on the same stream too)."""
+        (consumer.py: its consumer watch is on the same stream too)."""
         self.forget_reads()
         self.delayed.look_again_all()
         self.lease.sweep_everything()
@@ -604,7 +604,7 @@ class EventLoopMixin:
 # that finds the head raises it there; every put the watch hands us (publishes, requeues and
 # restores, which go back to their original lower place) lowers it to its key, also one seen
 # while a read was under way; :meth:`forget_reads` (a reconnect or a compacted watch, and a 30 s
-# safety re-check the stream did not answer, event_loop.py) drops it, so the next read is of the
+# safety re-check the stream did not answer, above) drops it, so the next read is of the
 # whole prefix again. No timer forgets it otherwise: a put below the cursor (a requeue, a dead
 # consumer's message swept back) lowers it by its own event. The transport reads from the cursor
 # (channel.py ``_read_ready``).

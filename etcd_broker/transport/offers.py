@@ -5,7 +5,7 @@ and all claim transactions but one fail (each a raft proposal, a disk write). He
 *offered* to one consumer, chosen from its key alone, so that every consumer agrees without a
 word exchanged:
 
-* across processes: the queue's live consumer leases, sorted (membership.py follows
+* across processes: the queue's live consumer leases, sorted (consumer.py follows
   ``consumer/``, whose values list the queues each lease consumes); the lease at
   ``crc32(key) mod N``;
 * within that process: the transports consuming the queue, in the order they started; the one at

@@ -5,7 +5,7 @@ so a single producer thread sends a backlog many times faster than one put per m
 A flush is atomic: every message of one transaction is written, or none. A transaction whose
 call fails without an answer (connection lost, deadline, leader change) is sent again, up to
 WRITE_ATTEMPTS times, with the same keys: it also writes the publish marker of its first message
-(idempotent.py) and compares it to absent, so a transaction that had been committed is not
+(channel.py) and compares it to absent, so a transaction that had been committed is not
 stored twice. As with kombu's Redis batch, a flush that still fails raises
 ``BatchPublishError`` and the batch cannot be used again; an exception inside the ``with``
 block discards what was not flushed yet.
@@ -49,7 +49,7 @@ class PublishBatch:
         return self.channel.basic_publish(message, _publish_batch=self, **kwargs)
 
     def add(self, key: str, value: bytes, marker: str | None = None) -> None:
-        """Buffer one put (called by ``Channel._put``; ``marker``: its publish marker key, idempotent.py);
+        """Buffer one put (called by ``Channel._put``; ``marker``: its publish marker key, channel.py);
         flush when a transaction would be full (one op is kept for the marker)."""
         self._check_usable()
         if self._pending and (len(self._pending) >= MAX_TXN_OPS - 1

@@ -1,4 +1,4 @@
-"""settle.py's table: which claimed message a SUCCESS write may delete, and what the ack then writes."""
+"""consumer.py's table: which claimed message a SUCCESS write may delete, and what the ack then writes."""
 from __future__ import annotations
 
 import uuid

@@ -163,7 +163,7 @@ def _values_under(client, prefix: str, revision: int) -> list[bytes]:
 
 
 def test_an_acks_late_success_deletes_its_message_in_the_same_revision(worker_app, etcd_url, module_prefix):
-    """-P threads: the SUCCESS write acks (settle.py): no moment has both a result and a pending message."""
+    """-P threads: the SUCCESS write acks (consumer.py): no moment has both a result and a pending message."""
     result = task(worker_app, "sleep_then_record", 0, "settled").apply_async()
     assert result.get(timeout=30) == "settled"
     client = get_client(etcd_url)

@@ -1,6 +1,6 @@
 """What a consumer held when its connection failed goes back to the queue while the process lives:
 after a channel reset (what Celery does on any broker error) and after a claim whose answer was lost;
-except a message whose task is running in this process, which its task acks later (executing.py)."""
+except a message whose task is running in this process, which its task acks later (consumer.py)."""
 from __future__ import annotations
 
 import time

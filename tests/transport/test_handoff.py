@@ -1,4 +1,4 @@
-"""Hand-off (handoff.py): a publish goes straight to an idle consumer, its claim in the same transaction.
+"""Hand-off (delivery.py): a publish goes straight to an idle consumer, its claim in the same transaction.
 
 Real etcd, real ``celery worker`` processes and kombu's own hub. What is checked: an idle worker
 parks and lone tasks reach it without passing through ``ready/`` and run once; a consumer that

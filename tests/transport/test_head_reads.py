@@ -2,7 +2,7 @@
 
 etcd visits every key of a range read (live, or deleted and not yet compacted), so reading a queue
 from its prefix each time walks the whole backlog and the tombstones of what was claimed. The
-transport keeps, per watched queue, the lowest ready key that may be live (queue_watch.py); these
+transport keeps, per watched queue, the lowest ready key that may be live (delivery.py); these
 tests count where its range reads start (a wrapper on the client) and requeue a message below it.
 """
 from __future__ import annotations

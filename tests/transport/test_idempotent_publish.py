@@ -1,4 +1,4 @@
-"""Idempotent publish (idempotent.py): a publish retried after an ambiguous failure is stored once.
+"""Idempotent publish (channel.py): a publish retried after an ambiguous failure is stored once.
 
 Real etcd. The fault: the publish's transaction reaches etcd and is committed, then its caller
 gets DEADLINE_EXCEEDED instead of the answer (the client's own error mapping, as for a real

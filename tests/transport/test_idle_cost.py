@@ -191,7 +191,7 @@ def test_a_delayed_put_the_watch_stream_never_delivers_is_moved_after_the_rechec
     received: list[int] = []
     queue = Queue("late", Exchange("late", type="direct"), routing_key="late")
     with consumer_and_producer(private_etcd.url, etcd_prefix, queue, received) as (conn, producer):
-        # one message first: the producer's watches (handoff.py's parked view) exist before the stream sticks
+        # one message first: the producer's watches (delivery.py's parked view) exist before the stream sticks
         producer.publish({"n": 0}, exchange=queue.exchange, routing_key="late", declare=[queue])
         conn.drain_events(timeout=30)
         transport = conn.transport

@@ -342,7 +342,7 @@ class StartedRequest:
 
 
 def test_a_running_tasks_message_acked_after_its_channel_was_closed_is_deleted(connect, etcd_url, etcd_prefix):
-    """A task still running at a connection reset keeps its message (executing.py) and acks it through the
+    """A task still running at a connection reset keeps its message (consumer.py) and acks it through the
     closed channel, whose connection kombu set to None: reading the lease through it raised AttributeError,
     a Celery 'Unrecoverable error' that ended the worker (chaos test, 10-minute threads run)."""
     from celery.worker import state
@@ -412,7 +412,7 @@ def test_a_publish_rides_out_consecutive_connection_errors_as_its_retry_policy_s
 
 
 def test_an_idle_consumer_whose_lease_lapsed_unnoticed_re_registers_instead_of_parking(connect, etcd_url):
-    """An idle worker cut off longer than its lease parks (handoff.py) with the lapsed lease before its
+    """An idle worker cut off longer than its lease parks (delivery.py) with the lapsed lease before its
     keepalive knows: etcd's "lease not found" ended the worker (chaos test); it now re-registers."""
     from queue import Empty
 

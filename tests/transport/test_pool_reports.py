@@ -1,4 +1,4 @@
-"""Pool children report the tasks they start and finish to the worker's main process (executing.py):
+"""Pool children report the tasks they start and finish to the worker's main process (consumer.py):
 a prefork job the main process never heard accepted (blocked on etcd when a connection reset came,
 Celery's pool then forgets it) still counts as running, and once its child finished it, its kept
 message is settled instead of given back to run again (the 10-minute prefork chaos run, seed

@@ -3,7 +3,7 @@
 While a backlog lasts, each claim transaction also reads the ready keys after what it claims
 (channel.py ``_claim``); the next get claims those without a range read: one etcd request per
 claim, where there were two. A put that lands below them meanwhile (a more urgent message, a
-requeue) lowers the queue's head cursor (queue_watch.py), and the next get reads the head again.
+requeue) lowers the queue's head cursor (delivery.py), and the next get reads the head again.
 These tests count the consumer's KV requests on a real etcd and publish an urgent message mid-drain.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ RECONCILE_SECONDS = 1.0
 TIMEOUT = 60
 #: Seconds each held task runs: the three are held (running or prefetched) across several passes.
 HELD_SECONDS = 3.0
-#: Give-back log line of reconcile.py.
+#: Give-back log line of consumer.py.
 GIVEN_BACK = "with nobody here holding it: given back to the queue"
 
 

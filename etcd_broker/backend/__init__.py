@@ -3,12 +3,10 @@
 A result's path:
 
 - :mod:`~etcd_broker.backend.result_backend`: ``EtcdBackend`` (writes, chords, cancellation),
-  ``watch_task()`` and ``follow_task()``.
+  ``watch_task()`` and ``follow_task()``; Celery's ``ResultConsumer`` (one watch subscription per
+  awaited task); the held-back STARTED write.
 - :mod:`~etcd_broker.backend.result_store`: states, group results, chord counters as etcd keys and bytes.
-- :mod:`~etcd_broker.backend.result_backend`: Celery's ``ResultConsumer``, one watch subscription per
-  awaited task.
 - :mod:`~etcd_broker.backend.task_events`: one task's states in revision order, resumable.
-- :mod:`~etcd_broker.backend.result_backend`: the held-back STARTED write.
 """
 from etcd_broker.backend.result_backend import EtcdBackend, follow_task, watch_task
 

@@ -1,4 +1,16 @@
-"""TODO docstring for etcd_broker.backend.result_backend."""
+"""Celery result backend on etcd v3: results pushed through watches, progress, task streams.
+
+``result_backend = "etcdv3://host:2379"`` once ``etcd_broker`` is imported (or through the
+``celery.result_backends`` entry point). Options come from the URL and from
+``result_backend_transport_options``: ``prefix``, ``user``, ``password``, ``ca_cert``,
+``cert_key``, ``cert_cert``, ``timeout`` (the transport's). Key layout and guarantees:
+docs/results.md. As in Celery's ``celery/backends/redis.py``, the backend and its
+``ResultConsumer`` live together; the bytes in etcd are result_store.py's. Sections:
+
+- *deferred*: :class:`DeferredStarted`, STARTED written only for tasks still running after a delay.
+- *result_consumer*: :class:`ResultConsumer`: ``get()`` wakes on the put, one subscription per task.
+- *result_backend*: :class:`EtcdBackend` (writes, chords, cancellation), ``watch_task``, ``follow_task``.
+"""
 
 from __future__ import annotations
 
@@ -563,13 +575,7 @@ def _revision(item: Item) -> int:
     return item[1].mod_revision
 
 
-# -------------------- result_backend: Celery result backend on etcd v3: results pushed through watches, progress, task streams.
-#
-# ``result_backend = "etcdv3://host:2379"`` once ``etcd_broker`` is imported (or through the
-# ``celery.result_backends`` entry point). Options come from the URL and from
-# ``result_backend_transport_options``: ``prefix``, ``user``, ``password``, ``ca_cert``,
-# ``cert_key``, ``cert_cert``, ``timeout`` (the transport's). Key layout and guarantees:
-# docs/results.md.
+# -------------------- result_backend: EtcdBackend, Celery's result backend
 
 
 __all__ = ("EtcdBackend", "TaskEvent", "TaskStream", "follow_task", "watch_task")

@@ -1,4 +1,14 @@
-"""TODO docstring for etcd_broker.core.client."""
+"""This process's etcd client: made once per configuration, safe across fork, errors by gRPC status.
+
+The transport and the result backend get their client here (:func:`get_client`), so a process holds
+one gRPC client per configuration, and every gRPC channel it opens goes through the fork gate, so
+a forked child (Celery's prefork pool) gets the same clients on fresh channels. Sections:
+
+- *forking*: the gRPC channel gate (:data:`GATE`), ``os.register_at_fork`` handlers,
+  :class:`PerProcess` (the one per-process registry), :class:`ChildLock`, ``inherited``.
+- *client*: :class:`EtcdConfig` from a URL plus options, :func:`get_client` (failover, auth, TLS),
+  :func:`classify` and ``CONNECTION_ERRORS`` (gRPC errors by status code), :meth:`EtcdClient.call`.
+"""
 
 from __future__ import annotations
 

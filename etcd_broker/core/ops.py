@@ -1,4 +1,17 @@
-"""TODO docstring for etcd_broker.core.ops."""
+"""etcd's keys and the one way to read and write them: keys, transactions, group commit, leases.
+
+Every module that touches etcd builds its keys with :class:`KeySpace` and sends its requests
+through the functions here (or :meth:`EtcdClient.call`); nothing else calls python3-etcd3's KV or
+lease API. Sections:
+
+- *keys*: :class:`KeySpace` (every key of queues, bindings, consumers, results), priority bands,
+  :class:`Sequence`, ``range_end``.
+- *ops*: build and run a transaction (``compare``/``put``/``delete``/``range_``, ``txn``), reads
+  (``get``, ``pages``, ``scan``), leases (``grant``, ``keep_alive``, ``revoke``), etcd's transaction
+  limits (``MAX_TXN_OPS``, ``MAX_TXN_BYTES``).
+- *group_commit*: concurrent threads' transactions sent as one (``shared(client).txn``).
+- *leases*: the one lease pool: keys that expire together share a lease (``pool_for(config)``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,56 @@
-"""TODO docstring for etcd_broker.transport.channel."""
+"""etcd v3 transport for kombu (and so for Celery).
+
+Features
+========
+* Type: Virtual
+* Supports Direct: Yes
+* Supports Topic: Yes
+* Supports Fanout: Yes (bindings live in etcd, so broadcast reaches other hosts)
+* Supports Priority: Yes, 0-9, 9 the most urgent (AMQP's meaning)
+* Supports TTL: Yes (message `expiration`, queue `x-message-ttl` and `x-expires`, on etcd leases;
+  `x-max-length` with drop-head or reject-publish)
+
+Messages wait under ``ready/<band>/<seq>`` and are claimed by one etcd
+transaction that moves them under the consumer's lease (``unacked/<lease>/``);
+no locks, no visibility timeout. A consumer that dies loses its lease and its
+messages go back to the queue at their original place. Waiting consumers are
+woken by an etcd watch; nothing polls. See docs/transport.md.
+
+Asynchronous: in a Celery worker the transport joins kombu's event loop (the hub)
+through a wake-up pipe that the watch thread, acks and prefetch changes write to,
+so a worker whose pool is full still answers control messages (docs/operators.md).
+Plain kombu consumers keep the synchronous ``drain_events``.
+
+Connection string
+=================
+.. code-block::
+
+    etcdv3://[USER:PASSWORD@]HOST:PORT[/VHOST]
+    etcdv3://h1:2379;etcdv3://h2:2379;etcdv3://h3:2379     (several endpoints)
+
+Transport options
+=================
+Checked when the transport is made (options.py): a wrong type or value raises ``EtcdConfigError``
+naming it. Options of kombu and Celery themselves pass untouched.
+
+* ``prefix``: key prefix for everything (default ``/deephardway``).
+* ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
+* ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
+  unless they expire (large_body.py).
+* ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
+  holds, and how long such a message stays unheld first (default 30; consumer.py).
+* ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
+  not in a worker's memory (default True; delayed.py).
+* ``default_priority``: priority 0-9 of a message sent with ``priority=None`` (default 0).
+* ``idempotent_publish``: a publish retried after an ambiguous failure (kombu's ``ensure``) is
+  stored once: each publish writes a short-lived marker in its transaction (default True).
+* ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
+* ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
+
+Sections of this module: *idempotent* (a publish id and its short-lived marker, so a retried
+publish is stored once), *queue_limits* (queue arguments: TTL, expiry, ``x-max-length``, queue
+names), then :class:`Channel` and :class:`Transport`.
+"""
 
 from __future__ import annotations
 
@@ -527,54 +579,7 @@ class QueueRegistry:
         return alive
 
 
-# -------------------- channel: etcd v3 transport for kombu (and so for Celery).
-#
-# Features
-# ========
-# * Type: Virtual
-# * Supports Direct: Yes
-# * Supports Topic: Yes
-# * Supports Fanout: Yes (bindings live in etcd, so broadcast reaches other hosts)
-# * Supports Priority: Yes, 0-9, 9 the most urgent (AMQP's meaning)
-# * Supports TTL: Yes (message `expiration`, queue `x-message-ttl` and `x-expires`, on etcd leases;
-#   `x-max-length` with drop-head or reject-publish)
-#
-# Messages wait under ``ready/<band>/<seq>`` and are claimed by one etcd
-# transaction that moves them under the consumer's lease (``unacked/<lease>/``);
-# no locks, no visibility timeout. A consumer that dies loses its lease and its
-# messages go back to the queue at their original place. Waiting consumers are
-# woken by an etcd watch; nothing polls. See docs/transport.md.
-#
-# Asynchronous: in a Celery worker the transport joins kombu's event loop (the hub)
-# through a wake-up pipe that the watch thread, acks and prefetch changes write to,
-# so a worker whose pool is full still answers control messages (docs/operators.md).
-# Plain kombu consumers keep the synchronous ``drain_events``.
-#
-# Connection string
-# =================
-# .. code-block::
-#
-#     etcdv3://[USER:PASSWORD@]HOST:PORT[/VHOST]
-#     etcdv3://h1:2379;etcdv3://h2:2379;etcdv3://h3:2379     (several endpoints)
-#
-# Transport options
-# =================
-# Checked when the transport is made (options.py): a wrong type or value raises ``EtcdConfigError``
-# naming it. Options of kombu and Celery themselves pass untouched.
-#
-# * ``prefix``: key prefix for everything (default ``/deephardway``).
-# * ``lease_ttl``: seconds before a dead consumer's messages are requeued (default 10).
-# * ``max_message_bytes``: larger messages are refused at publish (default just under 1.5 MiB),
-#   unless they expire (large_body.py).
-# * ``reconcile_seconds``: how often a live consumer gives back what its lease owns and nobody here
-#   holds, and how long such a message stays unheld first (default 30; consumer.py).
-# * ``delayed_delivery``: Celery tasks due later (``countdown``, ``eta``) wait in etcd until due,
-#   not in a worker's memory (default True; delayed.py).
-# * ``default_priority``: priority 0-9 of a message sent with ``priority=None`` (default 0).
-# * ``idempotent_publish``: a publish retried after an ambiguous failure (kombu's ``ensure``) is
-#   stored once: each publish writes a short-lived marker in its transaction (default True).
-# * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
-# * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
+# -------------------- the channel and the transport (kombu's face)
 
 
 #: etcd refuses requests over 1.5 MiB (--max-request-bytes); keep 4 KiB for key and framing.

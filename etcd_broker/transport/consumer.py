@@ -1,4 +1,17 @@
-"""TODO docstring for etcd_broker.transport.consumer."""
+"""What a consuming process holds and how it lets go: its lease, its unacked messages, its acks.
+
+A consumer claims messages under its own etcd lease; everything that follows a claim lives here:
+the ack (kombu's QoS), an ``acks_late`` SUCCESS that deletes its message in the result's own
+transaction, messages of tasks still running across a connection reset, reconciliation of what the
+lease owns against what the process holds, and the sweep that requeues a dead consumer's messages.
+Sections, in import order:
+
+- *settle*: claimed messages by task id (``hold_for_result``, ``take_for_result``).
+- *executing*: tasks running in this process or its pool children; messages kept across a reset.
+- *qos*: :class:`QoS`: ack deletes the claimed key, reject/requeue, prefetch room.
+- *reconcile*: :class:`Reconciler`: what a live lease owns in etcd and nothing here holds goes back.
+- *membership*: :class:`ConsumerLease` (keepalive, batched acks, the dead-consumer sweep).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,14 @@
-"""TODO docstring for etcd_broker.transport.delivery."""
+"""How a claimed message reaches a waiting consumer: hand-off, the worker's event loop, queue hints.
+
+A consumer with room waits without reading: it parks on its queues (hand-off: a publish to a
+parked consumer is its claim too), a watch per queue tells it what arrived, and a wake-up pipe
+brings that into a Celery worker's hub (or ``drain_events`` for plain kombu). Sections:
+
+- *handoff*: :class:`Parking` (a consumer's parked keys, the hand-offs it received) and
+  :class:`ParkedConsumers` (the publisher's side: which parked consumer gets the put).
+- *event_loop*: :class:`EventLoopMixin`: ``register_with_event_loop``, ``on_readable``, ``drain_events``.
+- *queue_watch*: :class:`QueueWatchMixin`: the watch's hints and "known empty" queues.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """etcd operations behind the result backend: task states, chord counting.
 
 Shared per process: one :class:`ResultStore` per (etcd configuration, prefix); leases come from
-the process's pool (core/leases.py, buckets of a tenth of the TTL); watches go through the process's watch hub
+the process's pool (core/ops.py, buckets of a tenth of the TTL); watches go through the process's watch hub
 (watch.py). This module speaks bytes and revisions; Celery's meta encoding stays in backend.py.
 """
 from __future__ import annotations

@@ -48,7 +48,7 @@ from etcd_broker.core.client import (
 #     <root>/q/<queue>/unacked/<lease>/<band>/<seq>   claimed by the consumer holding <lease>
 #     <root>/q/<queue>/body/<seq>/<n>                 chunk n of a large expiring message's body
 #     <root>/q/<queue>/parked/<token>                 an idle consumer waits for a hand-off (its lease;
-#                                                     transport/handoff.py)
+#                                                     transport/delivery.py)
 #     <root>/q/<queue>/delayed/<due>/<band>/<seq>[~<ms>]  an ETA task waiting for its due time
 #                                                     (<due>: epoch ms, 13 digits; delayed.py)
 #     <root>/p/<queue>/<publish id>                   a publish was stored (short lease; channel.py)
@@ -164,7 +164,7 @@ class KeySpace:
         return f"{self.body_chunks(queue, seq)}{index:06d}"
 
     def parked(self, queue: str) -> str:
-        """The consumers parked on ``queue``, waiting for a publisher's hand-off (transport/handoff.py)."""
+        """The consumers parked on ``queue``, waiting for a publisher's hand-off (transport/delivery.py)."""
         return f"{self.queue(queue)}parked/"
 
     def parked_consumer(self, queue: str, token: str) -> str:
@@ -172,7 +172,7 @@ class KeySpace:
         return f"{self.parked(queue)}{token}"
 
     def published(self, queue: str, publish_id: str) -> str:
-        """The marker of one stored publish to ``queue`` (transport/idempotent.py)."""
+        """The marker of one stored publish to ``queue`` (transport/channel.py)."""
         return f"{self.root}/p/{_q(queue)}/{publish_id}"
 
     @staticmethod
@@ -662,7 +662,7 @@ def shared(client: Any) -> GroupCommit:
 # keeps one lease per *slot*: the deadlines ``(slot-1)*g < d <= slot*g`` for a granularity
 # ``g`` share the lease granted to end at ``slot*g``, never before a deadline, at most ``g`` after.
 #
-# - Message TTLs (transport/queue_limits.py, delayed.py): ``lease_for(deadline)``, ``g`` = 1 s
+# - Message TTLs (transport/channel.py, delayed.py): ``lease_for(deadline)``, ``g`` = 1 s
 #   (one grant per second; the deadline in the key makes delivery exact to the millisecond).
 # - Results (backend/result_store.py): ``lease_for_ttl(ttl)``, ``g`` = a tenth of the TTL
 #   between 1 s and 1 h (:func:`bucket_seconds`): a result lives between ``ttl`` and ``ttl + g``.

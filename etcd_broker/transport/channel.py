@@ -144,7 +144,7 @@ from etcd_broker.transport.options import check_options
 # Cost: one compare and one put more in the same transaction (no extra request, no extra Raft
 # proposal), one live key per message published in the last MARKER_SECONDS, and one lease grant
 # and one lease expiry per MARKER_BUCKET_SECONDS per publishing process (the one lease pool,
-# core/leases.py; a marker lease etcd no longer knows is forgotten and the write tried once more).
+# core/ops.py; a marker lease etcd no longer knows is forgotten and the write tried once more).
 # A retry later than MARKER_SECONDS after the first attempt is not guarded (Celery's retry policy
 # gives up long before). ``Producer.batch()`` writes one marker per transaction (publish_batch.py).
 
@@ -164,7 +164,7 @@ MARKER_BUCKET_SECONDS = 10
 
 
 def marker_lease(client: Any) -> int:
-    """The lease for a marker written now: from the process's one lease pool (core/leases.py), shared by
+    """The lease for a marker written now: from the process's one lease pool (core/ops.py), shared by
     the markers of MARKER_BUCKET_SECONDS, ending MARKER_SECONDS to MARKER_SECONDS + that from now."""
     return ops.pool_for(client.config).lease_for(time.time() + MARKER_SECONDS, MARKER_BUCKET_SECONDS)
 
@@ -368,7 +368,7 @@ class QueueRegistry:
 
     @property
     def leases(self) -> LeasePool:
-        """The process's lease pool (core/leases.py): message TTLs share one lease per second of deadlines."""
+        """The process's lease pool (core/ops.py): message TTLs share one lease per second of deadlines."""
         return pool_for(self.client.config)
 
     # -- declaring --------------------------------------------------------------------

@@ -24,8 +24,6 @@ import time
 
 from benchmarks import growth_clients
 from benchmarks.growth_clients import ConsumerGroup, Publisher
-from etcd_broker.transport.channel import Channel
-from etcd_broker.transport.delivery import QueueWatchMixin
 
 #: This consumer process's counts, by cause.
 COUNTS: collections.Counter = collections.Counter()
@@ -39,6 +37,8 @@ def instrument() -> None:
     from etcd_broker.core import ops
     from etcd_broker.core.watch import EVENT_DELETE
     from etcd_broker.transport import offers
+    from etcd_broker.transport.channel import Channel
+    from etcd_broker.transport.delivery import QueueWatchMixin
 
     def wrap(owner, name, around):
         original = getattr(owner, name)

@@ -82,10 +82,12 @@ for _name, _why in UNSAFE_GRPC_ENV.items():
     if os.environ.get(_name):
         logger.warning("etcd_broker: %s=%s is set; unset it for fork safety (%s)", _name, os.environ[_name], _why)
 
+importlib.import_module("etcd_broker.core.client")  # installs the fork handlers before any client exists
 
-# pool_health (a worker whose pool cannot start children says so) and executing (pool children report
-# the tasks they run) hook Celery signals, worker_init among them: only where Celery is loaded already,
-# as in every worker (`celery -A proj worker` imports Celery before the app module that imports us);
+# pool_health (a worker whose pool cannot start children says so) and transport.consumer (its
+# executing section: pool children report the tasks they run) hook Celery signals, worker_init among
+# them: only where Celery is loaded already, as in every worker (`celery -A proj worker` imports Celery before the app module that imports us);
 # kombu-only users import no Celery.
 if "celery" in sys.modules:
     from etcd_broker import pool_health  # noqa: F401
+    from etcd_broker.transport import consumer  # noqa: F401

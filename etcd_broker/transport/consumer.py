@@ -42,10 +42,10 @@ from etcd_broker.transport.delivery import withdraw
 # -------------------- settle: Acks that ride on the result write: an ``acks_late`` task's SUCCESS and its message's delete in one transaction.
 #
 # In a process that both consumes and stores results (a worker with ``-P threads`` or ``solo``),
-# the transport records each claimed message's unacked key by task id (:func:`hold`); the result
-# backend's SUCCESS write takes it (:func:`take`) and deletes the key in the same etcd transaction,
+# the transport records each claimed message's unacked key by task id (:func:`hold_for_result`); the result
+# backend's SUCCESS write takes it (:func:`take_for_result`) and deletes the key in the same etcd transaction,
 # so a stored result and a pending message never coexist (no re-run after a crash once SUCCESS is
-# stored) and the ack that follows has nothing left to write (:func:`release` says so). A prefork
+# stored) and the ack that follows has nothing left to write (:func:`release_held` says so). A prefork
 # child never sees its parent's table: it writes SUCCESS alone and the parent acks as before.
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def release_held(task_id: str | None, key: str) -> bool:
 # When Celery's consumer loses its broker connection, kombu closes the channel and its QoS gives
 # back every message it held. A task that is already running keeps running on this live worker and
 # acks when it ends, so giving its message back makes another worker run it too. The transport asks
-# :func:`executing` for each message it would give back and keeps the ones that are running under
+# :func:`is_executing` for each message it would give back and keeps the ones that are running under
 # the process's consumer lease (their ack or their SUCCESS write still deletes them; if the process
 # dies, the lease lapses and they come back). Messages not started yet go back to the queue, as
 # Celery expects: its consumer forgets them at a reset (``Consumer.on_close``) and the prefork pool

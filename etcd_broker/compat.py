@@ -25,7 +25,7 @@ PRIVATE_NAMES = (
 # It goes once no module calls etcd3's methods directly (all through core/ops.py and
 # EtcdClient.call, which map errors themselves). Stubs, failover and fork need no private name:
 # EtcdClient caches its stubs by channel, fails over with Endpoint.fail() and the public
-# ``channel``, and forking.ChildLock replaces a lock in a forked child instead of re-initialising it.
+# ``channel``, and client.py's ChildLock replaces a lock in a forked child instead of re-initialising it.
 
 # -- Celery ---------------------------------------------------------------------------------
 

@@ -3,8 +3,9 @@
 A result's path:
 
 - :mod:`~etcd_broker.backend.result_backend`: ``EtcdBackend`` (writes, chords, cancellation),
-  ``watch_task()`` and ``follow_task()``; Celery's ``ResultConsumer`` (one watch subscription per
-  awaited task); the held-back STARTED write.
+  ``watch_task()`` and ``follow_task()``; Celery's ``ResultConsumer`` (a watch subscription per
+  awaited task, or one on the results prefix shared by a process's many waiters: ``SharedWaits``);
+  the held-back STARTED write.
 - :mod:`~etcd_broker.backend.result_store`: states, group results, chord counters as etcd keys and bytes.
 - :mod:`~etcd_broker.backend.task_events`: one task's states in revision order, resumable.
 """

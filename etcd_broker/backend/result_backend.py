@@ -8,7 +8,8 @@ docs/results.md. As in Celery's ``celery/backends/redis.py``, the backend and it
 ``ResultConsumer`` live together; the bytes in etcd are result_store.py's. Sections:
 
 - *deferred*: :class:`DeferredStarted`, STARTED written only for tasks still running after a delay.
-- *result_consumer*: :class:`ResultConsumer`: ``get()`` wakes on the put, one subscription per task.
+- *result_consumer*: :class:`ResultConsumer`: ``get()`` wakes on the put (a subscription per task,
+  or :class:`SharedWaits`' one on the results prefix when a process awaits many).
 - *result_backend*: :class:`EtcdBackend` (writes, chords, cancellation), ``watch_task``, ``follow_task``.
 """
 

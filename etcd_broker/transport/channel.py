@@ -416,7 +416,7 @@ class QueueRegistry:
             queue_lease: int, guard: Any = None) -> bool:
         """Write one ready message under its TTL lease (or the queue's), within ``max_length``.
 
-        ``guard`` (idempotent.Guard): written once; False if an earlier attempt of this publish stored it.
+        ``guard`` (a :class:`Guard`, the idempotent section): written once; False if an earlier attempt of this publish stored it.
         """
         for attempt in range(2):
             lease = self.leases.lease_for(deadline) if deadline is not None else queue_lease
@@ -579,7 +579,7 @@ class QueueRegistry:
         return alive
 
 
-# -------------------- the channel and the transport (kombu's face)
+# -------------------- channel: kombu's Channel and Transport (the module docstring above)
 
 
 #: etcd refuses requests over 1.5 MiB (--max-request-bytes); keep 4 KiB for key and framing.
@@ -1268,7 +1268,7 @@ class Transport(EventLoopMixin, QueueWatchMixin, virtual.Transport):
     # -- shared state for channels -------------------------------------------------
     @property
     def lease(self) -> ConsumerLease:
-        """The process's consumer lease for this etcd and key space (membership.consumer_lease: made on
+        """The process's consumer lease for this etcd and key space (consumer.py's ``consumer_lease``: made on
         first use, made again in a forked child or once closed)."""
         lease = consumer_lease(self.etcd, self.keys, self.lease_ttl, self.reconcile_seconds)
         lease.hold_for(self)  # what this transport holds counts as held (consumer.py)

@@ -6,7 +6,7 @@ transaction, messages of tasks still running across a connection reset, reconcil
 lease owns against what the process holds, and the sweep that requeues a dead consumer's messages.
 Sections, in import order:
 
-- *settle*: claimed messages by task id (``hold_for_result``, ``take_for_result``).
+- *settle*: claimed messages by task id (``hold_for_result``, ``take_for_result``, ``release_held``).
 - *executing*: tasks running in this process or its pool children; messages kept across a reset.
 - *qos*: :class:`QoS`: ack deletes the claimed key, reject/requeue, prefetch room.
 - *reconcile*: :class:`Reconciler`: what a live lease owns in etcd and nothing here holds goes back.
@@ -506,7 +506,7 @@ def unacked_keys(client: Any, keys: KeySpace, queue: str, lease_id: int) -> Iter
 
 
 class Reconciler:
-    """Suspects of one consumer lease and the passes that settle them (see the module).
+    """Suspects of one consumer lease and the passes that settle them (the reconcile section's comment above).
 
     ``held()``: the unacked keys the process holds (under any lease of ours: mapped to the current
     one by ``current_key``); ``arriving(key)``: True if ``key`` is a hand-off not received yet;

@@ -79,7 +79,7 @@ def due_time(message: dict, now: float) -> float | None:
 def put(client: Any, leases: Any, key: str, value: bytes, deadline: float | None, guard: Any = None) -> bool:
     """Publish an ETA task under ``delayed/`` (``key``), on its TTL lease if it expires (``leases``:
     core.ops.LeasePool); concurrent publishers share a transaction, as ready puts do. ``guard``
-    (idempotent.Guard): written once; False if an earlier attempt of this publish stored it."""
+    (channel.py's ``Guard``): written once; False if an earlier attempt of this publish stored it."""
     for attempt in range(2):
         lease = leases.lease_for(deadline) if deadline is not None else 0
         compare, success = [], [ops.put(key, value, lease)]

@@ -690,7 +690,7 @@ class QueueWatchMixin:
             self.watch_hub.unsubscribe(watch)
 
     def _feed_key(self, queue: str) -> tuple[int, str]:
-        """Transports share a consumer lease when they share the client (membership.consumer_lease)."""
+        """Transports share a consumer lease when they share the client (consumer.py's ``consumer_lease``)."""
         return id(self.etcd), self.keys.ready(queue)
 
     def offer_news(self, queue: str, rows: list) -> None:

@@ -20,7 +20,6 @@ from kombu import Message
 from etcd_broker.transport import consumer
 from etcd_broker.transport.consumer import (
     _finished_in_child,
-    _reports,
     _started_in_child,
     finished_in_child,
     is_executing,
@@ -53,8 +52,8 @@ def fresh_reports(monkeypatch):
         except (ProcessLookupError, ChildProcessError):  # finished and reaped already
             pass
     _children.clear()
-    os.close(_reports[0])
-    os.close(_reports[1])
+    os.close(consumer._reports[0])
+    os.close(consumer._reports[1])
 
 
 _children: list[int] = []

@@ -47,9 +47,9 @@ naming it. Options of kombu and Celery themselves pass untouched.
 * ``endpoints``: extra endpoints, ``["h2:2379", ...]``, besides the URL's.
 * ``user``, ``password``, ``ca_cert``, ``cert_key``, ``cert_cert``, ``timeout``: see client.py.
 
-Sections of this module: *idempotent* (a publish id and its short-lived marker, so a retried
-publish is stored once), *queue_limits* (queue arguments: TTL, expiry, ``x-max-length``, queue
-names), then :class:`Channel` and :class:`Transport`.
+Sections of this module: :class:`Channel` and :class:`Transport` first, then *idempotent* (a publish
+id and its short-lived marker, so a retried publish is stored once) and *queue_limits* (queue
+arguments: TTL, expiry, ``x-max-length``, queue names).
 """
 
 from __future__ import annotations
@@ -119,468 +119,14 @@ from etcd_broker.transport.delivery import (
 from etcd_broker.transport.expired import revoke_expired
 from etcd_broker.transport.options import check_options
 
-# -------------------- idempotent: Idempotent publish: a publish retried after an ambiguous failure is stored once.
-#
-# A publish whose etcd call fails without an answer (deadline exceeded, connection lost after
-# sending, a leader change) may have been committed. kombu's ``Connection.ensure`` (Celery's
-# publish retry) then runs the publish again; without a guard the retry stores a second copy
-# and the task runs twice.
-#
-# So a publish is named once, before its first attempt: :meth:`Channel.basic_publish` puts a
-# publish id (a sequence number, ops.py) in the message's properties, the dict kombu hands to
-# every retry of one ``Producer.publish``, and in its headers, the dict Celery hands to every
-# retry of a worker's callback publish (``AMQP._retry_publish``: ``Producer.publish`` called again),
-# and takes it out of both once the publish returned. The id is never stored with the message (a
-# consumer that republishes a message's properties makes a new publish). Each attempt is one
-# transaction that
-#
-# * compares ``p/<queue>/<id>`` (the publish marker) to absent, and
-# * writes the message and the marker (empty, on a marker lease of MARKER_SECONDS or a little more).
-#
-# A retry whose first attempt committed finds the marker and writes nothing, whether the message
-# still waits, was claimed, or was acked and deleted meanwhile. The message's own key is fixed by
-# the id too (``ready/<band>/<id>``), so a large message's body chunks are overwritten, not copied.
-#
-# Cost: one compare and one put more in the same transaction (no extra request, no extra Raft
-# proposal), one live key per message published in the last MARKER_SECONDS, and one lease grant
-# and one lease expiry per MARKER_BUCKET_SECONDS per publishing process (the one lease pool,
-# core/ops.py; a marker lease etcd no longer knows is forgotten and the write tried once more).
-# A retry later than MARKER_SECONDS after the first attempt is not guarded (Celery's retry policy
-# gives up long before). ``Producer.batch()`` writes one marker per transaction (publish_batch.py).
-
 if TYPE_CHECKING:
     from etcd_broker.transport.publish_batch import PublishBatch
 
 logger = logging.getLogger(__name__)
 
-#: The message property (and header) that names one publish across its retries: "<id> <hash of the body>"
-#: (removed before the message is stored).
-PUBLISH_ID = "x-etcd-publish-id"
-#: Least seconds a publish marker lives: a retry within this of the first attempt is stored once.
-MARKER_SECONDS = 120
-#: Markers written within this many seconds share one lease (a marker lives MARKER_SECONDS to MARKER_SECONDS
-#: + this); its expiry deletes that many seconds of one process's markers in one etcd proposal.
-MARKER_BUCKET_SECONDS = 10
 
-
-def marker_lease(client: Any) -> int:
-    """The lease for a marker written now: from the process's one lease pool (core/ops.py), shared by
-    the markers of MARKER_BUCKET_SECONDS, ending MARKER_SECONDS to MARKER_SECONDS + that from now."""
-    return ops.pool_for(client.config).lease_for(time.time() + MARKER_SECONDS, MARKER_BUCKET_SECONDS)
-
-
-def forget_lease(client: Any, lease: int) -> None:
-    """etcd no longer knows ``lease`` (LeaseNotFound): the next marker gets a new one."""
-    ops.pool_for(client.config).forget(lease)
-
-
-@dataclass(frozen=True)
-class Guard:
-    """The marker of one publish to one queue: what each attempt's transaction compares and writes."""
-
-    key: str
-    lease: int
-
-    def compare(self) -> etcdrpc.Compare:
-        """Holds while no attempt of this publish has been committed."""
-        return ops.compare(self.key, "version", 0)
-
-    def put(self) -> etcdrpc.RequestOp:
-        return ops.put(self.key, b"", self.lease)
-
-
-def publish_guard(client: Any, keys: KeySpace, queue: str, publish_id: str) -> Guard:
-    """The guard of publish ``publish_id`` to ``queue`` (grants a marker lease at most every bucket)."""
-    return Guard(keys.published(queue, publish_id), marker_lease(client))
-
-
-def _places(message: dict) -> list[dict]:
-    """Where a publish id survives a retry: the properties (kombu's ``ensure`` passes the same dict to
-    each attempt) and the headers (Celery's callback retry calls ``Producer.publish`` again, with new
-    properties but the same headers dict)."""
-    return [place for place in (message.get("properties"), message.get("headers")) if isinstance(place, dict)]
-
-
-def name_publish(message: dict, new_id: Callable[[], str]) -> str:
-    """Give ``message`` its publish id: the one an earlier attempt of the same publish gave it, if any
-    (same dicts and the same body: a caller that reuses a headers dict for another body gets a new id)."""
-    places, body = _places(message), f" {hash(message.get('body'))}"
-    found = next((place[PUBLISH_ID] for place in places if str(place.get(PUBLISH_ID, "")).endswith(body)), None)
-    found = found or new_id() + body
-    for place in places:
-        place[PUBLISH_ID] = found
-    return found.split(" ", 1)[0]
-
-
-def published(message: dict) -> None:
-    """The publish returned: its id goes (a later publish of the same dicts is a new publish)."""
-    for place in _places(message):
-        place.pop(PUBLISH_ID, None)
-
-
-def publish_id_of(message: dict) -> str | None:
-    """The id :func:`name_publish` gave this publish (None: an unguarded publish)."""
-    value = (message.get("properties") or {}).get(PUBLISH_ID)
-    return value.split(" ", 1)[0] if value else None
-
-
-def stored_form(message: dict) -> dict:
-    """``message`` as stored: without the publish id."""
-    stored = message
-    for field in ("properties", "headers"):
-        place = message.get(field)
-        if isinstance(place, dict) and PUBLISH_ID in place:
-            stored = {**stored, field: {k: v for k, v in place.items() if k != PUBLISH_ID}}
-    return stored
-
-
-def note_retry(queue: str, marker: str) -> None:
-    """A publish attempt found its own marker: an earlier attempt was committed; nothing written."""
-    logger.info("publish to %r retried after an ambiguous failure was already stored (%s); not stored again",
-                queue, marker)
-
-
-# -------------------- queue_limits: Queue arguments on etcd, as RabbitMQ means them: message TTL, queue expiry, length limits.
-#
-# * Message TTL (``expiration`` on publish, queue ``message_ttl`` / ``x-message-ttl``): the
-#   ready key is attached to a lease that etcd revokes at (or just after) the deadline, and
-#   the deadline is written in the key, so a consumer drops an expired message unread.
-# * Queue ``expires`` / ``x-expires``: the declared key, and the messages without a TTL of
-#   their own, hang on one lease that declaring, ``basic_get`` and consuming keep alive;
-#   etcd deletes them all together when the queue goes unused.
-# * ``max_length`` / ``x-max-length`` with ``x-overflow`` ``drop-head`` (default) or
-#   ``reject-publish``: one transaction writes the message only if no other message arrived
-#   since the count it decided on, dropping the head in the same transaction.
-
-
-#: AMQP 0-9-1 names are short strings: a name RabbitMQ would accept fits in a few hundred key bytes.
-MAX_QUEUE_NAME_BYTES = 255
-#: Seconds a publisher trusts the queue arguments it read (another process may redeclare).
-LIMITS_CACHE_SECONDS = 5.0
-#: Seconds the keeper thread waits, with nothing to refresh, before looking again (it is woken
-#: whenever a consumer starts or stops; it refreshes each expiring queue every third of its TTL).
-KEEP_IDLE_SECONDS = 60.0
-#: Seconds before the keeper retries a read or refresh that etcd did not answer.
-KEEP_RETRY_SECONDS = 1.0
-#: Times a bounded publish re-counts after another publisher or consumer changed the queue.
-BOUNDED_PUT_ATTEMPTS = 50
-DROP_HEAD = "drop-head"
-REJECT_PUBLISH = "reject-publish"
-#: Arguments that would change delivery in ways this transport does not implement: refused.
-REFUSED_ARGUMENTS = {
-    "x-max-length-bytes": "byte limits are not implemented; use x-max-length",
-    "x-dead-letter-exchange": "dead-lettering is not implemented",
-    "x-dead-letter-routing-key": "dead-lettering is not implemented",
-    "x-single-active-consumer": "single active consumer is not implemented",
-}
-
-
-@dataclass(frozen=True)
-class QueueLimits:
-    """What a queue's declaration asked for (seconds and counts; None: no limit)."""
-
-    message_ttl: float | None = None
-    expires: float | None = None
-    max_length: int | None = None
-    overflow: str = DROP_HEAD
-
-    @classmethod
-    def from_arguments(cls, queue: str, arguments: dict[str, Any] | None) -> QueueLimits:
-        """Validate RabbitMQ-style arguments (milliseconds) and keep the ones we implement."""
-        arguments = arguments or {}
-        for name, why in REFUSED_ARGUMENTS.items():
-            if arguments.get(name) is not None:
-                raise QueueArgumentError(f"queue {queue!r}: argument {name!r} is refused by the etcdv3 transport: {why}")
-        overflow = arguments.get("x-overflow") or DROP_HEAD
-        if overflow not in (DROP_HEAD, REJECT_PUBLISH):
-            raise QueueArgumentError(f"queue {queue!r}: x-overflow must be {DROP_HEAD!r} or {REJECT_PUBLISH!r}, "
-                                     f"got {overflow!r}")
-        return cls(message_ttl=_millis(queue, arguments, "x-message-ttl", minimum=0),
-                   expires=_millis(queue, arguments, "x-expires", minimum=1),
-                   max_length=_count(queue, arguments.get("x-max-length")), overflow=overflow)
-
-    @classmethod
-    def from_declared(cls, value: bytes | None) -> QueueLimits:
-        try:
-            return cls(**json.loads(value).get("limits", {})) if value else NO_LIMITS
-        except (ValueError, TypeError):
-            return NO_LIMITS
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and (k != "overflow" or self.max_length)}
-
-
-NO_LIMITS = QueueLimits()
-
-
-def _millis(queue: str, arguments: dict[str, Any], name: str, minimum: int) -> float | None:
-    value = arguments.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise QueueArgumentError(f"queue {queue!r}: {name} must be a number of milliseconds >= {minimum}, "
-                                 f"got {value!r}")
-    return value / 1000
-
-
-def _count(queue: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise QueueArgumentError(f"queue {queue!r}: x-max-length must be an integer >= 0, got {value!r}")
-    return value
-
-
-def check_queue_name(queue: str) -> None:
-    """Refuse names longer than AMQP allows: they would make every key and watch event huge."""
-    size = len(queue.encode("utf-8", "surrogatepass"))
-    if size > MAX_QUEUE_NAME_BYTES:
-        raise QueueArgumentError(f"queue name of {size} bytes (UTF-8) starting {queue[:40]!r} is longer than "
-                                 f"the limit of {MAX_QUEUE_NAME_BYTES} bytes (AMQP's); nothing was declared")
-
-
-def message_deadline(message: dict, limits: QueueLimits, now: float) -> float | None:
-    """The epoch second ``message`` expires at: its ``expiration`` (ms) or the queue's TTL, the sooner."""
-    ttls = [limits.message_ttl] if limits.message_ttl is not None else []
-    expiration = message.get("properties", {}).get("expiration")
-    if expiration is not None:
-        try:
-            ttls.append(max(0.0, float(expiration) / 1000))
-        except (TypeError, ValueError):
-            raise QueueArgumentError(f"message expiration must be milliseconds, got {expiration!r}") from None
-    return now + min(ttls) if ttls else None
-
-
-class QueueRegistry:
-    """One transport's view of queue arguments, the TTL leases, and queue-expiry leases to keep alive."""
-
-    def __init__(self, client: Any, keys: KeySpace) -> None:
-        self.client = client
-        self.keys = keys
-        self._cache: dict[str, tuple[float, QueueLimits, int]] = {}
-        self._kept: dict[str, int] = {}  # queue -> consumers on it in this process
-        self._expiring: dict[str, tuple[int, float, float]] = {}  # kept queue -> (lease, expires, next refresh)
-        self._to_learn: set[str] = set()  # kept queues whose limits the keeper has yet to look at
-        self._refreshed: dict[int, float] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)  # a consumer started or stopped: the keeper looks again
-        self._keeper: threading.Thread | None = None
-
-    @property
-    def leases(self) -> LeasePool:
-        """The process's lease pool (core/ops.py): message TTLs share one lease per second of deadlines."""
-        return pool_for(self.client.config)
-
-    # -- declaring --------------------------------------------------------------------
-    def declare(self, queue: str, limits: QueueLimits, auto_delete_lease: int | None) -> None:
-        """Write the declared key; a queue with ``expires`` hangs on its own lease (kept if alive)."""
-        # An auto-delete queue lives and dies with its consumer's lease, x-expires or not.
-        own = self._expiry_lease(queue, limits.expires) if limits.expires is not None and not auto_delete_lease else 0
-        info = json.dumps({"auto_delete": bool(auto_delete_lease), "limits": limits.as_dict(), "lease": own})
-        ops.run(self.client, ops.put(self.keys.declared(queue), info, auto_delete_lease or own or 0))
-        with self._lock:
-            self._cache[queue] = (time.monotonic(), limits, own)
-
-    def _expiry_lease(self, queue: str, expires: float) -> int:
-        """The queue's live expiry lease, refreshed (redeclaring counts as use), or a new one."""
-        value = self._declared(queue)
-        old = json.loads(value).get("lease", 0) if value else 0
-        if old and self._refresh(old):
-            return old
-        return ops.grant(self.client, max(1, math.ceil(expires)))
-
-    def _declared(self, queue: str) -> bytes | None:
-        """The queue's declared key's value (JSON: auto_delete, limits, lease); None if not declared."""
-        kv = ops.first_kv_of(ops.get(self.client, self.keys.declared(queue)))
-        return kv.value if kv is not None else None
-
-    def limits(self, queue: str) -> tuple[QueueLimits, int]:
-        """The queue's limits and expiry lease (0: none), read from etcd at most every few seconds."""
-        with self._lock:
-            cached = self._cache.get(queue)
-        if cached is not None and time.monotonic() - cached[0] < LIMITS_CACHE_SECONDS:
-            return cached[1], cached[2]
-        value = self._declared(queue)
-        limits = QueueLimits.from_declared(value)
-        lease = json.loads(value).get("lease", 0) if value else 0
-        with self._lock:
-            self._cache[queue] = (time.monotonic(), limits, lease)
-        return limits, lease
-
-    def forget(self, queue: str) -> None:
-        with self._lock:
-            self._cache.pop(queue, None)
-
-    # -- publishing -------------------------------------------------------------------
-    def put(self, queue: str, key: str, value: bytes, deadline: float | None, limits: QueueLimits,
-            queue_lease: int, guard: Any = None) -> bool:
-        """Write one ready message under its TTL lease (or the queue's), within ``max_length``.
-
-        ``guard`` (a :class:`Guard`, the idempotent section): written once; False if an earlier attempt of this publish stored it.
-        """
-        for attempt in range(2):
-            lease = self.leases.lease_for(deadline) if deadline is not None else queue_lease
-            try:
-                if limits.max_length is not None:
-                    return self._put_bounded(queue, key, value, lease, limits, guard)
-                compare, success = [], [ops.put(key, value, lease)]
-                if guard is not None:
-                    compare, success = [guard.compare()], [*success, guard.put()]
-                return ops.txn(self.client, compare, success).succeeded
-            except ops.LeaseNotFound:
-                if attempt:
-                    raise
-                if deadline is not None:
-                    self.leases.forget(lease)
-                else:  # the queue expired under us: publish as to any undeclared queue
-                    self.forget(queue)
-                    queue_lease = 0
-        raise AssertionError("unreachable")
-
-    def _put_bounded(self, queue: str, key: str, value: bytes, lease: int, limits: QueueLimits,
-                     guard: Any = None) -> bool:
-        prefix = self.keys.ready(queue)
-        for _ in range(BOUNDED_PUT_ATTEMPTS):
-            head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=1)
-            excess = head.count + 1 - limits.max_length
-            if excess > 0 and limits.overflow == REJECT_PUBLISH:
-                if guard is not None and ops.get(self.client, guard.key, count_only=True).count:
-                    return False  # full of, among others, this very publish's earlier attempt
-                raise QueueFull(f"queue {queue!r} holds {head.count} message(s), its x-max-length is "
-                                f"{limits.max_length} and x-overflow is {REJECT_PUBLISH!r}: message refused")
-            if excess > 1:
-                head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=excess)
-                excess = head.count + 1 - limits.max_length  # counted again at this read's revision
-            dropped = list(head.kvs)[:max(excess, 0)]
-            unchanged = ops.compare(prefix, "mod_revision", head.header.revision + 1, "<")
-            unchanged.range_end = ops.range_request(prefix, prefix=True).range_end  # no key added since the count
-            compare = [unchanged] + [ops.compare(kv.key, "mod_revision", kv.mod_revision) for kv in dropped]
-            success = [ops.put(key, value, lease)] + [ops.delete(kv.key) for kv in dropped]
-            failure = []
-            if guard is not None:  # the failure branch says whether it failed on our own marker
-                compare, success, failure = [*compare, guard.compare()], [*success, guard.put()], [
-                    ops.range_(guard.key, count_only=True)]
-            response = ops.txn(self.client, compare=compare, success=success, failure=failure)
-            if response.succeeded:
-                if dropped:
-                    logger.info("queue %r at x-max-length %d: dropped %d message(s) from its head",
-                                queue, limits.max_length, len(dropped))
-                return True
-            if guard is not None and ops.count(response.responses[0]):
-                return False  # an earlier attempt of this publish was stored
-        raise OperationalError(f"queue {queue!r}: {BOUNDED_PUT_ATTEMPTS} bounded publishes in a row lost "
-                               "to concurrent writers; try again")
-
-    # -- keeping expiring queues alive while used ---------------------------------------
-    def touch(self, queue: str) -> None:
-        """``basic_get`` uses the queue: its expiry starts again (at most one refresh per third of it)."""
-        limits, lease = self.limits(queue)
-        if lease and limits.expires is not None:
-            with self._lock:
-                due = time.monotonic() - self._refreshed.get(lease, 0.0) > limits.expires / 3
-            if due:
-                self._refresh(lease)
-
-    def consuming(self, queue: str) -> None:
-        """A consumer started on ``queue``: keep its expiry lease alive until the last one stops."""
-        with self._wake:
-            self._kept[queue] = self._kept.get(queue, 0) + 1
-            self._to_learn.add(queue)
-            self._wake.notify()
-            if self._keeper is None:
-                self._keeper = threading.Thread(target=self._keep_loop, name="etcd-queue-expiry", daemon=True)
-                self._keeper.start()
-
-    def cancelled(self, queue: str) -> None:
-        with self._wake:
-            if self._kept.get(queue, 0) <= 1:
-                self._kept.pop(queue, None)
-                self._expiring.pop(queue, None)
-                self._to_learn.discard(queue)
-                self._wake.notify()
-            else:
-                self._kept[queue] -= 1
-
-    def _keep_loop(self) -> None:
-        """Refresh the expiry leases of consumed queues, each when a third of its TTL has passed.
-
-        One timer for all: the thread sleeps until the next refresh is due (or a consumer
-        starts or stops). A consumed queue without ``expires`` costs nothing after its limits
-        are learnt (from the cache its declaration filled); idle cost does not grow with queues.
-        Ends when no consumer is left.
-        """
-        while True:
-            with self._wake:
-                if not self._kept:
-                    self._keeper = None
-                    return
-                learn, self._to_learn = self._to_learn, set()
-            retry = any([not self._learn(queue) for queue in learn])
-            now = time.monotonic()
-            with self._wake:
-                due = [q for q, (_, _, at) in self._expiring.items() if at <= now]
-            for queue in due:
-                retry = not self._keep(queue) or retry
-            with self._wake:
-                if self._to_learn:
-                    continue
-                next_at = min((at for _, _, at in self._expiring.values()), default=now + KEEP_IDLE_SECONDS)
-                wait = min(next_at, now + KEEP_RETRY_SECONDS) if retry else next_at
-                if self._kept:
-                    self._wake.wait(max(0.0, wait - time.monotonic()))
-
-    def _learn(self, queue: str) -> bool:
-        """Note whether ``queue`` has an expiry lease to keep; False (try again) if etcd did not answer."""
-        try:
-            limits, lease = self.limits(queue)
-        except CONNECTION_ERRORS as exc:
-            logger.info("queue %r expiry not read: %s", queue, exc)
-            with self._wake:
-                if queue in self._kept:
-                    self._to_learn.add(queue)
-            return False
-        with self._wake:
-            if queue in self._kept and lease and limits.expires is not None:
-                self._expiring[queue] = (lease, limits.expires, time.monotonic() + limits.expires / 3)
-            else:
-                self._expiring.pop(queue, None)
-        return True
-
-    def _keep(self, queue: str) -> bool:
-        """Refresh ``queue``'s lease once; a lease etcd no longer knows sends the queue to be learnt again
-        (it expired or was redeclared). False if etcd did not answer (the refresh is retried soon)."""
-        with self._wake:
-            entry = self._expiring.get(queue)
-        if entry is None:
-            return True
-        lease, expires, _ = entry
-        try:
-            alive = self._refresh(lease)
-        except CONNECTION_ERRORS as exc:
-            logger.info("queue %r expiry not refreshed: %s", queue, exc)
-            return False
-        with self._wake:
-            if queue not in self._expiring:
-                return True
-            if alive:
-                self._expiring[queue] = (lease, expires, time.monotonic() + expires / 3)
-            else:
-                self._expiring.pop(queue, None)
-                self._to_learn.add(queue)
-        if not alive:
-            self.forget(queue)
-        return True
-
-    def _refresh(self, lease: int) -> bool:
-        """Keep ``lease`` alive once; False if etcd no longer knows it."""
-        alive = ops.keep_alive(self.client, lease) > 0
-        with self._lock:
-            self._refreshed[lease] = time.monotonic()
-        return alive
-
-
-# -------------------- channel: kombu's Channel and Transport (the module docstring above)
-
+# -------------------- channel: kombu's Channel and Transport (the module docstring above); then
+# the idempotent publish and the queue arguments they use.
 
 #: etcd refuses requests over 1.5 MiB (--max-request-bytes); keep 4 KiB for key and framing.
 DEFAULT_MAX_MESSAGE_BYTES = 1_572_864 - 4_096
@@ -1343,3 +889,458 @@ def _too_large_or(exc: grpc.RpcError, queue: str, size: int, limit: int) -> Exce
             f"etcd refused a {size}-byte message for queue {queue!r}: {details}; "
             f"the transport limit is {limit} bytes and the server's --max-request-bytes is lower")
     return exc
+
+
+# -------------------- idempotent: Idempotent publish: a publish retried after an ambiguous failure is stored once.
+#
+# A publish whose etcd call fails without an answer (deadline exceeded, connection lost after
+# sending, a leader change) may have been committed. kombu's ``Connection.ensure`` (Celery's
+# publish retry) then runs the publish again; without a guard the retry stores a second copy
+# and the task runs twice.
+#
+# So a publish is named once, before its first attempt: :meth:`Channel.basic_publish` puts a
+# publish id (a sequence number, ops.py) in the message's properties, the dict kombu hands to
+# every retry of one ``Producer.publish``, and in its headers, the dict Celery hands to every
+# retry of a worker's callback publish (``AMQP._retry_publish``: ``Producer.publish`` called again),
+# and takes it out of both once the publish returned. The id is never stored with the message (a
+# consumer that republishes a message's properties makes a new publish). Each attempt is one
+# transaction that
+#
+# * compares ``p/<queue>/<id>`` (the publish marker) to absent, and
+# * writes the message and the marker (empty, on a marker lease of MARKER_SECONDS or a little more).
+#
+# A retry whose first attempt committed finds the marker and writes nothing, whether the message
+# still waits, was claimed, or was acked and deleted meanwhile. The message's own key is fixed by
+# the id too (``ready/<band>/<id>``), so a large message's body chunks are overwritten, not copied.
+#
+# Cost: one compare and one put more in the same transaction (no extra request, no extra Raft
+# proposal), one live key per message published in the last MARKER_SECONDS, and one lease grant
+# and one lease expiry per MARKER_BUCKET_SECONDS per publishing process (the one lease pool,
+# core/ops.py; a marker lease etcd no longer knows is forgotten and the write tried once more).
+# A retry later than MARKER_SECONDS after the first attempt is not guarded (Celery's retry policy
+# gives up long before). ``Producer.batch()`` writes one marker per transaction (publish_batch.py).
+
+#: The message property (and header) that names one publish across its retries: "<id> <hash of the body>"
+#: (removed before the message is stored).
+PUBLISH_ID = "x-etcd-publish-id"
+#: Least seconds a publish marker lives: a retry within this of the first attempt is stored once.
+MARKER_SECONDS = 120
+#: Markers written within this many seconds share one lease (a marker lives MARKER_SECONDS to MARKER_SECONDS
+#: + this); its expiry deletes that many seconds of one process's markers in one etcd proposal.
+MARKER_BUCKET_SECONDS = 10
+
+
+def marker_lease(client: Any) -> int:
+    """The lease for a marker written now: from the process's one lease pool (core/ops.py), shared by
+    the markers of MARKER_BUCKET_SECONDS, ending MARKER_SECONDS to MARKER_SECONDS + that from now."""
+    return ops.pool_for(client.config).lease_for(time.time() + MARKER_SECONDS, MARKER_BUCKET_SECONDS)
+
+
+def forget_lease(client: Any, lease: int) -> None:
+    """etcd no longer knows ``lease`` (LeaseNotFound): the next marker gets a new one."""
+    ops.pool_for(client.config).forget(lease)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The marker of one publish to one queue: what each attempt's transaction compares and writes."""
+
+    key: str
+    lease: int
+
+    def compare(self) -> etcdrpc.Compare:
+        """Holds while no attempt of this publish has been committed."""
+        return ops.compare(self.key, "version", 0)
+
+    def put(self) -> etcdrpc.RequestOp:
+        return ops.put(self.key, b"", self.lease)
+
+
+def publish_guard(client: Any, keys: KeySpace, queue: str, publish_id: str) -> Guard:
+    """The guard of publish ``publish_id`` to ``queue`` (grants a marker lease at most every bucket)."""
+    return Guard(keys.published(queue, publish_id), marker_lease(client))
+
+
+def _places(message: dict) -> list[dict]:
+    """Where a publish id survives a retry: the properties (kombu's ``ensure`` passes the same dict to
+    each attempt) and the headers (Celery's callback retry calls ``Producer.publish`` again, with new
+    properties but the same headers dict)."""
+    return [place for place in (message.get("properties"), message.get("headers")) if isinstance(place, dict)]
+
+
+def name_publish(message: dict, new_id: Callable[[], str]) -> str:
+    """Give ``message`` its publish id: the one an earlier attempt of the same publish gave it, if any
+    (same dicts and the same body: a caller that reuses a headers dict for another body gets a new id)."""
+    places, body = _places(message), f" {hash(message.get('body'))}"
+    found = next((place[PUBLISH_ID] for place in places if str(place.get(PUBLISH_ID, "")).endswith(body)), None)
+    found = found or new_id() + body
+    for place in places:
+        place[PUBLISH_ID] = found
+    return found.split(" ", 1)[0]
+
+
+def published(message: dict) -> None:
+    """The publish returned: its id goes (a later publish of the same dicts is a new publish)."""
+    for place in _places(message):
+        place.pop(PUBLISH_ID, None)
+
+
+def publish_id_of(message: dict) -> str | None:
+    """The id :func:`name_publish` gave this publish (None: an unguarded publish)."""
+    value = (message.get("properties") or {}).get(PUBLISH_ID)
+    return value.split(" ", 1)[0] if value else None
+
+
+def stored_form(message: dict) -> dict:
+    """``message`` as stored: without the publish id."""
+    stored = message
+    for field in ("properties", "headers"):
+        place = message.get(field)
+        if isinstance(place, dict) and PUBLISH_ID in place:
+            stored = {**stored, field: {k: v for k, v in place.items() if k != PUBLISH_ID}}
+    return stored
+
+
+def note_retry(queue: str, marker: str) -> None:
+    """A publish attempt found its own marker: an earlier attempt was committed; nothing written."""
+    logger.info("publish to %r retried after an ambiguous failure was already stored (%s); not stored again",
+                queue, marker)
+
+
+# -------------------- queue_limits: Queue arguments on etcd, as RabbitMQ means them: message TTL, queue expiry, length limits.
+#
+# * Message TTL (``expiration`` on publish, queue ``message_ttl`` / ``x-message-ttl``): the
+#   ready key is attached to a lease that etcd revokes at (or just after) the deadline, and
+#   the deadline is written in the key, so a consumer drops an expired message unread.
+# * Queue ``expires`` / ``x-expires``: the declared key, and the messages without a TTL of
+#   their own, hang on one lease that declaring, ``basic_get`` and consuming keep alive;
+#   etcd deletes them all together when the queue goes unused.
+# * ``max_length`` / ``x-max-length`` with ``x-overflow`` ``drop-head`` (default) or
+#   ``reject-publish``: one transaction writes the message only if no other message arrived
+#   since the count it decided on, dropping the head in the same transaction.
+
+
+#: AMQP 0-9-1 names are short strings: a name RabbitMQ would accept fits in a few hundred key bytes.
+MAX_QUEUE_NAME_BYTES = 255
+#: Seconds a publisher trusts the queue arguments it read (another process may redeclare).
+LIMITS_CACHE_SECONDS = 5.0
+#: Seconds the keeper thread waits, with nothing to refresh, before looking again (it is woken
+#: whenever a consumer starts or stops; it refreshes each expiring queue every third of its TTL).
+KEEP_IDLE_SECONDS = 60.0
+#: Seconds before the keeper retries a read or refresh that etcd did not answer.
+KEEP_RETRY_SECONDS = 1.0
+#: Times a bounded publish re-counts after another publisher or consumer changed the queue.
+BOUNDED_PUT_ATTEMPTS = 50
+DROP_HEAD = "drop-head"
+REJECT_PUBLISH = "reject-publish"
+#: Arguments that would change delivery in ways this transport does not implement: refused.
+REFUSED_ARGUMENTS = {
+    "x-max-length-bytes": "byte limits are not implemented; use x-max-length",
+    "x-dead-letter-exchange": "dead-lettering is not implemented",
+    "x-dead-letter-routing-key": "dead-lettering is not implemented",
+    "x-single-active-consumer": "single active consumer is not implemented",
+}
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """What a queue's declaration asked for (seconds and counts; None: no limit)."""
+
+    message_ttl: float | None = None
+    expires: float | None = None
+    max_length: int | None = None
+    overflow: str = DROP_HEAD
+
+    @classmethod
+    def from_arguments(cls, queue: str, arguments: dict[str, Any] | None) -> QueueLimits:
+        """Validate RabbitMQ-style arguments (milliseconds) and keep the ones we implement."""
+        arguments = arguments or {}
+        for name, why in REFUSED_ARGUMENTS.items():
+            if arguments.get(name) is not None:
+                raise QueueArgumentError(f"queue {queue!r}: argument {name!r} is refused by the etcdv3 transport: {why}")
+        overflow = arguments.get("x-overflow") or DROP_HEAD
+        if overflow not in (DROP_HEAD, REJECT_PUBLISH):
+            raise QueueArgumentError(f"queue {queue!r}: x-overflow must be {DROP_HEAD!r} or {REJECT_PUBLISH!r}, "
+                                     f"got {overflow!r}")
+        return cls(message_ttl=_millis(queue, arguments, "x-message-ttl", minimum=0),
+                   expires=_millis(queue, arguments, "x-expires", minimum=1),
+                   max_length=_count(queue, arguments.get("x-max-length")), overflow=overflow)
+
+    @classmethod
+    def from_declared(cls, value: bytes | None) -> QueueLimits:
+        try:
+            return cls(**json.loads(value).get("limits", {})) if value else NO_LIMITS
+        except (ValueError, TypeError):
+            return NO_LIMITS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and (k != "overflow" or self.max_length)}
+
+
+NO_LIMITS = QueueLimits()
+
+
+def _millis(queue: str, arguments: dict[str, Any], name: str, minimum: int) -> float | None:
+    value = arguments.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise QueueArgumentError(f"queue {queue!r}: {name} must be a number of milliseconds >= {minimum}, "
+                                 f"got {value!r}")
+    return value / 1000
+
+
+def _count(queue: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise QueueArgumentError(f"queue {queue!r}: x-max-length must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_queue_name(queue: str) -> None:
+    """Refuse names longer than AMQP allows: they would make every key and watch event huge."""
+    size = len(queue.encode("utf-8", "surrogatepass"))
+    if size > MAX_QUEUE_NAME_BYTES:
+        raise QueueArgumentError(f"queue name of {size} bytes (UTF-8) starting {queue[:40]!r} is longer than "
+                                 f"the limit of {MAX_QUEUE_NAME_BYTES} bytes (AMQP's); nothing was declared")
+
+
+def message_deadline(message: dict, limits: QueueLimits, now: float) -> float | None:
+    """The epoch second ``message`` expires at: its ``expiration`` (ms) or the queue's TTL, the sooner."""
+    ttls = [limits.message_ttl] if limits.message_ttl is not None else []
+    expiration = message.get("properties", {}).get("expiration")
+    if expiration is not None:
+        try:
+            ttls.append(max(0.0, float(expiration) / 1000))
+        except (TypeError, ValueError):
+            raise QueueArgumentError(f"message expiration must be milliseconds, got {expiration!r}") from None
+    return now + min(ttls) if ttls else None
+
+
+class QueueRegistry:
+    """One transport's view of queue arguments, the TTL leases, and queue-expiry leases to keep alive."""
+
+    def __init__(self, client: Any, keys: KeySpace) -> None:
+        self.client = client
+        self.keys = keys
+        self._cache: dict[str, tuple[float, QueueLimits, int]] = {}
+        self._kept: dict[str, int] = {}  # queue -> consumers on it in this process
+        self._expiring: dict[str, tuple[int, float, float]] = {}  # kept queue -> (lease, expires, next refresh)
+        self._to_learn: set[str] = set()  # kept queues whose limits the keeper has yet to look at
+        self._refreshed: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # a consumer started or stopped: the keeper looks again
+        self._keeper: threading.Thread | None = None
+
+    @property
+    def leases(self) -> LeasePool:
+        """The process's lease pool (core/ops.py): message TTLs share one lease per second of deadlines."""
+        return pool_for(self.client.config)
+
+    # -- declaring --------------------------------------------------------------------
+    def declare(self, queue: str, limits: QueueLimits, auto_delete_lease: int | None) -> None:
+        """Write the declared key; a queue with ``expires`` hangs on its own lease (kept if alive)."""
+        # An auto-delete queue lives and dies with its consumer's lease, x-expires or not.
+        own = self._expiry_lease(queue, limits.expires) if limits.expires is not None and not auto_delete_lease else 0
+        info = json.dumps({"auto_delete": bool(auto_delete_lease), "limits": limits.as_dict(), "lease": own})
+        ops.run(self.client, ops.put(self.keys.declared(queue), info, auto_delete_lease or own or 0))
+        with self._lock:
+            self._cache[queue] = (time.monotonic(), limits, own)
+
+    def _expiry_lease(self, queue: str, expires: float) -> int:
+        """The queue's live expiry lease, refreshed (redeclaring counts as use), or a new one."""
+        value = self._declared(queue)
+        old = json.loads(value).get("lease", 0) if value else 0
+        if old and self._refresh(old):
+            return old
+        return ops.grant(self.client, max(1, math.ceil(expires)))
+
+    def _declared(self, queue: str) -> bytes | None:
+        """The queue's declared key's value (JSON: auto_delete, limits, lease); None if not declared."""
+        kv = ops.first_kv_of(ops.get(self.client, self.keys.declared(queue)))
+        return kv.value if kv is not None else None
+
+    def limits(self, queue: str) -> tuple[QueueLimits, int]:
+        """The queue's limits and expiry lease (0: none), read from etcd at most every few seconds."""
+        with self._lock:
+            cached = self._cache.get(queue)
+        if cached is not None and time.monotonic() - cached[0] < LIMITS_CACHE_SECONDS:
+            return cached[1], cached[2]
+        value = self._declared(queue)
+        limits = QueueLimits.from_declared(value)
+        lease = json.loads(value).get("lease", 0) if value else 0
+        with self._lock:
+            self._cache[queue] = (time.monotonic(), limits, lease)
+        return limits, lease
+
+    def forget(self, queue: str) -> None:
+        with self._lock:
+            self._cache.pop(queue, None)
+
+    # -- publishing -------------------------------------------------------------------
+    def put(self, queue: str, key: str, value: bytes, deadline: float | None, limits: QueueLimits,
+            queue_lease: int, guard: Any = None) -> bool:
+        """Write one ready message under its TTL lease (or the queue's), within ``max_length``.
+
+        ``guard`` (a :class:`Guard`, the idempotent section): written once; False if an earlier attempt of this publish stored it.
+        """
+        for attempt in range(2):
+            lease = self.leases.lease_for(deadline) if deadline is not None else queue_lease
+            try:
+                if limits.max_length is not None:
+                    return self._put_bounded(queue, key, value, lease, limits, guard)
+                compare, success = [], [ops.put(key, value, lease)]
+                if guard is not None:
+                    compare, success = [guard.compare()], [*success, guard.put()]
+                return ops.txn(self.client, compare, success).succeeded
+            except ops.LeaseNotFound:
+                if attempt:
+                    raise
+                if deadline is not None:
+                    self.leases.forget(lease)
+                else:  # the queue expired under us: publish as to any undeclared queue
+                    self.forget(queue)
+                    queue_lease = 0
+        raise AssertionError("unreachable")
+
+    def _put_bounded(self, queue: str, key: str, value: bytes, lease: int, limits: QueueLimits,
+                     guard: Any = None) -> bool:
+        prefix = self.keys.ready(queue)
+        for _ in range(BOUNDED_PUT_ATTEMPTS):
+            head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=1)
+            excess = head.count + 1 - limits.max_length
+            if excess > 0 and limits.overflow == REJECT_PUBLISH:
+                if guard is not None and ops.get(self.client, guard.key, count_only=True).count:
+                    return False  # full of, among others, this very publish's earlier attempt
+                raise QueueFull(f"queue {queue!r} holds {head.count} message(s), its x-max-length is "
+                                f"{limits.max_length} and x-overflow is {REJECT_PUBLISH!r}: message refused")
+            if excess > 1:
+                head = ops.get(self.client, prefix, prefix=True, keys_only=True, limit=excess)
+                excess = head.count + 1 - limits.max_length  # counted again at this read's revision
+            dropped = list(head.kvs)[:max(excess, 0)]
+            unchanged = ops.compare(prefix, "mod_revision", head.header.revision + 1, "<")
+            unchanged.range_end = ops.range_request(prefix, prefix=True).range_end  # no key added since the count
+            compare = [unchanged] + [ops.compare(kv.key, "mod_revision", kv.mod_revision) for kv in dropped]
+            success = [ops.put(key, value, lease)] + [ops.delete(kv.key) for kv in dropped]
+            failure = []
+            if guard is not None:  # the failure branch says whether it failed on our own marker
+                compare, success, failure = [*compare, guard.compare()], [*success, guard.put()], [
+                    ops.range_(guard.key, count_only=True)]
+            response = ops.txn(self.client, compare=compare, success=success, failure=failure)
+            if response.succeeded:
+                if dropped:
+                    logger.info("queue %r at x-max-length %d: dropped %d message(s) from its head",
+                                queue, limits.max_length, len(dropped))
+                return True
+            if guard is not None and ops.count(response.responses[0]):
+                return False  # an earlier attempt of this publish was stored
+        raise OperationalError(f"queue {queue!r}: {BOUNDED_PUT_ATTEMPTS} bounded publishes in a row lost "
+                               "to concurrent writers; try again")
+
+    # -- keeping expiring queues alive while used ---------------------------------------
+    def touch(self, queue: str) -> None:
+        """``basic_get`` uses the queue: its expiry starts again (at most one refresh per third of it)."""
+        limits, lease = self.limits(queue)
+        if lease and limits.expires is not None:
+            with self._lock:
+                due = time.monotonic() - self._refreshed.get(lease, 0.0) > limits.expires / 3
+            if due:
+                self._refresh(lease)
+
+    def consuming(self, queue: str) -> None:
+        """A consumer started on ``queue``: keep its expiry lease alive until the last one stops."""
+        with self._wake:
+            self._kept[queue] = self._kept.get(queue, 0) + 1
+            self._to_learn.add(queue)
+            self._wake.notify()
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep_loop, name="etcd-queue-expiry", daemon=True)
+                self._keeper.start()
+
+    def cancelled(self, queue: str) -> None:
+        with self._wake:
+            if self._kept.get(queue, 0) <= 1:
+                self._kept.pop(queue, None)
+                self._expiring.pop(queue, None)
+                self._to_learn.discard(queue)
+                self._wake.notify()
+            else:
+                self._kept[queue] -= 1
+
+    def _keep_loop(self) -> None:
+        """Refresh the expiry leases of consumed queues, each when a third of its TTL has passed.
+
+        One timer for all: the thread sleeps until the next refresh is due (or a consumer
+        starts or stops). A consumed queue without ``expires`` costs nothing after its limits
+        are learnt (from the cache its declaration filled); idle cost does not grow with queues.
+        Ends when no consumer is left.
+        """
+        while True:
+            with self._wake:
+                if not self._kept:
+                    self._keeper = None
+                    return
+                learn, self._to_learn = self._to_learn, set()
+            retry = any([not self._learn(queue) for queue in learn])
+            now = time.monotonic()
+            with self._wake:
+                due = [q for q, (_, _, at) in self._expiring.items() if at <= now]
+            for queue in due:
+                retry = not self._keep(queue) or retry
+            with self._wake:
+                if self._to_learn:
+                    continue
+                next_at = min((at for _, _, at in self._expiring.values()), default=now + KEEP_IDLE_SECONDS)
+                wait = min(next_at, now + KEEP_RETRY_SECONDS) if retry else next_at
+                if self._kept:
+                    self._wake.wait(max(0.0, wait - time.monotonic()))
+
+    def _learn(self, queue: str) -> bool:
+        """Note whether ``queue`` has an expiry lease to keep; False (try again) if etcd did not answer."""
+        try:
+            limits, lease = self.limits(queue)
+        except CONNECTION_ERRORS as exc:
+            logger.info("queue %r expiry not read: %s", queue, exc)
+            with self._wake:
+                if queue in self._kept:
+                    self._to_learn.add(queue)
+            return False
+        with self._wake:
+            if queue in self._kept and lease and limits.expires is not None:
+                self._expiring[queue] = (lease, limits.expires, time.monotonic() + limits.expires / 3)
+            else:
+                self._expiring.pop(queue, None)
+        return True
+
+    def _keep(self, queue: str) -> bool:
+        """Refresh ``queue``'s lease once; a lease etcd no longer knows sends the queue to be learnt again
+        (it expired or was redeclared). False if etcd did not answer (the refresh is retried soon)."""
+        with self._wake:
+            entry = self._expiring.get(queue)
+        if entry is None:
+            return True
+        lease, expires, _ = entry
+        try:
+            alive = self._refresh(lease)
+        except CONNECTION_ERRORS as exc:
+            logger.info("queue %r expiry not refreshed: %s", queue, exc)
+            return False
+        with self._wake:
+            if queue not in self._expiring:
+                return True
+            if alive:
+                self._expiring[queue] = (lease, expires, time.monotonic() + expires / 3)
+            else:
+                self._expiring.pop(queue, None)
+                self._to_learn.add(queue)
+        if not alive:
+            self.forget(queue)
+        return True
+
+    def _refresh(self, lease: int) -> bool:
+        """Keep ``lease`` alive once; False if etcd no longer knows it."""
+        alive = ops.keep_alive(self.client, lease) > 0
+        with self._lock:
+            self._refreshed[lease] = time.monotonic()
+        return alive

@@ -3,8 +3,9 @@
 Starts an etcd (scripts/etcd_server.py), a Celery app on ``etcdv3://`` for broker and results and a
 threads worker in this process (``celery.contrib.testing.worker.start_worker``); once the worker is
 up, records every etcd_broker function called in any thread (``sys.setprofile`` and
-``threading.setprofile``) while one task is sent, claimed, run, acked, its result stored and awaited.
-Background threads (lease keepalive, sweeps) count only if they ran in that window.
+``threading.setprofile``) while one task is sent, claimed, run, acked, its result stored and awaited,
+except in the upkeep threads (UPKEEP_THREADS), which wake on their own timers whatever the task does:
+a 35 s window caught the delayed mover's 30 s wake-up, so a short one did now and then.
 
     PYTHONPATH=$PWD python -m scripts.task_path [--functions]
 """
@@ -28,6 +29,10 @@ PACKAGE_DIR = str(Path(etcd_broker.__file__).parent) + "/"
 RESULT_TIMEOUT = 60.0
 #: Seconds recorded after the result arrived: the worker's ack leaves after the result is stored.
 SETTLE_SECONDS = 0.5
+#: Threads that keep the broker's state on timers, not on one task's path: the lease keepalive and its
+#: probe, the dead-consumer sweep (and reconciliation passes), the delayed mover, the queue-expiry keeper.
+UPKEEP_THREADS = frozenset({"etcd-lease-keepalive", "etcd-lease-probe", "etcd-sweeper", "etcd-delayed",
+                            "etcd-queue-expiry"})
 
 
 class CallRecorder:
@@ -43,7 +48,7 @@ class CallRecorder:
         self._lock = threading.Lock()
 
     def _profile(self, frame, event, arg):  # noqa: ANN001 - sys.setprofile's signature
-        if event != "call" or not self.recording:
+        if event != "call" or not self.recording or threading.current_thread().name in UPKEEP_THREADS:
             return
         filename = frame.f_code.co_filename
         if filename.startswith(PACKAGE_DIR):

@@ -46,7 +46,8 @@ class ProgressCallback(keras.callbacks.Callback):
         fraction = (self.epoch + (batch + 1) / self.steps) / self.epochs
         if self.pace_from is None:
             self.pace_from = (time.monotonic(), fraction)
-        if time.monotonic() - self.last_report >= MID_EPOCH_REPORT_SECONDS:
+        epoch_done = batch + 1 >= self.steps  # on_epoch_end reports it next: reported once, not twice
+        if not epoch_done and time.monotonic() - self.last_report >= MID_EPOCH_REPORT_SECONDS:
             self._report(self.epoch + 1, fraction, logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

@@ -6,9 +6,11 @@ import threading
 
 import pytest
 
+from ml import training
 from ml.errors import Cancelled
 from ml.progress import describe, duration, eta
 from ml.serving import ModelHost
+from ml.training import ProgressCallback
 
 #: Epochs of the real digits model trained here (1,437 images: about a second each on 2 cores).
 EPOCHS = 3
@@ -28,6 +30,22 @@ def test_each_epoch_reports_its_number_metrics_and_time_left(tmp_path):
     line = describe(last)
     assert line.startswith(f"epoch {EPOCHS} of {EPOCHS} · ") and "loss " in line and line.endswith("about 0 s left")
     assert card["epochs"] == EPOCHS and (tmp_path / "digits.keras").is_file()
+
+
+def test_every_point_of_progress_is_reported_once(monkeypatch):
+    """A mid-epoch report on an epoch's last batch would repeat the epoch end's (cc2 at fc62d6e: under
+    load the first epoch's last batch came 2 s after the previous report: epoch 1 at 33.3% twice)."""
+    monkeypatch.setattr(training, "MID_EPOCH_REPORT_SECONDS", 0.0)  # a report after every batch
+    reports: list[tuple[float, int]] = []
+    callback = ProgressCallback(lambda percent, meta: reports.append((percent, meta["epoch"])), epochs=2,
+                                steps_per_epoch=4)
+    callback.on_train_begin()
+    for epoch in range(2):
+        callback.on_epoch_begin(epoch)
+        for batch in range(4):
+            callback.on_train_batch_end(batch, {"loss": 1.0})
+        callback.on_epoch_end(epoch, {"loss": 1.0})
+    assert reports == [(12.5, 1), (25.0, 1), (37.5, 1), (50.0, 1), (62.5, 2), (75.0, 2), (87.5, 2), (100.0, 2)]
 
 
 def test_time_left_follows_the_pace_and_reads_as_words():

@@ -86,8 +86,8 @@ importlib.import_module("etcd_broker.core.client")  # installs the fork handlers
 
 # pool_health (a worker whose pool cannot start children says so) and transport.consumer (its
 # executing section: pool children report the tasks they run) hook Celery signals, worker_init among
-# them: only where Celery is loaded already, as in every worker (`celery -A proj worker` imports Celery before the app module that imports us);
-# kombu-only users import no Celery.
+# them: only where Celery is loaded already, as in every worker (`celery -A proj worker` imports
+# Celery before the app module that imports us); kombu-only users import no Celery.
 if "celery" in sys.modules:
     from etcd_broker import pool_health  # noqa: F401
     from etcd_broker.transport import consumer  # noqa: F401

@@ -59,7 +59,8 @@ from etcd_broker.core.watch import Watch
 from etcd_broker.exceptions import EtcdConfigError, EtcdNoSpace
 from etcd_broker.transport.consumer import settled_by_result, take_for_result
 
-# -------------------- deferred: STARTED written only for tasks still running after a short delay (``started_delay``).
+# -------------------- deferred: STARTED written only for tasks still running after a short delay
+#   (``started_delay``).
 #
 # Celery's ``task_track_started`` writes STARTED before every task body: for a job of a few
 # milliseconds that is one etcd proposal (a Raft entry and a disk sync) that nobody sees, since
@@ -147,7 +148,8 @@ class DeferredStarted:
                 del self._held[task_id]
 
 
-# -------------------- result_consumer: Celery's async result consumer fed by etcd watch events: get() wakes on the put, never polls.
+# -------------------- result_consumer: Celery's async result consumer fed by etcd watch events: get() wakes
+#   on the put, never polls.
 #
 # Follows celery.backends.redis.ResultConsumer. Celery gives each thread its own backend and
 # consumer; what they await is followed on the process's watch hub (watch.py) in one of two ways:

@@ -358,7 +358,8 @@ def _after_in_child() -> None:
 os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
 
 
-# -------------------- client: The one etcd client factory: endpoints, failover, auth and TLS from a URL plus options.
+# -------------------- client: The one etcd client factory: endpoints, failover, auth and TLS from a URL
+#   plus options.
 #
 # The transport and the result backend both get their client here, so a process
 # holds one gRPC client per configuration. Every channel goes through the fork gate

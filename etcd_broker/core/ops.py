@@ -527,7 +527,8 @@ def _call(client: Any, method: str, request: Any, service: str = "KV") -> Any:
         raise
 
 
-# -------------------- group_commit: Group commit: transactions from concurrent threads of one process share one etcd transaction.
+# -------------------- group_commit: Group commit: transactions from concurrent threads of one process share
+#   one etcd transaction.
 #
 # Every etcd write is a Raft proposal and a disk sync; 64 threads each publishing a message or
 # storing a result make 64 proposals. Here a thread whose transaction arrives while another is in
@@ -656,7 +657,8 @@ def shared(client: Any) -> GroupCommit:
     return _shared.get((id(client),), lambda: GroupCommit(client), usable=lambda committer: committer.client is client)
 
 
-# -------------------- leases: Shared leases: keys that may expire together hang on one etcd lease (the one lease pool).
+# -------------------- leases: Shared leases: keys that may expire together hang on one etcd lease (the one
+#   lease pool).
 #
 # A lease per key would leave one lease per message or result in etcd. Instead each process
 # keeps one lease per *slot*: the deadlines ``(slot-1)*g < d <= slot*g`` for a granularity

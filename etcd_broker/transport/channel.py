@@ -891,7 +891,8 @@ def _too_large_or(exc: grpc.RpcError, queue: str, size: int, limit: int) -> Exce
     return exc
 
 
-# -------------------- idempotent: Idempotent publish: a publish retried after an ambiguous failure is stored once.
+# -------------------- idempotent: Idempotent publish: a publish retried after an ambiguous failure is
+#   stored once.
 #
 # A publish whose etcd call fails without an answer (deadline exceeded, connection lost after
 # sending, a leader change) may have been committed. kombu's ``Connection.ensure`` (Celery's
@@ -1007,7 +1008,8 @@ def note_retry(queue: str, marker: str) -> None:
                 queue, marker)
 
 
-# -------------------- queue_limits: Queue arguments on etcd, as RabbitMQ means them: message TTL, queue expiry, length limits.
+# -------------------- queue_limits: Queue arguments on etcd, as RabbitMQ means them: message TTL, queue
+#   expiry, length limits.
 #
 # * Message TTL (``expiration`` on publish, queue ``message_ttl`` / ``x-message-ttl``): the
 #   ready key is attached to a lease that etcd revokes at (or just after) the deadline, and

@@ -39,7 +39,8 @@ from etcd_broker.core.watch import EVENT_DELETE, Watch, WatchHub, hub_for
 from etcd_broker.transport import offers
 from etcd_broker.transport.delivery import withdraw
 
-# -------------------- settle: Acks that ride on the result write: an ``acks_late`` task's SUCCESS and its message's delete in one transaction.
+# -------------------- settle: Acks that ride on the result write: an ``acks_late`` task's SUCCESS and its
+#   message's delete in one transaction.
 #
 # In a process that both consumes and stores results (a worker with ``-P threads`` or ``solo``),
 # the transport records each claimed message's unacked key by task id (:func:`hold_for_result`); the result
@@ -110,7 +111,8 @@ def release_held(task_id: str | None, key: str) -> bool:
     return held.settled
 
 
-# -------------------- executing: Which tasks this process is executing now: what a connection reset must not hand to another worker.
+# -------------------- executing: Which tasks this process is executing now: what a connection reset must
+#   not hand to another worker.
 #
 # When Celery's consumer loses its broker connection, kombu closes the channel and its QoS gives
 # back every message it held. A task that is already running keeps running on this live worker and
@@ -378,7 +380,8 @@ def _give_back_orphans() -> None:
         entry.give_back(entry.message)
 
 
-# -------------------- qos: The transport's QoS: an ack deletes the claimed key, a requeue puts it back in its place.
+# -------------------- qos: The transport's QoS: an ack deletes the claimed key, a requeue puts it back in
+#   its place.
 #
 # kombu's prefetch accounting, less the messages kept across a connection reset (above),
 # and a wake-up of the transport whenever a slot frees.
@@ -458,7 +461,8 @@ class QoS(virtual.QoS):
             connection.wake()
 
 
-# -------------------- reconcile: Reconciliation: what a live consumer's lease owns in etcd is exactly what the process holds.
+# -------------------- reconcile: Reconciliation: what a live consumer's lease owns in etcd is exactly what
+#   the process holds.
 #
 # A claimed message lives under ``q/<queue>/unacked/<lease>/`` until its ack deletes it, and only
 # the lease's expiry (the sweep, below) gives it back. So a message that this live process
@@ -608,7 +612,8 @@ class Reconciler:
         return 1
 
 
-# -------------------- membership: A consumer's etcd lease, and the sweep that gives a dead consumer's messages back.
+# -------------------- membership: A consumer's etcd lease, and the sweep that gives a dead consumer's
+#   messages back.
 #
 # Each consuming process holds one lease (TTL ``lease_ttl``, kept alive by a
 # thread) and a ``consumer/<lease>`` key attached to it. A claimed message lives

@@ -29,7 +29,8 @@ from etcd_broker.core.ops import KeySpace
 from etcd_broker.core.watch import EVENT_PUT, Watch, WatchHub
 from etcd_broker.transport import offers
 
-# -------------------- handoff: Hand-off: a publish that goes straight to an idle consumer, its claim in the same transaction.
+# -------------------- handoff: Hand-off: a publish that goes straight to an idle consumer, its claim in the
+#   same transaction.
 #
 # Every etcd write is a Raft proposal and a disk sync. A message for an idle worker used to cost
 # two on its way: the publish, then the consumer's claim. Here an idle consumer *parks* on the
@@ -395,7 +396,8 @@ def withdraw(client: Any, key: str, seen: int, requeue: Callable[[str], None]) -
         seen = kv.mod_revision
 
 
-# -------------------- event_loop: How the transport delivers: kombu's event loop (a Celery worker's hub) or ``drain_events``.
+# -------------------- event_loop: How the transport delivers: kombu's event loop (a Celery worker's hub) or
+#   ``drain_events``.
 #
 # A wake-up pipe that the watch thread, acks and prefetch changes write to joins the worker's hub
 # (as kombu's redis.py does with its sockets); plain kombu consumers wait on a watch-fed event.
@@ -600,7 +602,8 @@ class EventLoopMixin:
             os.close(fd)
 
 
-# -------------------- queue_watch: What the transport knows about its queues between reads: watches, hints and known-empty queues.
+# -------------------- queue_watch: What the transport knows about its queues between reads: watches, hints
+#   and known-empty queues.
 #
 # One watch per consumed queue (on the process's watch hub) wakes the transport on every put.
 # After a read that saw a whole queue, the puts seen since are kept as hints (claimable without a

@@ -13,10 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from etcd_broker.core.ops import MAX_PRIORITY
 from etcd_broker.exceptions import EtcdConfigError
 
-#: Priorities as AMQP means them (keys.MAX_PRIORITY): kombu clamps a message's priority to this range.
-PRIORITY_RANGE = (0, 9)
+#: Priorities as AMQP means them: kombu clamps a message's priority to this range.
+PRIORITY_RANGE = (0, MAX_PRIORITY)
 
 
 @dataclass(frozen=True)

@@ -436,7 +436,7 @@ def test_an_idle_consumer_whose_lease_lapsed_unnoticed_re_registers_instead_of_p
 
 
 def test_a_consumer_lease_etcd_expired_closes_without_error(connect, etcd_url, caplog):
-    """Closing (at exit: membership.close_all_leases) revokes the process's consumer lease; one etcd
+    """Closing (at exit: consumer.close_all_leases) revokes the process's consumer lease; one etcd
     expired already is what the revoke wanted, not an error (etcd answers "lease not found")."""
     conn = connect(lease_ttl=30)
     channel = conn.default_channel
